@@ -1,0 +1,29 @@
+"""geodite_sim: a batched simulation engine for the Geodite interatomic potential.
+
+Public API (see docs/ and README)::
+
+    import geodite_sim as gs
+    model = gs.load_model()                         # packaged default model
+    out = gs.evaluate(structures, model)            # energies, forces, stress
+    batch = gs.Batch.from_structures(structures)
+    edges = gs.neighbor_list(batch, cutoff=6.0)
+"""
+
+from geodite_sim.batch import Batch
+from geodite_sim.evaluate import evaluate
+from geodite_sim.io.structures import StructureError
+from geodite_sim.model import CheckpointError, Geodite, GeoditeConfig, load_model
+from geodite_sim.neighbors import neighbor_list
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Batch",
+    "CheckpointError",
+    "Geodite",
+    "GeoditeConfig",
+    "StructureError",
+    "evaluate",
+    "load_model",
+    "neighbor_list",
+]

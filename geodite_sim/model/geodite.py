@@ -1,0 +1,189 @@
+"""The Geodite potential on a batch: energies, forces and stress from one autograd pass.
+
+``Geodite.forward(batch)`` builds (or takes) the neighbour list, evaluates the
+encoder and energy head on every system at once, and differentiates the total
+energy with respect to positions and a symmetric strain (MACE-style), giving
+forces = -dE/dr and stress = (1/V) dE/d(strain) (ASE sign) for fully periodic systems.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from geodite_sim.batch import Batch
+from geodite_sim.model.config import GeoditeConfig
+from geodite_sim.model.decoder import EnergyHead
+from geodite_sim.model.encoder import GeoditeEncoder, scatter_sum
+from geodite_sim.model.radial import spherical_harmonics_l12
+
+
+class Edges(NamedTuple):
+    """Directed edges sender -> receiver with integer cell shifts (ASE ``ijS`` with i = receiver).
+
+    The edge vector is ``positions[sender] + shifts @ cell[system] - positions[receiver]``.
+    """
+
+    sender: torch.Tensor  # [E] int64
+    receiver: torch.Tensor  # [E] int64
+    shifts: torch.Tensor  # [E, 3] integer-valued
+
+
+class Geodite(nn.Module):
+    """Geodite interatomic potential (encoder + energy head), batched over systems."""
+
+    def __init__(self, config: GeoditeConfig | None = None):
+        super().__init__()
+        self.config = config or GeoditeConfig()
+        self.encoder = GeoditeEncoder(self.config)
+        self.decoder = EnergyHead(self.config.hidden_channels, self.config.num_layers)
+        self.neighbor_backend = "auto"
+        self._vacuum_cache: tuple | None = None
+
+    @property
+    def cutoff(self) -> float:
+        return self.config.cutoff
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.A_na.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.A_na.weight.device
+
+    def n_parameters(self) -> int:
+        """Number of distinct trainable parameters."""
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ vacuum features
+    def _compute_vacuum(self, z: torch.Tensor) -> torch.Tensor:
+        """Features of isolated atoms of species ``z`` [U]: [U, L, C] (no edges, same code path)."""
+        empty = torch.zeros(0, dtype=torch.long, device=z.device)
+        phi = self.encoder.A_na.weight.new_zeros(0, self.config.n_rbf)
+        Y = self.encoder.A_na.weight.new_zeros(0, 8)
+        return torch.stack(self.encoder(z, phi, Y, empty, empty), dim=1)
+
+    def vacuum_features(self, z: torch.Tensor) -> torch.Tensor:
+        """Isolated-atom features h_vac^(k)(Z) for atoms ``z`` [N] -> [N, L, C].
+
+        In inference (no parameter requires grad) the table over all supported
+        elements is computed once and cached, keyed on the weights' versions,
+        device and dtype; in training it is computed live so gradients flow.
+        """
+        if any(p.requires_grad for p in self.parameters()) and torch.is_grad_enabled():
+            uz, inv = torch.unique(z, sorted=True, return_inverse=True)
+            return self._compute_vacuum(uz)[inv]
+        key = (self.device, self.dtype, tuple(p._version for p in self.parameters()), id(self))
+        if self._vacuum_cache is None or self._vacuum_cache[0] != key:
+            with torch.no_grad():
+                table = self._compute_vacuum(torch.arange(self.config.max_z, device=self.device))
+            self._vacuum_cache = (key, table)
+        return self._vacuum_cache[1][z]
+
+    def _apply(self, fn, recurse=True):  # .to()/.double() invalidate the cache
+        self._vacuum_cache = None
+        return super()._apply(fn, recurse)
+
+    # ------------------------------------------------------------------ energy
+    def atomic_energies(self, z: torch.Tensor, vec: torch.Tensor, edges: Edges) -> torch.Tensor:
+        """Per-atom energies [N] (eV) from atomic numbers [N] and edge vectors [E, 3] (receiver -> sender)."""
+        src, dst = edges.sender, edges.receiver
+        dist = torch.linalg.vector_norm(vec, dim=-1)
+        Y = spherical_harmonics_l12(vec / dist.unsqueeze(-1))
+        phi = self.encoder.radial_features(dist, z[dst], z[src])
+        hs = self.encoder(z, phi, Y, src, dst)
+        vac = self.vacuum_features(z)
+        # An atom without neighbours has exactly its vacuum features; subtracting the cached
+        # copy could leave a rounding residue, so its difference is set to zero exactly.
+        connected = (torch.bincount(dst, minlength=z.shape[0]) > 0).unsqueeze(-1)
+        delta = [torch.where(connected, h - vac[:, k], 0.0) for k, h in enumerate(hs)]
+        e_res = self.decoder.readout(delta)
+        v_zbl = self.decoder.repulsion_term(z, dist, src, dst)
+        head = self.decoder
+        return head.e0[z] + head.e_scale * (e_res + v_zbl) + head.e_shift
+
+    def forward(
+        self,
+        batch: Batch,
+        edges: Edges | tuple | None = None,
+        compute_forces: bool = True,
+        compute_stress: bool = True,
+        per_atom_energies: bool = False,
+        create_graph: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Evaluate every system of ``batch``.
+
+        Returns ``energy`` [S] eV, and as requested ``forces`` [N, 3] eV/Å,
+        ``stress`` [S, 3, 3] eV/Å^3 (ASE sign, zeros unless all three axes are
+        periodic), ``energies`` [N] per-atom eV. ``edges`` defaults to a fresh
+        neighbour list at the model cutoff. ``create_graph`` keeps the graph of
+        forces/stress (for training on forces).
+        """
+        if batch.dtype != self.dtype:
+            raise TypeError(f"batch dtype {batch.dtype} differs from model dtype {self.dtype}")
+        check_batch(batch)
+        n = batch.n_atoms
+        z = batch.numbers[:n]
+        if int(z.max()) >= self.config.max_z:
+            raise ValueError(f"atomic number {int(z.max())} is outside the model's range 1..{self.config.max_z - 1}")
+        if edges is None:
+            from geodite_sim.neighbors import neighbor_list
+
+            edges = neighbor_list(batch, self.cutoff, backend=self.neighbor_backend)
+        edges = Edges(*edges)
+
+        sys_idx = batch.system_index[:n]
+        positions = batch.positions[:n]
+        need_grad = compute_forces or compute_stress
+        with torch.enable_grad() if need_grad else torch.no_grad():
+            if compute_forces:
+                positions = positions.detach().requires_grad_(True)
+            strain = torch.zeros_like(batch.cell, requires_grad=compute_stress)
+            sym = 0.5 * (strain + strain.transpose(1, 2))
+            pos = positions + torch.einsum("ni,nij->nj", positions, sym[sys_idx])
+            cell = batch.cell + torch.bmm(batch.cell, sym)
+            edge_sys = sys_idx[edges.receiver]
+            shift_vec = torch.einsum("ei,eij->ej", edges.shifts.to(pos.dtype), cell[edge_sys])
+            vec = pos[edges.sender] + shift_vec - pos[edges.receiver]
+            e_atom = self.atomic_energies(z, vec, edges)
+            energy = scatter_sum(e_atom, sys_idx, batch.n_systems)
+            out = {"energy": energy}
+            if per_atom_energies:
+                out["energies"] = e_atom
+            if need_grad:
+                inputs = ([positions] if compute_forces else []) + ([strain] if compute_stress else [])
+                grads = torch.autograd.grad(
+                    energy.sum(), inputs, create_graph=create_graph, allow_unused=True
+                )
+                grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+                if compute_forces:
+                    out["forces"] = -grads[0]
+                if compute_stress:
+                    virial = grads[-1]
+                    volume = torch.linalg.det(batch.cell).abs()
+                    periodic = batch.fully_periodic & (volume > 0)
+                    safe_v = torch.where(periodic, volume, torch.ones_like(volume))
+                    out["stress"] = torch.where(periodic[:, None, None], virial / safe_v[:, None, None], 0.0)
+        if not create_graph:
+            out = {k: v.detach() for k, v in out.items()}
+        return out
+
+
+def check_batch(batch: Batch) -> None:
+    """Raise ValueError for NaN/Inf positions or cells, or a singular cell on a periodic system."""
+    n = batch.n_atoms
+    pos = batch.positions[:n]
+    if not torch.isfinite(pos).all():
+        bad = torch.unique(batch.system_index[:n][~torch.isfinite(pos).all(dim=1)]).tolist()
+        raise ValueError(f"positions contain NaN or Inf (systems {bad})")
+    if not torch.isfinite(batch.cell).all():
+        raise ValueError("cell contains NaN or Inf")
+    full = batch.fully_periodic
+    if full.any():
+        vol = torch.linalg.det(batch.cell[full]).abs()
+        if (vol < 1e-6).any():
+            bad = torch.nonzero(full).squeeze(1)[vol < 1e-6].tolist()
+            raise ValueError(f"singular cell (zero volume) on periodic system(s) {bad}")
