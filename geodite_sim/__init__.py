@@ -10,6 +10,7 @@ Public API (see docs/ and README)::
 """
 
 from geodite_sim.batch import Batch
+from geodite_sim.calculators import GeoditeCalculator, TorchSimModel
 from geodite_sim.evaluate import evaluate
 from geodite_sim.io.structures import StructureError
 from geodite_sim.model import CheckpointError, Geodite, GeoditeConfig, load_model
@@ -21,7 +22,9 @@ __all__ = [
     "Batch",
     "CheckpointError",
     "Geodite",
+    "GeoditeCalculator",
     "GeoditeConfig",
+    "TorchSimModel",
     "StructureError",
     "evaluate",
     "load_model",

@@ -1,0 +1,110 @@
+"""Simulation state: a Batch plus per-atom and per-system tensors, and how to re-pack them.
+
+Integrators keep their variables (velocities, FIRE dt/alpha, thermostat chains,
+step counters...) in dataclasses derived from :class:`SimState`. Each extra
+field is declared per atom (leading dim N) or per system (leading dim S) with
+:func:`atom_field` / :func:`system_field`; :func:`select_systems` and
+:func:`concat_states` then re-pack any state generically when the scheduler
+retires finished systems and appends new ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import TypeVar
+
+import torch
+
+from geodite_sim.batch import Batch, atom_indices
+
+PER = "per"
+
+
+def atom_field(**kw):
+    """Declare a dataclass field whose leading dimension is the atom index."""
+    return field(metadata={PER: "atom"}, **kw)
+
+
+def system_field(**kw):
+    """Declare a dataclass field whose leading dimension is the system index."""
+    return field(metadata={PER: "system"}, **kw)
+
+
+@dataclass
+class SimState:
+    """Base state: the batch (positions, cell, numbers, masses...) being simulated.
+
+    ``energy`` [S] eV, ``forces`` [N, 3] eV/Å and ``stress`` [S, 3, 3] eV/Å^3
+    hold the last model evaluation at the current positions.
+    """
+
+    batch: Batch
+    energy: torch.Tensor = system_field(default=None)
+    forces: torch.Tensor = atom_field(default=None)
+    stress: torch.Tensor = system_field(default=None)
+
+    @property
+    def n_systems(self) -> int:
+        return self.batch.n_systems
+
+    @property
+    def n_atoms(self) -> int:
+        return self.batch.n_atoms
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.batch.positions
+
+    @property
+    def cell(self) -> torch.Tensor:
+        return self.batch.cell
+
+    @property
+    def system_index(self) -> torch.Tensor:
+        return self.batch.system_index
+
+
+S = TypeVar("S", bound=SimState)
+
+
+def _per(f) -> str | None:
+    return f.metadata.get(PER)
+
+
+def select_systems(state: S, systems: Sequence[int] | torch.Tensor) -> S:
+    """A new state holding only ``systems`` (in that order)."""
+    idx = torch.as_tensor(systems, dtype=torch.long, device=state.batch.device)
+    atoms = atom_indices(state.batch.offsets, idx)
+    changes = {"batch": state.batch.select(idx)}
+    for f in fields(state):
+        value = getattr(state, f.name)
+        if value is None or f.name == "batch":
+            continue
+        if _per(f) == "atom":
+            changes[f.name] = value[atoms]
+        elif _per(f) == "system":
+            changes[f.name] = value[idx]
+    return replace(state, **changes)
+
+
+def concat_states(states: Sequence[S]) -> S:
+    """Pack several states of the same type into one (systems in order)."""
+    states = [s for s in states if s is not None and s.n_systems > 0]
+    if len(states) == 1:
+        return states[0]
+    if not states:
+        raise ValueError("nothing to concatenate")
+    first = states[0]
+    changes = {"batch": Batch.concatenate([s.batch for s in states])}
+    for f in fields(first):
+        if f.name == "batch" or _per(f) is None:
+            continue
+        values = [getattr(s, f.name) for s in states]
+        if any(v is None for v in values):
+            changes[f.name] = None
+            continue
+        if _per(f) == "atom":
+            values = [v[: s.n_atoms] for v, s in zip(values, states)]
+        changes[f.name] = torch.cat(values)
+    return replace(first, **changes)
