@@ -18,6 +18,7 @@ from geodite_sim.model.config import GeoditeConfig
 from geodite_sim.model.decoder import EnergyHead
 from geodite_sim.model.encoder import GeoditeEncoder, scatter_sum
 from geodite_sim.model.radial import spherical_harmonics_l12
+from geodite_sim.model.strain import energy_and_derivatives
 
 
 class Edges(NamedTuple):
@@ -135,41 +136,15 @@ class Geodite(nn.Module):
             edges = neighbor_list(batch, self.cutoff, backend=self.neighbor_backend)
         edges = Edges(*edges)
 
-        sys_idx = batch.system_index[:n]
-        positions = batch.positions[:n]
-        need_grad = compute_forces or compute_stress
-        with torch.enable_grad() if need_grad else torch.no_grad():
-            if compute_forces:
-                positions = positions.detach().requires_grad_(True)
-            strain = torch.zeros_like(batch.cell, requires_grad=compute_stress)
-            sym = 0.5 * (strain + strain.transpose(1, 2))
-            pos = positions + torch.einsum("ni,nij->nj", positions, sym[sys_idx])
-            cell = batch.cell + torch.bmm(batch.cell, sym)
-            edge_sys = sys_idx[edges.receiver]
-            shift_vec = torch.einsum("ei,eij->ej", edges.shifts.to(pos.dtype), cell[edge_sys])
-            vec = pos[edges.sender] + shift_vec - pos[edges.receiver]
-            e_atom = self.atomic_energies(z, vec, edges)
-            energy = scatter_sum(e_atom, sys_idx, batch.n_systems)
-            out = {"energy": energy}
-            if per_atom_energies:
-                out["energies"] = e_atom
-            if need_grad:
-                inputs = ([positions] if compute_forces else []) + ([strain] if compute_stress else [])
-                grads = torch.autograd.grad(
-                    energy.sum(), inputs, create_graph=create_graph, allow_unused=True
-                )
-                grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
-                if compute_forces:
-                    out["forces"] = -grads[0]
-                if compute_stress:
-                    virial = grads[-1]
-                    volume = torch.linalg.det(batch.cell).abs()
-                    periodic = batch.fully_periodic & (volume > 0)
-                    safe_v = torch.where(periodic, volume, torch.ones_like(volume))
-                    out["stress"] = torch.where(periodic[:, None, None], virial / safe_v[:, None, None], 0.0)
-        if not create_graph:
-            out = {k: v.detach() for k, v in out.items()}
-        return out
+        return energy_and_derivatives(
+            batch,
+            edges,
+            lambda vec: self.atomic_energies(z, vec, edges),
+            compute_forces=compute_forces,
+            compute_stress=compute_stress,
+            per_atom_energies=per_atom_energies,
+            create_graph=create_graph,
+        )
 
 
 def check_batch(batch: Batch) -> None:
