@@ -117,21 +117,22 @@ class Interaction(nn.Module):
             raise ValueError(f"hidden_channels ({c}) must be divisible by num_heads ({heads})")
         self.c, self.heads, self.n_rbf = c, heads, r
         self.attn_dropout = cfg.attn_dropout
-        self.tensor_layernorm = TensorLayerNorm(cfg)
+        # Registration order matches the official model's named_parameters() (EMA tuples use it).
+        self.gamma_s = nn.ModuleList([dense(c, c), dense(c, 3 * c)])
         self.W_q = dense(c, c)
         self.W_k = dense(c, c)
-        self.gamma_s = nn.ModuleList([dense(c, c), dense(c, 3 * c)])
         self.gamma_v = nn.ModuleList([dense(c, c), dense(c, 3 * c)])
         self.W_re = dense(c, c)
-        self.W_rs = dense(c, 3 * c)
-        self.density_fn = dense(r, 1)
         self.edge_update = edge_update
         if edge_update:
             self.gamma_t = MLP([c, c, c], last_activation=True)
             self.W_vq = dense(c, c)
             self.W_vk = nn.ModuleList([dense(c, c), dense(c, c)])
-            self.gamma_w = nn.ModuleList([nn.LayerNorm(c, eps=1e-5)])
             self.W_edp = dense(c, c)
+            self.gamma_w = nn.ModuleList([nn.LayerNorm(c, eps=1e-5)])
+        self.W_rs = dense(c, 3 * c)
+        self.tensor_layernorm = TensorLayerNorm(cfg)
+        self.density_fn = dense(r, 1)
 
     def forward(self, h, X, t, Y, phi, src, dst):
         n, c, heads = h.shape[0], self.c, self.heads
@@ -202,14 +203,15 @@ class GeoditeEncoder(nn.Module):
         if cfg.lmax != 2:
             raise ValueError(f"only lmax = 2 is implemented (got {cfg.lmax})")
         self.cfg = cfg
-        self.A_na = nn.Embedding(cfg.max_z, cfg.hidden_channels, padding_idx=0)
+        # Registration order matches the official model's named_parameters() (EMA tuples use it).
         self.node_init = NodeInit(cfg)
         self.edge_init = EdgeInit(cfg)
+        self.A_na = nn.Embedding(cfg.max_z, cfg.hidden_channels, padding_idx=0)
         self.radial_basis = BesselBasis(cfg.cutoff, cfg.n_rbf)
-        self.distance_weighting_fn = DistanceWeighting()
         L = cfg.num_layers
         self.interaction_list = nn.ModuleList(Interaction(cfg, edge_update=k < L - 1) for k in range(L))
         self.ec_list = nn.ModuleList(EquivariantCoupling(cfg) for _ in range(L))
+        self.distance_weighting_fn = DistanceWeighting()
 
     def radial_features(self, dist: torch.Tensor, z_recv: torch.Tensor, z_send: torch.Tensor) -> torch.Tensor:
         """phi_eff = Bessel(r) * u(r) * y(r): [E, R]."""

@@ -52,8 +52,8 @@ class DistanceWeighting(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        self.q = nn.Parameter(torch.tensor(3.2139))  # q before p: official parameter order
         self.p = nn.Parameter(torch.tensor(-15.2013))
-        self.q = nn.Parameter(torch.tensor(3.2139))
         self.register_buffer("covalent_radii", covalent_radii_table())
 
     def forward(self, r: torch.Tensor, z_i: torch.Tensor, z_j: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,10 @@ def load_model(
         model = load_checkpoint(path, device=device, dtype=dtype, use_ema=use_ema)
         model.name = path_or_name
         return model
+    if isinstance(path_or_name, str) and not Path(path_or_name).exists() and "/" not in path_or_name:
+        raise FileNotFoundError(
+            f"{path_or_name!r} is neither a checkpoint file nor a packaged model ({sorted(PACKAGED_MODELS)})"
+        )
     model = load_checkpoint(path_or_name, device=device, dtype=dtype, use_ema=use_ema)
     model.name = Path(path_or_name).stem
     return model
