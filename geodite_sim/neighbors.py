@@ -278,7 +278,8 @@ def _triton_backend(geo: WrappedGeometry, cutoff: float) -> Edges:
 
 # ---------------------------------------------------------------------------------------------- dispatch
 def triton_interpret() -> bool:
-    """True when ``TRITON_INTERPRET=1`` (the Triton backend then runs on CPU tensors)."""
+    """True when ``TRITON_INTERPRET=1`` is set (the Triton backend then runs on CPU tensors; the variable
+    must be set before ``triton`` is first imported)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
@@ -297,10 +298,10 @@ def backend_available(backend: str, device: torch.device | str) -> bool:
         if not (dev.type == "cuda" or triton_interpret()):
             return False
         try:
-            import triton  # noqa: F401
+            from geodite_sim.kernels.neighbor_list import interpreter_active
         except Exception:
             return False
-        return True
+        return dev.type == "cuda" or interpreter_active()
     raise ValueError(f"unknown neighbour-list backend {backend!r}; choose from {('auto',) + BACKENDS}")
 
 
@@ -311,7 +312,7 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
         order = ("triton", "alchemiops", "torch") if dev.type == "cuda" else ("alchemiops", "torch")
         return next(b for b in order if backend_available(b, dev))
     if not backend_available(backend, dev):
-        hint = " (set TRITON_INTERPRET=1 to run it on CPU)" if backend == "triton" else ""
+        hint = " (set TRITON_INTERPRET=1 before importing triton to run it on CPU)" if backend == "triton" else ""
         raise RuntimeError(f"neighbour-list backend {backend!r} is not available on {dev}{hint}")
     return backend
 

@@ -18,23 +18,24 @@ Passes. The same kernel runs twice (``FILL`` is a compile-time switch):
 
 Positions are wrapped on the host; a hit at image ``n`` between wrapped atoms is reported with shift
 ``n - image[j] + image[i]``, i.e. relative to the positions as given (the ASE convention).
-Runs compiled on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (the interpreter is chosen when a
-launch happens, so the variable may be set after this module was imported).
+Runs compiled on CUDA, and on CPU tensors under Triton's interpreter: ``TRITON_INTERPRET=1`` must be in
+the environment before ``triton`` is first imported (Triton's own library functions are decorated then).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_I = 32
-BLOCK_J = 64
+#: Tile shape compiled for the GPU, and a larger one for the interpreter (where each op costs ~0.1 ms).
+BLOCK_I, BLOCK_J = 32, 64
+INTERPRET_BLOCK_I, INTERPRET_BLOCK_J = 64, 1024
 
 
+@triton.jit
 def _neighbor_kernel(
     pos_ptr,  # [N, 3] wrapped positions (float32/float64), contiguous
     cell_ptr,  # [S, 3, 3] cell rows, contiguous, same dtype
@@ -128,19 +129,11 @@ def _neighbor_kernel(
         tl.store(counts_ptr + ri, hits, mask=mi)
 
 
-_LAUNCHERS: dict[bool, object] = {}
+def interpreter_active() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1 set before import)."""
+    from triton.runtime.interpreter import InterpretedFunction
 
-
-def _launcher(interpret: bool):
-    """The kernel, compiled for the GPU or wrapped by Triton's interpreter (built once per mode)."""
-    if interpret not in _LAUNCHERS:
-        if interpret:
-            from triton.runtime.interpreter import InterpretedFunction
-
-            _LAUNCHERS[interpret] = InterpretedFunction(_neighbor_kernel)
-        else:
-            _LAUNCHERS[interpret] = triton.jit(_neighbor_kernel)
-    return _LAUNCHERS[interpret]
+    return isinstance(_neighbor_kernel, InterpretedFunction) and isinstance(tl.zeros, InterpretedFunction)
 
 
 @dataclass
@@ -159,15 +152,11 @@ class EdgeBuffer:
             return
         if self.sender is not None:
             self.n_regrows += 1
-        cap = max(n_edges, int(self.capacity * 1.25), 1024)
+        cap = max(n_edges, int(self.capacity * 1.25))
         self.sender = torch.empty(cap, dtype=torch.long, device=device)
         self.receiver = torch.empty(cap, dtype=torch.long, device=device)
         self.shifts = torch.empty(cap, 3, dtype=torch.long, device=device)
         self.capacity = cap
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
 def triton_neighbor_list(
@@ -193,9 +182,12 @@ def triton_neighbor_list(
         sender [E], receiver [E], shifts [E, 3] (int64): ``given[j] + shifts @ cell - given[i]`` is the edge.
     """
     dev = wrapped.device
-    interpret = _interpret()
+    interpret = interpreter_active()
     if dev.type != "cuda" and not interpret:
-        raise RuntimeError("the Triton neighbour list needs CUDA tensors, or TRITON_INTERPRET=1 on CPU")
+        raise RuntimeError(
+            "the Triton neighbour list needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported"
+        )
+    block_i, block_j = (INTERPRET_BLOCK_I, INTERPRET_BLOCK_J) if interpret else (BLOCK_I, BLOCK_J)
     n = wrapped.shape[0]
     pos = wrapped.contiguous()
     cell = cell.to(pos.dtype).contiguous()
@@ -204,7 +196,7 @@ def triton_neighbor_list(
     offsets = offsets.to(torch.long).contiguous()
 
     counts_sys = offsets[1:] - offsets[:-1]
-    blocks = (counts_sys + BLOCK_I - 1) // BLOCK_I
+    blocks = (counts_sys + block_i - 1) // block_i
     block_ptr = torch.cumsum(blocks, 0)
     n_blocks = int(block_ptr[-1]) if blocks.numel() else 0
     counts = torch.zeros(n, dtype=torch.int32, device=dev)
@@ -213,16 +205,16 @@ def triton_neighbor_list(
         return empty, empty.clone(), torch.zeros(0, 3, dtype=torch.long, device=dev)
     block_sys = torch.repeat_interleave(torch.arange(blocks.numel(), device=dev), blocks, output_size=n_blocks)
     block_rank = torch.arange(n_blocks, device=dev) - (block_ptr - blocks)[block_sys]
-    block_start = offsets[block_sys] + block_rank * BLOCK_I
+    block_start = offsets[block_sys] + block_rank * block_i
 
-    kernel = _launcher(interpret)
+    kernel = _neighbor_kernel
     cutoff2 = torch.full((1,), float(cutoff) ** 2, dtype=pos.dtype, device=dev)
     dummy_i64 = torch.zeros(1, dtype=torch.long, device=dev)
     grid = (n_blocks,)
     kernel[grid](
         pos, cell, n_images, image, offsets, block_sys, block_start, counts,
         dummy_i64, dummy_i64, dummy_i64, dummy_i64, cutoff2,
-        FILL=False, BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J,
+        FILL=False, BLOCK_I=block_i, BLOCK_J=block_j,
     )
     ends = torch.cumsum(counts.to(torch.long), 0)
     n_edges = int(ends[-1]) if n else 0
@@ -234,6 +226,6 @@ def triton_neighbor_list(
         kernel[grid](
             pos, cell, n_images, image, offsets, block_sys, block_start, counts,
             row_ptr, out.sender, out.receiver, out.shifts, cutoff2,
-            FILL=True, BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J,
+            FILL=True, BLOCK_I=block_i, BLOCK_J=block_j,
         )
     return out.sender[:n_edges], out.receiver[:n_edges], out.shifts[:n_edges]

@@ -70,7 +70,7 @@ class NodeInit(nn.Module):
     def forward(self, a_na: torch.Tensor, z: torch.Tensor, phi: torch.Tensor, src, dst) -> torch.Tensor:
         n = z.shape[0]
         rho = density(phi, self.density_fn)
-        s = self.A_nbr(z[src]) * self.W_ndp(phi)
+        s = self.A_nbr(z.index_select(0, src)) * self.W_ndp(phi)
         m = scatter_sum(s, dst, n) / (1.0 + scatter_sum(rho, dst, n))
         return self.W_nrd_nru(torch.cat([a_na, m], dim=-1))
 
@@ -83,7 +83,7 @@ class EdgeInit(nn.Module):
         self.W_erp = dense(cfg.n_rbf, cfg.hidden_channels)
 
     def forward(self, h: torch.Tensor, phi: torch.Tensor, src, dst) -> torch.Tensor:
-        return (h[dst] + h[src]) * self.W_erp(phi)
+        return (h.index_select(0, dst) + h.index_select(0, src)) * self.W_erp(phi)
 
 
 class TensorLayerNorm(nn.Module):
@@ -134,47 +134,77 @@ class Interaction(nn.Module):
         self.tensor_layernorm = TensorLayerNorm(cfg)
         self.density_fn = dense(r, 1)
 
-    def forward(self, h, X, t, Y, phi, src, dst):
+    def forward(self, h, X, t, Y, phi, src, dst, Y_blocks=None):
+        """One layer. h [N, C], X [N, 8, C], t [E, C], Y [E, 8], phi [E, R] -> (h, X, t).
+
+        Linear maps that read the same input are applied as one matrix product
+        (node side: W_q, W_k, gamma_s[0], gamma_v[0]; edge side: W_re, W_rs,
+        gamma_t[0]), and every sender-side quantity is gathered in one
+        ``index_select`` so the backward pass is one ``index_add``.
+        """
         n, c, heads = h.shape[0], self.c, self.heads
         n_edges = src.shape[0]
         h, X = self.tensor_layernorm(h, X)
-        q = self.W_q(h)
-        k = self.W_k(h)
-        xs = self.gamma_s[1](F.silu(self.gamma_s[0](h)))
-        v = self.gamma_v[1](F.silu(self.gamma_v[0](h)))
-        a = F.silu(self.W_re(t))
-        f = self.W_rs(t)
 
-        logits = (q[dst] * k[src] * a).view(n_edges, heads, c // heads).sum(-1)  # [E, H]
+        node = F.linear(h, torch.cat([self.W_q.weight, self.W_k.weight,
+                                      self.gamma_s[0].weight, self.gamma_v[0].weight]))
+        q, k, s_hidden, v_hidden = node.split(c, dim=-1)
+        xs = self.gamma_s[1](F.silu(s_hidden))
+        v = self.gamma_v[1](F.silu(v_hidden))
+        edge_w = [self.W_re.weight, self.W_rs.weight]
+        if self.edge_update:
+            edge_w.append(self.gamma_t.layers[0].weight)
+        edge = F.linear(t, torch.cat(edge_w))
+        a = F.silu(edge[:, :c])
+        f = edge[:, c : 4 * c]
+
+        # Sender-side features in one gather: k [C], v [3C], x [3C], X [8C].
+        sender = torch.cat([k, v, xs, X.reshape(n, 8 * c)], dim=-1).index_select(0, src)
+        k_j, v_j, x_j, X_j = sender.split([c, 3 * c, 3 * c, 8 * c], dim=-1)
+        q_i = q.index_select(0, dst)
+
+        logits = (q_i * k_j * a).view(n_edges, heads, c // heads).sum(-1)  # [E, H]
         alpha = F.silu(logits) / math.sqrt(c)
         if self.training and self.attn_dropout > 0:
             alpha = F.dropout(alpha, self.attn_dropout)
-        o = (alpha.unsqueeze(-1) * v[src].view(n_edges, heads, 3 * c // heads)).view(n_edges, 3 * c)
-        o = o + f * xs[src]
+        o = (alpha.unsqueeze(-1) * v_j.reshape(n_edges, heads, 3 * c // heads)).view(n_edges, 3 * c)
+        o = torch.addcmul(o, f, x_j)
         o_s, o_d, o_t = o.split(c, dim=-1)
 
         rho = density(phi / self.n_rbf, self.density_fn)  # [E, 1]
-        dX = o_d.unsqueeze(1) * Y.unsqueeze(-1) + o_t.unsqueeze(1) * X[src]  # [E, 8, C]
+        dX = torch.addcmul(o_d.unsqueeze(1) * Y.unsqueeze(-1), o_t.unsqueeze(1), X_j.view(n_edges, 8, c))
         norm = 1.0 + scatter_sum(rho, dst, n)  # [N, 1]
         h = h + scatter_sum(o_s, dst, n) / norm
         X = X + scatter_sum(dX, dst, n) / norm.unsqueeze(-1)
 
         if self.edge_update:
-            t = t + self._edge_delta(X, t, Y, src, dst)
+            gate = self.gamma_t.layers[1](F.silu(edge[:, 4 * c :]))
+            t = t + F.silu(gate) * self.W_edp(self.gamma_w[0](self._edge_invariant(X, Y, src, dst, Y_blocks)))
         return h, X, t
 
-    def _edge_delta(self, X, t, Y, src, dst) -> torch.Tensor:
-        """SiLU-MLP(t) * W_edp LayerNorm(sum_l <reject_Y(W_vq X_i), reject_Y(W_vk X_j)>)."""
-        eq = self.W_vq(X)[dst]  # [E, 8, C]
-        ek = torch.cat([self.W_vk[0](X[:, L1]), self.W_vk[1](X[:, L2])], dim=1)[src]
-        w = 0
-        for rows in (L1, L2):
-            y = Y[:, rows].unsqueeze(-1)  # [E, m, 1]
-            q_l, k_l = eq[:, rows], ek[:, rows]
-            q_l = q_l - (q_l * y).sum(1, keepdim=True) * y
-            k_l = k_l - (k_l * y).sum(1, keepdim=True) * y
-            w = w + (q_l * k_l).sum(1)
-        return self.gamma_t(t) * self.W_edp(self.gamma_w[0](w))
+    def _edge_invariant(self, X, Y, src, dst, Y_blocks=None) -> torch.Tensor:
+        """w_ij = sum_l <reject_Y(W_vq X_i)_l, reject_Y(W_vk X_j)_l> per channel: [E, C].
+
+        With unit-norm Y per degree, <a - (a.y)y, b - (b.y)y> = a.b - (a.y)(b.y), so the
+        rejected vectors are never formed; the projections (a.y) per degree are one
+        batched product with the block matrix ``Y_blocks`` [E, 2, 8].
+        """
+        n_edges, c = src.shape[0], self.c
+        eq = self.W_vq(X).index_select(0, dst)  # [E, 8, C]
+        ek = torch.cat([self.W_vk[0](X[:, L1]), self.W_vk[1](X[:, L2])], dim=1).index_select(0, src)
+        if Y_blocks is None:
+            Y_blocks = degree_blocks(Y)
+        qy = torch.bmm(Y_blocks, eq)  # [E, 2, C]
+        ky = torch.bmm(Y_blocks, ek)
+        return (eq * ek).sum(1) - (qy * ky).sum(1)
+
+
+def degree_blocks(Y: torch.Tensor) -> torch.Tensor:
+    """[E, 8] -> [E, 2, 8]: row 0 holds the l = 1 components, row 1 the l = 2 components."""
+    blocks = Y.new_zeros(Y.shape[0], 2, 8)
+    blocks[:, 0, L1] = Y[:, L1]
+    blocks[:, 1, L2] = Y[:, L2]
+    return blocks
 
 
 class EquivariantCoupling(nn.Module):
@@ -223,9 +253,10 @@ class GeoditeEncoder(nn.Module):
         h = self.node_init(self.A_na(z), z, phi, src, dst)
         t = self.edge_init(h, phi, src, dst)
         X = h.new_zeros(h.shape[0], 8, h.shape[1])
+        Y_blocks = degree_blocks(Y)
         hs = []
         for inter, ec in zip(self.interaction_list, self.ec_list):
-            h, X, t = inter(h, X, t, Y, phi, src, dst)
+            h, X, t = inter(h, X, t, Y, phi, src, dst, Y_blocks)
             h, X = ec(h, X)
             hs.append(h)
         return hs

@@ -1,0 +1,117 @@
+"""``geodite-sim md``: run batched MD (``md run``), inspect and export its HDF5 trajectories."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXAMPLES = """examples:
+  geodite-sim md run CuI.extxyz --temperature 500 700 900 --steps 20000 --timestep 1.5 --trajectory run.h5
+  geodite-sim md run a.cif b.cif --ensemble nve --temperature 300 --steps 1000 --trajectory nve.h5
+  geodite-sim md run inputs/*.cif --temperature 600 --steps 700000 --trajectory sse.h5 \\
+      --checkpoint-every 5000 --restart          # re-run the same command to continue after a crash
+  geodite-sim md info run.h5
+  geodite-sim md export run.h5 --format extxyz --system 2 -o system2.extxyz
+"""
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("md", help="molecular dynamics (run, info, export)", epilog=EXAMPLES,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="md_command", metavar="ACTION")
+
+    r = sub.add_parser("run", help="run MD on many structures at once", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("inputs", nargs="+", help="structure files (every frame of each file is one structure)")
+    r.add_argument("--temperature", type=float, nargs="+", default=None,
+                   help="K; one value for all, or one per structure (in input order)")
+    r.add_argument("--steps", type=int, required=True, help="steps per structure")
+    r.add_argument("--timestep", type=float, default=1.5, help="fs (default 1.5)")
+    r.add_argument("--ensemble", choices=("nvt_nhc", "nve", "nvt_langevin"), default="nvt_nhc")
+    r.add_argument("--trajectory", default=None, help="HDF5 output file")
+    r.add_argument("--frame-every", type=int, default=10, help="steps between frames (default 10)")
+    r.add_argument("--tdamp", type=float, default=None, help="NHC damping time, fs (default 100 x timestep)")
+    r.add_argument("--chain-length", type=int, default=10, help="NHC thermostats (default 10)")
+    r.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs (default 0.01)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--model", default=None, help="checkpoint file or packaged model name (default: packaged model)")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    r.add_argument("--max-atoms", type=int, default=4096, help="atoms per packed batch")
+    r.add_argument("--checkpoint", default=None, help="checkpoint file (default <trajectory>.ckpt)")
+    r.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
+    r.add_argument("--restart", action="store_true", help="continue from the checkpoint if it exists")
+    r.add_argument("--no-monitors", action="store_true", help="disable the stability monitors")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=run_command)
+
+    i = sub.add_parser("info", help="list the systems of a trajectory file")
+    i.add_argument("trajectory")
+    i.set_defaults(func=info_command)
+
+    e = sub.add_parser("export", help="convert trajectory frames to another format")
+    e.add_argument("trajectory")
+    e.add_argument("--format", choices=("extxyz",), default="extxyz")
+    e.add_argument("--system", type=int, default=None, help="input index of the system (default: all)")
+    e.add_argument("-o", "--output", default=None, help="output file (default <trajectory>[.<system>].extxyz)")
+    e.set_defaults(func=export_command)
+
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _structures(paths):
+    from ase.io import iread
+
+    for path in paths:
+        yield from iread(path, index=":")
+
+
+def run_command(args) -> int:
+    import torch
+
+    from geodite_sim.md import run_md
+    from geodite_sim.model import load_model
+
+    dtype = torch.float64 if args.dtype == "float64" else torch.float32
+    model = load_model(args.model, device=args.device, dtype=dtype)
+    temperature = args.temperature
+    if temperature is not None and len(temperature) == 1:
+        temperature = temperature[0]
+    results = run_md(
+        _structures(args.inputs), model, ensemble=args.ensemble, temperature=temperature, timestep=args.timestep,
+        steps=args.steps, trajectory=args.trajectory, frame_every=args.frame_every, tdamp=args.tdamp,
+        chain_length=args.chain_length, friction=args.friction, seed=args.seed, max_atoms=args.max_atoms,
+        monitors=not args.no_monitors, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+        restart=args.restart, progress=not args.no_progress,
+    )
+    n_bad = 0
+    for r in results:
+        status = "ok" if r.error is None else f"FAILED: {r.error}"
+        n_bad += r.error is not None
+        temp = "" if r.temperature is None else f" T={r.temperature:.1f} K"
+        print(f"{r.index}\t{r.label}\t{r.n_steps} steps{temp}\t{status}")
+    return 1 if n_bad else 0
+
+
+def info_command(args) -> int:
+    from geodite_sim.trajectory import read_metadata, trajectory_systems
+
+    meta = read_metadata(args.trajectory)
+    print(f"{args.trajectory}: ensemble {meta.get('ensemble')}, timestep {meta.get('timestep_fs')} fs, "
+          f"model {meta.get('model_name')} {meta.get('model_checksum')}")
+    for d in trajectory_systems(args.trajectory):
+        print(f"{d['index']}\t{d.get('label', '')}\t{d['frames']} frames\t{d.get('n_steps', 0)} steps"
+              f"\t{d.get('temperature_K', 0):.1f} K\t{d.get('status', '')}\t{d.get('error', '')}")
+    return 0
+
+
+def export_command(args) -> int:
+    from geodite_sim.trajectory import export_extxyz
+
+    out = args.output
+    if out is None:
+        stem = args.trajectory.rsplit(".", 1)[0]
+        out = f"{stem}.{args.system}.extxyz" if args.system is not None else f"{stem}.extxyz"
+    n = export_extxyz(args.trajectory, out, system=args.system)
+    print(f"wrote {n} frames to {out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,259 @@
+"""Batched FIRE that reproduces ASE's ``FIRE`` step by step, optionally with the Fréchet cell filter.
+
+One call of :func:`fire_step` does, for every system that is not done, what one
+``ase.optimize.FIRE.step()`` does (ASE 3.23+, ``downhill_check=False``), on the
+generalised coordinates of :mod:`geodite_sim.dynamics.cell_filter` (atoms, plus the
+cell for systems that relax it)::
+
+    g = generalised forces (atoms and cell rows); converged if max_row |g| < fmax
+    first step:          v = 0                                   (ASE's vel = None)
+    later, v·g > 0:      v = (1 - a) v + a g / |g| · |v|
+                         if Nsteps > Nmin: dt = min(dt · finc, dtmax); a = a · fa
+                         Nsteps += 1
+    later, v·g <= 0:     v = 0; a = astart; dt = dt · fdec; Nsteps = 0
+    v = v + dt g;  dr = dt v;  if |dr| > maxstep: dr = maxstep dr / |dr|   (|·| over the whole system)
+    x = x + dr
+
+Dot products and norms run over all of a system's degrees of freedom (3N atoms + 9
+cell), exactly as ASE's ``np.vdot`` over the filter's (N + 3) × 3 array. Per-system
+variables (dt, a, Nsteps, step counts, convergence) are tensors of the state; a
+system that has converged, reached ``max_steps`` or is frozen by the caller keeps
+every variable unchanged, so its result equals the one of a single-system run
+whatever the batch around it does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from geodite_sim.batch import Batch
+from geodite_sim.dynamics.cell_filter import apply_displacement, generalized_forces
+from geodite_sim.state import SimState, atom_field, system_field
+
+
+@dataclass(frozen=True)
+class FireParams:
+    """FIRE parameters, ASE's names and defaults (``ase.optimize.FIRE``). Times in ASE units, lengths Å."""
+
+    dt: float = 0.1
+    maxstep: float = 0.2
+    dtmax: float = 1.0
+    Nmin: int = 5
+    finc: float = 1.1
+    fdec: float = 0.5
+    astart: float = 0.1
+    fa: float = 0.99
+    a: float = 0.1
+
+
+@dataclass
+class FireState(SimState):
+    """FIRE state of a packed batch (N atoms, S systems; no padding rows).
+
+    Attributes (besides :class:`SimState`'s batch, energy [S], forces [N, 3], stress [S, 3, 3]):
+        velocities: [N, 3] FIRE velocities of the atoms' generalised coordinates.
+        cell_velocities: [S, 3, 3] FIRE velocities of the cell coordinates (zero without the cell).
+        orig_cell: [S, 3, 3] reference cell C0 of the Fréchet filter (cell at the start), Å.
+        cell_log: [S, 3, 3] X = log F, the logarithm of the deformation gradient.
+        deform: [S, 3, 3] F = exp X, the deformation gradient (C = C0 Fᵀ).
+        cell_factor: [S] ASE's ``exp_cell_factor`` (number of atoms by default).
+        relax_cell: [S] bool, whether the cell is a degree of freedom.
+        dt, alpha: [S] current FIRE time step and mixing parameter.
+        n_pos: [S] int64, ASE's ``Nsteps`` (consecutive steps with v·g > 0).
+        started: [S] bool, False before the first step (ASE's ``vel is None``).
+        n_steps: [S] int64 optimiser steps taken (ASE's ``opt.nsteps``).
+        converged: [S] bool, max generalised force norm < fmax at the last evaluation.
+        done: [S] bool, converged, out of steps or frozen; a done system no longer moves.
+        fmax: [S] max generalised force norm (atoms and cell rows) at the last evaluation, eV/Å.
+    """
+
+    velocities: torch.Tensor = atom_field(default=None)
+    cell_velocities: torch.Tensor = system_field(default=None)
+    orig_cell: torch.Tensor = system_field(default=None)
+    cell_log: torch.Tensor = system_field(default=None)
+    deform: torch.Tensor = system_field(default=None)
+    cell_factor: torch.Tensor = system_field(default=None)
+    relax_cell: torch.Tensor = system_field(default=None)
+    dt: torch.Tensor = system_field(default=None)
+    alpha: torch.Tensor = system_field(default=None)
+    n_pos: torch.Tensor = system_field(default=None)
+    started: torch.Tensor = system_field(default=None)
+    n_steps: torch.Tensor = system_field(default=None)
+    converged: torch.Tensor = system_field(default=None)
+    done: torch.Tensor = system_field(default=None)
+    fmax: torch.Tensor = system_field(default=None)
+
+
+def per_system_sum(values: torch.Tensor, system_index: torch.Tensor, n_systems: int) -> torch.Tensor:
+    """Sum ``values`` [N, ...] over the atoms of each system -> [S, ...]."""
+    return values.new_zeros((n_systems,) + values.shape[1:]).index_add_(0, system_index, values)
+
+
+def per_system_max(values: torch.Tensor, system_index: torch.Tensor, n_systems: int) -> torch.Tensor:
+    """Max of non-negative ``values`` [N] over the atoms of each system -> [S] (0 for no atoms; NaN propagates)."""
+    out = values.new_zeros(n_systems)
+    return out.scatter_reduce_(0, system_index, values, reduce="amax", include_self=True)
+
+
+def fire_init(
+    batch: Batch,
+    relax_cell: bool | torch.Tensor = True,
+    params: FireParams | None = None,
+    cell_factor: float | torch.Tensor | None = None,
+    **fields,
+) -> FireState:
+    """A fresh FIRE state for ``batch`` (no model evaluation yet: energy/forces/stress are None).
+
+    ``relax_cell`` (bool or [S] bool) is honoured only for fully periodic systems.
+    ``cell_factor`` defaults to the number of atoms of each system (ASE's default).
+    Extra keyword arguments fill fields of subclasses (``state_cls`` may be given to build one).
+    """
+    p = params or FireParams()
+    state_cls = fields.pop("state_cls", FireState)
+    s, dev, dtype = batch.n_systems, batch.device, batch.dtype
+    relax = torch.as_tensor(relax_cell, dtype=torch.bool, device=dev).expand(s).clone()
+    relax &= batch.fully_periodic
+    if cell_factor is None:
+        factor = batch.atoms_per_system.to(dtype)
+    else:
+        factor = torch.as_tensor(cell_factor, dtype=dtype, device=dev).expand(s).clone()
+    zeros_s = torch.zeros(s, dtype=dtype, device=dev)
+    return state_cls(
+        batch=batch,
+        velocities=torch.zeros_like(batch.positions),
+        cell_velocities=torch.zeros_like(batch.cell),
+        orig_cell=batch.cell.clone(),
+        cell_log=torch.zeros_like(batch.cell),
+        deform=torch.eye(3, dtype=dtype, device=dev).expand(s, 3, 3).clone(),
+        cell_factor=factor,
+        relax_cell=relax,
+        dt=zeros_s + p.dt,
+        alpha=zeros_s + p.a,
+        n_pos=torch.zeros(s, dtype=torch.long, device=dev),
+        started=torch.zeros(s, dtype=torch.bool, device=dev),
+        n_steps=torch.zeros(s, dtype=torch.long, device=dev),
+        converged=torch.zeros(s, dtype=torch.bool, device=dev),
+        done=torch.zeros(s, dtype=torch.bool, device=dev),
+        fmax=torch.full((s,), float("nan"), dtype=dtype, device=dev),
+        **fields,
+    )
+
+
+def generalized_forces_of(state: FireState, cell: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(g_atoms [N, 3], g_cell [S, 3, 3], max row norm [S]) of the filter at the state's last evaluation.
+
+    ``cell=False`` promises that no system relaxes its cell (skips the filter: g_atoms = forces, g_cell = 0).
+    """
+    b = state.batch
+    if cell:
+        stress = state.stress if state.stress is not None else torch.zeros_like(b.cell)
+        g_a, g_c = generalized_forces(
+            state.forces, stress, b.cell, state.cell_log, state.deform, state.cell_factor, state.relax_cell,
+            b.system_index,
+        )
+    else:
+        g_a, g_c = state.forces, torch.zeros_like(b.cell)
+    norm_a = per_system_max(torch.linalg.vector_norm(g_a, dim=1), b.system_index, b.n_systems)
+    norm_c = torch.linalg.vector_norm(g_c, dim=2).amax(dim=1)
+    return g_a, g_c, torch.maximum(norm_a, norm_c)
+
+
+def fire_step(
+    state: FireState,
+    fmax: float,
+    max_steps: int,
+    params: FireParams | None = None,
+    frozen: torch.Tensor | None = None,
+    cell: bool = True,
+) -> FireState:
+    """Check convergence at the current evaluation, then move every unfinished system by one FIRE step.
+
+    ``state.forces`` (and ``state.stress`` for cell systems) must hold the model's output at the
+    current positions. A system becomes done when converged (max generalised force norm < fmax, as
+    ASE's ``optimizer.run(fmax)``), when it has taken ``max_steps`` steps, or where ``frozen`` [S]
+    is True (the caller's failure mask); done systems are left untouched. ``cell=False`` promises that
+    no system relaxes its cell and skips the filter's arithmetic. No host synchronisation (on the CPU,
+    the matrix exponential reads its squaring count back).
+    """
+    p = params or FireParams()
+    b = state.batch
+    sys_idx, n_sys = b.system_index, b.n_systems
+    g_a, g_c, fnorm = generalized_forces_of(state, cell)
+    conv_now = fnorm < fmax
+    was_done = state.done
+    converged = torch.where(was_done, state.converged, conv_now)
+    done = was_done | conv_now | (state.n_steps >= max_steps)
+    if frozen is not None:
+        done = done | frozen
+    fnorm = torch.where(was_done, state.fmax, fnorm)
+    active = ~done
+    act_a = active[sys_idx, None]
+    act_c = active[:, None, None]
+
+    v_a, v_c = state.velocities, state.cell_velocities
+
+    def dot(x_a, y_a, x_c, y_c):
+        return per_system_sum((x_a * y_a).sum(1), sys_idx, n_sys) + (x_c * y_c).sum((1, 2))
+
+    vf = dot(g_a, v_a, g_c, v_c)
+    grad2 = dot(g_a, g_a, g_c, g_c)
+    vv = dot(v_a, v_a, v_c, v_c)
+    uphill_ok = vf > 0.0
+    mix = state.started & uphill_ok
+    reset = state.started & ~uphill_ok
+    a = state.alpha
+    # ASE: (1 - a) v + a g / sqrt(grad2) * sqrt(vv), evaluated in that order.
+    safe_g = torch.where(mix, torch.sqrt(grad2), torch.ones_like(grad2))
+    root_vv = torch.sqrt(vv)
+
+    def mixed(v, g, per):
+        return (1.0 - a[per]) * v + a[per] * g / safe_g[per] * root_vv[per]
+
+    per_a = (sys_idx, None)
+    per_c = (slice(None), None, None)
+    new_v_a = torch.where(mix[per_a], mixed(v_a, g_a, per_a), torch.where(reset[per_a], 0.0, v_a))
+    new_v_c = torch.where(mix[per_c], mixed(v_c, g_c, per_c), torch.where(reset[per_c], 0.0, v_c))
+    grow = mix & (state.n_pos > p.Nmin)
+    dt = torch.where(grow, torch.clamp(state.dt * p.finc, max=p.dtmax), torch.where(reset, state.dt * p.fdec, state.dt))
+    alpha = torch.where(grow, a * p.fa, torch.where(reset, torch.full_like(a, p.astart), a))
+    n_pos = torch.where(mix, state.n_pos + 1, torch.where(reset, torch.zeros_like(state.n_pos), state.n_pos))
+
+    new_v_a = new_v_a + dt[per_a] * g_a
+    new_v_c = new_v_c + dt[per_c] * g_c
+    dr_a = dt[per_a] * new_v_a
+    dr_c = dt[per_c] * new_v_c
+    norm_dr = torch.sqrt(dot(dr_a, dr_a, dr_c, dr_c))
+    big = norm_dr > p.maxstep
+    safe_norm = torch.where(big, norm_dr, torch.ones_like(norm_dr))
+    dr_a = torch.where(big[per_a], p.maxstep * dr_a / safe_norm[per_a], dr_a)
+    dr_c = torch.where(big[per_c], p.maxstep * dr_c / safe_norm[per_c], dr_c)
+
+    if cell:
+        pos, new_cell, cell_log, deform = apply_displacement(
+            b.positions, b.cell, state.orig_cell, state.cell_log, state.deform, state.cell_factor,
+            state.relax_cell, sys_idx, dr_a, dr_c,
+        )
+        new_cell = torch.where(act_c, new_cell, b.cell)
+        cell_log = torch.where(act_c, cell_log, state.cell_log)
+        deform = torch.where(act_c, deform, state.deform)
+    else:
+        pos, new_cell, cell_log, deform = b.positions + dr_a, b.cell, state.cell_log, state.deform
+    batch = b.with_positions(torch.where(act_a, pos, b.positions), new_cell)
+    return replace(
+        state,
+        batch=batch,
+        velocities=torch.where(act_a, new_v_a, v_a),
+        cell_velocities=torch.where(act_c, new_v_c, v_c),
+        cell_log=cell_log,
+        deform=deform,
+        dt=torch.where(active, dt, state.dt),
+        alpha=torch.where(active, alpha, state.alpha),
+        n_pos=torch.where(active, n_pos, state.n_pos),
+        started=state.started | active,
+        n_steps=state.n_steps + active.long(),
+        converged=converged,
+        done=done,
+        fmax=fnorm,
+    )

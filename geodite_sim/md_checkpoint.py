@@ -1,0 +1,100 @@
+"""MD checkpoints: everything a run needs to continue bit-for-bit, written atomically.
+
+A checkpoint (``torch.save`` of plain containers and CPU tensors, loaded with
+``weights_only=True``) holds:
+
+- ``settings``: the run's integrator settings (checked on restart);
+- ``iteration``: steps taken by the engine loop;
+- ``state``: the packed integrator state — positions, cell, pbc, numbers, masses, momenta,
+  energy and forces at the current positions, target kT, step counters, target steps,
+  per-system seeds (the Langevin noise is counter-based, so (seed, step) *is* the RNG
+  state), the Nosé–Hoover chains (η, p_η, Q) or the Langevin friction;
+- ``active``/``labels``: input indices of the systems in the batch, in slot order;
+  ``next_index``: the first input not yet started (the queue position);
+- ``results``: finished systems (final positions, momenta, forces, energy, error) and
+  inputs that failed to load;
+- ``frames``: frames of every system already in the trajectory file (the file is
+  truncated back to these counts on restart).
+
+The neighbour list is not stored: the engine rebuilds it from scratch right after every
+checkpoint in the uninterrupted run too, so both runs use identical edge lists (same
+order, hence the same floating-point sums).
+
+Writes go to a temporary file in the same folder, are fsynced, then ``os.replace``d over
+the previous checkpoint, so a run killed at any moment leaves either the old or the new
+checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from geodite_sim.batch import Batch
+from geodite_sim.dynamics.langevin import LangevinState
+from geodite_sim.dynamics.nose_hoover import NHCState
+from geodite_sim.dynamics.verlet import MDState
+
+FORMAT = "geodite_sim.md_checkpoint/1"
+STATE_TYPES = {cls.__name__: cls for cls in (MDState, NHCState, LangevinState)}
+
+
+def state_to_dict(state: MDState | None) -> dict | None:
+    """Plain-container copy (CPU tensors) of an MD state."""
+    if state is None:
+        return None
+    batch = {f.name: getattr(state.batch, f.name).detach().cpu().clone() for f in fields(state.batch)}
+    values = {}
+    for f in fields(state):
+        if f.name == "batch":
+            continue
+        v = getattr(state, f.name)
+        values[f.name] = None if v is None else v.detach().cpu().clone()
+    return {"type": type(state).__name__, "batch": batch, "fields": values}
+
+
+def state_from_dict(d: dict | None, device: str | torch.device = "cpu") -> MDState | None:
+    """Inverse of :func:`state_to_dict`, tensors moved to ``device``."""
+    if d is None:
+        return None
+    cls = STATE_TYPES[d["type"]]
+    batch = Batch(**{k: v.to(device) for k, v in d["batch"].items()})
+    values = {k: (None if v is None else v.to(device)) for k, v in d["fields"].items()}
+    return cls(batch=batch, **values)
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> None:
+    """Atomically write ``payload`` (plain containers, tensors) to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, **payload}
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint`."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an MD checkpoint (format {payload.get('format')!r}, expected {FORMAT!r})")
+    return payload
+
+
+def check_compatible(saved: dict, current: dict, keys: tuple[str, ...]) -> None:
+    """Raise ValueError naming every setting in ``keys`` that differs between ``saved`` and ``current``."""
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    if diff:
+        raise ValueError("cannot restart: settings differ from the checkpointed run (" + "; ".join(diff) + ")")

@@ -1,0 +1,277 @@
+"""HDF5 trajectories of batched MD: one group per system, appendable, readable back into ASE Atoms.
+
+Layout (h5py)::
+
+    /                      attrs: format, model_name, model_checksum, dtype, ensemble, timestep_fs,
+                                  tdamp_fs, chain_length, tloop, friction_per_fs, fix_com, seed,
+                                  frame_every, skin, versions (JSON), ...
+    /systems/<index>/      one group per input structure (index = position in the input stream)
+        positions      [T, N, 3]  Å (float64 for float64 runs, float32 otherwise)
+        cell           [T, 3, 3]  Å, rows = lattice vectors
+        energy         [T]        potential energy, eV
+        kinetic_energy [T]        eV
+        temperature    [T]        2 KE / (3 N k_B), K
+        conserved      [T]        NHC conserved quantity, or total energy (NVE, Langevin), eV
+        step           [T]        int64 step of the frame (0 = initial structure)
+        momenta        [T, N, 3]  amu·Å/t (ASE units), only when requested
+        numbers [N], masses [N] (amu), pbc [3]
+        attrs: index, label, formula, n_atoms, temperature_K, target_steps, seed, status
+               ("running" | "done" | "failed"), error, n_steps
+
+Per-frame datasets are chunked along T and gzip-compressed (with shuffle). Frames are
+buffered per system and written in blocks; the file is flushed after every block, so a
+killed run leaves a readable file. On restart, datasets are truncated back to the frame
+counts recorded in the checkpoint and then appended to.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+
+FORMAT = "geodite_sim.md_trajectory/1"
+_SCALARS = ("energy", "kinetic_energy", "temperature", "conserved")
+
+
+def _attr(value):
+    """An HDF5-storable attribute value (None -> "", dict/list -> JSON)."""
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value)
+    return value
+
+
+class TrajectoryWriter:
+    """Appends frames of many systems to one HDF5 file.
+
+    Args:
+        path: output file.
+        attrs: run metadata stored as root attributes.
+        restart_frames: ``{index: frames}`` to keep from an existing file (restart); None starts a new file.
+        float_dtype: dtype of positions/momenta/cell datasets.
+        block: frames buffered per system before they are written.
+        save_momenta: also store momenta.
+    """
+
+    def __init__(self, path: str | Path, attrs: dict, restart_frames: dict[int, int] | None = None,
+                 float_dtype=np.float32, block: int = 64, save_momenta: bool = False,
+                 compression: str = "gzip", compression_opts: int = 4):
+        import h5py
+
+        self.path = str(path)
+        self.float_dtype = np.dtype(float_dtype)
+        self.block = int(block)
+        self.save_momenta = save_momenta
+        self._comp = dict(compression=compression, compression_opts=compression_opts, shuffle=True)
+        self._buffers: dict[int, list[dict]] = {}
+        self._written: dict[int, int] = {}
+        if restart_frames is None:
+            self.file = h5py.File(self.path, "w")
+            self.file.attrs["format"] = FORMAT
+            for k, v in attrs.items():
+                self.file.attrs[k] = _attr(v)
+            self.file.create_group("systems")
+        else:
+            self.file = h5py.File(self.path, "a")
+            systems = self.file.require_group("systems")
+            for name in list(systems.keys()):
+                index = int(name)
+                if index not in restart_frames:
+                    del systems[name]  # started after the checkpoint: it will be started again
+                    continue
+                g = systems[name]
+                n = int(restart_frames[index])
+                for key, ds in g.items():
+                    if ds.maxshape and ds.maxshape[0] is None:
+                        ds.resize(n, axis=0)
+                self._written[index] = n
+            self.file.flush()
+
+    # ------------------------------------------------------------------ systems
+    def group_name(self, index: int) -> str:
+        return f"/systems/{index}"
+
+    def add_system(self, index: int, numbers: np.ndarray, masses: np.ndarray, pbc: np.ndarray, attrs: dict) -> None:
+        """Create (or, on restart, re-open) the group of system ``index``."""
+        systems = self.file["systems"]
+        name = str(index)
+        n = len(numbers)
+        if name in systems:
+            g = systems[name]
+        else:
+            g = systems.create_group(name)
+            g.create_dataset("numbers", data=np.asarray(numbers, dtype=np.int32))
+            g.create_dataset("masses", data=np.asarray(masses, dtype=np.float64))
+            g.create_dataset("pbc", data=np.asarray(pbc, dtype=bool))
+            chunk = max(1, min(self.block, (1 << 20) // max(1, 24 * n)))
+            g.create_dataset("positions", shape=(0, n, 3), maxshape=(None, n, 3), dtype=self.float_dtype,
+                             chunks=(chunk, n, 3), **self._comp)
+            if self.save_momenta:
+                g.create_dataset("momenta", shape=(0, n, 3), maxshape=(None, n, 3), dtype=self.float_dtype,
+                                 chunks=(chunk, n, 3), **self._comp)
+            g.create_dataset("cell", shape=(0, 3, 3), maxshape=(None, 3, 3), dtype=self.float_dtype,
+                             chunks=(256, 3, 3), **self._comp)
+            for key in _SCALARS:
+                g.create_dataset(key, shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(1024,), **self._comp)
+            g.create_dataset("step", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(1024,), **self._comp)
+        for k, v in attrs.items():
+            g.attrs[k] = _attr(v)
+        g.attrs["status"] = "running"
+        g.attrs["error"] = ""
+        self._written.setdefault(index, 0)
+
+    def set_attrs(self, index: int, **attrs) -> None:
+        g = self.file["systems"][str(index)]
+        for k, v in attrs.items():
+            g.attrs[k] = _attr(v)
+
+    # ------------------------------------------------------------------ frames
+    def add_frame(self, index: int, frame: dict) -> None:
+        """Buffer one frame: positions [N,3], cell [3,3], energy, kinetic_energy, temperature, conserved, step
+        (and momenta [N,3] when stored). Writes the system's block when it is full."""
+        buf = self._buffers.setdefault(index, [])
+        buf.append(frame)
+        if len(buf) >= self.block:
+            self.flush([index])
+
+    def _write(self, index: int) -> None:
+        buf = self._buffers.pop(index, None)
+        if not buf:
+            return
+        g = self.file["systems"][str(index)]
+        n0 = self._written[index]
+        k = len(buf)
+        keys = ["positions", "cell", "step", *_SCALARS] + (["momenta"] if self.save_momenta else [])
+        for key in keys:
+            ds = g[key]
+            ds.resize(n0 + k, axis=0)
+            ds[n0:n0 + k] = np.stack([np.asarray(f[key]) for f in buf]).astype(ds.dtype, copy=False)
+        self._written[index] = n0 + k
+
+    def flush(self, indices: Sequence[int] | None = None) -> None:
+        """Write buffered frames (of ``indices``, default all) and flush the file."""
+        for index in list(self._buffers) if indices is None else indices:
+            self._write(index)
+        self.file.flush()
+
+    def frames(self, index: int) -> int:
+        """Frames of system ``index`` written to the file (buffered ones not counted)."""
+        return self._written.get(index, 0)
+
+    def written(self) -> dict[int, int]:
+        return dict(self._written)
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.flush()
+            self.file.close()
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def read_metadata(path: str | Path) -> dict:
+    """Root attributes of a trajectory file (JSON strings decoded where possible)."""
+    import h5py
+
+    out = {}
+    with h5py.File(path, "r") as f:
+        for k, v in f.attrs.items():
+            out[k] = _decode(v)
+    return out
+
+
+def _decode(v):
+    if isinstance(v, bytes):
+        v = v.decode()
+    if isinstance(v, str) and v[:1] in "[{":
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def trajectory_systems(path: str | Path) -> list[dict]:
+    """One dict per system group: index, frames and the group's attributes, sorted by index."""
+    import h5py
+
+    out = []
+    with h5py.File(path, "r") as f:
+        for name, g in f["systems"].items():
+            d = {k: _decode(v) for k, v in g.attrs.items()}
+            d["index"] = int(name)
+            d["frames"] = int(g["step"].shape[0])
+            out.append(d)
+    return sorted(out, key=lambda d: d["index"])
+
+
+def read_trajectory(path: str | Path, system: int | None = None, index: slice | int = slice(None)) -> list[Atoms]:
+    """Frames of one system as ASE Atoms (positions, cell, pbc, masses, momenta when stored).
+
+    ``system`` is the system's input index (may be omitted when the file holds one system);
+    ``index`` selects frames. Each Atoms carries ``info`` (system, step, time_fs, temperature,
+    kinetic_energy, conserved) and a single-point calculator with the potential energy.
+    """
+    import h5py
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    with h5py.File(path, "r") as f:
+        names = sorted(f["systems"].keys(), key=int)
+        if system is None:
+            if len(names) != 1:
+                raise ValueError(f"{path} holds {len(names)} systems {names}: pass system=<index>")
+            system = int(names[0])
+        if str(system) not in f["systems"]:
+            raise KeyError(f"system {system} not in {path} (systems: {names})")
+        g = f["systems"][str(system)]
+        dt_fs = float(f.attrs.get("timestep_fs", 0.0))
+        n_frames = g["step"].shape[0]
+        if isinstance(index, slice) and (index.step or 1) > 0:
+            sel = slice(*index.indices(n_frames))
+
+            def read(ds):
+                return ds[sel]
+        else:
+            idx = np.atleast_1d(np.arange(n_frames)[index])
+
+            def read(ds):
+                return ds[()][idx]
+        numbers = g["numbers"][()]
+        masses = g["masses"][()]
+        pbc = g["pbc"][()]
+        data = {k: read(g[k]) for k in ("positions", "cell", "step", *_SCALARS)}
+        momenta = read(g["momenta"]) if "momenta" in g else None
+    frames = []
+    for t in range(len(data["step"])):
+        a = Atoms(numbers=numbers, positions=np.asarray(data["positions"][t], dtype=float),
+                  cell=np.asarray(data["cell"][t], dtype=float), pbc=pbc, masses=masses)
+        if momenta is not None:
+            a.set_momenta(np.asarray(momenta[t], dtype=float))
+        step = int(data["step"][t])
+        a.info.update(system=int(system), step=step, time_fs=step * dt_fs,
+                      temperature=float(data["temperature"][t]), kinetic_energy=float(data["kinetic_energy"][t]),
+                      conserved=float(data["conserved"][t]))
+        a.calc = SinglePointCalculator(a, energy=float(data["energy"][t]))
+        frames.append(a)
+    return frames
+
+
+def export_extxyz(path: str | Path, out: str | Path, system: int | None = None) -> int:
+    """Write the frames of ``system`` (default: every system, one after another) to an extxyz file.
+
+    Returns the number of frames written.
+    """
+    from ase.io import write
+
+    systems = [system] if system is not None else [d["index"] for d in trajectory_systems(path)]
+    frames = []
+    for s in systems:
+        frames.extend(read_trajectory(path, system=s))
+    write(str(out), frames, format="extxyz")
+    return len(frames)

@@ -1,0 +1,177 @@
+"""Tests of geodite_sim.training: overfitting, exact resume, checkpoint round trip, E0 fit, data I/O, CLI."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk
+from ase.calculators.emt import EMT
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from geodite_sim.batch import Batch
+from geodite_sim.model import load_model
+from geodite_sim.training import Sample, Trainer, fit_e0, get_preset, read_samples, sample_from_atoms, write_hdf5
+from geodite_sim.training.data import composition_matrix
+
+
+def emt_set(n: int, seed: int = 0) -> list[Sample]:
+    """Small periodic Cu/Ni/Al cells (2-4 atoms... 8 atoms), strained and rattled, labelled with ASE's EMT."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        el = ["Cu", "Ni", "Al"][k % 3]
+        a = bulk(el, "fcc", a={"Cu": 3.61, "Ni": 3.52, "Al": 4.05}[el], cubic=True)
+        if k % 2:
+            a[0].symbol = "Ni" if el != "Ni" else "Cu"
+        eps = np.eye(3) + rng.uniform(-0.03, 0.03, (3, 3))
+        a.set_cell(a.cell[:] @ (0.5 * (eps + eps.T)), scale_atoms=True)
+        a.rattle(0.05, seed=int(rng.integers(1000)))
+        a.calc = EMT()
+        a.calc = SinglePointCalculator(a, energy=a.get_potential_energy(), forces=a.get_forces(),
+                                       stress=a.get_stress())
+        out.append(sample_from_atoms(a))
+    return out
+
+
+def tiny(**train):
+    model_cfg, train_cfg = get_preset("tiny", train_overrides=dict(log_every=0, **train))
+    return model_cfg, train_cfg
+
+
+def quiet(msg):
+    pass
+
+
+def test_overfit_five_structures(tmp_path):
+    samples = emt_set(5)
+    model_cfg, cfg = tiny(epochs=150, batch_size=5, lr=5e-3, warmup_steps=5, ema_decay=0.0, val_fraction=0.0,
+                          dtype="float64", lr_min_factor=0.05)
+    tr = Trainer(samples, model_cfg, cfg, workdir=tmp_path, val_samples=samples, log=quiet)
+    before = tr.evaluate(samples)
+    tr.fit()
+    after = tr.evaluate(samples)
+    assert tr.step_losses[-1] < 0.02 * tr.step_losses[0]
+    assert after["loss"] < 0.02 * before["loss"]
+    assert after["energy_mae"] < 2e-3  # eV/atom
+    assert after["forces_mae"] < 0.25 * before["forces_mae"]
+
+
+def test_resume_reproduces_loss_curve(tmp_path):
+    samples = emt_set(6, seed=1)
+    model_cfg, cfg = tiny(epochs=3, batch_size=2, dtype="float64", val_fraction=0.0)
+    model_cfg = replace(model_cfg, attn_dropout=0.2)  # the RNG state must be restored too
+    val = samples[:2]
+    full = Trainer(samples, model_cfg, cfg, workdir=tmp_path / "full", val_samples=val, log=quiet)
+    full.fit()
+    part = Trainer(samples, model_cfg, cfg, workdir=tmp_path / "part", val_samples=val, log=quiet)
+    part.fit(until_step=4)  # interrupted mid-epoch (3 steps per epoch)
+    assert len(part.step_losses) == 4
+    del part
+    resumed = Trainer.resume(tmp_path / "part" / "last.ckpt", samples, val_samples=val, log=quiet)
+    assert resumed.global_step == 4
+    resumed.fit()
+    assert len(resumed.step_losses) == len(full.step_losses) == 9
+    np.testing.assert_allclose(resumed.step_losses, full.step_losses, rtol=0, atol=1e-10)
+    for p, q in zip(resumed.model.parameters(), full.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-10)
+    for p, q in zip(resumed.ema.shadow, full.ema.shadow):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-10)
+    assert [h["val_loss"] for h in resumed.history] == pytest.approx([h["val_loss"] for h in full.history],
+                                                                      abs=1e-10)
+
+
+def test_checkpoint_roundtrip_load_model(tmp_path):
+    samples = emt_set(6, seed=2)
+    model_cfg, cfg = tiny(epochs=2, batch_size=3, val_fraction=0.0)
+    tr = Trainer(samples, model_cfg, cfg, workdir=tmp_path, val_samples=samples[:2], log=quiet)
+    tr.fit()
+    out = tmp_path / "model.ckpt"
+    tr.export(out)
+    loaded = load_model(str(out))
+    ck = torch.load(out, weights_only=True)
+    assert len(ck["optimizer_states"][0]["ema"]) == len(list(loaded.parameters()))
+
+    atoms = [s.atoms for s in samples]
+    batch = Batch.from_atoms(atoms, dtype=torch.float32)
+    ref_model = tr.model
+    ref_model.eval()
+    for p in ref_model.parameters():
+        p.requires_grad_(False)
+    with tr.ema.applied(ref_model):
+        ref = ref_model(batch)
+    got = loaded(batch)
+    for key in ("energy", "forces", "stress"):
+        torch.testing.assert_close(got[key], ref[key], rtol=0, atol=0)
+    assert loaded.decoder.e_scale == pytest.approx(tr.model.decoder.e_scale)
+    torch.testing.assert_close(loaded.decoder.e0, tr.model.decoder.e0.float())
+
+    # the resumable training checkpoint is an official-format file too: raw weights + EMA
+    raw = load_model(str(tmp_path / "last.ckpt"))
+    ema = load_model(str(tmp_path / "last.ckpt"), use_ema=True)
+    for p, q in zip(ema.parameters(), loaded.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert any(not torch.equal(p, q) for p, q in zip(raw.parameters(), ema.parameters()))
+
+
+def test_e0_least_squares_recovers_offsets():
+    rng = np.random.default_rng(3)
+    true = {3: -1.9, 8: -4.9, 17: -1.8, 26: -8.3}
+    samples = []
+    for _ in range(40):
+        counts = {z: int(rng.integers(0, 6)) for z in true}
+        counts[8] += 1
+        numbers = [z for z, c in counts.items() for _ in range(c)]
+        energy = sum(true[z] for z in numbers) + rng.normal(0, 1e-3) * len(numbers)
+        from ase import Atoms
+
+        samples.append(Sample(Atoms(numbers=numbers, positions=rng.uniform(0, 5, (len(numbers), 3))), energy))
+    e0 = fit_e0(samples)
+    for z, v in true.items():
+        assert e0[z] == pytest.approx(v, abs=2e-3)
+    absent = np.ones(119, bool)
+    absent[list(true)] = False
+    assert np.all(e0[absent] == 0)
+    assert composition_matrix(samples).sum() == sum(len(s.atoms) for s in samples)
+
+
+def test_extxyz_and_hdf5_roundtrip(tmp_path):
+    from ase.io import write
+
+    samples = emt_set(4, seed=4)
+    frames = []
+    for s in samples:
+        a = s.atoms.copy()
+        a.calc = SinglePointCalculator(a, energy=s.energy, forces=s.forces, stress=s.stress)
+        frames.append(a)
+    write(tmp_path / "d.extxyz", frames, format="extxyz")
+    write_hdf5(samples, tmp_path / "d.h5")
+    for path in ("d.extxyz", "d.h5"):
+        got = read_samples(tmp_path / path)
+        assert len(got) == 4
+        for g, s in zip(got, samples):
+            assert g.energy == pytest.approx(s.energy, abs=1e-8)
+            np.testing.assert_allclose(g.forces, s.forces, atol=1e-8)
+            np.testing.assert_allclose(g.stress, s.stress, atol=1e-8)
+            np.testing.assert_allclose(g.atoms.positions, s.atoms.positions, atol=1e-8)
+
+
+def test_cli_trains_and_writes_loadable_checkpoint(tmp_path):
+    from ase.io import write
+
+    from geodite_sim.training.cli import main
+
+    frames = []
+    for s in emt_set(6, seed=5):
+        a = s.atoms.copy()
+        a.calc = SinglePointCalculator(a, energy=s.energy, forces=s.forces, stress=s.stress)
+        frames.append(a)
+    write(tmp_path / "d.extxyz", frames, format="extxyz")
+    out = tmp_path / "m.ckpt"
+    assert main([str(tmp_path / "d.extxyz"), "--config", "tiny", "--epochs", "1", "--out", str(out),
+                 "--log-every", "0"]) == 0
+    model = load_model(str(out))
+    assert model.config.hidden_channels == get_preset("tiny")[0].hidden_channels
+    assert (tmp_path / "m.ckpt.train" / "last.ckpt").exists()
