@@ -211,13 +211,15 @@ def test_triton_interpreted_matches_ase(interpret):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_backend_matches_ase_sweep(backend):
+def test_backends_match_ase_sweep():
+    """1500 more random systems, 25 cutoffs from 3 to 8 Å, every CPU backend."""
     rng = np.random.default_rng(99)
     for cutoff in np.linspace(3.0, 8.0, 25):
         atoms = [random_system(rng, cutoff) for _ in range(60)]
         batch = Batch.from_atoms(atoms, dtype=torch.float64)
-        assert_matches_ase(batch, run_backend(batch, float(cutoff), backend), ase_reference(atoms, cutoff))
+        ref = ase_reference(atoms, cutoff)
+        for backend in CPU_BACKENDS:
+            assert_matches_ase(batch, run_backend(batch, float(cutoff), backend), ref)
 
 
 # ---------------------------------------------------------------------------------------------- edge cases
@@ -284,7 +286,7 @@ def test_alchemiops_regrows_instead_of_truncating(monkeypatch):
     batch = Batch.from_atoms(atoms, dtype=torch.float64)
     monkeypatch.setattr(nb._AlchemiopsCapacity, "width", {"cpu": 2})
     assert_matches_ase(batch, nb.neighbor_list(batch, 6.0, "alchemiops"), ase_reference(atoms, 6.0))
-    assert nb._AlchemiopsCapacity.width["cpu"] >= 140
+    assert nb._AlchemiopsCapacity.width["cpu"] >= 78  # fcc Cu has 78 neighbours within 6 Å
 
 
 def test_triton_edge_buffer_reuse_and_regrow(interpret):

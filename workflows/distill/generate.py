@@ -6,8 +6,8 @@ For every prototype x element combination of ``prototypes.py``:
    (ASE FIRE + FrechetCellFilter, fmax 0.1 eV/Å, <= 40 steps);
 2. sample supercells (8-32 atoms), random symmetric strain (+-5 %), rattle
    (per-component std log-uniform in 0.02-0.15 Å), label with CHGNet;
-3. for a subset, run a short Langevin MD with CHGNet (300-1500 K, 60 steps of 2 fs,
-   1 fs with H) on a 12-24-atom strained supercell and keep 5 snapshots (steps 20-60).
+3. for a subset, run a short Langevin MD with CHGNet (300-1500 K, 50 steps of 2 fs,
+   1 fs with H) on a 12-24-atom strained supercell and keep 4 snapshots (steps 20-50).
 
 Held-out test set: all samples of ~18 % of the combinations (stratified per prototype,
 never trained on) plus samples of the training combinations drawn with different seeds.
@@ -39,11 +39,11 @@ warnings.filterwarnings("ignore")
 N_STATIC_TRAIN = 10
 N_STATIC_TEST_SEEN = 1  # new-seed test samples of each training combination
 N_STATIC_TEST_HELD = 5
-P_MD_TRAIN = 0.25
+P_MD_TRAIN = 0.2
 P_MD_TEST_SEEN = 0.05
 P_MD_TEST_HELD = 0.4
-MD_STEPS = 60
-MD_SNAPSHOTS = (20, 30, 40, 50, 60)
+MD_STEPS = 50
+MD_SNAPSHOTS = (20, 30, 40, 50)
 MD_TEMPS = (300, 600, 900, 1200, 1500)
 
 
