@@ -14,8 +14,8 @@ See ``docs/md.md`` for equations, file layouts and restart semantics.
 
 from __future__ import annotations
 
+import logging
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -35,9 +35,11 @@ from geodite_sim.md_checkpoint import check_compatible, load_checkpoint, save_ch
 from geodite_sim.model.strain import edge_vectors
 from geodite_sim.monitors import Monitors
 from geodite_sim.neighbors import VerletNeighborList
+from geodite_sim.progress import Progress
 from geodite_sim.scheduler import Capacity, Scheduler
 
 ENSEMBLES = ("nve", "nvt_nhc", "nvt_langevin")
+log = logging.getLogger(__name__)
 #: Settings that must match between a checkpointed run and its restart.
 RESTART_KEYS = ("ensemble", "timestep_fs", "tdamp_fs", "chain_length", "tloop", "friction_per_fs", "fix_com", "seed",
                 "frame_every", "skin", "max_atoms", "dtype", "checkpoint_every", "model_name", "model_checksum")
@@ -231,6 +233,7 @@ class _MDEngine:
         self.steps_host = np.zeros(0, dtype=np.int64)
         self.target_host = np.zeros(0, dtype=np.int64)
         self.atoms_host = np.zeros(0, dtype=np.int64)
+        self.n_atoms_host = 0
 
     # ------------------------------------------------------------------ physics
     def _forces(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,10 +307,12 @@ class _MDEngine:
             self.steps_host = np.zeros(0, dtype=np.int64)
             self.target_host = np.zeros(0, dtype=np.int64)
             self.atoms_host = np.zeros(0, dtype=np.int64)
+            self.n_atoms_host = 0
             return
         self.steps_host = state.step.cpu().numpy().copy()
         self.target_host = state.target_steps.cpu().numpy().copy()
         self.atoms_host = state.batch.atoms_per_system.cpu().numpy().copy()
+        self.n_atoms_host = int(self.atoms_host.sum())
 
     def _attrs(self) -> dict:
         import h5py
@@ -486,7 +491,7 @@ class _MDEngine:
     # ------------------------------------------------------------------ loop
     def run(self) -> list[MDResult]:
         restored = self._setup()
-        bar = _Progress(self, enabled=self.progress)
+        bar = _MDProgress(self, enabled=self.progress)
         try:
             if not restored:
                 self._refill()
@@ -502,13 +507,14 @@ class _MDEngine:
             bar.close()
             if self.writer is not None:
                 self.writer.close()
+        log.info(bar.summary())
         return [self.results[i] for i in sorted(self.results)]
 
-    def _iterate(self, bar: _Progress) -> None:
+    def _iterate(self, bar: _MDProgress) -> None:
         state = self._step(self.sched.state)
         self.iteration += 1
         self.steps_host += 1
-        bar.advance(len(self.steps_host), int(self.atoms_host.sum()))
+        bar.advance(self.n_atoms_host)
         finishing = self.steps_host >= self.target_host
         check = self.iteration % self.check_every == 0 or bool(finishing.any())
         errors: dict[int, str] = {}
@@ -523,12 +529,14 @@ class _MDEngine:
             self._frames(np.nonzero(framed)[0], obs)
         done = finishing | failed
         if done.any():
+            bar.finish("failed", int(failed.sum()))
+            bar.finish("done", int((done & ~failed).sum()))
             self._retire(done, errors)
             self._refill()
         if self.checkpoint_every is not None and self.iteration % self.checkpoint_every == 0:
             self._save_checkpoint()
         if check:
-            bar.refresh()
+            bar.refresh(len(self.steps_host))
 
     def _check(self, state: MDState, obs: dict) -> tuple[np.ndarray, dict[int, str]]:
         m = self.monitors
@@ -559,46 +567,43 @@ def _open_writer(path, attrs, frames, float_dtype, save_momenta):
     return TrajectoryWriter(path, attrs, restart_frames=frames, float_dtype=float_dtype, save_momenta=save_momenta)
 
 
-class _Progress:
-    """tqdm bar over system-steps with steps/s, ns/day per system and atom-steps/s (host counters only)."""
+class _MDProgress(Progress):
+    """The shared progress bar (structures done/failed, active systems) plus MD rates: steps/s,
+    ns/day per system and aggregate atom-steps/s, from host-side counters only."""
 
     def __init__(self, engine: _MDEngine, enabled: bool):
-        self.engine = engine
-        self.bar = None
-        self.pending = 0
+        s = engine.structures
+        total = len(s) if hasattr(s, "__len__") and not isinstance(s, (str, Atoms)) else None
+        super().__init__(total=total, desc=f"md {engine.ensemble}", unit="structure", enabled=enabled,
+                         outcomes=("done", "failed"))
+        self.timestep_fs = engine.timestep_fs
         self.iters = 0
         self.atom_steps = 0
-        self.t0 = time.perf_counter()
-        if enabled:
-            from tqdm.auto import tqdm
 
-            total = None
-            s = engine.structures
-            if hasattr(s, "__len__") and not isinstance(s, (str, Atoms)) and isinstance(engine.steps, int):
-                total = len(s) * engine.steps
-            self.bar = tqdm(total=total, unit="sys-step", desc=f"md {engine.ensemble}", dynamic_ncols=True, mininterval=0.5)
-
-    def advance(self, n_systems: int, n_atoms: int) -> None:
-        self.pending += n_systems
+    def advance(self, n_atoms: int) -> None:
+        """One engine step over ``n_atoms`` atoms."""
         self.iters += 1
         self.atom_steps += n_atoms
 
     def rates(self) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        elapsed = max(self.elapsed, 1e-9)
         steps_s = self.iters / elapsed
-        return {"steps/s": steps_s, "ns/day": steps_s * self.engine.timestep_fs * 86400 / 1e6,
+        return {"steps/s": steps_s, "ns/day": steps_s * self.timestep_fs * 86400 / 1e6,
                 "atom-steps/s": self.atom_steps / elapsed}
 
-    def refresh(self) -> None:
-        if self.bar is None:
-            return
+    def _postfix(self) -> None:
         r = self.rates()
-        self.bar.update(self.pending)
-        self.pending = 0
-        self.bar.set_postfix_str(f"{r['steps/s']:.3g} steps/s, {r['ns/day']:.3g} ns/day/system, "
-                                 f"{r['atom-steps/s']:.3g} atom-steps/s, {len(self.engine.steps_host)} active")
+        fields = {"active": self.active, "steps/s": f"{r['steps/s']:.3g}", "ns/day/system": f"{r['ns/day']:.3g}",
+                  "atom-steps/s": f"{r['atom-steps/s']:.3g}"}
+        fields.update({k: v for k, v in self.counts.items() if v})
+        self._bar.set_postfix(fields, refresh=False)
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.refresh()
-            self.bar.close()
+    def refresh(self, n_active: int) -> None:
+        self.set_active(n_active)
+        if self._bar is not None:
+            self._bar.refresh()
+
+    def summary(self) -> str:
+        r = self.rates()
+        return (super().summary() + f"; {self.iters} steps, {r['steps/s']:.3g} steps/s, "
+                f"{r['ns/day']:.3g} ns/day per system, {r['atom-steps/s']:.3g} atom-steps/s")

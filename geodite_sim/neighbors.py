@@ -36,6 +36,8 @@ _IMAGE_EPS = 1e-9
 #: Atom pairs per chunk and candidate (pair, image) triples per chunk in the torch backend.
 _PAIR_CHUNK = 1 << 20
 _CANDIDATE_CHUNK = 1 << 22
+#: Above this many atoms in its largest system a batch goes to nvalchemiops' cell list instead of naive.
+_CELL_LIST_ATOMS = 256
 
 
 # ---------------------------------------------------------------------------------------------- geometry
@@ -216,9 +218,10 @@ class _AlchemiopsCapacity:
 def _alchemiops_backend(geo: WrappedGeometry, cutoff: float, method: str | None = None) -> Edges:
     """nvalchemiops batched neighbour matrix, regrown until no row overflows, then packed to COO.
 
-    ``method`` is ``"batch_naive"`` or ``"batch_cell_list"`` (default: cell list for systems of more
-    than 2000 atoms, naive otherwise). Matrix mode silently truncates rows beyond the width but still
-    counts them, so the counts are checked and the call repeated with a wide enough matrix.
+    ``method`` is ``"batch_naive"`` or ``"batch_cell_list"`` (default: cell list when the largest system
+    has more than ``_CELL_LIST_ATOMS`` atoms, naive otherwise; they tie near 200 atoms on CPU). Matrix
+    mode silently truncates rows beyond the width but still counts them, so the counts are checked
+    and the call repeated with a wide enough matrix; the width is remembered (with 20 % headroom).
     """
     from nvalchemiops.torch.neighbors import batch_cell_list, batch_naive_neighbor_list
 
@@ -229,7 +232,7 @@ def _alchemiops_backend(geo: WrappedGeometry, cutoff: float, method: str | None 
     counts = geo.offsets[1:] - geo.offsets[:-1]
     max_atoms = int(counts.max())
     if method is None:
-        method = "batch_cell_list" if max_atoms > 2000 else "batch_naive"
+        method = "batch_cell_list" if max_atoms > _CELL_LIST_ATOMS else "batch_naive"
     batch_idx = geo.system_index.to(torch.int32)
     batch_ptr = geo.offsets.to(torch.int32)
     # The kernels wrap internally; pass prewrapped positions and the completed (full-rank) cell so that
@@ -256,8 +259,8 @@ def _alchemiops_backend(geo: WrappedGeometry, cutoff: float, method: str | None 
         need = int(num.max())
         if need <= width:
             break
-        width = 16 * math.ceil(need * 1.1 / 16)
-    _AlchemiopsCapacity.width[key] = max(width, 16 * math.ceil(need * 1.1 / 16), 16)
+        width = 16 * math.ceil(need * 1.2 / 16)
+    _AlchemiopsCapacity.width[key] = max(16, 16 * math.ceil(need * 1.2 / 16))
     num = num.long()
     mask = torch.arange(nm.shape[1], device=dev)[None, :] < num[:, None]
     receiver = torch.repeat_interleave(torch.arange(n, device=dev), num)

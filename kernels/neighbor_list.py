@@ -59,10 +59,10 @@ def _neighbor_kernel(
     i0 = tl.load(block_start_ptr + pid)
     a0 = tl.load(offsets_ptr + s)
     a1 = tl.load(offsets_ptr + s + 1)
-    n_at = a1 - a0
-    nx = tl.load(nimg_ptr + 3 * s)
-    ny = tl.load(nimg_ptr + 3 * s + 1)
-    nz = tl.load(nimg_ptr + 3 * s + 2)
+    n_at = (a1 - a0).to(tl.int32)  # candidate arithmetic in int32 (the host checks it cannot overflow)
+    nx = tl.load(nimg_ptr + 3 * s).to(tl.int32)
+    ny = tl.load(nimg_ptr + 3 * s + 1).to(tl.int32)
+    nz = tl.load(nimg_ptr + 3 * s + 2).to(tl.int32)
     wy = 2 * ny + 1
     wz = 2 * nz + 1
     n_cand = (2 * nx + 1) * wy * wz * n_at
@@ -93,7 +93,7 @@ def _neighbor_kernel(
         c = c0 + tl.arange(0, BLOCK_J)
         mc = c < n_cand
         k = c // n_at
-        j = a0 + (c - k * n_at)
+        j = a0 + (c - k * n_at).to(tl.int64)
         kx = k // (wy * wz) - nx
         rem = k % (wy * wz)
         ky = rem // wz - ny
@@ -120,9 +120,9 @@ def _neighbor_kernel(
             fjz = tl.load(image_ptr + 3 * j + 2, mask=mc, other=0)
             tl.store(sender_ptr + slot, zero + j[None, :], mask=hit)
             tl.store(receiver_ptr + slot, zero + ri[:, None], mask=hit)
-            tl.store(shift_ptr + 3 * slot, zero + (kx - fjx)[None, :] + fix[:, None], mask=hit)
-            tl.store(shift_ptr + 3 * slot + 1, zero + (ky - fjy)[None, :] + fiy[:, None], mask=hit)
-            tl.store(shift_ptr + 3 * slot + 2, zero + (kz - fjz)[None, :] + fiz[:, None], mask=hit)
+            tl.store(shift_ptr + 3 * slot, zero + (kx.to(tl.int64) - fjx)[None, :] + fix[:, None], mask=hit)
+            tl.store(shift_ptr + 3 * slot + 1, zero + (ky.to(tl.int64) - fjy)[None, :] + fiy[:, None], mask=hit)
+            tl.store(shift_ptr + 3 * slot + 2, zero + (kz.to(tl.int64) - fjz)[None, :] + fiz[:, None], mask=hit)
         hits += tl.sum(h, axis=1)
 
     if not FILL:
@@ -207,6 +207,9 @@ def triton_neighbor_list(
     block_rank = torch.arange(n_blocks, device=dev) - (block_ptr - blocks)[block_sys]
     block_start = offsets[block_sys] + block_rank * block_i
 
+    n_cand = (2 * n_images + 1).prod(1) * counts_sys
+    if int(n_cand.max()) >= 2**31 - block_j:
+        raise ValueError("a system has more than 2^31 (image, atom) candidates; use the alchemiops backend")
     kernel = _neighbor_kernel
     cutoff2 = torch.full((1,), float(cutoff) ** 2, dtype=pos.dtype, device=dev)
     dummy_i64 = torch.zeros(1, dtype=torch.long, device=dev)

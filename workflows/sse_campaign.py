@@ -396,6 +396,7 @@ class _ProgressReporter:
         self.t0 = time.perf_counter()
         self.t_last = self.t0
         self.complete = False  # set when run_md has returned: failed runs' unrun steps count as done
+        self.t_first, self.atom_steps_first = self.t0, 0.0
 
     def __call__(self, batch) -> None:
         self.iterations += 1
@@ -405,6 +406,8 @@ class _ProgressReporter:
             self._atoms_now = int(batch.offsets[-1])
         self.system_steps += n_sys
         self.atom_steps += self._atoms_now
+        if self.iterations == 1:  # rates are measured from the end of the first step (start-up excluded)
+            self.t_first, self.atom_steps_first = time.perf_counter(), self.atom_steps
         if self.interrupt_after is not None and self.iterations >= self.interrupt_after:
             raise _Interrupted(f"interrupted after {self.iterations} steps (test hook)")
         now = time.perf_counter()
@@ -413,8 +416,15 @@ class _ProgressReporter:
             self.report()
 
     def snapshot(self) -> dict:
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        rate = self.atom_steps / elapsed
+        now = time.perf_counter()
+        elapsed = max(now - self.t0, 1e-9)
+        if self.iterations > 1:
+            span = max(now - self.t_first, 1e-9)
+            rate = (self.atom_steps - self.atom_steps_first) / span
+            steps_per_s = (self.iterations - 1) / span
+        else:
+            rate = self.atom_steps / elapsed
+            steps_per_s = self.iterations / elapsed
         done = self.total if self.complete else min(self.total, self.done0 + self.atom_steps)
         remaining = max(0.0, self.total - done)
         eta = remaining / rate if rate > 0 else float("inf")
@@ -424,7 +434,7 @@ class _ProgressReporter:
                 "system_steps_total": int(self.system_steps_total), "active_systems": self._systems_now,
                 "atom_steps_per_s": rate, "us_per_atom_step": 1e6 / rate if rate > 0 else None,
                 "elapsed_s": elapsed, "eta_s": eta if math.isfinite(eta) else None,
-                "ns_per_day_per_system": self.iterations / elapsed * self.spec.md.timestep_fs * 86400 / 1e6,
+                "ns_per_day_per_system": steps_per_s * self.spec.md.timestep_fs * 86400 / 1e6,
                 "updated": time.strftime("%Y-%m-%d %H:%M:%S")}
 
     def report(self) -> None:

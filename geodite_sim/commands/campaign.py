@@ -10,6 +10,7 @@ EPILOG = """examples:
   geodite-sim campaign workflows/sse/short.toml --status        # runs done / running / pending, time left
   geodite-sim campaign workflows/sse/full.toml --output /scratch/sse-full
   geodite-sim campaign workflows/sse/short.toml --analyse-only  # re-analyse (e.g. after adding references)
+  geodite-sim campaign workflows/sse/short.toml --steps 100 --output out/sse-demo   # a quick look
 
 Re-running the same command after an interruption continues every unfinished run from the
 last checkpoint; finished runs are left untouched. See docs/sse-campaign.md for the spec format.
@@ -29,6 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("spec", help="campaign spec (TOML)")
     p.add_argument("--output", default=None, help="output folder (default: the spec's [campaign] output)")
     p.add_argument("--status", action="store_true", help="print the status of every run and exit")
+    p.add_argument("--steps", type=int, default=None, help="override [md] steps (use a fresh --output)")
+    p.add_argument("--model", default=None,
+                   help="override [campaign] model: packaged name, checkpoint path or 'morse' (use a fresh --output)")
     p.add_argument("--analyse-only", action="store_true", help="skip the MD; analyse and report what is there")
     p.add_argument("--no-report", action="store_true", help="run the MD (and analysis) but write no report")
     p.add_argument("--progress-every", type=float, default=30.0, metavar="S",
@@ -52,6 +56,12 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         spec = load_spec(args.spec, output=args.output)
+        if args.steps is not None:
+            if args.steps < 1:
+                raise SpecError("--steps must be >= 1")
+            spec.md.steps = args.steps
+        if args.model is not None:
+            spec.model = args.model
         if args.status:
             print(format_status(spec, run_states(spec), last_throughput(spec)))
             return 0
