@@ -9,11 +9,12 @@ dt = 1.5 fs, 600 K):
 (c) ``geodite_sim.run_md`` on the whole set.
 
 Each timing includes the engine's initial force evaluation (so every engine pays steps + 1 model calls);
-compilation and caches are warmed on a separate small run first. A batched model-only evaluation
+compilation and caches are warmed on a separate small run first. Both wall-clock and process CPU time
+(user + system, all threads) are reported: on a shared machine the CPU time is the robust figure. A batched model-only evaluation
 (forward + forces) is timed too, so that the engine overhead is visible.
 
     python benchmarks/md_throughput.py            # default model (Geodite 64 ch x 3 layers, random), 16 systems
-    python benchmarks/md_throughput.py --quick    # 8 systems, 2 steps (~2 minutes on 2 CPU cores)
+    python benchmarks/md_throughput.py --quick    # 8 systems (~2-3 minutes of CPU)
     python benchmarks/md_throughput.py --full     # also the Geodite-MP architecture (geodite-reference-random)
     python benchmarks/md_throughput.py --model morse   # the Morse pair potential: engine overhead dominates
 
@@ -101,7 +102,19 @@ def n_atoms(structs) -> int:
     return sum(len(a) for a in structs)
 
 
-def time_ase(structs, model, steps: int) -> float:
+class Timer:
+    """Wall-clock and process CPU time (user + system, all threads) of a block."""
+
+    def __enter__(self):
+        self.w0, self.c0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.w0
+        self.cpu = time.process_time() - self.c0
+
+
+def time_ase(structs, model, steps: int) -> Timer:
     from ase.md.nose_hoover_chain import NoseHooverChainNVT
 
     from geodite_sim import GeoditeCalculator
@@ -109,17 +122,17 @@ def time_ase(structs, model, steps: int) -> float:
     warm = structs[0].copy()
     warm.calc = GeoditeCalculator(model)
     warm.get_forces()
-    t0 = time.perf_counter()
-    for atoms in structs:
-        a = atoms.copy()
-        a.calc = GeoditeCalculator(model)
-        dyn = NoseHooverChainNVT(a, timestep=TIMESTEP_FS * units.fs, temperature_K=TEMPERATURE,
-                                 tdamp=100 * TIMESTEP_FS * units.fs, tchain=CHAIN)
-        dyn.run(steps)
-    return time.perf_counter() - t0
+    with Timer() as t:
+        for atoms in structs:
+            a = atoms.copy()
+            a.calc = GeoditeCalculator(model)
+            dyn = NoseHooverChainNVT(a, timestep=TIMESTEP_FS * units.fs, temperature_K=TEMPERATURE,
+                                     tdamp=100 * TIMESTEP_FS * units.fs, tchain=CHAIN)
+            dyn.run(steps)
+    return t
 
 
-def time_torchsim(structs, model, steps: int) -> float:
+def time_torchsim(structs, model, steps: int) -> Timer:
     import torch_sim as ts
 
     from geodite_sim import TorchSimModel
@@ -128,45 +141,45 @@ def time_torchsim(structs, model, steps: int) -> float:
     kw = dict(integrator=ts.Integrator.nvt_nose_hoover, temperature=TEMPERATURE, timestep=TIMESTEP_FS / 1000,
               init_kwargs=dict(tau=100 * TIMESTEP_FS / 1000, chain_length=CHAIN, chain_steps=1, sy_steps=3))
     ts.integrate(system=[a.copy() for a in structs[:2]], model=tsm, n_steps=1, **kw)
-    t0 = time.perf_counter()
-    ts.integrate(system=[a.copy() for a in structs], model=tsm, n_steps=steps, **kw)
-    return time.perf_counter() - t0
+    systems = [a.copy() for a in structs]
+    with Timer() as t:
+        ts.integrate(system=systems, model=tsm, n_steps=steps, **kw)
+    return t
 
 
-def time_run_md(structs, model, steps: int) -> float:
+def time_run_md(structs, model, steps: int) -> Timer:
     from geodite_sim import run_md
 
     kw = dict(ensemble="nvt_nhc", temperature=TEMPERATURE, timestep=TIMESTEP_FS, chain_length=CHAIN, progress=False,
               max_atoms=100_000)
     run_md(structs[:2], model, steps=1, **kw)
-    t0 = time.perf_counter()
-    res = run_md(structs, model, steps=steps, **kw)
-    elapsed = time.perf_counter() - t0
+    with Timer() as t:
+        res = run_md(structs, model, steps=steps, **kw)
     bad = [r.error for r in res if r.error]
     if bad:
         print(f"warning: {len(bad)} systems stopped early: {bad[0]}", file=sys.stderr)
-    return elapsed
+    return t
 
 
-def time_model(structs, model) -> float:
+def time_model(structs, model) -> Timer:
     from geodite_sim.batch import Batch
     from geodite_sim.neighbors import neighbor_list
 
     batch = Batch.from_atoms(structs, dtype=model.dtype, device=model.device)
     edges = neighbor_list(batch, model.cutoff)
     model(batch, edges=edges, compute_stress=False)
-    t0 = time.perf_counter()
-    model(batch, edges=edges, compute_stress=False)
-    return time.perf_counter() - t0
+    with Timer() as t:
+        model(batch, edges=edges, compute_stress=False)
+    return t
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="small", help="small (default) | reference | morse | checkpoint path")
     p.add_argument("--full", action="store_true", help="also benchmark the Geodite-MP architecture")
-    p.add_argument("--quick", action="store_true", help="8 systems, 2 steps")
+    p.add_argument("--quick", action="store_true", help="8 systems instead of 16")
     p.add_argument("--systems", type=int, default=None, help="number of systems (8-32; default 16, quick 8)")
-    p.add_argument("--steps", type=int, default=None, help="MD steps per engine (default 3, quick 2)")
+    p.add_argument("--steps", type=int, default=None, help="MD steps per engine (default 2)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--out", default=str(ROOT / "results" / "md_throughput.json"))
@@ -174,7 +187,7 @@ def main(argv=None) -> int:
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
     n_sys = args.systems or (8 if args.quick else 16)
-    steps = args.steps or (2 if args.quick else 3)
+    steps = args.steps or 2
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     structs = structures(n_sys)
     total = n_atoms(structs)
@@ -186,18 +199,22 @@ def main(argv=None) -> int:
         model = make_model(name, dtype)
         row = {"model": model.name}
         per = 1e6 / (total * steps)
-        for key, fn in (("model_only", None), ("ase", time_ase), ("torchsim", time_torchsim), ("run_md", time_run_md)):
-            if fn is None:
-                row["model_only_us_per_atom"] = time_model(structs, model) * 1e6 / total
-                print(f"  {name}: model only (batched forward + forces) {row['model_only_us_per_atom']:.1f} us/atom",
-                      flush=True)
-                continue
-            elapsed = fn(structs, model, steps)
-            row[f"{key}_s"] = elapsed
-            row[f"{key}_us_per_atom_step"] = elapsed * per
-            print(f"  {name}: {key:9s} {elapsed:8.2f} s  {elapsed * per:10.1f} us/atom/step", flush=True)
-        row["ratio_run_md_over_ase"] = row["run_md_us_per_atom_step"] / row["ase_us_per_atom_step"]
-        row["ratio_run_md_over_torchsim"] = row["run_md_us_per_atom_step"] / row["torchsim_us_per_atom_step"]
+        t = time_model(structs, model)
+        row["model_only_us_per_atom"] = t.wall * 1e6 / total
+        row["model_only_cpu_us_per_atom"] = t.cpu * 1e6 / total
+        print(f"  {name}: model only (batched forward + forces) {row['model_only_us_per_atom']:.1f} us/atom "
+              f"(cpu {row['model_only_cpu_us_per_atom']:.1f})", flush=True)
+        for key, fn in (("ase", time_ase), ("torchsim", time_torchsim), ("run_md", time_run_md)):
+            t = fn(structs, model, steps)
+            row[f"{key}_s"], row[f"{key}_cpu_s"] = t.wall, t.cpu
+            row[f"{key}_us_per_atom_step"] = t.wall * per
+            row[f"{key}_cpu_us_per_atom_step"] = t.cpu * per
+            print(f"  {name}: {key:9s} {t.wall:8.2f} s wall {t.cpu:8.2f} s cpu  {t.wall * per:10.1f} us/atom/step "
+                  f"(cpu {t.cpu * per:.1f})", flush=True)
+        for kind in ("", "cpu_"):
+            c = row[f"run_md_{kind}us_per_atom_step"]
+            row[f"ratio_{kind}run_md_over_ase"] = c / row[f"ase_{kind}us_per_atom_step"]
+            row[f"ratio_{kind}run_md_over_torchsim"] = c / row[f"torchsim_{kind}us_per_atom_step"]
         results[name] = row
     import torch_sim
 
@@ -216,12 +233,15 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2))
-    table = ["| model | model only µs/atom | (a) ASE µs/atom/step | (b) torch-sim | (c) run_md | (c)/(a) | (c)/(b) |",
-             "|---|---|---|---|---|---|---|"]
+    table = ["| model | time | model only µs/atom | (a) ASE µs/atom/step | (b) torch-sim | (c) run_md | (c)/(a) | (c)/(b) |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in results.values():
-        table.append(f"| {row['model']} | {row['model_only_us_per_atom']:.1f} | {row['ase_us_per_atom_step']:.1f} | "
-                     f"{row['torchsim_us_per_atom_step']:.1f} | {row['run_md_us_per_atom_step']:.1f} | "
-                     f"{row['ratio_run_md_over_ase']:.3f} | {row['ratio_run_md_over_torchsim']:.3f} |")
+        for kind, label in (("", "wall"), ("cpu_", "CPU")):
+            table.append(
+                f"| {row['model']} | {label} | {row[f'model_only_{kind}us_per_atom']:.1f} | "
+                f"{row[f'ase_{kind}us_per_atom_step']:.1f} | {row[f'torchsim_{kind}us_per_atom_step']:.1f} | "
+                f"{row[f'run_md_{kind}us_per_atom_step']:.1f} | {row[f'ratio_{kind}run_md_over_ase']:.3f} | "
+                f"{row[f'ratio_{kind}run_md_over_torchsim']:.3f} |")
     header = (f"{n_sys} systems ({total} atoms), {steps} NHC steps, {args.dtype}, CPU, {args.threads} thread(s), "
               f"load average {os.getloadavg()[0]:.1f}\n\n")
     out.with_suffix(".md").write_text(header + "\n".join(table) + "\n")

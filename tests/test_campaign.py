@@ -156,8 +156,6 @@ def test_short_example_end_to_end_with_report(tmp_path):
 def test_references_scores_and_cli(tmp_path, capsys):
     """A reference equal to the run scores 1; a reference run at another temperature scores lower;
     the CLI reports status and the mean score."""
-    from ase.io import write
-
     from geodite_sim.cli import main
     from geodite_sim.md import run_md
     from geodite_sim.pair_potential import MorsePotential

@@ -139,18 +139,18 @@ def padded(batch: Batch, extra: int) -> Batch:
     )
 
 
-@pytest.fixture
-def interpret():
-    """The Triton backend on CPU needs Triton's interpreter, which must be on before triton is imported:
-    these tests run in-process when pytest was started with TRITON_INTERPRET=1, otherwise in the
-    subprocess of ``test_triton_tests_under_interpreter``."""
-    if not nb.backend_available("triton", "cpu"):
-        pytest.skip("needs TRITON_INTERPRET=1 before triton is imported; run by test_triton_tests_under_interpreter")
+#: The Triton backend on CPU needs Triton's interpreter, which must be on before triton is imported:
+#: these tests run in-process when pytest was started with TRITON_INTERPRET=1, otherwise in the
+#: subprocess of ``test_triton_tests_under_interpreter``.
+INTERPRETED = nb.backend_available("triton", "cpu")
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRETED, reason="needs TRITON_INTERPRET=1 before triton is imported; run by test_triton_tests_under_interpreter"
+)
 
 
 def test_triton_tests_under_interpreter():
     """Run this module's Triton tests in a fresh interpreter with TRITON_INTERPRET=1."""
-    if nb.backend_available("triton", "cpu"):
+    if INTERPRETED:
         pytest.skip("Triton's interpreter is active in this process: the Triton tests run here")
     pytest.importorskip("triton")
     root = Path(__file__).resolve().parents[1]
@@ -200,7 +200,8 @@ def test_backend_matches_ase_on_random_systems(random_batches, backend):
         assert_matches_ase(batch, run_backend(batch, cutoff, backend), ref)
 
 
-def test_triton_interpreted_matches_ase(interpret):
+@needs_interpreter
+def test_triton_interpreted_matches_ase():
     """The Triton kernel on CPU (TRITON_INTERPRET=1): thin cells, mixed pbc, unwrapped, non-periodic."""
     rng = np.random.default_rng(7)
     for cutoff in (3.0, 5.5, 8.0):
@@ -259,9 +260,9 @@ def edge_case_systems() -> list[Atoms]:
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ("alchemiops", "triton"))
-def test_edge_cases(backend, request):
-    if backend == "triton":
-        request.getfixturevalue("interpret")
+def test_edge_cases(backend):
+    if backend == "triton" and not INTERPRETED:
+        pytest.skip("needs TRITON_INTERPRET=1 before triton is imported; run by test_triton_tests_under_interpreter")
     atoms = edge_case_systems()
     cutoff = 5.0
     batch = Batch.from_atoms(atoms, dtype=torch.float64)
@@ -311,7 +312,8 @@ def test_alchemiops_regrows_instead_of_truncating(monkeypatch):
     assert nb._AlchemiopsCapacity.width["cpu"] >= 78  # fcc Cu has 78 neighbours within 6 Å
 
 
-def test_triton_edge_buffer_reuse_and_regrow(interpret):
+@needs_interpreter
+def test_triton_edge_buffer_reuse_and_regrow():
     from geodite_sim.kernels.neighbor_list import EdgeBuffer, triton_neighbor_list
 
     atoms = [bulk("Cu", "fcc", a=3.6) * (2, 2, 2), molecule("H2O")]
@@ -405,6 +407,7 @@ def test_model_energies_do_not_depend_on_backend(model_and_batch):
     _assert_same_outputs(model(batch), ref)  # the model's own neighbour list: auto = alchemiops on CPU
 
 
-def test_model_energies_with_triton_edges(interpret, model_and_batch):
+@needs_interpreter
+def test_model_energies_with_triton_edges(model_and_batch):
     model, batch, ref = model_and_batch
     _assert_same_outputs(model(batch, edges=nb.neighbor_list(batch, model.cutoff, "triton")), ref)

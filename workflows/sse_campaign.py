@@ -27,9 +27,10 @@ import math
 import os
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -355,7 +356,7 @@ def run_states(spec: CampaignSpec) -> list[RunState]:
             finished.add(int(d["index"]))
         if ckpt["state"] is not None:
             steps = ckpt["state"]["fields"]["step"].tolist()
-            for index, s in zip(ckpt["active"], steps):
+            for index, s in zip(ckpt["active"], steps, strict=True):
                 done_steps[int(index)] = int(s)
                 active.add(int(index))
     sizes = {}
@@ -969,7 +970,7 @@ def format_status(spec: CampaignSpec, states: list[RunState], us_per_atom_step: 
                if s.status in ("pending", "running"))
     lines.append(f"{sum(s.status in ('done', 'failed') for s in states)}/{len(states)} runs finished; "
                  f"{left:,} atom-steps left")
-    if us_per_atom_step:
+    if us_per_atom_step and left:
         lines.append(f"at the last measured {us_per_atom_step:.4g} µs/atom/step: about "
                      f"{_format_duration(left * us_per_atom_step * 1e-6)} left")
     return "\n".join(lines)

@@ -1,0 +1,247 @@
+"""The paper's speed protocol (Fig. 2A) and FLOP accounting, runnable as ``geodite-sim bench speed``.
+
+Cubic Si supercells of growing size at constant density; one MD step per
+measurement with the neighbour list rebuilt every step; wall time per step
+divided by atoms (µs/atom/step) after warm-up. Engines:
+
+* ``run_md``          one system per call (velocity Verlet, skin 0 → list rebuilt every step)
+* ``run_md batched``  the same total atoms as many 8-atom cells in one batch
+* ``ase``             ASE ``VelocityVerlet`` with :class:`GeoditeCalculator`
+* ``torch-sim``       ``ts.integrate`` (NVE) with :class:`TorchSimModel`
+* ``chgnet``          CHGNet's own ASE calculator (a peer a user might pick), if installed
+
+For ``run_md`` and torch-sim, per-step time is the difference of two runs of
+different lengths divided by the step difference, so set-up cost cancels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase import units
+from ase.build import bulk
+
+from geodite_sim.benchmarking import best_time, count_flops, gemm_peak_gflops, machine_info
+
+log = logging.getLogger(__name__)
+
+REFERENCE_MFLOP_PER_ATOM = 191.3  # reference implementation, Si64 at 6 Å (issue text)
+
+
+def silicon(n: int):
+    """Cubic diamond Si supercell n×n×n of the 8-atom cell (a = 5.43 Å), rattled by 0.01 Å."""
+    atoms = bulk("Si", "diamond", 5.43, cubic=True) * (n, n, n)
+    atoms.rattle(0.01, seed=n)
+    return atoms
+
+
+def _maxwell(atoms, temperature=300.0, seed=0):
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+    atoms = atoms.copy()
+    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng(seed))
+    return atoms
+
+
+def time_run_md(model, structures, steps=(2, 6)) -> float:
+    """Seconds per step of run_md (NVE, list rebuilt every step)."""
+    from geodite_sim.md import run_md
+
+    def run(k):
+        t0 = time.perf_counter()
+        run_md(structures, model=model, ensemble="nve", temperature=300.0, timestep=1.0, steps=k, skin=0.0,
+               progress=False, monitors=False)
+        return time.perf_counter() - t0
+
+    run(1)  # warm-up
+    t1, t2 = run(steps[0]), run(steps[1])
+    return max(t2 - t1, 1e-9) / (steps[1] - steps[0])
+
+
+def time_ase(calc, atoms, steps=3) -> float:
+    from ase.md.verlet import VelocityVerlet
+
+    atoms = _maxwell(atoms)
+    atoms.calc = calc
+    dyn = VelocityVerlet(atoms, timestep=1.0 * units.fs)
+    dyn.run(1)
+    t0 = time.perf_counter()
+    dyn.run(steps)
+    return (time.perf_counter() - t0) / steps
+
+
+def time_torch_sim(model, atoms, steps=(2, 6)) -> float:
+    import torch_sim as ts
+
+    from geodite_sim.calculators import TorchSimModel
+
+    tsm = TorchSimModel(model, compute_stress=False)
+    atoms = _maxwell(atoms)
+
+    def run(k):
+        t0 = time.perf_counter()
+        ts.integrate(system=atoms, model=tsm, integrator=ts.Integrator.nve, n_steps=k, temperature=300.0,
+                     timestep=0.001)
+        return time.perf_counter() - t0
+
+    run(1)
+    t1, t2 = run(steps[0]), run(steps[1])
+    return max(t2 - t1, 1e-9) / (steps[1] - steps[0])
+
+
+def chgnet_calculator():
+    try:
+        from chgnet.model import CHGNet
+        from chgnet.model.dynamics import CHGNetCalculator
+    except ImportError:
+        return None
+    return CHGNetCalculator(model=CHGNet.load(verbose=False), use_device="cpu")
+
+
+def flop_accounting(model, n: int = 2) -> dict:
+    """FLOPs (matrix products) of one energy+forces+stress evaluation of Si(8n³) and its achieved rate."""
+    from geodite_sim.batch import Batch
+    from geodite_sim.evaluate import evaluate
+    from geodite_sim.neighbors import neighbor_list
+
+    atoms = silicon(n)
+    batch = Batch.from_atoms([atoms], dtype=model.dtype, device=model.device)
+    edges = neighbor_list(batch, model.cutoff)
+    flops = count_flops(lambda: model(batch, edges=edges))
+    seconds = best_time(lambda: evaluate([atoms], model), repeats=3, warmup=1)
+    n_atoms = len(atoms)
+    return {
+        "atoms": n_atoms,
+        "edges_per_atom": edges.sender.shape[0] / n_atoms,
+        "own_mflop_per_atom": flops / n_atoms / 1e6,
+        "reference_mflop_per_atom": REFERENCE_MFLOP_PER_ATOM,
+        "evaluate_seconds": seconds,
+        "achieved_gflops_reference_count": REFERENCE_MFLOP_PER_ATOM * 1e6 * n_atoms / seconds / 1e9,
+        "achieved_gflops_own_count": flops / seconds / 1e9,
+    }
+
+
+def run_protocol(models: dict, sizes: list[int], engines: list[str], budget_s: float = 900.0) -> dict:
+    """Time every engine on every size for every model; stops growing sizes past the time budget."""
+    start = time.perf_counter()
+    rows = []
+    chg = chgnet_calculator() if "chgnet" in engines else None
+    for name, model in models.items():
+        from geodite_sim.calculators import GeoditeCalculator
+
+        calc = GeoditeCalculator(model)
+        for n in sizes:
+            atoms = silicon(n)
+            n_atoms = len(atoms)
+            for engine in engines:
+                if engine == "chgnet" and (chg is None or name != next(iter(models))):
+                    continue  # CHGNet is model-independent: time it once
+                if time.perf_counter() - start > budget_s:
+                    log.warning("time budget reached; skipping %s %s n=%d", name, engine, n_atoms)
+                    continue
+                if engine == "run_md":
+                    sec = time_run_md(model, [atoms])
+                elif engine == "run_md_batched":
+                    sec = time_run_md(model, [silicon(1)] * (n**3))
+                elif engine == "ase":
+                    sec = time_ase(calc, atoms)
+                elif engine == "torch-sim":
+                    sec = time_torch_sim(model, atoms)
+                elif engine == "chgnet":
+                    sec = time_ase(chg, atoms)
+                else:
+                    raise ValueError(engine)
+                row = {"model": name if engine != "chgnet" else "CHGNet-0.3.0", "engine": engine,
+                       "atoms": n_atoms, "us_per_atom_step": sec / n_atoms * 1e6}
+                log.info("%s", row)
+                rows.append(row)
+    return {"rows": rows, "wall_s": time.perf_counter() - start}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    keys = sorted({(r["model"], r["engine"]) for r in result["rows"]})
+    for model, engine in keys:
+        pts = sorted((r["atoms"], r["us_per_atom_step"]) for r in result["rows"]
+                     if r["model"] == model and r["engine"] == engine)
+        ax.loglog(*zip(*pts), marker="o", label=f"{model} · {engine}")
+    ax.set_xlabel("atoms")
+    ax.set_ylabel("µs / atom / step")
+    ax.set_title("MD step cost, cubic Si, neighbour list rebuilt every step (CPU)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(result: dict) -> str:
+    lines = ["| model | engine | atoms | µs/atom/step |", "|---|---|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['model']} | {r['engine']} | {r['atoms']} | {r['us_per_atom_step']:.0f} |")
+    fa = result.get("flops", {})
+    if fa:
+        lines += [
+            "",
+            f"GEMM peak (float32, same run): {result['gemm_peak_gflops']:.1f} GFLOP/s. "
+            f"Geodite-MP evaluate(Si{fa['atoms']}): {fa['evaluate_seconds'] * 1e3:.0f} ms; "
+            f"own count {fa['own_mflop_per_atom']:.1f} MFLOP/atom; "
+            f"at the reference's {fa['reference_mflop_per_atom']} MFLOP/atom that is "
+            f"{fa['achieved_gflops_reference_count']:.1f} GFLOP/s = "
+            f"{100 * fa['fraction_of_peak_reference_count']:.0f}% of peak.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from geodite_sim.model import load_model
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 3], help="supercell repeats n (8n³ atoms)")
+    p.add_argument("--engines", nargs="+", default=["run_md", "run_md_batched", "ase", "torch-sim", "chgnet"])
+    p.add_argument("--models", nargs="+", default=["geodite-reference-random", "default"],
+                   help="packaged names or checkpoint paths ('default' = load_model())")
+    p.add_argument("--budget", type=float, default=900.0, help="seconds; larger sizes are skipped past it")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="benchmarks/results/speed_scaling")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = {}
+    for name in args.models:
+        m = load_model(None if name == "default" else name, dtype=torch.float32)
+        label = getattr(m, "name", name)
+        if label in models:
+            continue
+        models[label] = m
+    result = {"machine": machine_info(), "protocol": __doc__.strip().splitlines()[0]}
+    result["gemm_peak_gflops"] = gemm_peak_gflops(torch.float32)
+    mp = load_model("geodite-reference-random", dtype=torch.float32)
+    fa = flop_accounting(mp)
+    fa["fraction_of_peak_reference_count"] = fa["achieved_gflops_reference_count"] / result["gemm_peak_gflops"]
+    fa["fraction_of_peak_own_count"] = fa["achieved_gflops_own_count"] / result["gemm_peak_gflops"]
+    result["flops"] = fa
+    result.update(run_protocol(models, args.sizes, args.engines, args.budget))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(markdown(result))
+    plot(result, out.with_suffix(".png"))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
