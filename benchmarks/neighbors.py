@@ -15,6 +15,7 @@ Writes ``benchmarks/results/neighbors.json`` and ``benchmarks/results/neighbors.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -48,10 +49,8 @@ def structures(n_systems: int, target_atoms: int = 200, seed: int = 0) -> list[A
     out = []
     for s in range(n_systems):
         unit = PROTOTYPES[s % len(PROTOTYPES)]()
-        best = min(
-            ((a, b, c) for a in range(1, 9) for b in range(1, 9) for c in range(1, 9) if max(a, b, c) - min(a, b, c) <= 1),
-            key=lambda r: abs(len(unit) * r[0] * r[1] * r[2] - target_atoms),
-        )
+        shapes = [r for r in itertools.product(range(1, 9), repeat=3) if max(r) - min(r) <= 1]
+        best = min(shapes, key=lambda r: abs(len(unit) * r[0] * r[1] * r[2] - target_atoms))
         atoms = unit * best
         strain = np.eye(3) + 0.03 * (lambda m: (m + m.T) / 2)(rng.uniform(-1, 1, (3, 3)))
         atoms.set_cell(atoms.cell[:] @ strain, scale_atoms=True)

@@ -106,7 +106,8 @@ def complete_cell(cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
         det = torch.linalg.det(out).abs()
         bad = periodic & ~(det > 1e-10 * norms)
         if bool(bad.any()):
-            raise ValueError(f"degenerate periodic lattice vectors in system(s) {torch.nonzero(bad).flatten().tolist()}")
+            bad_systems = torch.nonzero(bad).flatten().tolist()
+            raise ValueError(f"degenerate periodic lattice vectors in system(s) {bad_systems}")
     return out
 
 
@@ -243,7 +244,7 @@ def _alchemiops_backend(geo: WrappedGeometry, cutoff: float, method: str | None 
     while True:
         if method == "batch_naive":
             nm, num, sh = batch_naive_neighbor_list(
-                pos, cutoff, batch_idx=batch_idx, batch_ptr=batch_ptr, pbc=geo.pbc, cell=geo.full_cell,
+                pos, cutoff, batch_idx=batch_idx, batch_ptr=batch_ptr, pbc=geo.pbc.contiguous(), cell=geo.full_cell,
                 max_neighbors=width, max_atoms_per_system=max_atoms, wrap_positions=False,
             )
         elif method == "batch_cell_list":
@@ -252,7 +253,8 @@ def _alchemiops_backend(geo: WrappedGeometry, cutoff: float, method: str | None 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 nm, num, sh = batch_cell_list(
-                    pos, cutoff, geo.full_cell, geo.pbc, batch_idx, max_neighbors=width, batch_ptr=batch_ptr,
+                    pos, cutoff, geo.full_cell, geo.pbc.contiguous(), batch_idx,
+                    max_neighbors=width, batch_ptr=batch_ptr,
                 )
         else:
             raise ValueError(f"unknown nvalchemiops method {method!r}")

@@ -143,9 +143,8 @@ def padded(batch: Batch, extra: int) -> Batch:
 #: these tests run in-process when pytest was started with TRITON_INTERPRET=1, otherwise in the
 #: subprocess of ``test_triton_tests_under_interpreter``.
 INTERPRETED = nb.backend_available("triton", "cpu")
-needs_interpreter = pytest.mark.skipif(
-    not INTERPRETED, reason="needs TRITON_INTERPRET=1 before triton is imported; run by test_triton_tests_under_interpreter"
-)
+SKIP_REASON = "needs TRITON_INTERPRET=1 before triton is imported; run by test_triton_tests_under_interpreter"
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason=SKIP_REASON)
 
 
 def test_triton_tests_under_interpreter():
@@ -262,7 +261,7 @@ def edge_case_systems() -> list[Atoms]:
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ("alchemiops", "triton"))
 def test_edge_cases(backend):
     if backend == "triton" and not INTERPRETED:
-        pytest.skip("needs TRITON_INTERPRET=1 before triton is imported; run by test_triton_tests_under_interpreter")
+        pytest.skip(SKIP_REASON)
     atoms = edge_case_systems()
     cutoff = 5.0
     batch = Batch.from_atoms(atoms, dtype=torch.float64)
