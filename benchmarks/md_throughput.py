@@ -10,8 +10,9 @@ dt = 1.5 fs, 600 K):
 
 Each timing includes the engine's initial force evaluation (so every engine pays steps + 1 model calls);
 compilation and caches are warmed on a separate small run first. Both wall-clock and process CPU time
-(user + system, all threads) are reported: on a shared machine the CPU time is the robust figure. A batched model-only evaluation
-(forward + forces) is timed too, so that the engine overhead is visible.
+(user + system, all threads) are reported: on a shared machine the CPU time is the robust figure.
+A batched model-only evaluation (forward + forces) is timed too, so that the engine overhead is
+visible. ``--capacity N`` adds run_md with ``max_atoms=N`` (continuous batching in smaller batches).
 
     python benchmarks/md_throughput.py            # default model (Geodite 64 ch x 3 layers, random), 16 systems
     python benchmarks/md_throughput.py --quick    # 8 systems (~2-3 minutes of CPU)
@@ -32,7 +33,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from ase import Atoms, units
 from ase.build import bulk
@@ -147,11 +147,11 @@ def time_torchsim(structs, model, steps: int) -> Timer:
     return t
 
 
-def time_run_md(structs, model, steps: int) -> Timer:
+def time_run_md(structs, model, steps: int, max_atoms: int = 100_000) -> Timer:
     from geodite_sim import run_md
 
     kw = dict(ensemble="nvt_nhc", temperature=TEMPERATURE, timestep=TIMESTEP_FS, chain_length=CHAIN, progress=False,
-              max_atoms=100_000)
+              max_atoms=max_atoms)
     run_md(structs[:2], model, steps=1, **kw)
     with Timer() as t:
         res = run_md(structs, model, steps=steps, **kw)
@@ -181,6 +181,8 @@ def main(argv=None) -> int:
     p.add_argument("--systems", type=int, default=None, help="number of systems (8-32; default 16, quick 8)")
     p.add_argument("--steps", type=int, default=None, help="MD steps per engine (default 2)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--capacity", type=int, default=None,
+                   help="also time run_md with this max_atoms (continuous batching in smaller batches)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--out", default=str(ROOT / "results" / "md_throughput.json"))
     args = p.parse_args(argv)
@@ -204,7 +206,10 @@ def main(argv=None) -> int:
         row["model_only_cpu_us_per_atom"] = t.cpu * 1e6 / total
         print(f"  {name}: model only (batched forward + forces) {row['model_only_us_per_atom']:.1f} us/atom "
               f"(cpu {row['model_only_cpu_us_per_atom']:.1f})", flush=True)
-        for key, fn in (("ase", time_ase), ("torchsim", time_torchsim), ("run_md", time_run_md)):
+        engines = [("ase", time_ase), ("torchsim", time_torchsim), ("run_md", time_run_md)]
+        if args.capacity:
+            engines.append(("run_md_cap", lambda st, m, k: time_run_md(st, m, k, max_atoms=args.capacity)))
+        for key, fn in engines:
             t = fn(structs, model, steps)
             row[f"{key}_s"], row[f"{key}_cpu_s"] = t.wall, t.cpu
             row[f"{key}_us_per_atom_step"] = t.wall * per
@@ -215,6 +220,10 @@ def main(argv=None) -> int:
             c = row[f"run_md_{kind}us_per_atom_step"]
             row[f"ratio_{kind}run_md_over_ase"] = c / row[f"ase_{kind}us_per_atom_step"]
             row[f"ratio_{kind}run_md_over_torchsim"] = c / row[f"torchsim_{kind}us_per_atom_step"]
+            if args.capacity:
+                c = row[f"run_md_cap_{kind}us_per_atom_step"]
+                row[f"ratio_{kind}run_md_cap_over_ase"] = c / row[f"ase_{kind}us_per_atom_step"]
+                row[f"ratio_{kind}run_md_cap_over_torchsim"] = c / row[f"torchsim_{kind}us_per_atom_step"]
         results[name] = row
     import torch_sim
 
@@ -224,7 +233,9 @@ def main(argv=None) -> int:
         "settings": {"systems": n_sys, "atoms": total, "atoms_per_system": [len(a) for a in structs], "steps": steps,
                      "dtype": args.dtype, "threads": args.threads, "ensemble": "NHC NVT", "chain_length": CHAIN,
                      "tdamp": "100 dt", "timestep_fs": TIMESTEP_FS, "temperature_K": TEMPERATURE,
-                     "timing": "wall clock, includes each engine's initial force evaluation (steps + 1 model calls)"},
+                     "capacity": args.capacity,
+                     "timing": "wall clock and process CPU time; each engine's initial force evaluation included "
+                               "(steps + 1 model calls)"},
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "device": "cpu",
                     "load_average": os.getloadavg(), "torch": torch.__version__, "torch_sim": torch_sim.__version__,
                     "geodite_sim": geodite_sim.__version__},
@@ -233,15 +244,20 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2))
-    table = ["| model | time | model only µs/atom | (a) ASE µs/atom/step | (b) torch-sim | (c) run_md | (c)/(a) | (c)/(b) |",
-             "|---|---|---|---|---|---|---|---|"]
+    cap = f" (c') run_md max_atoms={args.capacity} | (c')/(a) | (c')/(b) |" if args.capacity else ""
+    table = ["| model | time | model only µs/atom | (a) ASE µs/atom/step | (b) torch-sim | (c) run_md "
+             "| (c)/(a) | (c)/(b) |" + cap, "|---|---|---|---|---|---|---|---|" + ("---|---|---|" if args.capacity else "")]
     for row in results.values():
         for kind, label in (("", "wall"), ("cpu_", "CPU")):
-            table.append(
-                f"| {row['model']} | {label} | {row[f'model_only_{kind}us_per_atom']:.1f} | "
-                f"{row[f'ase_{kind}us_per_atom_step']:.1f} | {row[f'torchsim_{kind}us_per_atom_step']:.1f} | "
-                f"{row[f'run_md_{kind}us_per_atom_step']:.1f} | {row[f'ratio_{kind}run_md_over_ase']:.3f} | "
-                f"{row[f'ratio_{kind}run_md_over_torchsim']:.3f} |")
+            line = (f"| {row['model']} | {label} | {row[f'model_only_{kind}us_per_atom']:.1f} | "
+                    f"{row[f'ase_{kind}us_per_atom_step']:.1f} | {row[f'torchsim_{kind}us_per_atom_step']:.1f} | "
+                    f"{row[f'run_md_{kind}us_per_atom_step']:.1f} | {row[f'ratio_{kind}run_md_over_ase']:.3f} | "
+                    f"{row[f'ratio_{kind}run_md_over_torchsim']:.3f} |")
+            if args.capacity:
+                line += (f" {row[f'run_md_cap_{kind}us_per_atom_step']:.1f} | "
+                         f"{row[f'ratio_{kind}run_md_cap_over_ase']:.3f} | "
+                         f"{row[f'ratio_{kind}run_md_cap_over_torchsim']:.3f} |")
+            table.append(line)
     header = (f"{n_sys} systems ({total} atoms), {steps} NHC steps, {args.dtype}, CPU, {args.threads} thread(s), "
               f"load average {os.getloadavg()[0]:.1f}\n\n")
     out.with_suffix(".md").write_text(header + "\n".join(table) + "\n")

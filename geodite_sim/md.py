@@ -146,7 +146,7 @@ def run_md(
         max_atoms: atom budget of the packed batch (systems beyond it wait in the queue).
         skin: Verlet neighbour-list skin, Å.
         monitors: :class:`~geodite_sim.monitors.Monitors` thresholds; True for the defaults, False/None for
-            no checks. ``monitors.check_every`` also sets the progress/check interval.
+            the NaN/Inf check only. ``monitors.check_every`` also sets the progress/check interval.
         checkpoint: checkpoint file (default ``<trajectory>.ckpt`` when ``checkpoint_every`` is set).
         checkpoint_every: engine steps between checkpoints; None writes none.
         restart: continue from ``checkpoint`` when it exists (same inputs and settings), appending to

@@ -95,6 +95,7 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def check_compatible(saved: dict, current: dict, keys: tuple[str, ...]) -> None:
     """Raise ValueError naming every setting in ``keys`` that differs between ``saved`` and ``current``."""
-    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
+            for k in keys if saved.get(k) != current.get(k)]
     if diff:
         raise ValueError("cannot restart: settings differ from the checkpointed run (" + "; ".join(diff) + ")")

@@ -345,6 +345,24 @@ def neighbor_list(batch: Batch, cutoff: float, backend: str = "auto") -> Edges:
 
 
 # ---------------------------------------------------------------------------------------------- Verlet skin
+def _merge_by_system(parts: list[Edges], system_index: torch.Tensor, n_systems: int) -> Edges:
+    """Interleave receiver-sorted edge lists whose systems are disjoint into one receiver-sorted list, O(E)."""
+    dev = system_index.device
+    systems = [system_index[p.receiver] for p in parts]
+    counts = [torch.bincount(s, minlength=n_systems) for s in systems]
+    total = torch.stack(counts).sum(0)
+    start = torch.cumsum(total, 0) - total
+    n_edges = int(total.sum())
+    sender = torch.empty(n_edges, dtype=torch.long, device=dev)
+    receiver = torch.empty_like(sender)
+    shifts = torch.empty(n_edges, 3, dtype=torch.long, device=dev)
+    for p, s, c in zip(parts, systems, counts):
+        first = torch.cumsum(c, 0) - c  # where each system starts within this part
+        dest = start[s] + torch.arange(s.numel(), device=dev) - first[s]
+        sender[dest], receiver[dest], shifts[dest] = p.sender, p.receiver, p.shifts
+    return Edges(sender, receiver, shifts)
+
+
 class VerletNeighborList:
     """Neighbour lists reused across MD steps with a skin.
 
@@ -411,11 +429,9 @@ class VerletNeighborList:
         stale = torch.zeros(batch.n_systems, dtype=torch.bool, device=batch.device)
         stale[systems] = True
         keep = ~stale[batch.system_index[old.receiver]]
-        sender = torch.cat((old.sender[keep], atoms[sub.sender]))
-        receiver = torch.cat((old.receiver[keep], atoms[sub.receiver]))
-        shifts = torch.cat((old.shifts[keep], sub.shifts))
-        order = torch.argsort(receiver, stable=True)
-        self._edges = Edges(sender[order], receiver[order], shifts[order])
+        kept = Edges(old.sender[keep], old.receiver[keep], old.shifts[keep])
+        fresh = Edges(atoms[sub.sender], atoms[sub.receiver], sub.shifts)
+        self._edges = _merge_by_system([kept, fresh], batch.system_index, batch.n_systems)
         self._ref_pos[atoms] = batch.positions[atoms].detach()
         self._ref_cell[systems] = batch.cell[systems].detach()
 

@@ -277,9 +277,8 @@ def test_restart_after_sigkill(tmp_path):
     interrupted = proc.poll() is None
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert ckpt.exists()
-    if interrupted:
-        trajectory_systems(path)  # the killed run's file opens and lists its systems
+    assert ckpt.exists() and interrupted, "the run finished before it could be killed"
+    trajectory_systems(path)  # the killed run's file opens and lists its systems
     subprocess.run([sys.executable, str(script), str(path), "1"], check=True, env=env, cwd=tmp_path)
     a, b = h5_arrays(ref_path), h5_arrays(path)
     assert sorted(a) == sorted(b)

@@ -100,6 +100,26 @@ def test_nhc_chain_matches_ase_thermostat():
         np.testing.assert_allclose(state.eta[s].numpy(), th._eta, rtol=1e-11, atol=1e-14)
 
 
+def test_nhc_torch_path_equals_numpy_path():
+    """The chain recursion runs in numpy on CPU and in torch elsewhere: both give the same numbers."""
+    from geodite_sim.dynamics.nose_hoover import chain_sweeps
+
+    g = torch.Generator().manual_seed(0)
+    S, M = 5, 10
+    k2 = torch.rand(S, generator=g, dtype=torch.float64) * 3
+    n3kT = torch.rand(S, generator=g, dtype=torch.float64) * 3
+    kT = torch.rand(S, generator=g, dtype=torch.float64) * 0.1
+    Q = torch.rand(S, M, generator=g, dtype=torch.float64) + 0.5
+    pe = torch.randn(S, M, generator=g, dtype=torch.float64)
+    eta = torch.randn(S, M, generator=g, dtype=torch.float64)
+    a = chain_sweeps(k2, n3kT, kT, list(Q.unbind(1)), list(pe.unbind(1)), eta, 0.3, 2, torch.exp, torch.stack)
+    b = chain_sweeps(k2.numpy(), n3kT.numpy(), kT.numpy(), list(Q.numpy().T), list(pe.numpy().T), eta.numpy(), 0.3,
+                     2, np.exp, np.stack)
+    np.testing.assert_allclose(torch.stack(a[0], 1).numpy(), np.stack(b[0], 1), rtol=1e-13)
+    np.testing.assert_allclose(a[1].numpy(), b[1], rtol=1e-13)
+    np.testing.assert_allclose(a[2].numpy(), b[2], rtol=1e-13)
+
+
 # ---------------------------------------------------------------------------------------------- Langevin
 def free_gas(n=64, spacing=8.0) -> Atoms:
     """Argon atoms on a wide grid: no two within the Morse cutoff, so forces vanish (pure Ornstein–Uhlenbeck)."""

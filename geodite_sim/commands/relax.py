@@ -234,7 +234,7 @@ def format_table(rows: list[dict], max_rows: int) -> str:
         e = f"{r['energy_per_atom']:12.5f}" if r.get("energy_per_atom") is not None else f"{'-':>12s}"
         fm = f"{r['fmax']:8.4f}" if r.get("fmax") is not None else f"{'-':>8s}"
         status = r["status"] if not r.get("error") else f"failed: {r['error']}"
-        label = r["label"][-34:]
+        label = r["label"] if len(r["label"]) <= 34 else os.path.basename(r["label"])[-34:]
         lines.append(f"{r.get('input', 0):5d}  {label:34s} {r['formula'][:12]:12s} {r['n_atoms'] or 0:5d} {e} {fm} "
                      f"{r['n_steps']:5d}  {status}")
     if len(rows) > max_rows:
