@@ -15,8 +15,8 @@ which follow the same algorithm). ``--profile`` adds a time split of (a) and (c)
 neighbour list, integrator/filter, the rest (Python overhead). Results go to
 ``benchmarks/results/relax_throughput.json`` and ``.md``.
 
-    python benchmarks/relax_throughput.py            # full run (~10 min on a 2-core CPU)
-    python benchmarks/relax_throughput.py --quick    # ~2 min
+    python benchmarks/relax_throughput.py                     # full run (~10 min on a 2-core CPU)
+    python benchmarks/relax_throughput.py --quick --profile   # ~2 min
     python benchmarks/relax_throughput.py --model path/to/Geodite-MP.ckpt --device cuda
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import time
 import warnings
@@ -220,19 +221,22 @@ def compare(ref, other, structures):
     return out
 
 
-def bench_model(name, structures, args, methods) -> dict:
+def bench_model(name, structures, args, methods, max_steps) -> dict:
+    from geodite_sim.relax import estimate_capacity
+
     dtype = getattr(torch, args.dtype)
     model = load(name, dtype, args.device)
+    max_atoms = args.max_atoms or estimate_capacity(model, args.device, probe=structures[:8]).max_atoms
     # warm-up (vacuum-feature cache, neighbour-list kernels, allocator)
-    gs.relax_many(structures[:2], model, max_steps=2, progress=False, max_atoms=args.max_atoms)
+    gs.relax_many(structures[:2], model, max_steps=2, progress=False, max_atoms=max_atoms)
     n_atoms = sum(len(a) for a in structures)
     entry = {"model": getattr(model, "name", name), "n_structures": len(structures), "n_atoms": n_atoms,
-             "sizes": [len(a) for a in structures], "methods": {}}
+             "max_steps": max_steps, "max_atoms": max_atoms, "sizes": [len(a) for a in structures], "methods": {}}
     runs = {}
     for key in methods:
-        fn = {"a": lambda: run_ase(structures, model, args.fmax, args.max_steps),
-              "b": lambda: run_torchsim(structures, model, args.fmax, args.max_steps, args.max_atoms),
-              "c": lambda: run_relax_many(structures, model, args.fmax, args.max_steps, args.max_atoms)}[key]
+        fn = {"a": lambda: run_ase(structures, model, args.fmax, max_steps),
+              "b": lambda: run_torchsim(structures, model, args.fmax, max_steps, max_atoms),
+              "c": lambda: run_relax_many(structures, model, args.fmax, max_steps, max_atoms)}[key]
         t0 = time.perf_counter()
         out = fn()
         wall = time.perf_counter() - t0
@@ -257,10 +261,9 @@ def bench_model(name, structures, args, methods) -> dict:
         sub = structures[:k]
         entry["profile"] = {"n_structures": k}
         if "a" in methods:
-            entry["profile"]["a"] = time_split(lambda: run_ase(sub, model, args.fmax, args.max_steps))
+            entry["profile"]["a"] = time_split(lambda: run_ase(sub, model, args.fmax, max_steps))
         if "c" in methods:
-            entry["profile"]["c"] = time_split(lambda: run_relax_many(sub, model, args.fmax, args.max_steps,
-                                                                         args.max_atoms))
+            entry["profile"]["c"] = time_split(lambda: run_relax_many(sub, model, args.fmax, max_steps, max_atoms))
     return entry
 
 
@@ -271,10 +274,11 @@ LABELS = {"a": "ASE FIRE+FrechetCellFilter (1 by 1)", "b": "torch-sim ts.optimiz
 def markdown(report: dict) -> str:
     s = report["settings"]
     lines = [f"# Relaxation throughput ({report['device']}, {s['dtype']}, {s['threads']} torch thread(s), "
-             f"fmax {s['fmax']}, max_steps {s['max_steps']}, atom budget {s['max_atoms']})", ""]
-    lines.append("| model | structures (atoms) | (a) ASE 1-by-1 /s | (b) torch-sim /s | (c) relax_many /s | "
-                 "(c)/(a) | (c)/(b) | converged a/b/c | median, max \\|ΔE\\| c-a (eV/atom) | same steps c-a |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+             f"fmax {s['fmax']})", ""]
+    lines.append("| model | structures (atoms) | max_steps | atom budget | (a) ASE 1-by-1 /s | (b) torch-sim /s | "
+                 "(c) relax_many /s | (c)/(a) | (c)/(b) | converged a/b/c | median, max \\|ΔE\\| c-a (eV/atom) | "
+                 "median, max \\|ΔE\\| c-b (eV/atom) | same steps c-a |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for e in report["models"]:
         m = e["methods"]
 
@@ -285,12 +289,16 @@ def markdown(report: dict) -> str:
             return str(m[k]["converged"]) if k in m and m[k]["converged"] is not None else "-"
 
         ag = e.get("agreement_c_vs_a", {})
+        bg = e.get("agreement_c_vs_b", {})
+        nan = float("nan")
         lines.append(
-            f"| {e['model']} | {e['n_structures']} ({e['n_atoms']}) | {rate('a')} | {rate('b')} | {rate('c')} | "
-            f"{e.get('ratio_c_over_a', float('nan')):.2f} | {e.get('ratio_c_over_b', float('nan')):.2f} | "
+            f"| {e['model']} | {e['n_structures']} ({e['n_atoms']}) | {e['max_steps']} | {e['max_atoms']} | "
+            f"{rate('a')} | {rate('b')} | {rate('c')} | "
+            f"{e.get('ratio_c_over_a', nan):.2f} | {e.get('ratio_c_over_b', nan):.2f} | "
             f"{conv('a')}/{conv('b')}/{conv('c')} | "
-            f"{ag.get('dE_per_atom_median', float('nan')):.1e}, {ag.get('dE_per_atom_max', float('nan')):.1e} | "
-            f"{ag.get('frac_same_steps', float('nan')):.2f} |")
+            f"{ag.get('dE_per_atom_median', nan):.1e}, {ag.get('dE_per_atom_max', nan):.1e} | "
+            f"{bg.get('dE_per_atom_median', nan):.1e}, {bg.get('dE_per_atom_max', nan):.1e} | "
+            f"{ag.get('frac_same_steps', nan):.2f} |")
     prof = [e for e in report["models"] if "profile" in e]
     if prof:
         lines += ["", "Where the time goes (seconds; timers on the model, neighbour list, calculator and FIRE step)", ""]
@@ -312,11 +320,13 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None,
                    help="checkpoint path or packaged name; default: 'small' on all structures and "
                         "'geodite-reference-random' (Geodite-MP config) on a subset")
-    p.add_argument("--n", type=int, default=None, help="structures (default 128; quick 32)")
-    p.add_argument("--n-large-model", type=int, default=None, help="structures for the Geodite-MP config (default 24; quick 6)")
+    p.add_argument("--n", type=int, default=None, help="structures (default 128; quick 24)")
+    p.add_argument("--n-large-model", type=int, default=None,
+                   help="structures for the Geodite-MP config (default 8; quick 4)")
     p.add_argument("--fmax", type=float, default=0.05)
-    p.add_argument("--max-steps", type=int, default=None, help="default 60 (quick 25)")
-    p.add_argument("--max-atoms", type=int, default=256, help="atom budget of (b) and (c)")
+    p.add_argument("--max-steps", type=int, default=None, help="default 15 (quick 8); Geodite-MP config: 2/3 of it")
+    p.add_argument("--max-atoms", type=int, default=None,
+                   help="atom budget of (b) and (c) (default: relax_many's estimate_capacity for the model)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (and BLAS threads)")
@@ -325,30 +335,32 @@ def main(argv=None) -> int:
     p.add_argument("--profile-n", type=int, default=16)
     p.add_argument("--out", default=str(RESULTS / "relax_throughput.json"))
     args = p.parse_args(argv)
-    n = args.n or (32 if args.quick else 128)
-    n_large = args.n_large_model if args.n_large_model is not None else (6 if args.quick else 24)
-    args.max_steps = args.max_steps or (25 if args.quick else 60)
+    n = args.n or (24 if args.quick else 128)
+    n_large = args.n_large_model if args.n_large_model is not None else (4 if args.quick else 8)
+    args.max_steps = args.max_steps or (8 if args.quick else 15)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     from threadpoolctl import threadpool_limits
 
     structures = make_structures(n)
-    plan = [(args.model, structures)] if args.model else [("small", structures)]
+    plan = [(args.model, structures, args.max_steps)] if args.model else [("small", structures, args.max_steps)]
     if not args.model and n_large > 0:
         # spread the subset over prototypes and sizes
         idx = np.linspace(0, n - 1, n_large).round().astype(int)
-        plan.append(("geodite-reference-random", [structures[i] for i in idx]))
+        plan.append(("geodite-reference-random", [structures[i] for i in idx], max(2, 2 * args.max_steps // 3)))
     device = "cpu: " + (platform.processor() or platform.machine()) if args.device == "cpu" else \
         torch.cuda.get_device_name(args.device)
-    report = {"device": device, "settings": {"fmax": args.fmax, "max_steps": args.max_steps, "max_atoms": args.max_atoms,
-                                             "dtype": args.dtype, "threads": args.threads, "quick": args.quick,
-                                             "torch": torch.__version__}, "models": []}
+    report = {"device": device, "settings": {"fmax": args.fmax, "dtype": args.dtype, "threads": args.threads,
+                                             "quick": args.quick, "torch": torch.__version__,
+                                             "cpu_count": os.cpu_count(), "load_average": os.getloadavg()},
+              "models": []}
     with threadpool_limits(args.threads):
-        for name, structs in plan:
+        for name, structs, steps in plan:
             print(f"{name}: {len(structs)} structures, {sum(len(a) for a in structs)} atoms", flush=True)
-            report["models"].append(bench_model(name, structs, args, args.methods))
+            report["models"].append(bench_model(name, structs, args, args.methods, steps))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    report["settings"]["load_average_end"] = os.getloadavg()
     out.write_text(json.dumps(report, indent=1))
     md = markdown(report)
     out.with_suffix(".md").write_text(md)

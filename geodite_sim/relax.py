@@ -19,6 +19,7 @@ exactly one :class:`RelaxResult`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -47,8 +48,6 @@ log = logging.getLogger(__name__)
 #: Failure codes kept per system on the device (0 = fine).
 NONFINITE, CONTACT, VOLUME, MODEL_ERROR = 1, 2, 3, 4
 
-#: Atoms per batch on the CPU when ``max_atoms`` is not given (model cost per atom grows past this).
-DEFAULT_CPU_MAX_ATOMS = 256
 
 
 @dataclass
@@ -115,31 +114,118 @@ class RelaxState(FireState):
     fail_value: torch.Tensor = system_field(default=None)
 
 
+#: Structures read ahead from the input stream to probe the batch capacity.
+PROBE_STRUCTURES = 8
+#: Batch sizes (atoms) tried by the CPU probe of :func:`estimate_capacity`.
+CPU_PROBE_SIZES = (32, 64, 128, 256, 512)
+#: Inputs known to hold at most this many atoms in all run as one batch (no probe).
+SMALL_WORKLOAD_ATOMS = 64
+_CPU_CAPACITY_CACHE: dict = {}
+
+
+def _probe_batch(structures: Sequence[Atoms], n_atoms: int, dtype, device) -> Batch:
+    """Whole structures cycled from ``structures`` until the batch holds at least ``n_atoms`` atoms."""
+    chosen, total, k = [], 0, 0
+    while total < n_atoms:
+        a = structures[k % len(structures)]
+        chosen.append(a)
+        total += len(a)
+        k += 1
+    return Batch.from_atoms(chosen, dtype=dtype, device=device)
+
+
+def _time_step(model, batch: Batch, repeats: int = 1) -> float:
+    """Best-of-``repeats`` seconds of one relaxation step's model work (neighbour list + energy/forces/stress)."""
+    import time
+
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        edges = neighbor_list(batch, model.cutoff, getattr(model, "neighbor_backend", "auto"))
+        model(batch, edges=edges, compute_forces=True, compute_stress=True)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _cpu_heuristic(model) -> int:
+    """Atoms per CPU batch from the model's width: keep per-layer edge activations cache-sized.
+
+    Measured on a 2-core CPU (float32, 1 thread): a 64-channel Geodite runs fastest per atom at
+    64-128 atoms a batch, the 192-channel Geodite-MP configuration at 32-64; pair potentials have
+    no such cliff.
+    """
+    config = getattr(model, "config", None)
+    channels = getattr(config, "hidden_channels", None)
+    if not channels:
+        return 256
+    return int(min(256, max(32, 8192 // channels)))
+
+
+def _tune_cpu(model, probe: Sequence[Atoms], device, budget_s: float) -> int:
+    """Time the model on probe batches of :data:`CPU_PROBE_SIZES` atoms; the largest size within 5 % of
+    the best time per atom wins (stops past the cache cliff or when ``budget_s`` is spent)."""
+    import time
+
+    t_start = time.perf_counter()
+    per_atom: dict[int, float] = {}
+    _time_step(model, _probe_batch(probe, CPU_PROBE_SIZES[0], model.dtype, device))  # warm-up
+    for n in CPU_PROBE_SIZES:
+        batch = _probe_batch(probe, n, model.dtype, device)
+        per_atom[n] = _time_step(model, batch, repeats=2 if n <= 128 else 1) / batch.n_atoms
+        if per_atom[n] > 1.5 * min(per_atom.values()) or time.perf_counter() - t_start > budget_s:
+            break
+    best = min(per_atom.values())
+    n = max(k for k, v in per_atom.items() if v <= 1.05 * best)
+    log.info("estimate_capacity (cpu probe): %s ms/atom -> max_atoms=%d",
+             {k: round(v * 1e3, 3) for k, v in per_atom.items()}, n)
+    return n
+
+
 def estimate_capacity(
     model,
     device: torch.device | str | None = None,
     max_atoms: int | None = None,
     max_systems: int | None = None,
-    probe: Atoms | None = None,
+    probe: Atoms | Sequence[Atoms] | None = None,
     memory_fraction: float = 0.6,
+    total_atoms: int | None = None,
+    tune: bool = False,
+    tune_budget_s: float = 10.0,
 ) -> Capacity:
-    """Batch capacity for ``model`` on ``device``.
+    """Batch capacity for ``model`` on ``device`` (a simple model, meant to be replaced by a finer one).
 
-    An explicit ``max_atoms`` wins. On the CPU the default is :data:`DEFAULT_CPU_MAX_ATOMS`.
-    On CUDA one model evaluation (energy, forces, stress) of a probe batch (``probe``, default a
-    256-atom fcc Cu cell: dense, so the estimate errs on the safe side) is measured and its peak
-    memory per atom scaled to ``memory_fraction`` of the free device memory. A simple model meant
-    to be replaced by a finer one (edges per atom, dtype, activation sizes).
+    An explicit ``max_atoms`` wins. ``total_atoms`` (atoms of the whole input, when known): a workload
+    of at most :data:`SMALL_WORKLOAD_ATOMS` atoms runs as one batch. ``probe``: structures
+    representative of the workload (relax_many passes the first ones of its input stream); default a
+    256-atom fcc Cu cell (dense, so estimates err on the safe side).
+
+    - CPU: throughput, not memory, is the limit: a batch too large for the caches costs more per atom
+      (measured: +30 to +180 % per edge from 64 to 512 atoms for Geodite). Default: a rule on the
+      model's width (:func:`_cpu_heuristic`, deterministic and free); ``tune=True`` times the model on
+      probe batches instead (cached per model, dtype and device; at most ``tune_budget_s``).
+    - CUDA: one evaluation of the probe is measured and its peak memory per atom scaled to
+      ``memory_fraction`` of the free device memory.
     """
     device = torch.device(device if device is not None else model.device)
     if max_atoms is not None:
         return Capacity(max_atoms=int(max_atoms), max_systems=max_systems)
-    if device.type != "cuda":
-        return Capacity(max_atoms=DEFAULT_CPU_MAX_ATOMS, max_systems=max_systems)
+    if total_atoms is not None and total_atoms <= SMALL_WORKLOAD_ATOMS:
+        return Capacity(max_atoms=SMALL_WORKLOAD_ATOMS, max_systems=max_systems)
     from ase.build import bulk
 
-    probe = probe if probe is not None else bulk("Cu", "fcc", 3.61, cubic=True) * (4, 4, 4)
-    batch = Batch.from_atoms([probe], dtype=model.dtype, device=device)
+    if probe is None:
+        probe = [bulk("Cu", "fcc", 3.61, cubic=True) * (4, 4, 4)]
+    elif isinstance(probe, Atoms):
+        probe = [probe]
+    probe = list(probe)
+    if device.type != "cuda":
+        if not tune:
+            return Capacity(max_atoms=_cpu_heuristic(model), max_systems=max_systems)
+        key = (id(model), model.dtype, str(device))
+        if key not in _CPU_CAPACITY_CACHE:
+            _CPU_CAPACITY_CACHE[key] = _tune_cpu(model, probe, device, tune_budget_s)
+        return Capacity(max_atoms=_CPU_CAPACITY_CACHE[key], max_systems=max_systems)
+    batch = _probe_batch(probe, 256, model.dtype, device)
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated(device)
@@ -147,11 +233,11 @@ def estimate_capacity(
     edges = neighbor_list(batch, model.cutoff, getattr(model, "neighbor_backend", "auto"))
     model(batch, edges=edges, compute_forces=True, compute_stress=True)
     torch.cuda.synchronize(device)
-    per_atom = max(torch.cuda.max_memory_allocated(device) - base, 1) / len(probe)
+    per_atom = max(torch.cuda.max_memory_allocated(device) - base, 1) / batch.n_atoms
     free, _ = torch.cuda.mem_get_info(device)
     n = int(memory_fraction * free / per_atom)
-    log.info("estimate_capacity: %.1f kB/atom, %.1f GB free -> max_atoms=%d", per_atom / 1e3, free / 1e9, n)
-    return Capacity(max_atoms=max(n, len(probe)), max_systems=max_systems)
+    log.info("estimate_capacity (cuda): %.1f kB/atom, %.1f GB free -> max_atoms=%d", per_atom / 1e3, free / 1e9, n)
+    return Capacity(max_atoms=max(n, batch.n_atoms), max_systems=max_systems)
 
 
 class _Relaxer:
@@ -285,9 +371,9 @@ class _Relaxer:
             fail_value=torch.where(new, value, state.fail_value),
         )
 
-    def step(self, state: RelaxState, active: list[InputItem]) -> RelaxState:
+    def step(self, state: RelaxState, active: list[InputItem], cell: bool = True) -> RelaxState:
         state = self.evaluate(state, active)
-        return fire_step(state, self.fmax, self.max_steps, self.params, frozen=state.failure != 0)
+        return fire_step(state, self.fmax, self.max_steps, self.params, frozen=state.failure != 0, cell=cell)
 
     # ------------------------------------------------------------------ results
     def _error_message(self, item: InputItem, one: RelaxState) -> str | None:
@@ -362,8 +448,8 @@ class _Relaxer:
         )
 
     # ------------------------------------------------------------------ the loop
-    def run(self, structures: Any, capacity: Capacity, progress: Progress) -> Iterator[RelaxResult]:
-        sched = Scheduler(iter_inputs(structures), capacity, self.init_state)
+    def run(self, items: Iterator[InputItem], capacity: Capacity, progress: Progress) -> Iterator[RelaxResult]:
+        sched = Scheduler(items, capacity, self.init_state)
         while True:
             for item in sched.refill():
                 res = self.load_failure(item)
@@ -375,8 +461,9 @@ class _Relaxer:
                     return
                 continue
             state = sched.state
+            any_cell = bool(state.relax_cell.any())  # read once per refill; skips the filter when False
             for _ in range(self.check_interval):
-                state = self.step(state, sched.active)
+                state = self.step(state, sched.active, any_cell)
             sched.state = state
             for item, one in sched.retire(state.done):
                 res = self.result(item, one)
@@ -418,7 +505,8 @@ def relax_many(
             Only fully periodic structures relax their cell.
         stream: return a generator of results in completion order (each with ``.index``)
             instead of a list in input order.
-        max_atoms, max_systems: batch capacity (default from :func:`estimate_capacity`).
+        max_atoms, max_systems: batch capacity (default: :func:`estimate_capacity` probed with the first
+            structures of the stream).
         check_interval: steps between reads of the done mask (retire/refill); default 1 on the
             CPU, 10 on CUDA. Finished systems are frozen in between, so results do not depend on it.
         fire: FIRE parameters (:class:`FireParams` or a dict of its fields), ASE's defaults.
@@ -434,7 +522,6 @@ def relax_many(
 
         model = load_model()
     params = fire if isinstance(fire, FireParams) else FireParams(**(fire or {}))
-    capacity = estimate_capacity(model, model.device, max_atoms=max_atoms, max_systems=max_systems)
     if check_interval is None:
         check_interval = 10 if torch.device(model.device).type == "cuda" else 1
     checks = FailureChecks(min_distance_factor=min_distance_factor, max_volume_ratio=max_volume_ratio)
@@ -448,8 +535,18 @@ def relax_many(
     def generate() -> Iterator[RelaxResult]:
         bar = Progress(total=total, desc="relax", unit="structure", enabled=progress,
                        outcomes=("converged", "not_converged", "failed"))
+        items = iter_inputs(structures)
+        probe, known_atoms = None, None
+        if max_atoms is None:  # the first structures of the stream are the capacity probe
+            head = list(itertools.islice(items, PROBE_STRUCTURES))
+            probe = [it.atoms for it in head if it.atoms is not None] or None
+            if len(head) < PROBE_STRUCTURES:  # that was the whole input
+                known_atoms = sum(len(a) for a in probe or [])
+            items = itertools.chain(head, items)
+        capacity = estimate_capacity(model, model.device, max_atoms=max_atoms, max_systems=max_systems,
+                                     probe=probe, total_atoms=known_atoms)
         try:
-            yield from engine.run(structures, capacity, bar)
+            yield from engine.run(items, capacity, bar)
         finally:
             bar.close()
             log.info(bar.summary())

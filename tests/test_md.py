@@ -356,6 +356,18 @@ def test_monitor_reasons(morse, case):
     assert res[1].error is not None and match in res[1].error, res[1].error
 
 
+def test_nan_system_does_not_break_geodite_batch(tiny_model):
+    """Geodite rejects non-finite positions; a system that went NaN must not take its batch-mates down."""
+    structs = [cu((1, 1, 1), seed=s) for s in range(3)]
+    structs[1].numbers[2] = 47
+    model = NaNAfter(tiny_model, start=3)
+    model.name = "geodite"
+    res = run_md(structs, model, ensemble="nvt_nhc", temperature=300.0, timestep=1.0, steps=25, progress=False,
+                 monitors=False)  # the random model's own physics is not at stake: only the NaN check
+    assert res[0].error is None and res[2].error is None and res[0].n_steps == 25
+    assert "non-finite" in res[1].error
+
+
 # ---------------------------------------------------------------------------------------------- inputs, outputs
 def test_inputs_outputs(morse, tmp_path):
     """Momenta from the input are used; pymatgen in -> pymatgen out; unreadable inputs give an error result."""

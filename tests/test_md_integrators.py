@@ -171,6 +171,8 @@ def test_langevin_statistics_match_ase(morse, tmp_path):
         temps.extend(f.info["temperature"] for f in frames[100:])
     ase_rate = vacf_rate(np.stack(ase_v), dt, 25)
     ours_rate = float(np.mean(rates))
+    print(f"Langevin gas: VACF decay rate ours {ours_rate:.4f}/fs, ASE {ase_rate:.4f}/fs (friction {gamma}); "
+          f"<T> ours {np.mean(temps):.1f} K, ASE {np.mean(ase_T[100:]):.1f} K (target {T})")
     assert abs(ase_rate - gamma) / gamma < 0.12
     assert abs(ours_rate - gamma) / gamma < 0.08
     assert abs(ours_rate - ase_rate) / gamma < 0.15
