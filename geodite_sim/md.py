@@ -45,6 +45,10 @@ RESTART_KEYS = ("ensemble", "timestep_fs", "tdamp_fs", "chain_length", "tloop", 
                 "frame_every", "skin", "max_atoms", "dtype", "checkpoint_every", "model_name", "model_checksum")
 
 
+#: Default atom budget per device type (CPU: cache-sized batches are fastest, see docs/md.md).
+DEFAULT_MAX_ATOMS = {"cpu": 512, "cuda": 8192}
+
+
 @dataclass
 class MDResult:
     """Outcome of one input structure.
@@ -113,7 +117,7 @@ def run_md(
     friction: float = 0.01,
     fix_com: bool = False,
     seed: int = 0,
-    max_atoms: int = 4096,
+    max_atoms: int | None = None,
     skin: float = 0.5,
     monitors: Monitors | bool | None = True,
     checkpoint: str | Path | None = None,
@@ -143,7 +147,9 @@ def run_md(
         friction: Langevin friction, 1/fs (ASE's ``friction`` is in 1/ASE-time: ``friction / units.fs``).
         fix_com: Langevin: ASE's deprecated ``fixcm=True`` behaviour, per system.
         seed: run seed; per-structure seeds derive from (seed, input index).
-        max_atoms: atom budget of the packed batch (systems beyond it wait in the queue).
+        max_atoms: atom budget of the packed batch (systems beyond it wait in the queue). Default:
+            :data:`DEFAULT_MAX_ATOMS` for the model's device type (on the CPU a cache-sized batch is
+            fastest: measured 1.5x faster per atom-step at 384 atoms than at 2,956).
         skin: Verlet neighbour-list skin, Å.
         monitors: :class:`~geodite_sim.monitors.Monitors` thresholds; True for the defaults, False/None for
             the NaN/Inf check only. ``monitors.check_every`` also sets the progress/check interval.
@@ -184,6 +190,8 @@ class _MDEngine:
         self.model = model
         self.dtype = model.dtype
         self.device = model.device
+        if max_atoms is None:
+            max_atoms = DEFAULT_MAX_ATOMS.get(torch.device(self.device).type, DEFAULT_MAX_ATOMS["cuda"])
         self.ensemble = ensemble
         self.temperature = temperature
         self.steps = steps
