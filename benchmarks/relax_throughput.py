@@ -16,7 +16,7 @@ neighbour list, integrator/filter, the rest (Python overhead). Results go to
 ``benchmarks/results/relax_throughput.json`` and ``.md``.
 
     python benchmarks/relax_throughput.py                     # full run (~10 min on a 2-core CPU)
-    python benchmarks/relax_throughput.py --quick --profile   # ~2 min
+    python benchmarks/relax_throughput.py --quick --profile   # ~2 min (writes relax_throughput_quick.*)
     python benchmarks/relax_throughput.py --model path/to/Geodite-MP.ckpt --device cuda
 """
 
@@ -328,7 +328,9 @@ def main(argv=None) -> int:
     p.add_argument("--n-large-model", type=int, default=None,
                    help="structures for the Geodite-MP config (default 8; quick 4)")
     p.add_argument("--fmax", type=float, default=0.05)
-    p.add_argument("--max-steps", type=int, default=None, help="default 15 (quick 8); Geodite-MP config: 2/3 of it")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="default 15 (quick 10); Geodite-MP config: 2/3 of it; multiples of 5, torch-sim's "
+                        "steps_between_swaps (it runs max_steps // 5 swap intervals)")
     p.add_argument("--max-atoms", type=int, default=None,
                    help="atom budget of (b) and (c) (default: relax_many's estimate_capacity for the model)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
@@ -337,11 +339,14 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default="abc")
     p.add_argument("--profile", action="store_true", help="time split of (a) and (c) on a subset")
     p.add_argument("--profile-n", type=int, default=16)
-    p.add_argument("--out", default=str(RESULTS / "relax_throughput.json"))
+    p.add_argument("--out", default=None,
+                   help="JSON report (default benchmarks/results/relax_throughput.json; _quick.json with --quick)")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = str(RESULTS / ("relax_throughput_quick.json" if args.quick else "relax_throughput.json"))
     n = args.n or (24 if args.quick else 128)
     n_large = args.n_large_model if args.n_large_model is not None else (4 if args.quick else 8)
-    args.max_steps = args.max_steps or (8 if args.quick else 15)
+    args.max_steps = args.max_steps or (10 if args.quick else 15)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     from threadpoolctl import threadpool_limits
@@ -351,7 +356,8 @@ def main(argv=None) -> int:
     if not args.model and n_large > 0:
         # spread the subset over prototypes and sizes
         idx = np.linspace(0, n - 1, n_large).round().astype(int)
-        plan.append(("geodite-reference-random", [structures[i] for i in idx], max(2, 2 * args.max_steps // 3)))
+        steps_large = max(5, int(round(2 * args.max_steps / 3 / 5)) * 5)
+        plan.append(("geodite-reference-random", [structures[i] for i in idx], steps_large))
     device = "cpu: " + (platform.processor() or platform.machine()) if args.device == "cpu" else \
         torch.cuda.get_device_name(args.device)
     report = {"device": device, "settings": {"fmax": args.fmax, "dtype": args.dtype, "threads": args.threads,

@@ -11,7 +11,19 @@ Public API (see docs/ and README)::
     md = gs.run_md(structures, model, temperature=600, steps=2000, trajectory="run.h5")  # list[MDResult]
 """
 
-from geodite_sim.batch import Batch
+import warnings as _warnings
+
+# Import-time noise of dependencies: torch-sim's use of the deprecated torch.jit.script, and Warp's
+# notice that no CUDA driver exists (expected on CPU machines).
+_warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+try:
+    import warp as _warp
+
+    _warp.config.quiet = True
+except ImportError:  # nvalchemiops (and Warp) are optional at import time
+    pass
+
+from geodite_sim.batch import Batch  # noqa: E402
 from geodite_sim.calculators import GeoditeCalculator, TorchSimModel
 from geodite_sim.evaluate import evaluate
 from geodite_sim.io.structures import StructureError
