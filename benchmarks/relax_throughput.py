@@ -79,13 +79,14 @@ def _supercell(atoms: Atoms, target: int) -> Atoms:
     return atoms * best
 
 
-def make_structures(n: int, seed: int = 0) -> list[Atoms]:
+def make_structures(n: int, seed: int = 0, sizes: list[int] | None = None) -> list[Atoms]:
     """``n`` structures of 2-64 atoms: prototypes × supercells, 2 % random strain, 0.05 Å rattle."""
     rng = np.random.default_rng(seed)
     protos = _prototypes()
+    sizes = sizes or SIZES
     out = []
     for k in range(n):
-        atoms = _supercell(protos[k % len(protos)].copy(), SIZES[k % len(SIZES)])
+        atoms = _supercell(protos[k % len(protos)].copy(), sizes[k % len(sizes)])
         strain = 0.02 * rng.standard_normal((3, 3))
         atoms.set_cell(atoms.cell[:] @ (np.eye(3) + 0.5 * (strain + strain.T)), scale_atoms=True)
         atoms.rattle(0.05, seed=int(rng.integers(1 << 30)))
@@ -337,6 +338,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (and BLAS threads)")
     p.add_argument("--methods", default="abc")
+    p.add_argument("--sizes", default=None, help="target sizes cycled over the structures, e.g. 2,4,8 "
+                                                 f"(default {','.join(map(str, SIZES))})")
     p.add_argument("--profile", action="store_true", help="time split of (a) and (c) on a subset")
     p.add_argument("--profile-n", type=int, default=16)
     p.add_argument("--out", default=None,
@@ -351,7 +354,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     from threadpoolctl import threadpool_limits
 
-    structures = make_structures(n)
+    structures = make_structures(n, sizes=[int(x) for x in args.sizes.split(",")] if args.sizes else None)
     plan = [(args.model, structures, args.max_steps)] if args.model else [("small", structures, args.max_steps)]
     if not args.model and n_large > 0:
         # spread the subset over prototypes and sizes
@@ -360,7 +363,7 @@ def main(argv=None) -> int:
         plan.append(("geodite-reference-random", [structures[i] for i in idx], steps_large))
     device = "cpu: " + (platform.processor() or platform.machine()) if args.device == "cpu" else \
         torch.cuda.get_device_name(args.device)
-    report = {"device": device, "settings": {"fmax": args.fmax, "dtype": args.dtype, "threads": args.threads,
+    report = {"device": device, "settings": {"fmax": args.fmax, "sizes": args.sizes or "default", "dtype": args.dtype, "threads": args.threads,
                                              "quick": args.quick, "torch": torch.__version__,
                                              "cpu_count": os.cpu_count(), "load_average": os.getloadavg()},
               "models": []}

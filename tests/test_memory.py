@@ -1,12 +1,9 @@
-"""Memory model: fit, prediction and the capacity it implies; one real measurement on the CPU."""
+"""Memory model: fit, prediction and the capacity it implies."""
 
 from __future__ import annotations
 
 import pytest
-from ase.build import bulk
-from ase.io import write
-
-from geodite_sim.memory import MemoryModel, fit_memory_model, measure_step_peak_subprocess
+from geodite_sim.memory import MemoryModel, fit_memory_model
 
 
 def test_fit_recovers_affine_coefficients():
@@ -26,19 +23,3 @@ def test_capacity_never_exceeds_budget():
             assert model.predict(n, n * epa) <= 0.8 * budget
             assert model.predict(n + 1, (n + 1) * epa) > 0.8 * budget - 1e-6
     assert model.max_atoms(1e5, 46.0) == 0  # a budget below the fixed cost admits nothing
-
-
-@pytest.mark.slow
-def test_memory_model_predicts_measured_cpu_peak(tmp_path):
-    """Fit on two Si sizes, predict a third within 20% (peak resident set in fresh processes)."""
-    samples = []
-    for n in (2, 3, 4):
-        atoms = bulk("Si", "diamond", 5.43, cubic=True) * (n, n, n)
-        path = tmp_path / f"si{n}.extxyz"
-        write(path, atoms)
-        samples.append(measure_step_peak_subprocess(str(path), "geodite-reference-random"))
-    fit = fit_memory_model([(s["atoms"], s["edges"], s["peak"]) for s in samples[:2]])
-    last = samples[-1]
-    assert last["raised_high_water"]
-    predicted = fit.predict(last["atoms"], last["edges"])
-    assert abs(predicted - last["peak"]) / last["peak"] < 0.2, (predicted, last)

@@ -27,6 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="out/demo", help="output directory (default out/demo; re-running resumes)")
     p.add_argument("--model", default=None, help="checkpoint or packaged name (default: packaged default)")
     p.add_argument("--fresh", action="store_true", help="ignore earlier results in --out")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="FIRE steps per structure (default 500; 20 while the default model has random weights)")
     p.set_defaults(func=run)
 
 
@@ -38,13 +40,20 @@ def run(args: argparse.Namespace) -> int:
 
     name = args.model or DEFAULT_MODEL
     print(f"geodite_sim demo: relaxing the example structures with model '{name}'")
+    max_steps = args.max_steps
     if name == "geodite-reference-random":
         print("NOTE: this model is the official-format conformance checkpoint with RANDOM weights; "
               "its energies are not physical. It exercises the engine end to end.")
+        if max_steps is None:
+            max_steps = 20
+            print("      With random weights a full relaxation is meaningless and slow on a CPU, so the demo "
+                  "stops after 20 FIRE steps (--max-steps to change).")
     files = sorted(str(p) for p in examples_dir().iterdir() if p.suffix in (".cif", ".extxyz", ".xyz", ".vasp"))
     if args.fresh and Path(args.out).exists():
         shutil.rmtree(args.out)
     argv = ["relax", *files, "--out", args.out]
     if args.model:
         argv += ["--model", args.model]
+    if max_steps is not None:
+        argv += ["--max-steps", str(max_steps)]
     return main(argv)
