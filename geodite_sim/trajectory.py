@@ -222,14 +222,7 @@ def read_trajectory(path: str | Path, system: int | None = None, index: slice | 
     from ase.calculators.singlepoint import SinglePointCalculator
 
     with h5py.File(path, "r") as f:
-        names = sorted(f["systems"].keys(), key=int)
-        if system is None:
-            if len(names) != 1:
-                raise ValueError(f"{path} holds {len(names)} systems {names}: pass system=<index>")
-            system = int(names[0])
-        if str(system) not in f["systems"]:
-            raise KeyError(f"system {system} not in {path} (systems: {names})")
-        g = f["systems"][str(system)]
+        g, system = system_group(f, system, path)
         dt_fs = float(f.attrs.get("timestep_fs", 0.0))
         n_frames = g["step"].shape[0]
         if isinstance(index, slice) and (index.step or 1) > 0:
@@ -275,3 +268,20 @@ def export_extxyz(path: str | Path, out: str | Path, system: int | None = None) 
         frames.extend(read_trajectory(path, system=s))
     write(str(out), frames, format="extxyz")
     return len(frames)
+
+
+def system_group(f, system: int | None, path) -> tuple:
+    """The ``/systems/<system>`` group of an open trajectory file and its index.
+
+    ``system`` may be None when the file holds exactly one system. Raises with the available ids.
+    """
+    if "systems" not in f:
+        raise ValueError(f"{path}: not a geodite_sim trajectory (no /systems group)")
+    names = sorted(f["systems"].keys(), key=int)
+    if system is None:
+        if len(names) != 1:
+            raise ValueError(f"{path} holds {len(names)} systems {names}: pass system=<index>")
+        system = int(names[0])
+    if str(system) not in f["systems"]:
+        raise KeyError(f"system {system} not in {path} (systems: {names})")
+    return f["systems"][str(system)], int(system)

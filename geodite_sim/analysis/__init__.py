@@ -104,17 +104,10 @@ def _select(times: np.ndarray, discard_fs: float, stride: int) -> np.ndarray:
 def _from_hdf5(path: str, system: int | None, discard_fs: float, stride: int) -> Frames:
     import h5py
 
+    from geodite_sim.trajectory import system_group
+
     with h5py.File(path, "r") as f:
-        if "systems" not in f:
-            raise ValueError(f"{path}: not a geodite_sim trajectory (no /systems group)")
-        names = sorted(f["systems"].keys(), key=int)
-        if system is None:
-            if len(names) != 1:
-                raise ValueError(f"{path} holds {len(names)} systems {names}: pass system=<index>")
-            system = int(names[0])
-        if str(system) not in f["systems"]:
-            raise KeyError(f"system {system} not in {path} (systems: {names})")
-        g = f["systems"][str(system)]
+        g, system = system_group(f, system, path)
         dt = float(f.attrs.get("timestep_fs", 0.0))
         if dt <= 0:
             raise ValueError(f"{path}: no timestep_fs attribute")
