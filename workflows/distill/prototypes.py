@@ -127,6 +127,16 @@ def _hcp(e, d):
     return bulk(e[0], "hcp", a=d, c=1.62 * d)
 
 
+def _sc(e, d):
+    return bulk(e[0], "sc", a=d)
+
+
+def _d03(e, d):  # A3 B (BiF3 / Li3Bi / Fe3Al, Fm-3m): B on fcc, A in all tetrahedral + octahedral holes; d = A-B
+    a = 4 * d / math.sqrt(3)
+    return crystal([e[1], e[0], e[0]], [(0, 0, 0), (0.25, 0.25, 0.25), (0.5, 0.5, 0.5)], spacegroup=225,
+                   cellpar=[a, a, a, 90, 90, 90], primitive_cell=True)
+
+
 def _diamond(e, d):
     return bulk(e[0], "diamond", a=4 * d / math.sqrt(3))
 
@@ -181,6 +191,8 @@ PROTOTYPES = {
     "fcc": (_fcc, lambda e, r: 2 * rcov(e[0])),
     "hcp": (_hcp, lambda e, r: 2 * rcov(e[0])),
     "diamond": (_diamond, lambda e, r: 2 * rcov(e[0])),
+    "sc": (_sc, lambda e, r: 2 * rcov(e[0])),
+    "d03": (_d03, lambda e, r: r(e[0]) + r(e[1])),
     "nabh4": (_nabh4, lambda e, r: r(e[0]) + 2.05),
     "na3ps4": (_na3ps4, lambda e, r: rcov(e[1]) + rcov(e[2])),
     "li3n": (_li3n, lambda e, r: r(e[0]) + r(e[1])),
@@ -190,7 +202,7 @@ PROTOTYPES = {
 
 #: Cubic prototypes whose relaxed primitive cells are "simple crystals" for the lattice-constant test.
 SIMPLE = {"rocksalt", "cscl", "zincblende", "fluorite", "antifluorite", "perovskite", "antiperovskite", "l12",
-          "bcc", "fcc", "diamond", "spinel", "pyrite", "na3ps4", "nabh4", "cab6"}
+          "bcc", "fcc", "diamond", "spinel", "pyrite", "na3ps4", "nabh4", "cab6", "sc", "d03"}
 
 _COMBOS = {
     "rocksalt": "Li F;Li Cl;Li Br;Li I;Na F;Na Cl;Na Br;Na I;K F;K Cl;K Br;K I;Cs F;Ag F;Ag Cl;Ag Br;Mg O;Ca O;"
@@ -213,13 +225,16 @@ _COMBOS = {
     "corundum": "Al O;Ga O;Fe O;Ti O;Mn O",
     "defect_fluorite": "Bi O;La O;Sb O",
     "l12": "Ni Al;Ni Ga;Ni Si;Ni Ge;Ni Fe;Ni Mn;Co Ti;Cu Al;Fe Ga;Cu Zn",
-    "bcc": "Li;Na;K;Fe;Nb;Ti",  # bcc Cs dropped: its nearest neighbours (5.3 Å) lie beyond a 5 Å cutoff
-    "fcc": "Cu;Ag;Al;Ni;Ca;Pb;Co;La",
-    "hcp": "Mg;Zn;Ti;Co;La",
+    # bcc Cs is left out: its nearest neighbours (5.3 Å) lie beyond a 5 Å cutoff
+    "bcc": "Li;Na;K;Fe;Nb;Ti;Cu;Ag;Al;Ni;Co;Mg;Ca;Zn;Mn;Pb;Sn;Bi;La;Ga",
+    "fcc": "Cu;Ag;Al;Ni;Ca;Pb;Co;La;Li;Na;K;Fe;Nb;Ti;Mg;Zn;Mn;Sn;Bi;Ga",
+    "hcp": "Mg;Zn;Ti;Co;La;Li;Na;Cu;Ag;Al;Ni;Fe;Ca;Nb;Pb;Mn;Sn;Bi",
+    "sc": "Sb;Bi;P;Sn;Ge;Si;Ca",
+    "d03": "Li Bi;Li Sb;Na Bi;Fe Al;Fe Si;F Bi;H La;Cu Al;Li P",
     "diamond": "C;Si;Ge;Sn",
     "nabh4": "Li B H;Na B H;K B H",
     "na3ps4": "Na P S;Na Sb S;Li P S;K Sb S",
-    "li3n": "Li N;Na N;Li P",
+    "li3n": "Li N;Na N;Li P;Na P",
     "pyrite": "Fe S;Ni S;Co S;Mn S",
     "cab6": "Ca B;La B",
 }
@@ -257,16 +272,44 @@ def build(proto: str, els: tuple[str, ...], scale: float = 1.0) -> Atoms:
 
 
 def heldout_split(all_combos, fraction: float = 0.18, seed: int = 2024) -> set[str]:
-    """Held-out combination ids: ~``fraction`` of each prototype (at least one where it has >= 4)."""
+    """Held-out combination ids: ~``fraction`` of each prototype, chosen so that the test stays fair.
+
+    Candidates are visited in a seeded random order; one is held out only if afterwards
+    (1) its prototype keeps >= 3 training combinations, (2) each of its elements keeps >= 3
+    training combinations, and (3) for an elemental crystal, the element keeps another elemental
+    training crystal. So every held-out combination is a new pairing of a seen prototype with
+    seen elements, never an element or bonding type the model has not met.
+    """
     rng = np.random.default_rng(seed)
-    by_proto: dict[str, list[str]] = {}
-    for proto, els in all_combos:
-        by_proto.setdefault(proto, []).append(combo_id(proto, els))
-    held = set()
-    for proto, ids in by_proto.items():
-        k = int(round(fraction * len(ids)))
-        if len(ids) >= 4:
-            k = max(k, 1)
-        if k:
-            held.update(rng.choice(ids, size=k, replace=False).tolist())
+    ids = {combo_id(p, e): (p, e) for p, e in all_combos}
+    order = rng.permutation(sorted(ids)).tolist()
+    per_proto: dict[str, int] = {}
+    for p, _ in all_combos:
+        per_proto[p] = per_proto.get(p, 0) + 1
+    quota = {p: int(round(fraction * n)) if n >= 4 else 0 for p, n in per_proto.items()}
+    train_proto = dict(per_proto)
+    train_el: dict[str, int] = {}
+    elemental: dict[str, int] = {}
+    for p, e in all_combos:
+        for el in set(e):
+            train_el[el] = train_el.get(el, 0) + 1
+        if len(e) == 1:
+            elemental[e[0]] = elemental.get(e[0], 0) + 1
+    held: set[str] = set()
+    taken = {p: 0 for p in per_proto}
+    for cid in order:
+        p, e = ids[cid]
+        if taken[p] >= quota[p] or train_proto[p] - 1 < 3:
+            continue
+        if any(train_el[el] - 1 < 3 for el in set(e)):
+            continue
+        if len(e) == 1 and elemental[e[0]] - 1 < 1:
+            continue
+        held.add(cid)
+        taken[p] += 1
+        train_proto[p] -= 1
+        for el in set(e):
+            train_el[el] -= 1
+        if len(e) == 1:
+            elemental[e[0]] -= 1
     return held
