@@ -5,8 +5,8 @@
 1. Errors on data/test.extxyz (CHGNet labels): energy MAE meV/atom, force MAE meV/Å, stress MAE
    eV/Å^3, overall and split into held-out combinations (never trained on) and new-seed samples
    of the training combinations, static vs MD.
-2. Lattice constants: 20 held-out cubic crystals (relaxed CHGNet cells scaled by 1.03 as the
-   start), relaxed by CHGNet and by the model with the same ASE FIRE + FrechetCellFilter settings
+2. Lattice constants: 20 held-out cubic crystals (round-robin over prototypes; relaxed CHGNet
+   cells scaled by 1.03 as the start), relaxed by CHGNet and by the model with the same ASE FIRE + FrechetCellFilter settings
    (fmax 0.02 eV/Å, <= 300 steps); the cell lengths are compared.
 3. Speed: µs/atom/step of the model vs the Geodite-MP architecture (random weights) for
    inference and for a training step, same structures, one thread.
@@ -129,6 +129,20 @@ def relax_cell(atoms, calc):
     return a, bool(converged), opt.nsteps
 
 
+def pick_simple(heldout, relaxed_dir: Path, n: int) -> list[str]:
+    """``n`` held-out cubic crystals, taken round-robin over prototypes (sorted) for variety."""
+    by_proto: dict[str, list[str]] = {}
+    for c in sorted(heldout):
+        if c.split("-")[0] in SIMPLE and (relaxed_dir / f"{c}.extxyz").exists():
+            by_proto.setdefault(c.split("-")[0], []).append(c)
+    names = []
+    while len(names) < n and any(by_proto.values()):
+        for proto in sorted(by_proto):
+            if by_proto[proto] and len(names) < n:
+                names.append(by_proto[proto].pop(0))
+    return names
+
+
 def lattice_test(model, relaxed_dir: Path, heldout: list[str], n: int = 20):
     from ase.io import read
     from chgnet.model import CHGNet
@@ -138,7 +152,7 @@ def lattice_test(model, relaxed_dir: Path, heldout: list[str], n: int = 20):
 
     chg = CHGNetCalculator(model=CHGNet.load(verbose=False), use_device="cpu")
     geo = GeoditeCalculator(model)
-    names = [c for c in sorted(heldout) if c.split("-")[0] in SIMPLE and (relaxed_dir / f"{c}.extxyz").exists()][:n]
+    names = pick_simple(heldout, relaxed_dir, n)
     rows = []
     for name in names:
         start = read(relaxed_dir / f"{name}.extxyz")
