@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from geodite_sim.model import edge_ops
 from geodite_sim.model.config import GeoditeConfig
+from geodite_sim.model.edge_ops import L1, L2, degree_blocks
 from geodite_sim.model.radial import BesselBasis, DistanceWeighting, polynomial_cutoff
 
-L1 = slice(0, 3)  # rows of degree l = 1
-L2 = slice(3, 8)  # rows of degree l = 2
 
 
 def dense(n_in: int, n_out: int) -> nn.Linear:
@@ -134,13 +134,15 @@ class Interaction(nn.Module):
         self.tensor_layernorm = TensorLayerNorm(cfg)
         self.density_fn = dense(r, 1)
 
-    def forward(self, h, X, t, Y, phi, src, dst, Y_blocks=None):
+    def forward(self, h, X, t, Y, phi, src, dst, Y_blocks=None, fused: bool = False):
         """One layer. h [N, C], X [N, 8, C], t [E, C], Y [E, 8], phi [E, R] -> (h, X, t).
 
         Linear maps that read the same input are applied as one matrix product
         (node side: W_q, W_k, gamma_s[0], gamma_v[0]; edge side: W_re, W_rs,
         gamma_t[0]), and every sender-side quantity is gathered in one
-        ``index_select`` so the backward pass is one ``index_add``.
+        ``index_select`` so the backward pass is one ``index_add``. The two
+        [E, 8, C] operations (equivariant message, edge invariant) are in
+        :mod:`geodite_sim.model.edge_ops`; ``fused`` selects their CPU kernels.
         """
         n, c, heads = h.shape[0], self.c, self.heads
         n_edges = src.shape[0]
@@ -155,12 +157,14 @@ class Interaction(nn.Module):
         if self.edge_update:
             edge_w.append(self.gamma_t.layers[0].weight)
         edge = F.linear(t, torch.cat(edge_w))
-        a = F.silu(edge[:, :c])
-        f = edge[:, c : 4 * c]
+        # split, not slicing: its backward is one cat instead of a zero-filled copy per slice
+        edge_parts = edge.split([c, 3 * c, c] if self.edge_update else [c, 3 * c], dim=-1)
+        a = F.silu(edge_parts[0])
+        f = edge_parts[1]
 
-        # Sender-side features in one gather: k [C], v [3C], x [3C], X [8C].
-        sender = torch.cat([k, v, xs, X.reshape(n, 8 * c)], dim=-1).index_select(0, src)
-        k_j, v_j, x_j, X_j = sender.split([c, 3 * c, 3 * c, 8 * c], dim=-1)
+        # Sender-side features in one gather: k [C], v [3C], x [3C].
+        sender = torch.cat([k, v, xs], dim=-1).index_select(0, src)
+        k_j, v_j, x_j = sender.split([c, 3 * c, 3 * c], dim=-1)
         q_i = q.index_select(0, dst)
 
         logits = (q_i * k_j * a).view(n_edges, heads, c // heads).sum(-1)  # [E, H]
@@ -172,39 +176,21 @@ class Interaction(nn.Module):
         o_s, o_d, o_t = o.split(c, dim=-1)
 
         rho = density(phi / self.n_rbf, self.density_fn)  # [E, 1]
-        dX = torch.addcmul(o_d.unsqueeze(1) * Y.unsqueeze(-1), o_t.unsqueeze(1), X_j.view(n_edges, 8, c))
         norm = 1.0 + scatter_sum(rho, dst, n)  # [N, 1]
         h = h + scatter_sum(o_s, dst, n) / norm
-        X = X + scatter_sum(dX, dst, n) / norm.unsqueeze(-1)
+        X = X + edge_ops.message(X, o_d, o_t, Y, src, dst, fused=fused) / norm.unsqueeze(-1)
 
         if self.edge_update:
-            gate = self.gamma_t.layers[1](F.silu(edge[:, 4 * c :]))
-            t = t + F.silu(gate) * self.W_edp(self.gamma_w[0](self._edge_invariant(X, Y, src, dst, Y_blocks)))
+            gate = self.gamma_t.layers[1](F.silu(edge_parts[2]))
+            w = self._edge_invariant(X, Y, src, dst, Y_blocks, fused)
+            t = t + F.silu(gate) * self.W_edp(self.gamma_w[0](w))
         return h, X, t
 
-    def _edge_invariant(self, X, Y, src, dst, Y_blocks=None) -> torch.Tensor:
-        """w_ij = sum_l <reject_Y(W_vq X_i)_l, reject_Y(W_vk X_j)_l> per channel: [E, C].
-
-        With unit-norm Y per degree, <a - (a.y)y, b - (b.y)y> = a.b - (a.y)(b.y), so the
-        rejected vectors are never formed; the projections (a.y) per degree are one
-        batched product with the block matrix ``Y_blocks`` [E, 2, 8].
-        """
-        n_edges, c = src.shape[0], self.c
-        eq = self.W_vq(X).index_select(0, dst)  # [E, 8, C]
-        ek = torch.cat([self.W_vk[0](X[:, L1]), self.W_vk[1](X[:, L2])], dim=1).index_select(0, src)
-        if Y_blocks is None:
-            Y_blocks = degree_blocks(Y)
-        qy = torch.bmm(Y_blocks, eq)  # [E, 2, C]
-        ky = torch.bmm(Y_blocks, ek)
-        return (eq * ek).sum(1) - (qy * ky).sum(1)
-
-
-def degree_blocks(Y: torch.Tensor) -> torch.Tensor:
-    """[E, 8] -> [E, 2, 8]: row 0 holds the l = 1 components, row 1 the l = 2 components."""
-    blocks = Y.new_zeros(Y.shape[0], 2, 8)
-    blocks[:, 0, L1] = Y[:, L1]
-    blocks[:, 1, L2] = Y[:, L2]
-    return blocks
+    def _edge_invariant(self, X, Y, src, dst, Y_blocks=None, fused: bool = False) -> torch.Tensor:
+        """w_ij = sum_l <reject_Y(W_vq X_i)_l, reject_Y(W_vk X_j)_l> per channel: [E, C]."""
+        Q = self.W_vq(X)
+        K = torch.cat([self.W_vk[0](X[:, L1]), self.W_vk[1](X[:, L2])], dim=1)
+        return edge_ops.invariant(Q, K, Y, src, dst, fused=fused, Y_blocks=Y_blocks)
 
 
 class EquivariantCoupling(nn.Module):
@@ -248,15 +234,18 @@ class GeoditeEncoder(nn.Module):
         env = polynomial_cutoff(dist, self.cfg.cutoff) * self.distance_weighting_fn(dist, z_recv, z_send)
         return self.radial_basis(dist) * env.unsqueeze(-1)
 
-    def forward(self, z, phi, Y, src, dst) -> list[torch.Tensor]:
-        """z: [N], phi: [E, R], Y: [E, 8], src/dst: [E] -> list of L tensors [N, C]."""
+    def forward(self, z, phi, Y, src, dst, fused: bool = False) -> list[torch.Tensor]:
+        """z: [N], phi: [E, R], Y: [E, 8], src/dst: [E] -> list of L tensors [N, C].
+
+        ``fused``: use the CPU edge kernels (first-order autograd only; see ``edge_ops``).
+        """
         h = self.node_init(self.A_na(z), z, phi, src, dst)
         t = self.edge_init(h, phi, src, dst)
         X = h.new_zeros(h.shape[0], 8, h.shape[1])
-        Y_blocks = degree_blocks(Y)
+        Y_blocks = None if fused else degree_blocks(Y)
         hs = []
         for inter, ec in zip(self.interaction_list, self.ec_list):
-            h, X, t = inter(h, X, t, Y, phi, src, dst, Y_blocks)
+            h, X, t = inter(h, X, t, Y, phi, src, dst, Y_blocks, fused)
             h, X = ec(h, X)
             hs.append(h)
         return hs

@@ -41,6 +41,8 @@ class Geodite(nn.Module):
         self.encoder = GeoditeEncoder(self.config)
         self.decoder = EnergyHead(self.config.hidden_channels, self.config.num_layers)
         self.neighbor_backend = "auto"
+        #: "auto": fused CPU edge kernels for first-order inference (see ``edge_ops``); False: never.
+        self.fused_kernels: str | bool = "auto"
         self._vacuum_cache: tuple | None = None
 
     @property
@@ -89,13 +91,23 @@ class Geodite(nn.Module):
         return super()._apply(fn, recurse)
 
     # ------------------------------------------------------------------ energy
-    def atomic_energies(self, z: torch.Tensor, vec: torch.Tensor, edges: Edges) -> torch.Tensor:
+    def use_fused(self, create_graph: bool = False) -> bool:
+        """Whether this evaluation can use the fused CPU edge kernels (first-order autograd only)."""
+        if self.fused_kernels is False or create_graph or self.device.type != "cpu":
+            return False
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return False  # training: gradients must flow to the weights, to any order
+        from geodite_sim.model.edge_ops import fused_available
+
+        return fused_available(self.device)
+
+    def atomic_energies(self, z: torch.Tensor, vec: torch.Tensor, edges: Edges, fused: bool = False) -> torch.Tensor:
         """Per-atom energies [N] (eV) from atomic numbers [N] and edge vectors [E, 3] (receiver -> sender)."""
         src, dst = edges.sender, edges.receiver
         dist = torch.linalg.vector_norm(vec, dim=-1)
         Y = spherical_harmonics_l12(vec / dist.unsqueeze(-1))
         phi = self.encoder.radial_features(dist, z[dst], z[src])
-        hs = self.encoder(z, phi, Y, src, dst)
+        hs = self.encoder(z, phi, Y, src, dst, fused=fused)
         vac = self.vacuum_features(z)
         # An atom without neighbours has exactly its vacuum features; subtracting the cached
         # copy could leave a rounding residue, so its difference is set to zero exactly.
@@ -135,11 +147,12 @@ class Geodite(nn.Module):
 
             edges = neighbor_list(batch, self.cutoff, backend=self.neighbor_backend)
         edges = Edges(*edges)
+        fused = self.use_fused(create_graph)
 
         return energy_and_derivatives(
             batch,
             edges,
-            lambda vec: self.atomic_energies(z, vec, edges),
+            lambda vec: self.atomic_energies(z, vec, edges, fused),
             compute_forces=compute_forces,
             compute_stress=compute_stress,
             per_atom_energies=per_atom_energies,

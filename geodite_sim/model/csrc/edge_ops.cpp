@@ -1,0 +1,246 @@
+// Fused per-edge operations of the Geodite interaction layer (CPU).
+//
+// Both operations read node tensors [N, 8, C] (small: they stay in cache) and edge
+// tensors [E, C], and never materialise an [E, 8, C] tensor, in the forward or the
+// backward pass. Edges are split across threads; every scatter goes to a per-thread
+// buffer that is summed at the end, so any edge order is valid and results are
+// deterministic for a fixed thread count.
+//
+// message:   out[dst] += o_d (x) Y + o_t * X[src]                    (paper Eq. 7, l = 1, 2)
+// invariant: w = sum_m Q[dst]_m K[src]_m - sum_l (Y_l . Q[dst]_l)(Y_l . K[src]_l)
+//            (the inner product of the components of Q_i and K_j orthogonal to Y, per degree)
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+namespace {
+
+constexpr int64_t kRows = 8;  // 3 (l = 1) + 5 (l = 2)
+constexpr int64_t kGrain = 64;
+
+// Zeroed per-thread accumulators: slot 0 is the output itself.
+std::vector<at::Tensor> thread_buffers(const at::Tensor& out) {
+  std::vector<at::Tensor> bufs{out};
+  for (int t = 1; t < at::get_num_threads(); ++t) bufs.push_back(at::zeros_like(out));
+  return bufs;
+}
+
+// Calls f(scalar) for float32 / float64 (the pragmas below cannot sit inside AT_DISPATCH's macro).
+template <typename F>
+void dispatch(at::ScalarType type, F&& f) {
+  if (type == at::kFloat) f(float{});
+  else if (type == at::kDouble) f(double{});
+  else TORCH_CHECK(false, "geodite edge_ops: float32 or float64 tensors only");
+}
+
+void reduce_buffers(std::vector<at::Tensor>& bufs) {
+  for (size_t t = 1; t < bufs.size(); ++t) bufs[0].add_(bufs[t]);
+}
+
+void check_inputs(const at::Tensor& node, const at::Tensor& y, const at::Tensor& src, const at::Tensor& dst) {
+  TORCH_CHECK(node.device().is_cpu(), "geodite edge_ops: CPU tensors only");
+  TORCH_CHECK(node.dim() == 3 && node.size(1) == kRows, "node tensor must be [N, 8, C]");
+  TORCH_CHECK(y.dim() == 2 && y.size(1) == kRows, "Y must be [E, 8]");
+  TORCH_CHECK(src.scalar_type() == at::kLong && dst.scalar_type() == at::kLong, "indices must be int64");
+  TORCH_CHECK(src.numel() == y.size(0) && dst.numel() == y.size(0), "index / Y length mismatch");
+}
+
+}  // namespace
+
+at::Tensor message_forward(at::Tensor X, at::Tensor od, at::Tensor ot, at::Tensor Y, at::Tensor src, at::Tensor dst) {
+  check_inputs(X, Y, src, dst);
+  X = X.contiguous(); od = od.contiguous(); ot = ot.contiguous(); Y = Y.contiguous();
+  src = src.contiguous(); dst = dst.contiguous();
+  const int64_t E = src.numel(), C = X.size(2);
+  auto out = at::zeros_like(X);
+  auto bufs = thread_buffers(out);
+  dispatch(X.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* x = X.data_ptr<scalar_t>();
+    const scalar_t* pd = od.data_ptr<scalar_t>();
+    const scalar_t* pt = ot.data_ptr<scalar_t>();
+    const scalar_t* py = Y.data_ptr<scalar_t>();
+    const int64_t* ps = src.data_ptr<int64_t>();
+    const int64_t* pr = dst.data_ptr<int64_t>();
+    at::parallel_for(0, E, kGrain, [&](int64_t begin, int64_t end) {
+      scalar_t* acc = bufs[at::get_thread_num()].data_ptr<scalar_t>();
+      for (int64_t e = begin; e < end; ++e) {
+        const scalar_t* xs = x + ps[e] * kRows * C;
+        const scalar_t* d = pd + e * C;
+        const scalar_t* t = pt + e * C;
+        scalar_t* o = acc + pr[e] * kRows * C;
+        for (int64_t m = 0; m < kRows; ++m) {
+          const scalar_t ym = py[e * kRows + m];
+          scalar_t* om = o + m * C;
+          const scalar_t* xm = xs + m * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) om[c] += d[c] * ym + t[c] * xm[c];
+        }
+      }
+    });
+  });
+  reduce_buffers(bufs);
+  return out;
+}
+
+std::vector<at::Tensor> message_backward(at::Tensor G, at::Tensor X, at::Tensor od, at::Tensor ot, at::Tensor Y,
+                                         at::Tensor src, at::Tensor dst) {
+  check_inputs(X, Y, src, dst);
+  G = G.contiguous(); X = X.contiguous(); od = od.contiguous(); ot = ot.contiguous(); Y = Y.contiguous();
+  src = src.contiguous(); dst = dst.contiguous();
+  const int64_t E = src.numel(), C = X.size(2);
+  auto gX = at::zeros_like(X);
+  auto gd = at::empty_like(od);
+  auto gt = at::empty_like(ot);
+  auto gY = at::empty_like(Y);
+  auto bufs = thread_buffers(gX);
+  dispatch(X.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* g = G.data_ptr<scalar_t>();
+    const scalar_t* x = X.data_ptr<scalar_t>();
+    const scalar_t* pd = od.data_ptr<scalar_t>();
+    const scalar_t* pt = ot.data_ptr<scalar_t>();
+    const scalar_t* py = Y.data_ptr<scalar_t>();
+    const int64_t* ps = src.data_ptr<int64_t>();
+    const int64_t* pr = dst.data_ptr<int64_t>();
+    scalar_t* qd = gd.data_ptr<scalar_t>();
+    scalar_t* qt = gt.data_ptr<scalar_t>();
+    scalar_t* qy = gY.data_ptr<scalar_t>();
+    at::parallel_for(0, E, kGrain, [&](int64_t begin, int64_t end) {
+      scalar_t* acc = bufs[at::get_thread_num()].data_ptr<scalar_t>();
+      for (int64_t e = begin; e < end; ++e) {
+        const scalar_t* gi = g + pr[e] * kRows * C;
+        const scalar_t* xs = x + ps[e] * kRows * C;
+        const scalar_t* d = pd + e * C;
+        const scalar_t* t = pt + e * C;
+        scalar_t* ad = qd + e * C;
+        scalar_t* at_ = qt + e * C;
+        scalar_t* ax = acc + ps[e] * kRows * C;
+        for (int64_t c = 0; c < C; ++c) { ad[c] = 0; at_[c] = 0; }
+        for (int64_t m = 0; m < kRows; ++m) {
+          const scalar_t ym = py[e * kRows + m];
+          const scalar_t* gm = gi + m * C;
+          const scalar_t* xm = xs + m * C;
+          scalar_t* axm = ax + m * C;
+          scalar_t s = 0;
+#pragma omp simd reduction(+ : s)
+          for (int64_t c = 0; c < C; ++c) {
+            const scalar_t gv = gm[c];
+            ad[c] += gv * ym;
+            at_[c] += gv * xm[c];
+            axm[c] += gv * t[c];
+            s += gv * d[c];
+          }
+          qy[e * kRows + m] = s;
+        }
+      }
+    });
+  });
+  reduce_buffers(bufs);
+  return {gX, gd, gt, gY};
+}
+
+at::Tensor invariant_forward(at::Tensor Q, at::Tensor K, at::Tensor Y, at::Tensor src, at::Tensor dst) {
+  check_inputs(Q, Y, src, dst);
+  Q = Q.contiguous(); K = K.contiguous(); Y = Y.contiguous(); src = src.contiguous(); dst = dst.contiguous();
+  const int64_t E = src.numel(), C = Q.size(2);
+  auto w = at::empty({E, C}, Q.options());
+  dispatch(Q.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* pq = Q.data_ptr<scalar_t>();
+    const scalar_t* pk = K.data_ptr<scalar_t>();
+    const scalar_t* py = Y.data_ptr<scalar_t>();
+    const int64_t* ps = src.data_ptr<int64_t>();
+    const int64_t* pr = dst.data_ptr<int64_t>();
+    scalar_t* pw = w.data_ptr<scalar_t>();
+    at::parallel_for(0, E, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end; ++e) {
+        const scalar_t* q = pq + pr[e] * kRows * C;
+        const scalar_t* k = pk + ps[e] * kRows * C;
+        const scalar_t* y = py + e * kRows;
+        scalar_t* we = pw + e * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          scalar_t dot = 0, qy1 = 0, ky1 = 0, qy2 = 0, ky2 = 0;
+          for (int64_t m = 0; m < 3; ++m) {
+            const scalar_t a = q[m * C + c], b = k[m * C + c];
+            dot += a * b; qy1 += y[m] * a; ky1 += y[m] * b;
+          }
+          for (int64_t m = 3; m < kRows; ++m) {
+            const scalar_t a = q[m * C + c], b = k[m * C + c];
+            dot += a * b; qy2 += y[m] * a; ky2 += y[m] * b;
+          }
+          we[c] = dot - qy1 * ky1 - qy2 * ky2;
+        }
+      }
+    });
+  });
+  return w;
+}
+
+std::vector<at::Tensor> invariant_backward(at::Tensor G, at::Tensor Q, at::Tensor K, at::Tensor Y, at::Tensor src,
+                                           at::Tensor dst) {
+  check_inputs(Q, Y, src, dst);
+  G = G.contiguous(); Q = Q.contiguous(); K = K.contiguous(); Y = Y.contiguous();
+  src = src.contiguous(); dst = dst.contiguous();
+  const int64_t E = src.numel(), C = Q.size(2);
+  auto gQ = at::zeros_like(Q);
+  auto gK = at::zeros_like(K);
+  auto gY = at::empty_like(Y);
+  auto bq = thread_buffers(gQ);
+  auto bk = thread_buffers(gK);
+  dispatch(Q.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* g = G.data_ptr<scalar_t>();
+    const scalar_t* pq = Q.data_ptr<scalar_t>();
+    const scalar_t* pk = K.data_ptr<scalar_t>();
+    const scalar_t* py = Y.data_ptr<scalar_t>();
+    const int64_t* ps = src.data_ptr<int64_t>();
+    const int64_t* pr = dst.data_ptr<int64_t>();
+    scalar_t* qy_out = gY.data_ptr<scalar_t>();
+    at::parallel_for(0, E, kGrain, [&](int64_t begin, int64_t end) {
+      const int tid = at::get_thread_num();
+      scalar_t* aq_base = bq[tid].data_ptr<scalar_t>();
+      scalar_t* ak_base = bk[tid].data_ptr<scalar_t>();
+      for (int64_t e = begin; e < end; ++e) {
+        const scalar_t* q = pq + pr[e] * kRows * C;
+        const scalar_t* k = pk + ps[e] * kRows * C;
+        const scalar_t* y = py + e * kRows;
+        const scalar_t* ge = g + e * C;
+        scalar_t* aq = aq_base + pr[e] * kRows * C;
+        scalar_t* ak = ak_base + ps[e] * kRows * C;
+        scalar_t y0 = 0, y1 = 0, y2 = 0, y3 = 0, y4 = 0, y5 = 0, y6 = 0, y7 = 0;
+#pragma omp simd reduction(+ : y0, y1, y2, y3, y4, y5, y6, y7)
+        for (int64_t c = 0; c < C; ++c) {
+          scalar_t qy1 = 0, ky1 = 0, qy2 = 0, ky2 = 0;
+          for (int64_t m = 0; m < 3; ++m) { qy1 += y[m] * q[m * C + c]; ky1 += y[m] * k[m * C + c]; }
+          for (int64_t m = 3; m < kRows; ++m) { qy2 += y[m] * q[m * C + c]; ky2 += y[m] * k[m * C + c]; }
+          const scalar_t gc = ge[c];
+          scalar_t gy[kRows];
+          for (int64_t m = 0; m < kRows; ++m) {
+            const scalar_t qyl = m < 3 ? qy1 : qy2, kyl = m < 3 ? ky1 : ky2;
+            const scalar_t a = q[m * C + c], b = k[m * C + c];
+            aq[m * C + c] += gc * (b - y[m] * kyl);
+            ak[m * C + c] += gc * (a - y[m] * qyl);
+            gy[m] = -gc * (a * kyl + qyl * b);
+          }
+          y0 += gy[0]; y1 += gy[1]; y2 += gy[2]; y3 += gy[3];
+          y4 += gy[4]; y5 += gy[5]; y6 += gy[6]; y7 += gy[7];
+        }
+        scalar_t* oy = qy_out + e * kRows;
+        oy[0] = y0; oy[1] = y1; oy[2] = y2; oy[3] = y3; oy[4] = y4; oy[5] = y5; oy[6] = y6; oy[7] = y7;
+      }
+    });
+  });
+  reduce_buffers(bq);
+  reduce_buffers(bk);
+  return {gQ, gK, gY};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("message_forward", &message_forward, "sum over edges of o_d (x) Y + o_t * X[src] into receivers");
+  m.def("message_backward", &message_backward, "gradients of message_forward");
+  m.def("invariant_forward", &invariant_forward, "per-edge Y-rejected inner product of Q[dst] and K[src]");
+  m.def("invariant_backward", &invariant_backward, "gradients of invariant_forward");
+}
