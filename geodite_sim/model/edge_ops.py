@@ -41,12 +41,22 @@ def _load_extension():
         _EXT_FAILED = True
         return None
     try:
-        from torch.utils.cpp_extension import load
+        quiet = logging.getLogger("torch.utils.cpp_extension")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # "No CUDA runtime is found" is expected on CPU machines
+        try:
+            from torch.utils.cpp_extension import load
+        finally:
+            quiet.setLevel(level)
 
         src = Path(__file__).with_name("csrc") / "edge_ops.cpp"
         log.info("building the fused CPU edge kernels (first use only; cached afterwards)")
-        _EXT = load(name="geodite_edge_ops", sources=[str(src)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        quiet.setLevel(logging.ERROR)
+        try:
+            _EXT = load(name="geodite_edge_ops", sources=[str(src)],
+                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        finally:
+            quiet.setLevel(level)
     except Exception as exc:  # no compiler, headers missing, ...: eager still works
         _EXT_FAILED = True
         warnings.warn(f"geodite_sim: fused CPU edge kernels unavailable ({type(exc).__name__}: {exc}); "
