@@ -46,6 +46,17 @@ def test_invariant_matches_eager_and_gradcheck(seed):
     assert torch.autograd.gradcheck(lambda *a: edge_ops.invariant(*a, src, dst, fused=True), (Q, K, Y))
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_attention_matches_eager_and_gradcheck(seed):
+    n, e, c, src, dst, Y, leaf = _random_graph(seed, c=6)
+    heads, scale = 3, 0.37
+    args = (leaf(n, c), leaf(n, c), leaf(n, 3 * c), leaf(n, 3 * c), leaf(e, c), leaf(e, 3 * c))
+    fused = edge_ops.attention(*args, src, dst, heads, scale, fused=True)
+    eager = edge_ops.attention_eager(*args, src, dst, heads, scale)
+    torch.testing.assert_close(fused, eager, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *a: edge_ops.attention(*a, src, dst, heads, scale, fused=True), args)
+
+
 def test_float32_kernels_agree_with_eager():
     n, e, c, src, dst, Y, leaf = _random_graph(3, n=40, e=700, c=32)
     X, od, ot = (t.float() for t in (leaf(n, 8, c), leaf(e, c), leaf(e, c)))

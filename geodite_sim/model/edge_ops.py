@@ -1,6 +1,7 @@
 """The two per-edge equivariant operations of an interaction layer, eager and fused.
 
 - :func:`message` — ``sum_{j->i} o_d (x) Y + o_t * X_j`` into receivers, [N, 8, C] (paper Eq. 7).
+- :func:`attention` — per-edge gated attention + filter message ``o_ij`` [E, 3C] (paper Eq. 5-6).
 - :func:`invariant` — ``w_ij = sum_l <reject_Y(Q_i)_l, reject_Y(K_j)_l>``, [E, C] (edge update).
 
 Eager versions (plain torch, differentiable to any order: training uses them) materialise
@@ -76,6 +77,22 @@ def message_eager(X, o_d, o_t, Y, src, dst) -> torch.Tensor:
     return X.new_zeros(X.shape).index_add_(0, dst, dX)
 
 
+def attention_eager(q, k, v, xs, a, f, src, dst, heads: int, scale: float, dropout: float = 0.0) -> torch.Tensor:
+    """o = alpha * v_j + f * xs_j with alpha[e, h] = silu(sum_{c in h} q_i k_j a)[e, h] * scale.
+
+    q, k [N, C], v, xs [N, 3C], a [E, C], f [E, 3C] -> [E, 3C]. ``dropout`` acts on alpha (training).
+    """
+    n_edges, c = a.shape
+    # Sender-side features in one gather, so the backward pass is one index_add.
+    k_j, v_j, x_j = torch.cat([k, v, xs], dim=-1).index_select(0, src).split([c, 3 * c, 3 * c], dim=-1)
+    logits = (q.index_select(0, dst) * k_j * a).view(n_edges, heads, c // heads).sum(-1)  # [E, H]
+    alpha = torch.nn.functional.silu(logits) * scale
+    if dropout > 0:
+        alpha = torch.nn.functional.dropout(alpha, dropout)
+    o = (alpha.unsqueeze(-1) * v_j.reshape(n_edges, heads, 3 * c // heads)).view(n_edges, 3 * c)
+    return torch.addcmul(o, f, x_j)
+
+
 def degree_blocks(Y: torch.Tensor) -> torch.Tensor:
     """[E, 8] -> [E, 2, 8]: row 0 holds the l = 1 components, row 1 the l = 2 components."""
     blocks = Y.new_zeros(Y.shape[0], 2, 8)
@@ -126,6 +143,29 @@ class _Invariant(torch.autograd.Function):
         Q, K, Y, src, dst = ctx.saved_tensors
         gQ, gK, gY = _EXT.invariant_backward(grad, Q, K, Y, src, dst)
         return gQ, gK, gY, None, None
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, xs, a, f, src, dst, heads, scale):
+        o, logits = _EXT.attention_forward(q, k, v, xs, a, f, src, dst, heads, scale)
+        ctx.save_for_backward(logits, q, k, v, xs, a, f, src, dst)
+        ctx.heads, ctx.scale = heads, scale
+        return o
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        grads = _EXT.attention_backward(grad, *ctx.saved_tensors, ctx.heads, ctx.scale)
+        return (*grads, None, None, None, None)
+
+
+def attention(q, k, v, xs, a, f, src, dst, heads: int, scale: float, fused: bool = False,
+              dropout: float = 0.0) -> torch.Tensor:
+    """See :func:`attention_eager`; ``fused`` uses the CPU kernel (no dropout, first-order only)."""
+    if fused and dropout == 0.0:
+        return _Attention.apply(q, k, v, xs, a, f, src, dst, heads, scale)
+    return attention_eager(q, k, v, xs, a, f, src, dst, heads, scale, dropout)
 
 
 def message(X, o_d, o_t, Y, src, dst, fused: bool = False) -> torch.Tensor:

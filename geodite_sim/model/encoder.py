@@ -139,13 +139,11 @@ class Interaction(nn.Module):
 
         Linear maps that read the same input are applied as one matrix product
         (node side: W_q, W_k, gamma_s[0], gamma_v[0]; edge side: W_re, W_rs,
-        gamma_t[0]), and every sender-side quantity is gathered in one
-        ``index_select`` so the backward pass is one ``index_add``. The two
-        [E, 8, C] operations (equivariant message, edge invariant) are in
-        :mod:`geodite_sim.model.edge_ops`; ``fused`` selects their CPU kernels.
+        gamma_t[0]). The per-edge operations (attention message, equivariant
+        message, edge invariant) are in :mod:`geodite_sim.model.edge_ops`;
+        ``fused`` selects their CPU kernels.
         """
         n, c, heads = h.shape[0], self.c, self.heads
-        n_edges = src.shape[0]
         h, X = self.tensor_layernorm(h, X)
 
         node = F.linear(h, torch.cat([self.W_q.weight, self.W_k.weight,
@@ -162,17 +160,8 @@ class Interaction(nn.Module):
         a = F.silu(edge_parts[0])
         f = edge_parts[1]
 
-        # Sender-side features in one gather: k [C], v [3C], x [3C].
-        sender = torch.cat([k, v, xs], dim=-1).index_select(0, src)
-        k_j, v_j, x_j = sender.split([c, 3 * c, 3 * c], dim=-1)
-        q_i = q.index_select(0, dst)
-
-        logits = (q_i * k_j * a).view(n_edges, heads, c // heads).sum(-1)  # [E, H]
-        alpha = F.silu(logits) / math.sqrt(c)
-        if self.training and self.attn_dropout > 0:
-            alpha = F.dropout(alpha, self.attn_dropout)
-        o = (alpha.unsqueeze(-1) * v_j.reshape(n_edges, heads, 3 * c // heads)).view(n_edges, 3 * c)
-        o = torch.addcmul(o, f, x_j)
+        dropout = self.attn_dropout if self.training else 0.0
+        o = edge_ops.attention(q, k, v, xs, a, f, src, dst, heads, 1.0 / math.sqrt(c), fused=fused, dropout=dropout)
         o_s, o_d, o_t = o.split(c, dim=-1)
 
         rho = density(phi / self.n_rbf, self.density_fn)  # [E, 1]

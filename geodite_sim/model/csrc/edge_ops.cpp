@@ -7,6 +7,7 @@
 // deterministic for a fixed thread count.
 //
 // message:   out[dst] += o_d (x) Y + o_t * X[src]                    (paper Eq. 7, l = 1, 2)
+// attention: o = silu(q_i . (k_j * a)) per head * v_j + f * x_j   (node inputs gathered in-kernel)
 // invariant: w = sum_m Q[dst]_m K[src]_m - sum_l (Y_l . Q[dst]_l)(Y_l . K[src]_l)
 //            (the inner product of the components of Q_i and K_j orthogonal to Y, per degree)
 #include <torch/extension.h>
@@ -34,6 +35,9 @@ void dispatch(at::ScalarType type, F&& f) {
   else TORCH_CHECK(false, "geodite edge_ops: float32 or float64 tensors only");
 }
 
+// Rows of an [E, C] tensor may be strided (a column block of a wider tensor); columns must be unit-stride.
+at::Tensor rows(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
+
 void reduce_buffers(std::vector<at::Tensor>& bufs) {
   for (size_t t = 1; t < bufs.size(); ++t) bufs[0].add_(bufs[t]);
 }
@@ -50,9 +54,9 @@ void check_inputs(const at::Tensor& node, const at::Tensor& y, const at::Tensor&
 
 at::Tensor message_forward(at::Tensor X, at::Tensor od, at::Tensor ot, at::Tensor Y, at::Tensor src, at::Tensor dst) {
   check_inputs(X, Y, src, dst);
-  X = X.contiguous(); od = od.contiguous(); ot = ot.contiguous(); Y = Y.contiguous();
+  X = X.contiguous(); od = rows(od); ot = rows(ot); Y = Y.contiguous();
   src = src.contiguous(); dst = dst.contiguous();
-  const int64_t E = src.numel(), C = X.size(2);
+  const int64_t E = src.numel(), C = X.size(2), sd = od.stride(0), st = ot.stride(0);
   auto out = at::zeros_like(X);
   auto bufs = thread_buffers(out);
   dispatch(X.scalar_type(), [&](auto tag) {
@@ -67,8 +71,8 @@ at::Tensor message_forward(at::Tensor X, at::Tensor od, at::Tensor ot, at::Tenso
       scalar_t* acc = bufs[at::get_thread_num()].data_ptr<scalar_t>();
       for (int64_t e = begin; e < end; ++e) {
         const scalar_t* xs = x + ps[e] * kRows * C;
-        const scalar_t* d = pd + e * C;
-        const scalar_t* t = pt + e * C;
+        const scalar_t* d = pd + e * sd;
+        const scalar_t* t = pt + e * st;
         scalar_t* o = acc + pr[e] * kRows * C;
         for (int64_t m = 0; m < kRows; ++m) {
           const scalar_t ym = py[e * kRows + m];
@@ -87,12 +91,12 @@ at::Tensor message_forward(at::Tensor X, at::Tensor od, at::Tensor ot, at::Tenso
 std::vector<at::Tensor> message_backward(at::Tensor G, at::Tensor X, at::Tensor od, at::Tensor ot, at::Tensor Y,
                                          at::Tensor src, at::Tensor dst) {
   check_inputs(X, Y, src, dst);
-  G = G.contiguous(); X = X.contiguous(); od = od.contiguous(); ot = ot.contiguous(); Y = Y.contiguous();
+  G = G.contiguous(); X = X.contiguous(); od = rows(od); ot = rows(ot); Y = Y.contiguous();
   src = src.contiguous(); dst = dst.contiguous();
-  const int64_t E = src.numel(), C = X.size(2);
+  const int64_t E = src.numel(), C = X.size(2), sd = od.stride(0), st = ot.stride(0);
   auto gX = at::zeros_like(X);
-  auto gd = at::empty_like(od);
-  auto gt = at::empty_like(ot);
+  auto gd = at::empty({E, C}, X.options());
+  auto gt = at::empty({E, C}, X.options());
   auto gY = at::empty_like(Y);
   auto bufs = thread_buffers(gX);
   dispatch(X.scalar_type(), [&](auto tag) {
@@ -112,8 +116,8 @@ std::vector<at::Tensor> message_backward(at::Tensor G, at::Tensor X, at::Tensor 
       for (int64_t e = begin; e < end; ++e) {
         const scalar_t* gi = g + pr[e] * kRows * C;
         const scalar_t* xs = x + ps[e] * kRows * C;
-        const scalar_t* d = pd + e * C;
-        const scalar_t* t = pt + e * C;
+        const scalar_t* d = pd + e * sd;
+        const scalar_t* t = pt + e * st;
         scalar_t* ad = qd + e * C;
         scalar_t* at_ = qt + e * C;
         scalar_t* ax = acc + ps[e] * kRows * C;
@@ -238,9 +242,110 @@ std::vector<at::Tensor> invariant_backward(at::Tensor G, at::Tensor Q, at::Tenso
   return {gQ, gK, gY};
 }
 
+// attention: o[e] = alpha[e, head] * v[src] + f[e] * xs[src], with
+// alpha[e, h] = silu(sum_{c in h} q[dst, c] k[src, c] a[e, c]) * scale   (paper Eq. 5-6).
+// Returns (o [E, 3C], logits [E, H]); logits are kept for the backward pass.
+std::vector<at::Tensor> attention_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor xs, at::Tensor a,
+                                          at::Tensor f, at::Tensor src, at::Tensor dst, int64_t heads, double scale) {
+  TORCH_CHECK(q.device().is_cpu(), "geodite edge_ops: CPU tensors only");
+  q = q.contiguous(); k = k.contiguous(); v = v.contiguous(); xs = xs.contiguous();
+  a = a.contiguous(); f = f.contiguous(); src = src.contiguous(); dst = dst.contiguous();
+  const int64_t E = src.numel(), C = q.size(1), C3 = v.size(1);
+  TORCH_CHECK(C % heads == 0 && C3 == 3 * C && xs.size(1) == C3 && f.size(1) == C3 && a.size(1) == C,
+              "attention: inconsistent shapes");
+  const int64_t dk = C / heads, dv = C3 / heads;
+  auto o = at::empty({E, C3}, q.options());
+  auto logits = at::empty({E, heads}, q.options());
+  dispatch(q.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t *pq = q.data_ptr<scalar_t>(), *pk = k.data_ptr<scalar_t>(), *pv = v.data_ptr<scalar_t>();
+    const scalar_t *px = xs.data_ptr<scalar_t>(), *pa = a.data_ptr<scalar_t>(), *pf = f.data_ptr<scalar_t>();
+    const int64_t *ps = src.data_ptr<int64_t>(), *pr = dst.data_ptr<int64_t>();
+    scalar_t *po = o.data_ptr<scalar_t>(), *pl = logits.data_ptr<scalar_t>();
+    const scalar_t sc = static_cast<scalar_t>(scale);
+    at::parallel_for(0, E, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end; ++e) {
+        const scalar_t *qi = pq + pr[e] * C, *kj = pk + ps[e] * C, *ae = pa + e * C;
+        const scalar_t *vj = pv + ps[e] * C3, *xj = px + ps[e] * C3, *fe = pf + e * C3;
+        scalar_t* oe = po + e * C3;
+        for (int64_t h = 0; h < heads; ++h) {
+          scalar_t s = 0;
+#pragma omp simd reduction(+ : s)
+          for (int64_t c = h * dk; c < (h + 1) * dk; ++c) s += qi[c] * kj[c] * ae[c];
+          pl[e * heads + h] = s;
+          const scalar_t alpha = s / (1 + std::exp(-s)) * sc;
+#pragma omp simd
+          for (int64_t j = h * dv; j < (h + 1) * dv; ++j) oe[j] = alpha * vj[j] + fe[j] * xj[j];
+        }
+      }
+    });
+  });
+  return {o, logits};
+}
+
+// Gradients of attention_forward: (g_q [N, C], g_k [N, C], g_v [N, 3C], g_xs [N, 3C], g_a [E, C], g_f [E, 3C]).
+std::vector<at::Tensor> attention_backward(at::Tensor go, at::Tensor logits, at::Tensor q, at::Tensor k,
+                                           at::Tensor v, at::Tensor xs, at::Tensor a, at::Tensor f, at::Tensor src,
+                                           at::Tensor dst, int64_t heads, double scale) {
+  go = go.contiguous(); logits = logits.contiguous(); q = q.contiguous(); k = k.contiguous();
+  v = v.contiguous(); xs = xs.contiguous(); a = a.contiguous(); f = f.contiguous();
+  src = src.contiguous(); dst = dst.contiguous();
+  const int64_t E = src.numel(), C = q.size(1), C3 = v.size(1);
+  const int64_t dk = C / heads, dv = C3 / heads;
+  auto gq = at::zeros_like(q), gk = at::zeros_like(k), gv = at::zeros_like(v), gx = at::zeros_like(xs);
+  auto ga = at::empty_like(a), gf = at::empty_like(f);
+  auto bq = thread_buffers(gq), bk = thread_buffers(gk), bv = thread_buffers(gv), bx = thread_buffers(gx);
+  dispatch(q.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t *pg = go.data_ptr<scalar_t>(), *pl = logits.data_ptr<scalar_t>();
+    const scalar_t *pq = q.data_ptr<scalar_t>(), *pk = k.data_ptr<scalar_t>(), *pv = v.data_ptr<scalar_t>();
+    const scalar_t *px = xs.data_ptr<scalar_t>(), *pa = a.data_ptr<scalar_t>(), *pf = f.data_ptr<scalar_t>();
+    const int64_t *ps = src.data_ptr<int64_t>(), *pr = dst.data_ptr<int64_t>();
+    scalar_t *pga = ga.data_ptr<scalar_t>(), *pgf = gf.data_ptr<scalar_t>();
+    const scalar_t sc = static_cast<scalar_t>(scale);
+    at::parallel_for(0, E, kGrain, [&](int64_t begin, int64_t end) {
+      const int tid = at::get_thread_num();
+      scalar_t *aq = bq[tid].data_ptr<scalar_t>(), *ak = bk[tid].data_ptr<scalar_t>();
+      scalar_t *av = bv[tid].data_ptr<scalar_t>(), *ax = bx[tid].data_ptr<scalar_t>();
+      for (int64_t e = begin; e < end; ++e) {
+        const int64_t i = pr[e], j = ps[e];
+        const scalar_t *qi = pq + i * C, *kj = pk + j * C, *ae = pa + e * C;
+        const scalar_t *vj = pv + j * C3, *xj = px + j * C3, *fe = pf + e * C3, *ge = pg + e * C3;
+        scalar_t *gae = pga + e * C, *gfe = pgf + e * C3;
+        scalar_t *aqi = aq + i * C, *akj = ak + j * C, *avj = av + j * C3, *axj = ax + j * C3;
+        for (int64_t h = 0; h < heads; ++h) {
+          const scalar_t s = pl[e * heads + h];
+          const scalar_t sig = 1 / (1 + std::exp(-s));
+          const scalar_t alpha = s * sig * sc;
+          scalar_t galpha = 0;
+#pragma omp simd reduction(+ : galpha)
+          for (int64_t c = h * dv; c < (h + 1) * dv; ++c) {
+            const scalar_t g = ge[c];
+            galpha += g * vj[c];
+            avj[c] += g * alpha;
+            gfe[c] = g * xj[c];
+            axj[c] += g * fe[c];
+          }
+          const scalar_t gs = galpha * sc * sig * (1 + s * (1 - sig));  // d silu(s) / ds
+#pragma omp simd
+          for (int64_t c = h * dk; c < (h + 1) * dk; ++c) {
+            aqi[c] += gs * kj[c] * ae[c];
+            akj[c] += gs * qi[c] * ae[c];
+            gae[c] = gs * qi[c] * kj[c];
+          }
+        }
+      }
+    });
+  });
+  reduce_buffers(bq); reduce_buffers(bk); reduce_buffers(bv); reduce_buffers(bx);
+  return {gq, gk, gv, gx, ga, gf};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("message_forward", &message_forward, "sum over edges of o_d (x) Y + o_t * X[src] into receivers");
   m.def("message_backward", &message_backward, "gradients of message_forward");
   m.def("invariant_forward", &invariant_forward, "per-edge Y-rejected inner product of Q[dst] and K[src]");
   m.def("invariant_backward", &invariant_backward, "gradients of invariant_forward");
+  m.def("attention_forward", &attention_forward, "gated attention + filter message per edge, [E, 3C]");
+  m.def("attention_backward", &attention_backward, "gradients of attention_forward");
 }
