@@ -30,6 +30,8 @@ def _random_graph(seed: int, n: int = 6, e: int = 23, c: int = 5):
 def test_message_matches_eager_and_gradcheck(seed):
     n, e, c, src, dst, Y, leaf = _random_graph(seed)
     X, od, ot = leaf(n, 8, c), leaf(e, c), leaf(e, c)
+    if seed == 1:  # o_d, o_t as column blocks of the attention output (strided rows), as in the model
+        od, ot = leaf(e, 3 * c)[:, c:].split(c, dim=-1)
     fused = edge_ops.message(X, od, ot, Y, src, dst, fused=True)
     eager = edge_ops.message_eager(X, od, ot, Y, src, dst)
     torch.testing.assert_close(fused, eager, rtol=0, atol=1e-12)
@@ -50,11 +52,15 @@ def test_invariant_matches_eager_and_gradcheck(seed):
 def test_attention_matches_eager_and_gradcheck(seed):
     n, e, c, src, dst, Y, leaf = _random_graph(seed, c=6)
     heads, scale = 3, 0.37
-    args = (leaf(n, c), leaf(n, c), leaf(n, 3 * c), leaf(n, 3 * c), leaf(e, c), leaf(e, 3 * c))
+    wide = leaf(e, 5 * c)  # a and f as column blocks of one tensor (strided rows), as in the model
+    args = (leaf(n, c), leaf(n, c), leaf(n, 3 * c), leaf(n, 3 * c), wide[:, :c], wide[:, c : 4 * c])
     fused = edge_ops.attention(*args, src, dst, heads, scale, fused=True)
     eager = edge_ops.attention_eager(*args, src, dst, heads, scale)
     torch.testing.assert_close(fused, eager, rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(lambda *a: edge_ops.attention(*a, src, dst, heads, scale, fused=True), args)
+    assert torch.autograd.gradcheck(
+        lambda w, *a: edge_ops.attention(*a, w[:, :c], w[:, c : 4 * c], src, dst, heads, scale, fused=True),
+        (wide, *args[:4]))
 
 
 def test_float32_kernels_agree_with_eager():

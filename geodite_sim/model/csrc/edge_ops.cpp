@@ -249,8 +249,8 @@ std::vector<at::Tensor> attention_forward(at::Tensor q, at::Tensor k, at::Tensor
                                           at::Tensor f, at::Tensor src, at::Tensor dst, int64_t heads, double scale) {
   TORCH_CHECK(q.device().is_cpu(), "geodite edge_ops: CPU tensors only");
   q = q.contiguous(); k = k.contiguous(); v = v.contiguous(); xs = xs.contiguous();
-  a = a.contiguous(); f = f.contiguous(); src = src.contiguous(); dst = dst.contiguous();
-  const int64_t E = src.numel(), C = q.size(1), C3 = v.size(1);
+  a = rows(a); f = rows(f); src = src.contiguous(); dst = dst.contiguous();
+  const int64_t E = src.numel(), C = q.size(1), C3 = v.size(1), sa = a.stride(0), sf = f.stride(0);
   TORCH_CHECK(C % heads == 0 && C3 == 3 * C && xs.size(1) == C3 && f.size(1) == C3 && a.size(1) == C,
               "attention: inconsistent shapes");
   const int64_t dk = C / heads, dv = C3 / heads;
@@ -265,8 +265,8 @@ std::vector<at::Tensor> attention_forward(at::Tensor q, at::Tensor k, at::Tensor
     const scalar_t sc = static_cast<scalar_t>(scale);
     at::parallel_for(0, E, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t e = begin; e < end; ++e) {
-        const scalar_t *qi = pq + pr[e] * C, *kj = pk + ps[e] * C, *ae = pa + e * C;
-        const scalar_t *vj = pv + ps[e] * C3, *xj = px + ps[e] * C3, *fe = pf + e * C3;
+        const scalar_t *qi = pq + pr[e] * C, *kj = pk + ps[e] * C, *ae = pa + e * sa;
+        const scalar_t *vj = pv + ps[e] * C3, *xj = px + ps[e] * C3, *fe = pf + e * sf;
         scalar_t* oe = po + e * C3;
         for (int64_t h = 0; h < heads; ++h) {
           scalar_t s = 0;
@@ -288,12 +288,12 @@ std::vector<at::Tensor> attention_backward(at::Tensor go, at::Tensor logits, at:
                                            at::Tensor v, at::Tensor xs, at::Tensor a, at::Tensor f, at::Tensor src,
                                            at::Tensor dst, int64_t heads, double scale) {
   go = go.contiguous(); logits = logits.contiguous(); q = q.contiguous(); k = k.contiguous();
-  v = v.contiguous(); xs = xs.contiguous(); a = a.contiguous(); f = f.contiguous();
+  v = v.contiguous(); xs = xs.contiguous(); a = rows(a); f = rows(f);
   src = src.contiguous(); dst = dst.contiguous();
-  const int64_t E = src.numel(), C = q.size(1), C3 = v.size(1);
+  const int64_t E = src.numel(), C = q.size(1), C3 = v.size(1), sa = a.stride(0), sf = f.stride(0);
   const int64_t dk = C / heads, dv = C3 / heads;
   auto gq = at::zeros_like(q), gk = at::zeros_like(k), gv = at::zeros_like(v), gx = at::zeros_like(xs);
-  auto ga = at::empty_like(a), gf = at::empty_like(f);
+  auto ga = at::empty({E, C}, q.options()), gf = at::empty({E, C3}, q.options());
   auto bq = thread_buffers(gq), bk = thread_buffers(gk), bv = thread_buffers(gv), bx = thread_buffers(gx);
   dispatch(q.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -309,8 +309,8 @@ std::vector<at::Tensor> attention_backward(at::Tensor go, at::Tensor logits, at:
       scalar_t *av = bv[tid].data_ptr<scalar_t>(), *ax = bx[tid].data_ptr<scalar_t>();
       for (int64_t e = begin; e < end; ++e) {
         const int64_t i = pr[e], j = ps[e];
-        const scalar_t *qi = pq + i * C, *kj = pk + j * C, *ae = pa + e * C;
-        const scalar_t *vj = pv + j * C3, *xj = px + j * C3, *fe = pf + e * C3, *ge = pg + e * C3;
+        const scalar_t *qi = pq + i * C, *kj = pk + j * C, *ae = pa + e * sa;
+        const scalar_t *vj = pv + j * C3, *xj = px + j * C3, *fe = pf + e * sf, *ge = pg + e * C3;
         scalar_t *gae = pga + e * C, *gfe = pgf + e * C3;
         scalar_t *aqi = aq + i * C, *akj = ak + j * C, *avj = av + j * C3, *axj = ax + j * C3;
         for (int64_t h = 0; h < heads; ++h) {
