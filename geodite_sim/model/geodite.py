@@ -126,6 +126,7 @@ class Geodite(nn.Module):
         compute_stress: bool = True,
         per_atom_energies: bool = False,
         create_graph: bool = False,
+        check: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Evaluate every system of ``batch``.
 
@@ -133,15 +134,20 @@ class Geodite(nn.Module):
         ``stress`` [S, 3, 3] eV/Å^3 (ASE sign, zeros unless all three axes are
         periodic), ``energies`` [N] per-atom eV. ``edges`` defaults to a fresh
         neighbour list at the model cutoff. ``create_graph`` keeps the graph of
-        forces/stress (for training on forces).
+        forces/stress (for training on forces). ``check`` validates the inputs (finite
+        positions and cell, non-singular periodic cells, atomic numbers in range); the
+        checks read values on the host, so engines that validated their structures on
+        admission pass ``check=False`` to keep a step free of host-device synchronisation.
         """
         if batch.dtype != self.dtype:
             raise TypeError(f"batch dtype {batch.dtype} differs from model dtype {self.dtype}")
-        check_batch(batch)
         n = batch.n_atoms
         z = batch.numbers[:n]
-        if int(z.max()) >= self.config.max_z:
-            raise ValueError(f"atomic number {int(z.max())} is outside the model's range 1..{self.config.max_z - 1}")
+        if check:
+            check_batch(batch)
+            if int(z.max()) >= self.config.max_z:
+                raise ValueError(f"atomic number {int(z.max())} is outside the model's range "
+                                 f"1..{self.config.max_z - 1}")
         if edges is None:
             from geodite_sim.neighbors import neighbor_list
 
