@@ -111,7 +111,7 @@ class Geodite(nn.Module):
         vac = self.vacuum_features(z)
         # An atom without neighbours has exactly its vacuum features; subtracting the cached
         # copy could leave a rounding residue, so its difference is set to zero exactly.
-        connected = (torch.bincount(dst, minlength=z.shape[0]) > 0).unsqueeze(-1)
+        connected = (scatter_sum(torch.ones_like(dist), dst, z.shape[0]) > 0).unsqueeze(-1)  # no host sync
         delta = [torch.where(connected, h - vac[:, k], 0.0) for k, h in enumerate(hs)]
         e_res = self.decoder.readout(delta)
         v_zbl = self.decoder.repulsion_term(z, dist, src, dst)
