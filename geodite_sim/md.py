@@ -45,8 +45,31 @@ RESTART_KEYS = ("ensemble", "timestep_fs", "tdamp_fs", "chain_length", "tloop", 
                 "frame_every", "skin", "max_atoms", "dtype", "checkpoint_every", "model_name", "model_checksum")
 
 
-#: Default atom budget per device type (CPU: cache-sized batches are fastest, see docs/md.md).
+#: Default atom budget per device type (CPU: cache-sized batches are fastest, see docs/md.md). CUDA uses
+#: the memory model instead (:func:`_default_max_atoms`); the "cuda" entry serves other accelerators.
 DEFAULT_MAX_ATOMS = {"cpu": 512, "cuda": 8192}
+
+
+def _default_max_atoms(model, structures, max_atoms: int | None, memory_budget_bytes: float | None) -> int:
+    """run_md's atom budget: ``max_atoms`` if given, else :data:`DEFAULT_MAX_ATOMS` on the CPU and, on CUDA,
+    the memory model (:mod:`geodite_sim.memory`) sized to 80 % of the free device memory; capped so that a
+    step's predicted peak is at most 80 % of ``memory_budget_bytes`` (bytes) when that is given. Edges per
+    atom: the densest of the first inputs when ``structures`` is a list of Atoms, else dense default probes."""
+    from geodite_sim.memory import device_free_bytes, memory_capacity
+
+    device = torch.device(model.device)
+    if isinstance(structures, Atoms):
+        structures = [structures]
+    probe = [a for a in structures[:8] if isinstance(a, Atoms)] if isinstance(structures, (list, tuple)) else None
+    if max_atoms is None:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            max_atoms = memory_capacity(model, device_free_bytes(device), probe, device=device)
+        else:
+            max_atoms = DEFAULT_MAX_ATOMS.get(device.type, DEFAULT_MAX_ATOMS["cuda"])
+    if memory_budget_bytes is not None:
+        max_atoms = min(max_atoms, memory_capacity(model, memory_budget_bytes, probe, device=device))
+    return int(max_atoms)
 
 
 @dataclass
@@ -125,6 +148,7 @@ def run_md(
     restart: bool = False,
     progress: bool = True,
     save_momenta: bool = False,
+    memory_budget_bytes: float | None = None,
 ) -> list[MDResult]:
     """Run molecular dynamics on many structures at once; one :class:`MDResult` per input, in input order.
 
@@ -148,8 +172,9 @@ def run_md(
         fix_com: Langevin: ASE's deprecated ``fixcm=True`` behaviour, per system.
         seed: run seed; per-structure seeds derive from (seed, input index).
         max_atoms: atom budget of the packed batch (systems beyond it wait in the queue). Default:
-            :data:`DEFAULT_MAX_ATOMS` for the model's device type (on the CPU a cache-sized batch is
-            fastest: measured 1.5x faster per atom-step at 384 atoms than at 2,956).
+            on the CPU :data:`DEFAULT_MAX_ATOMS` (a cache-sized batch is fastest: measured 1.5x faster
+            per atom-step at 384 atoms than at 2,956); on CUDA the memory model (docs/memory-model.md)
+            at 80 % of the free device memory; a restart reuses the checkpointed run's value.
         skin: Verlet neighbour-list skin, Å.
         monitors: :class:`~geodite_sim.monitors.Monitors` thresholds; True for the defaults, False/None for
             the NaN/Inf check only. ``monitors.check_every`` also sets the progress/check interval.
@@ -159,11 +184,13 @@ def run_md(
             the trajectory; without a checkpoint file the run starts afresh.
         progress: show a progress bar (steps/s, ns/day per system, atom-steps/s).
         save_momenta: also store momenta in the trajectory.
+        memory_budget_bytes: bytes one model step may use on any device; caps ``max_atoms`` so that the
+            memory model's predicted peak stays within 80 % of it.
     """
     engine = _MDEngine(
         structures, model, ensemble, temperature, timestep, steps, trajectory, frame_every, tdamp, chain_length,
         tloop, friction, fix_com, seed, max_atoms, skin, monitors, checkpoint, checkpoint_every, restart, progress,
-        save_momenta,
+        save_momenta, memory_budget_bytes=memory_budget_bytes,
     )
     return engine.run()
 
@@ -173,7 +200,7 @@ class _MDEngine:
 
     def __init__(self, structures, model, ensemble, temperature, timestep, steps, trajectory, frame_every, tdamp,
                  chain_length, tloop, friction, fix_com, seed, max_atoms, skin, monitors, checkpoint,
-                 checkpoint_every, restart, progress, save_momenta):
+                 checkpoint_every, restart, progress, save_momenta, memory_budget_bytes=None):
         if ensemble not in ENSEMBLES:
             raise ValueError(f"unknown ensemble {ensemble!r}; choose from {ENSEMBLES}")
         if not timestep > 0:
@@ -190,8 +217,6 @@ class _MDEngine:
         self.model = model
         self.dtype = model.dtype
         self.device = model.device
-        if max_atoms is None:
-            max_atoms = DEFAULT_MAX_ATOMS.get(torch.device(self.device).type, DEFAULT_MAX_ATOMS["cuda"])
         self.ensemble = ensemble
         self.temperature = temperature
         self.steps = steps
@@ -223,6 +248,9 @@ class _MDEngine:
         self.restart = restart
         self.progress = progress
         self.save_momenta = save_momenta
+        if max_atoms is None and restart and self.checkpoint is not None and os.path.exists(self.checkpoint):
+            max_atoms = int(load_checkpoint(self.checkpoint)["settings"]["max_atoms"])  # the run's own capacity
+        max_atoms = _default_max_atoms(model, structures, max_atoms, memory_budget_bytes)
         self.capacity = Capacity(max_atoms=int(max_atoms))
         backend = getattr(model, "neighbor_backend", "auto")
         self.nl = VerletNeighborList(model.cutoff, skin, backend)

@@ -187,30 +187,35 @@ def estimate_capacity(
     max_atoms: int | None = None,
     max_systems: int | None = None,
     probe: Atoms | Sequence[Atoms] | None = None,
-    memory_fraction: float = 0.6,
+    memory_fraction: float = 0.8,
     total_atoms: int | None = None,
     tune: bool = False,
     tune_budget_s: float = 10.0,
+    memory_budget_bytes: float | None = None,
 ) -> Capacity:
-    """Batch capacity for ``model`` on ``device`` (a simple model, meant to be replaced by a finer one).
+    """Batch capacity (``max_atoms``, atoms per batch) for ``model`` on ``device``.
 
-    An explicit ``max_atoms`` wins. ``total_atoms`` (atoms of the whole input, when known): a workload
-    of at most :data:`SMALL_WORKLOAD_ATOMS` atoms runs as one batch. ``probe``: structures
-    representative of the workload (relax_many passes the first ones of its input stream); default a
-    256-atom fcc Cu cell (dense, so estimates err on the safe side).
+    An explicit ``max_atoms`` wins (capped by ``memory_budget_bytes`` when given). ``total_atoms``
+    (atoms of the whole input, when known): a workload of at most :data:`SMALL_WORKLOAD_ATOMS` atoms
+    runs as one batch. ``probe``: structures representative of the workload (relax_many passes the
+    first ones of its input stream); default a 256-atom fcc Cu cell (dense, so estimates err on the
+    safe side).
 
     - CPU: throughput, not memory, is the limit: a batch too large for the caches costs more per atom
       (measured: +30 to +180 % per edge from 64 to 512 atoms for Geodite). Default: a rule on the
       model's width (:func:`_cpu_heuristic`, deterministic and free); ``tune=True`` times the model on
       probe batches instead (cached per model, dtype and device; at most ``tune_budget_s``).
-    - CUDA: one evaluation of the probe is measured and its peak memory per atom scaled to
-      ``memory_fraction`` of the free device memory.
+    - CUDA: the memory model of :mod:`geodite_sim.memory` (peak bytes of one energy+forces+stress
+      step, fixed + per atom + per edge, fitted on probe batches and cached per model, dtype and
+      device) sized to ``memory_fraction`` of the free device memory (bytes, ``torch.cuda.mem_get_info``
+      plus the allocator's unused cache), at the densest probe structure's edges per atom.
+    - ``memory_budget_bytes`` (bytes, any device): additionally caps the capacity so that one step's
+      predicted peak is at most ``memory_fraction · memory_budget_bytes`` (on CUDA the smaller of this
+      budget and the free memory applies).
+
+    ``memory_fraction`` is the share of a memory budget a step may use (1 - safety margin).
     """
     device = torch.device(device if device is not None else model.device)
-    if max_atoms is not None:
-        return Capacity(max_atoms=int(max_atoms), max_systems=max_systems)
-    if total_atoms is not None and total_atoms <= SMALL_WORKLOAD_ATOMS:
-        return Capacity(max_atoms=SMALL_WORKLOAD_ATOMS, max_systems=max_systems)
     from ase.build import bulk
 
     if probe is None:
@@ -218,26 +223,36 @@ def estimate_capacity(
     elif isinstance(probe, Atoms):
         probe = [probe]
     probe = list(probe)
+    margin = 1.0 - memory_fraction
+
+    def capped(n: int) -> Capacity:
+        if memory_budget_bytes is not None:
+            from geodite_sim.memory import memory_capacity
+
+            cap = memory_capacity(model, memory_budget_bytes, probe, margin=margin, device=device)
+            if cap < n:
+                log.info("estimate_capacity: memory budget %.3g B caps max_atoms %d -> %d",
+                         memory_budget_bytes, n, cap)
+                n = cap
+        return Capacity(max_atoms=int(n), max_systems=max_systems)
+
+    if max_atoms is not None:
+        return capped(int(max_atoms))
+    if total_atoms is not None and total_atoms <= SMALL_WORKLOAD_ATOMS:
+        return capped(SMALL_WORKLOAD_ATOMS)
     if device.type != "cuda":
         if not tune:
-            return Capacity(max_atoms=_cpu_heuristic(model), max_systems=max_systems)
+            return capped(_cpu_heuristic(model))
         key = (id(model), model.dtype, str(device))
         if key not in _CPU_CAPACITY_CACHE:
             _CPU_CAPACITY_CACHE[key] = _tune_cpu(model, probe, device, tune_budget_s)
-        return Capacity(max_atoms=_CPU_CAPACITY_CACHE[key], max_systems=max_systems)
-    batch = _probe_batch(probe, 256, model.dtype, device)
-    torch.cuda.synchronize(device)
+        return capped(_CPU_CAPACITY_CACHE[key])
+    from geodite_sim.memory import device_free_bytes, memory_capacity
+
     torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    edges = neighbor_list(batch, model.cutoff, getattr(model, "neighbor_backend", "auto"))
-    model(batch, edges=edges, compute_forces=True, compute_stress=True)
-    torch.cuda.synchronize(device)
-    per_atom = max(torch.cuda.max_memory_allocated(device) - base, 1) / batch.n_atoms
-    free, _ = torch.cuda.mem_get_info(device)
-    n = int(memory_fraction * free / per_atom)
-    log.info("estimate_capacity (cuda): %.1f kB/atom, %.1f GB free -> max_atoms=%d", per_atom / 1e3, free / 1e9, n)
-    return Capacity(max_atoms=max(n, batch.n_atoms), max_systems=max_systems)
+    n = memory_capacity(model, device_free_bytes(device), probe, margin=margin, device=device)
+    log.info("estimate_capacity (cuda): max_atoms=%d from the memory model", n)
+    return capped(n)
 
 
 class _Relaxer:
