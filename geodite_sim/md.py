@@ -149,6 +149,7 @@ def run_md(
     progress: bool = True,
     save_momenta: bool = False,
     memory_budget_bytes: float | None = None,
+    accelerate: str = "auto",
 ) -> list[MDResult]:
     """Run molecular dynamics on many structures at once; one :class:`MDResult` per input, in input order.
 
@@ -186,17 +187,27 @@ def run_md(
         save_momenta: also store momenta in the trajectory.
         memory_budget_bytes: bytes one model step may use on any device; caps ``max_atoms`` so that the
             memory model's predicted peak stays within 80 % of it.
+        accelerate: how the per-step model call runs (:mod:`geodite_sim.accelerate`): ``"auto"``
+            (CUDA graphs on a CUDA device, the plain model elsewhere), ``"off"``, ``"eager"`` (padded
+            static shapes), ``"compile"`` (``torch.compile``) or ``"cuda_graph"`` (CUDA only). Only
+            Geodite models are wrapped; see ``docs/gpu.md``.
     """
     engine = _MDEngine(
         structures, model, ensemble, temperature, timestep, steps, trajectory, frame_every, tdamp, chain_length,
         tloop, friction, fix_com, seed, max_atoms, skin, monitors, checkpoint, checkpoint_every, restart, progress,
         save_momenta, memory_budget_bytes=memory_budget_bytes,
     )
+    from geodite_sim.accelerate import accelerated
+
+    engine.step_model = accelerated(engine.model, accelerate)
     return engine.run()
 
 
 class _MDEngine:
     """One run_md call: scheduler, integrator, neighbour list, writer, monitors, checkpoints."""
+
+    #: What evaluates the model inside a step (``run_md(accelerate=...)``); None: the model itself.
+    step_model = None
 
     def __init__(self, structures, model, ensemble, temperature, timestep, steps, trajectory, frame_every, tdamp,
                  chain_length, tloop, friction, fix_com, seed, max_atoms, skin, monitors, checkpoint,
@@ -280,7 +291,8 @@ class _MDEngine:
         batch = batch.with_positions(torch.where(torch.isfinite(pos), pos, torch.zeros_like(pos)))
         edges = self.nl(batch)
         self.last_edges = edges
-        out = self.model(batch, edges=edges, compute_forces=True, compute_stress=False)
+        model = self.model if self.step_model is None else self.step_model
+        out = model(batch, edges=edges, compute_forces=True, compute_stress=False)
         return out["energy"], out["forces"]
 
     def _step(self, state: MDState) -> MDState:

@@ -498,6 +498,7 @@ def relax_many(
     stream: bool = False,
     max_atoms: int | None = None,
     max_systems: int | None = None,
+    memory_budget_bytes: float | None = None,
     check_interval: int | None = None,
     fire: FireParams | dict | None = None,
     cell_factor: float | None = None,
@@ -522,6 +523,8 @@ def relax_many(
             instead of a list in input order.
         max_atoms, max_systems: batch capacity (default: :func:`estimate_capacity` probed with the first
             structures of the stream).
+        memory_budget_bytes: cap the batch so one step's predicted peak memory (bytes, from the
+            fitted memory model, :mod:`geodite_sim.memory`) stays within it, on any device.
         check_interval: steps between reads of the done mask (retire/refill); default 1 on the
             CPU, 10 on CUDA. Finished systems are frozen in between, so results do not depend on it.
         fire: FIRE parameters (:class:`FireParams` or a dict of its fields), ASE's defaults.
@@ -559,7 +562,7 @@ def relax_many(
                 known_atoms = sum(len(a) for a in probe or [])
             items = itertools.chain(head, items)
         capacity = estimate_capacity(model, model.device, max_atoms=max_atoms, max_systems=max_systems,
-                                     probe=probe, total_atoms=known_atoms)
+                                     probe=probe, total_atoms=known_atoms, memory_budget_bytes=memory_budget_bytes)
         try:
             yield from engine.run(items, capacity, bar)
         finally:

@@ -49,14 +49,14 @@ def _maxwell(atoms, temperature=300.0, seed=0):
     return atoms
 
 
-def time_run_md(model, structures, steps=(2, 6)) -> float:
-    """Seconds per step of run_md (NVE, list rebuilt every step)."""
+def time_run_md(model, structures, steps=(2, 6), accelerate: str = "auto") -> float:
+    """Seconds per step of run_md (NVE, list rebuilt every step); ``accelerate`` as in run_md."""
     from geodite_sim.md import run_md
 
     def run(k):
         t0 = time.perf_counter()
         run_md(structures, model=model, ensemble="nve", temperature=300.0, timestep=1.0, steps=k, skin=0.0,
-               progress=False, monitors=False)
+               progress=False, monitors=False, accelerate=accelerate)
         return time.perf_counter() - t0
 
     run(1)  # warm-up
@@ -114,7 +114,7 @@ def flop_accounting(model, n: int = 2) -> dict:
     batch = Batch.from_atoms([atoms], dtype=model.dtype, device=model.device)
     edges = neighbor_list(batch, model.cutoff)
     flops = count_flops(lambda: model(batch, edges=edges))
-    seconds = best_time(lambda: evaluate([atoms], model), repeats=3, warmup=1)
+    seconds = best_time(lambda: evaluate([atoms], model), repeats=3, warmup=1, device=model.device)
     n_atoms = len(atoms)
     return {
         "atoms": n_atoms,
@@ -127,8 +127,10 @@ def flop_accounting(model, n: int = 2) -> dict:
     }
 
 
-def run_protocol(models: dict, sizes: list[int], engines: list[str], budget_s: float = 900.0) -> dict:
-    """Time every engine on every size for every model; stops growing sizes past the time budget."""
+def run_protocol(models: dict, sizes: list[int], engines: list[str], budget_s: float = 900.0,
+                 accelerate: str = "auto") -> dict:
+    """Time every engine on every size for every model; stops growing sizes past the time budget.
+    ``accelerate`` goes to run_md (the run_md engines)."""
     start = time.perf_counter()
     rows = []
     chg = chgnet_calculator() if "chgnet" in engines else None
@@ -146,9 +148,9 @@ def run_protocol(models: dict, sizes: list[int], engines: list[str], budget_s: f
                     log.warning("time budget reached; skipping %s %s n=%d", name, engine, n_atoms)
                     continue
                 if engine == "run_md":
-                    sec = time_run_md(model, [atoms])
+                    sec = time_run_md(model, [atoms], accelerate=accelerate)
                 elif engine == "run_md_batched":
-                    sec = time_run_md(model, [silicon(1)] * (n**3))
+                    sec = time_run_md(model, [silicon(1)] * (n**3), accelerate=accelerate)
                 elif engine == "ase":
                     sec = time_ase(calc, atoms)
                 elif engine == "torch-sim":
@@ -178,7 +180,7 @@ def plot(result: dict, path: Path) -> None:
         ax.loglog(*zip(*pts), marker="o", label=f"{model} · {engine}")
     ax.set_xlabel("atoms")
     ax.set_ylabel("µs / atom / step")
-    ax.set_title("MD step cost, cubic Si, neighbour list rebuilt every step (CPU)")
+    ax.set_title(f"MD step cost, cubic Si, neighbour list rebuilt every step ({result.get('device', 'cpu')})")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -214,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="packaged names or checkpoint paths ('default' = load_model())")
     p.add_argument("--budget", type=float, default=900.0, help="seconds; larger sizes are skipped past it")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="torch device of the models, e.g. cpu, cuda, cuda:1")
+    p.add_argument("--accelerate", default="auto", choices=["auto", "off", "eager", "compile", "cuda_graph"],
+                   help="run_md's model-step mode (geodite_sim.accelerate; auto = CUDA graphs on CUDA, off on CPU)")
     p.add_argument("--out", default="benchmarks/results/speed_scaling")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -221,19 +226,20 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     models = {}
     for name in args.models:
-        m = load_model(None if name == "default" else name, dtype=torch.float32)
+        m = load_model(None if name == "default" else name, device=args.device, dtype=torch.float32)
         label = getattr(m, "name", name)
         if label in models:
             continue
         models[label] = m
-    result = {"machine": machine_info(), "protocol": __doc__.strip().splitlines()[0]}
-    result["gemm_peak_gflops"] = gemm_peak_gflops(torch.float32)
-    mp = load_model("geodite-reference-random", dtype=torch.float32)
+    result = {"machine": machine_info(), "protocol": __doc__.strip().splitlines()[0], "device": args.device,
+              "accelerate": args.accelerate}
+    result["gemm_peak_gflops"] = gemm_peak_gflops(torch.float32, device=args.device)
+    mp = load_model("geodite-reference-random", device=args.device, dtype=torch.float32)
     fa = flop_accounting(mp)
     fa["fraction_of_peak_reference_count"] = fa["achieved_gflops_reference_count"] / result["gemm_peak_gflops"]
     fa["fraction_of_peak_own_count"] = fa["achieved_gflops_own_count"] / result["gemm_peak_gflops"]
     result["flops"] = fa
-    result.update(run_protocol(models, args.sizes, args.engines, args.budget))
+    result.update(run_protocol(models, args.sizes, args.engines, args.budget, args.accelerate))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
