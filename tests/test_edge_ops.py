@@ -50,17 +50,20 @@ def test_invariant_matches_eager_and_gradcheck(seed):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_attention_matches_eager_and_gradcheck(seed):
-    n, e, c, src, dst, Y, leaf = _random_graph(seed, c=6)
-    heads, scale = 3, 0.37
-    wide = leaf(e, 5 * c)  # a and f as column blocks of one tensor (strided rows), as in the model
+    n, e, c, src, dst, Y, leaf = _random_graph(seed, c=8)
+    heads, scale = 4, 0.37  # value heads of 3C/4 = 6 columns: head 1 straddles the scalar/vector boundary at C
+    wide = leaf(e, 5 * c)  # a_pre and f as column blocks of one tensor (strided rows), as in the model
     args = (leaf(n, c), leaf(n, c), leaf(n, 3 * c), leaf(n, 3 * c), wide[:, :c], wide[:, c : 4 * c])
     fused = edge_ops.attention(*args, src, dst, heads, scale, fused=True)
     eager = edge_ops.attention_eager(*args, src, dst, heads, scale)
-    torch.testing.assert_close(fused, eager, rtol=0, atol=1e-12)
+    for x, y in zip(fused, eager):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(lambda *a: edge_ops.attention(*a, src, dst, heads, scale, fused=True), args)
     assert torch.autograd.gradcheck(
         lambda w, *a: edge_ops.attention(*a, w[:, :c], w[:, c : 4 * c], src, dst, heads, scale, fused=True),
         (wide, *args[:4]))
+    # only one of the two outputs used: the other gradient arrives as None
+    assert torch.autograd.gradcheck(lambda *a: edge_ops.attention(*a, src, dst, heads, scale, fused=True)[1], args)
 
 
 def test_float32_kernels_agree_with_eager():

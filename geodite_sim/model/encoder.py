@@ -157,16 +157,14 @@ class Interaction(nn.Module):
         edge = F.linear(t, torch.cat(edge_w))
         # split, not slicing: its backward is one cat instead of a zero-filled copy per slice
         edge_parts = edge.split([c, 3 * c, c] if self.edge_update else [c, 3 * c], dim=-1)
-        a = F.silu(edge_parts[0])
-        f = edge_parts[1]
-
         dropout = self.attn_dropout if self.training else 0.0
-        o = edge_ops.attention(q, k, v, xs, a, f, src, dst, heads, 1.0 / math.sqrt(c), fused=fused, dropout=dropout)
-        o_s, o_d, o_t = o.split(c, dim=-1)
+        h_msg, o_dt = edge_ops.attention(q, k, v, xs, edge_parts[0], edge_parts[1], src, dst, heads,
+                                         1.0 / math.sqrt(c), fused=fused, dropout=dropout)
+        o_d, o_t = o_dt.split(c, dim=-1)
 
         rho = density(phi / self.n_rbf, self.density_fn)  # [E, 1]
         norm = 1.0 + scatter_sum(rho, dst, n)  # [N, 1]
-        h = h + scatter_sum(o_s, dst, n) / norm
+        h = h + h_msg / norm
         X = X + edge_ops.message(X, o_d, o_t, Y, src, dst, fused=fused) / norm.unsqueeze(-1)
 
         if self.edge_update:
