@@ -2,7 +2,7 @@
 
 - :func:`message` — ``sum_{j->i} o_d (x) Y + o_t * X_j`` into receivers, [N, 8, C] (paper Eq. 7).
 - :func:`attention` — gated attention + filter message (paper Eq. 5-6): scalar part summed into
-  receivers [N, C], vector-gate part per edge [E, 2C].
+  receivers [N, C], vector parts o_d, o_t per edge [E, C] each.
 - :func:`invariant` — ``w_ij = sum_l <reject_Y(Q_i)_l, reject_Y(K_j)_l>``, [E, C] (edge update).
 
 Eager versions (plain torch, differentiable to any order: training uses them) materialise
@@ -81,12 +81,12 @@ def message_eager(X, o_d, o_t, Y, src, dst) -> torch.Tensor:
 
 
 def attention_eager(q, k, v, xs, a_pre, f, src, dst, heads: int, scale: float,
-                    dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                    dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gated attention + filter message (paper Eq. 5-6), split into its scalar and vector parts.
 
     o = alpha * v_j + f * xs_j with alpha[e, h] = silu(sum_{c in h} q_i k_j silu(a_pre))[e, h] * scale;
     q, k [N, C], v, xs [N, 3C], a_pre [E, C], f [E, 3C]. Returns (sum over j->i of o[:, :C] [N, C],
-    o[:, C:] [E, 2C]). ``dropout`` acts on alpha (training).
+    o_d = o[:, C:2C] [E, C], o_t = o[:, 2C:] [E, C]). ``dropout`` acts on alpha (training).
     """
     n_edges, c = a_pre.shape
     a = torch.nn.functional.silu(a_pre)
@@ -97,8 +97,8 @@ def attention_eager(q, k, v, xs, a_pre, f, src, dst, heads: int, scale: float,
     if dropout > 0:
         alpha = torch.nn.functional.dropout(alpha, dropout)
     o = (alpha.unsqueeze(-1) * v_j.reshape(n_edges, heads, 3 * c // heads)).view(n_edges, 3 * c)
-    o_s, o_dt = torch.addcmul(o, f, x_j).split([c, 2 * c], dim=-1)
-    return q.new_zeros(q.shape).index_add_(0, dst, o_s), o_dt
+    o_s, o_d, o_t = torch.addcmul(o, f, x_j).split(c, dim=-1)
+    return q.new_zeros(q.shape).index_add_(0, dst, o_s), o_d, o_t
 
 
 def degree_blocks(Y: torch.Tensor) -> torch.Tensor:
@@ -156,23 +156,25 @@ class _Invariant(torch.autograd.Function):
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, xs, a_pre, f, src, dst, heads, scale):
-        hmsg, o_dt, logits = _EXT.attention_forward(q, k, v, xs, a_pre, f, src, dst, heads, scale)
+        hmsg, o_d, o_t, logits = _EXT.attention_forward(q, k, v, xs, a_pre, f, src, dst, heads, scale)
         ctx.save_for_backward(logits, q, k, v, xs, a_pre, f, src, dst)
         ctx.heads, ctx.scale = heads, scale
-        return hmsg, o_dt
+        return hmsg, o_d, o_t
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_h, grad_o):
+    def backward(ctx, grad_h, grad_d, grad_t):
         logits, q, k, v, xs, a_pre, f, src, dst = ctx.saved_tensors
         grad_h = torch.zeros_like(q) if grad_h is None else grad_h
-        grad_o = a_pre.new_zeros(a_pre.shape[0], 2 * a_pre.shape[1]) if grad_o is None else grad_o
-        grads = _EXT.attention_backward(grad_h, grad_o, logits, q, k, v, xs, a_pre, f, src, dst, ctx.heads, ctx.scale)
+        grad_d = torch.zeros_like(a_pre) if grad_d is None else grad_d
+        grad_t = torch.zeros_like(a_pre) if grad_t is None else grad_t
+        grads = _EXT.attention_backward(grad_h, grad_d, grad_t, logits, q, k, v, xs, a_pre, f, src, dst,
+                                        ctx.heads, ctx.scale)
         return (*grads, None, None, None, None)
 
 
 def attention(q, k, v, xs, a_pre, f, src, dst, heads: int, scale: float, fused: bool = False,
-              dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+              dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """See :func:`attention_eager`; ``fused`` uses the CPU kernel (no dropout, first-order only)."""
     if fused and dropout == 0.0:
         return _Attention.apply(q, k, v, xs, a_pre, f, src, dst, heads, scale)

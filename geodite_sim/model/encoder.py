@@ -154,13 +154,16 @@ class Interaction(nn.Module):
         edge_w = [self.W_re.weight, self.W_rs.weight]
         if self.edge_update:
             edge_w.append(self.gamma_t.layers[0].weight)
-        edge = F.linear(t, torch.cat(edge_w))
-        # split, not slicing: its backward is one cat instead of a zero-filled copy per slice
-        edge_parts = edge.split([c, 3 * c, c] if self.edge_update else [c, 3 * c], dim=-1)
+        if fused:
+            # one product per block: the backward pass sums three products into grad(t) instead of
+            # concatenating the blocks' gradients into an [E, 5C] tensor first (inference only)
+            edge_parts = [F.linear(t, w) for w in edge_w]
+        else:
+            edge = F.linear(t, torch.cat(edge_w))
+            edge_parts = edge.split([w.shape[0] for w in edge_w], dim=-1)
         dropout = self.attn_dropout if self.training else 0.0
-        h_msg, o_dt = edge_ops.attention(q, k, v, xs, edge_parts[0], edge_parts[1], src, dst, heads,
-                                         1.0 / math.sqrt(c), fused=fused, dropout=dropout)
-        o_d, o_t = o_dt.split(c, dim=-1)
+        h_msg, o_d, o_t = edge_ops.attention(q, k, v, xs, edge_parts[0], edge_parts[1], src, dst, heads,
+                                             1.0 / math.sqrt(c), fused=fused, dropout=dropout)
 
         rho = density(phi / self.n_rbf, self.density_fn)  # [E, 1]
         norm = 1.0 + scatter_sum(rho, dst, n)  # [N, 1]

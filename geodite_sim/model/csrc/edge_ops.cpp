@@ -248,7 +248,7 @@ std::vector<at::Tensor> invariant_backward(at::Tensor G, at::Tensor Q, at::Tenso
 //   alpha[e, h] = silu(sum_{c in h} q[dst, c] k[src, c] a[e, c]) * scale
 //   o[e]        = alpha[e, head] * v[src] + f[e] * xs[src]                          [3C]
 // The first C columns of o (the scalar message) are summed into receivers here (hmsg [N, C]);
-// the other 2C (o_d, o_t) are returned per edge [E, 2C]. logits [E, H] are kept for the backward.
+// the other 2C are returned per edge as o_d [E, C] and o_t [E, C]. logits [E, H] are kept for the backward.
 std::vector<at::Tensor> attention_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor xs, at::Tensor a_pre,
                                           at::Tensor f, at::Tensor src, at::Tensor dst, int64_t heads, double scale) {
   TORCH_CHECK(q.device().is_cpu(), "geodite edge_ops: CPU tensors only");
@@ -259,7 +259,7 @@ std::vector<at::Tensor> attention_forward(at::Tensor q, at::Tensor k, at::Tensor
   TORCH_CHECK(C % heads == 0 && C3 == 3 * C && xs.size(1) == C3 && f.size(1) == C3 && a_pre.size(1) == C,
               "attention: inconsistent shapes");
   const int64_t dk = C / heads, dv = C3 / heads;
-  auto o = at::empty({E, 2 * C}, q.options());
+  auto od = at::empty({E, C}, q.options()), ot = at::empty({E, C}, q.options());
   auto logits = at::empty({E, heads}, q.options());
   auto hmsg = at::zeros({N, C}, q.options());
   auto bufs = thread_buffers(hmsg);
@@ -268,15 +268,17 @@ std::vector<at::Tensor> attention_forward(at::Tensor q, at::Tensor k, at::Tensor
     const scalar_t *pq = q.data_ptr<scalar_t>(), *pk = k.data_ptr<scalar_t>(), *pv = v.data_ptr<scalar_t>();
     const scalar_t *px = xs.data_ptr<scalar_t>(), *pa = a_pre.data_ptr<scalar_t>(), *pf = f.data_ptr<scalar_t>();
     const int64_t *ps = src.data_ptr<int64_t>(), *pr = dst.data_ptr<int64_t>();
-    scalar_t *po = o.data_ptr<scalar_t>(), *pl = logits.data_ptr<scalar_t>();
+    scalar_t *pod = od.data_ptr<scalar_t>(), *pot = ot.data_ptr<scalar_t>(), *pl = logits.data_ptr<scalar_t>();
     const scalar_t sc = static_cast<scalar_t>(scale);
     at::parallel_for(0, E, kGrain, [&](int64_t begin, int64_t end) {
       scalar_t* hacc = bufs[at::get_thread_num()].data_ptr<scalar_t>();
       for (int64_t e = begin; e < end; ++e) {
         const scalar_t *qi = pq + pr[e] * C, *kj = pk + ps[e] * C, *ae = pa + e * sa;
         const scalar_t *vj = pv + ps[e] * C3, *xj = px + ps[e] * C3, *fe = pf + e * sf;
-        scalar_t* oe = po + e * 2 * C;  // column j >= C of o goes to oe[j - C]
+        // column blocks of o: [0, C) summed into the receiver, [C, 2C) -> o_d[e], [2C, 3C) -> o_t[e]
         scalar_t* hi = hacc + pr[e] * C;
+        scalar_t* ode = pod + e * C;
+        scalar_t* ote = pot + e * C;
         for (int64_t h = 0; h < heads; ++h) {
           scalar_t s = 0;
 #pragma omp simd reduction(+ : s)
@@ -286,25 +288,28 @@ std::vector<at::Tensor> attention_forward(at::Tensor q, at::Tensor k, at::Tensor
           }
           pl[e * heads + h] = s;
           const scalar_t alpha = s / (1 + std::exp(-s)) * sc;
-          const int64_t j0 = h * dv, j1 = (h + 1) * dv, jm = std::min(std::max(j0, C), j1);
+          const int64_t j0 = h * dv, j1 = (h + 1) * dv;
+          const int64_t b1 = std::min(std::max(j0, C), j1), b2 = std::min(std::max(j0, 2 * C), j1);
 #pragma omp simd
-          for (int64_t j = j0; j < jm; ++j) hi[j] += alpha * vj[j] + fe[j] * xj[j];
+          for (int64_t j = j0; j < b1; ++j) hi[j] += alpha * vj[j] + fe[j] * xj[j];
 #pragma omp simd
-          for (int64_t j = jm; j < j1; ++j) oe[j - C] = alpha * vj[j] + fe[j] * xj[j];
+          for (int64_t j = b1; j < b2; ++j) ode[j - C] = alpha * vj[j] + fe[j] * xj[j];
+#pragma omp simd
+          for (int64_t j = b2; j < j1; ++j) ote[j - 2 * C] = alpha * vj[j] + fe[j] * xj[j];
         }
       }
     });
   });
   reduce_buffers(bufs);
-  return {hmsg, o, logits};
+  return {hmsg, od, ot, logits};
 }
 
-// Gradients of attention_forward from g_hmsg [N, C] and g_o [E, 2C]:
+// Gradients of attention_forward from g_hmsg [N, C], g_o_d [E, C] and g_o_t [E, C]:
 // (g_q [N, C], g_k [N, C], g_v [N, 3C], g_xs [N, 3C], g_a_pre [E, C], g_f [E, 3C]).
-std::vector<at::Tensor> attention_backward(at::Tensor gh, at::Tensor go, at::Tensor logits, at::Tensor q,
+std::vector<at::Tensor> attention_backward(at::Tensor gh, at::Tensor gd, at::Tensor gt, at::Tensor logits, at::Tensor q,
                                            at::Tensor k, at::Tensor v, at::Tensor xs, at::Tensor a_pre, at::Tensor f,
                                            at::Tensor src, at::Tensor dst, int64_t heads, double scale) {
-  gh = gh.contiguous(); go = go.contiguous(); logits = logits.contiguous(); q = q.contiguous();
+  gh = gh.contiguous(); gd = gd.contiguous(); gt = gt.contiguous(); logits = logits.contiguous(); q = q.contiguous();
   k = k.contiguous(); v = v.contiguous(); xs = xs.contiguous(); a_pre = rows(a_pre); f = rows(f);
   src = src.contiguous(); dst = dst.contiguous();
   const int64_t E = src.numel(), C = q.size(1), C3 = v.size(1), sa = a_pre.stride(0), sf = f.stride(0);
@@ -314,7 +319,8 @@ std::vector<at::Tensor> attention_backward(at::Tensor gh, at::Tensor go, at::Ten
   auto bq = thread_buffers(gq), bk = thread_buffers(gk), bv = thread_buffers(gv), bx = thread_buffers(gx);
   dispatch(q.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    const scalar_t *pgh = gh.data_ptr<scalar_t>(), *pg = go.data_ptr<scalar_t>(), *pl = logits.data_ptr<scalar_t>();
+    const scalar_t *pgh = gh.data_ptr<scalar_t>(), *pgd = gd.data_ptr<scalar_t>(), *pgt = gt.data_ptr<scalar_t>();
+    const scalar_t* pl = logits.data_ptr<scalar_t>();
     const scalar_t *pq = q.data_ptr<scalar_t>(), *pk = k.data_ptr<scalar_t>(), *pv = v.data_ptr<scalar_t>();
     const scalar_t *px = xs.data_ptr<scalar_t>(), *pa = a_pre.data_ptr<scalar_t>(), *pf = f.data_ptr<scalar_t>();
     const int64_t *ps = src.data_ptr<int64_t>(), *pr = dst.data_ptr<int64_t>();
@@ -328,24 +334,26 @@ std::vector<at::Tensor> attention_backward(at::Tensor gh, at::Tensor go, at::Ten
         const int64_t i = pr[e], j = ps[e];
         const scalar_t *qi = pq + i * C, *kj = pk + j * C, *ae = pa + e * sa;
         const scalar_t *vj = pv + j * C3, *xj = px + j * C3, *fe = pf + e * sf;
-        const scalar_t *ghi = pgh + i * C, *goe = pg + e * 2 * C;  // grad of column c: c < C ? ghi[c] : goe[c - C]
+        // gradient of column c of o: [0, C) from the receiver's g_hmsg, then g_o_d[e], g_o_t[e]
+        const scalar_t *ghi = pgh + i * C, *gde = pgd + e * C, *gte = pgt + e * C;
         scalar_t *gae = pga + e * C, *gfe = pgf + e * C3;
         scalar_t *aqi = aq + i * C, *akj = ak + j * C, *avj = av + j * C3, *axj = ax + j * C3;
         for (int64_t h = 0; h < heads; ++h) {
           const scalar_t s = pl[e * heads + h];
           const scalar_t sig = 1 / (1 + std::exp(-s));
           const scalar_t alpha = s * sig * sc;
-          const int64_t j0 = h * dv, j1 = (h + 1) * dv, jm = std::min(std::max(j0, C), j1);
+          const int64_t j0 = h * dv, j1 = (h + 1) * dv;
+          const int64_t b1 = std::min(std::max(j0, C), j1), b2 = std::min(std::max(j0, 2 * C), j1);
           scalar_t galpha = 0;
+          for (int blk = 0; blk < 3; ++blk) {
+            const int64_t lo = blk == 0 ? j0 : blk == 1 ? b1 : b2, hi = blk == 0 ? b1 : blk == 1 ? b2 : j1;
+            const scalar_t* gsrc = blk == 0 ? ghi : blk == 1 ? gde : gte;
+            const int64_t off = blk * C;  // column c of o is element c - off of its block
 #pragma omp simd reduction(+ : galpha)
-          for (int64_t c = j0; c < jm; ++c) {
-            const scalar_t g = ghi[c];
-            galpha += g * vj[c]; avj[c] += g * alpha; gfe[c] = g * xj[c]; axj[c] += g * fe[c];
-          }
-#pragma omp simd reduction(+ : galpha)
-          for (int64_t c = jm; c < j1; ++c) {
-            const scalar_t g = goe[c - C];
-            galpha += g * vj[c]; avj[c] += g * alpha; gfe[c] = g * xj[c]; axj[c] += g * fe[c];
+            for (int64_t c = lo; c < hi; ++c) {
+              const scalar_t g = gsrc[c - off];
+              galpha += g * vj[c]; avj[c] += g * alpha; gfe[c] = g * xj[c]; axj[c] += g * fe[c];
+            }
           }
           const scalar_t gs = galpha * sc * sig * (1 + s * (1 - sig));  // d silu(s) / ds
 #pragma omp simd
@@ -368,6 +376,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("message_backward", &message_backward, "gradients of message_forward");
   m.def("invariant_forward", &invariant_forward, "per-edge Y-rejected inner product of Q[dst] and K[src]");
   m.def("invariant_backward", &invariant_backward, "gradients of invariant_forward");
-  m.def("attention_forward", &attention_forward, "gated attention + filter message: scalar part summed to receivers, (hmsg, o_dt, logits)");
+  m.def("attention_forward", &attention_forward, "gated attention + filter message: (hmsg [N, C], o_d [E, C], o_t [E, C], logits [E, H])");
   m.def("attention_backward", &attention_backward, "gradients of attention_forward");
 }
