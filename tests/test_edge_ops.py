@@ -68,6 +68,14 @@ def test_attention_matches_eager_and_gradcheck(seed):
             lambda *a: edge_ops.attention(*a, src, dst, heads, scale, fused=True)[part], args)
 
 
+def test_gated_residual_matches_eager_and_gradcheck():
+    _, e, c, _, _, _, leaf = _random_graph(4)
+    args = (leaf(e, c), leaf(e, c) * 3, leaf(e, c))
+    torch.testing.assert_close(edge_ops.gated_residual(*args, fused=True), edge_ops.gated_residual(*args),
+                               rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *a: edge_ops.gated_residual(*a, fused=True), args)
+
+
 def test_float32_kernels_agree_with_eager():
     n, e, c, src, dst, Y, leaf = _random_graph(3, n=40, e=700, c=32)
     X, od, ot = (t.float() for t in (leaf(n, 8, c), leaf(e, c), leaf(e, c)))

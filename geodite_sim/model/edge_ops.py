@@ -3,6 +3,7 @@
 - :func:`message` — ``sum_{j->i} o_d (x) Y + o_t * X_j`` into receivers, [N, 8, C] (paper Eq. 7).
 - :func:`attention` — gated attention + filter message (paper Eq. 5-6): scalar part summed into
   receivers [N, C], vector parts o_d, o_t per edge [E, C] each.
+- :func:`gated_residual` — ``t + silu(g) * u``, the edge-feature update, [E, C].
 - :func:`invariant` — ``w_ij = sum_l <reject_Y(Q_i)_l, reject_Y(K_j)_l>``, [E, C] (edge update).
 
 Eager versions (plain torch, differentiable to any order: training uses them) materialise
@@ -179,6 +180,27 @@ def attention(q, k, v, xs, a_pre, f, src, dst, heads: int, scale: float, fused: 
     if fused and dropout == 0.0:
         return _Attention.apply(q, k, v, xs, a_pre, f, src, dst, heads, scale)
     return attention_eager(q, k, v, xs, a_pre, f, src, dst, heads, scale, dropout)
+
+
+class _GatedResidual(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, g, u):
+        ctx.save_for_backward(g, u)
+        return _EXT.gated_residual_forward(t, g, u)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        g, u = ctx.saved_tensors
+        gg, gu = _EXT.gated_residual_backward(grad, g, u)
+        return grad, gg, gu
+
+
+def gated_residual(t, g, u, fused: bool = False) -> torch.Tensor:
+    """t + silu(g) * u (the edge-feature update); ``fused``: one CPU pass each way (first-order only)."""
+    if fused:
+        return _GatedResidual.apply(t, g, u)
+    return t + torch.nn.functional.silu(g) * u
 
 
 def message(X, o_d, o_t, Y, src, dst, fused: bool = False) -> torch.Tensor:

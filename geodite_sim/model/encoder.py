@@ -173,7 +173,7 @@ class Interaction(nn.Module):
         if self.edge_update:
             gate = self.gamma_t.layers[1](F.silu(edge_parts[2]))
             w = self._edge_invariant(X, Y, src, dst, Y_blocks, fused)
-            t = t + F.silu(gate) * self.W_edp(self.gamma_w[0](w))
+            t = edge_ops.gated_residual(t, gate, self.W_edp(self.gamma_w[0](w)), fused=fused)
         return h, X, t
 
     def _edge_invariant(self, X, Y, src, dst, Y_blocks=None, fused: bool = False) -> torch.Tensor:
