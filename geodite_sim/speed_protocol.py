@@ -193,7 +193,9 @@ def acceptance_checks(rows: list[dict], default_label: str | None) -> dict:
     for model in sorted({r["model"] for r in rows}):
         for atoms in sorted({r["atoms"] for r in rows if r["model"] == model}):
             single, batched, ase = t(model, "run_md", atoms), t(model, "run_md_batched", atoms), t(model, "ase", atoms)
-            if single and batched:
+            one_cell = any(r["model"] == model and r["engine"] == "run_md_batched" and r["atoms"] == atoms
+                           and r.get("systems", 2) == 1 for r in rows)
+            if single and batched and not one_cell:  # one 8-atom cell: the same run as single-system run_md
                 out["batched_vs_single"].append({"model": model, "atoms": atoms, "speedup": single / batched})
             # systems of <= 16 atoms: ASE runs them one at a time; run_md batches many of them (the
             # run_md_batched rows are made of 8-atom cells), compared at its best batch size
@@ -252,7 +254,8 @@ def run_protocol(models: dict, sizes: list[int], engines: list[str], budget_s: f
                 else:
                     raise ValueError(engine)
                 row = {"model": name if engine != "chgnet" else "CHGNet-0.3.0", "engine": engine,
-                       "atoms": n_atoms, "us_per_atom_step": sec / n_atoms * 1e6}
+                       "atoms": n_atoms, "systems": n**3 if engine == "run_md_batched" else 1,
+                       "us_per_atom_step": sec / n_atoms * 1e6}
                 log.info("%s", row)
                 rows.append(row)
     return {"rows": rows, "wall_s": time.perf_counter() - start}
@@ -310,6 +313,9 @@ def markdown(result: dict) -> str:
             lines.append(f"| default model (best engine) vs CHGNet calculator (> 1) | {x['model']} | {x['atoms']} | "
                          f"{x['speedup_best_engine']:.2f} |")
         lines.append("")
+        lines.append("The batched engine packs 8-atom cells, so at 8 atoms it is the single-system run itself "
+                     "(not compared); the ASE target compares one ≤ 16-atom system under ASE with the same "
+                     "8-atom systems batched by run_md at its best batch size.")
         lines.append("Targets met: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in checks["met"].items()))
     return "\n".join(lines) + "\n"
 
