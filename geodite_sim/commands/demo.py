@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="checkpoint or packaged name (default: packaged default)")
     p.add_argument("--fresh", action="store_true", help="ignore earlier results in --out")
     p.add_argument("--max-steps", type=int, default=None,
-                   help="FIRE steps per structure (default 500; 20 while the default model has random weights)")
+                   help="FIRE steps per structure (default 500; 20 for the random-weight reference model)")
     p.set_defaults(func=run)
 
 
@@ -41,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
     name = args.model or DEFAULT_MODEL
     print(f"geodite_sim demo: relaxing the example structures with model '{name}'")
     max_steps = args.max_steps
+    if name == "geodite-mini":
+        print("NOTE: geodite-mini is a small Geodite distilled from CHGNet 0.3.0 for demonstration (not Geodite-MP, "
+              "not DFT); see docs/default-model.md for its measured errors.")
     if name == "geodite-reference-random":
         print("NOTE: this model is the official-format conformance checkpoint with RANDOM weights; "
               "its energies are not physical. It exercises the engine end to end.")
