@@ -43,9 +43,7 @@ from dataclasses import dataclass, field
 import torch
 
 from geodite_sim.batch import Batch
-from geodite_sim.model.encoder import scatter_sum
 from geodite_sim.model.geodite import Edges, Geodite, check_batch
-from geodite_sim.model.radial import spherical_harmonics_l12
 
 log = logging.getLogger(__name__)
 
@@ -118,23 +116,10 @@ def cell_volumes(cell: torch.Tensor) -> torch.Tensor:
 
 def padded_atomic_energies(model: Geodite, vacuum: torch.Tensor, z: torch.Tensor, vec: torch.Tensor,
                            src: torch.Tensor, dst: torch.Tensor, fused: bool = False) -> torch.Tensor:
-    """``Geodite.atomic_energies`` without host synchronisation: per-atom energies [N].
-
-    ``vacuum`` [max_z, L, C] is the isolated-atom feature table; an atom's neighbour count is an
-    ``index_add`` (``bincount`` reads its maximum back on CUDA). ``fused``: the encoder's CPU edge
-    kernels (eager mode on the CPU only: ``torch.compile`` cannot trace them).
-    """
-    dist = torch.linalg.vector_norm(vec, dim=-1)
-    Y = spherical_harmonics_l12(vec / dist.unsqueeze(-1))
-    phi = model.encoder.radial_features(dist, z[dst], z[src])
-    hs = model.encoder(z, phi, Y, src, dst, fused=fused) if fused else model.encoder(z, phi, Y, src, dst)
-    vac = vacuum[z]
-    connected = (scatter_sum(torch.ones_like(dist), dst, z.shape[0]) > 0).unsqueeze(-1)
-    delta = [torch.where(connected, h - vac[:, k], 0.0) for k, h in enumerate(hs)]
-    e_res = model.decoder.readout(delta)
-    v_zbl = model.decoder.repulsion_term(z, dist, src, dst)
-    head = model.decoder
-    return head.e0[z] + head.e_scale * (e_res + v_zbl) + head.e_shift
+    """``Geodite.atomic_energies`` with a fixed isolated-atom table ``vacuum`` [max_z, L, C]: per-atom
+    energies [N], no host synchronisation. ``fused``: the encoder's CPU edge kernels (eager mode on the
+    CPU only: ``torch.compile`` cannot trace them)."""
+    return model.atomic_energies(z, vec, Edges(src, dst, None), fused=fused, vacuum=vacuum)
 
 
 def padded_energy(model: Geodite, positions: torch.Tensor, strain: torch.Tensor, numbers: torch.Tensor,

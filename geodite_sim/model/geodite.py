@@ -101,14 +101,19 @@ class Geodite(nn.Module):
 
         return fused_available(self.device)
 
-    def atomic_energies(self, z: torch.Tensor, vec: torch.Tensor, edges: Edges, fused: bool = False) -> torch.Tensor:
-        """Per-atom energies [N] (eV) from atomic numbers [N] and edge vectors [E, 3] (receiver -> sender)."""
+    def atomic_energies(self, z: torch.Tensor, vec: torch.Tensor, edges: Edges, fused: bool = False,
+                        vacuum: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-atom energies [N] (eV) from atomic numbers [N] and edge vectors [E, 3] (receiver -> sender).
+
+        ``vacuum``: a precomputed isolated-atom feature table [max_z, L, C] (default: the cached
+        :meth:`vacuum_features`); the static-shape step of ``geodite_sim.accelerate`` passes one.
+        """
         src, dst = edges.sender, edges.receiver
         dist = torch.linalg.vector_norm(vec, dim=-1)
         Y = spherical_harmonics_l12(vec / dist.unsqueeze(-1))
         phi = self.encoder.radial_features(dist, z[dst], z[src])
         hs = self.encoder(z, phi, Y, src, dst, fused=fused)
-        vac = self.vacuum_features(z)
+        vac = self.vacuum_features(z) if vacuum is None else vacuum[z]
         # An atom without neighbours has exactly its vacuum features; subtracting the cached
         # copy could leave a rounding residue, so its difference is set to zero exactly.
         connected = (scatter_sum(torch.ones_like(dist), dst, z.shape[0]) > 0).unsqueeze(-1)  # no host sync
