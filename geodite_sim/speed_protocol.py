@@ -42,10 +42,10 @@ def silicon(n: int):
 
 
 def _maxwell(atoms, temperature=300.0, seed=0):
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
-
+    """A copy of ``atoms`` with Maxwell-Boltzmann momenta at ``temperature`` K."""
     atoms = atoms.copy()
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng(seed))
+    sigma = np.sqrt(atoms.get_masses() * units.kB * temperature)[:, None]
+    atoms.set_momenta(np.random.default_rng(seed).normal(size=(len(atoms), 3)) * sigma)
     return atoms
 
 
