@@ -123,3 +123,36 @@ def test_training_and_second_order_use_eager(reference_model_fp64):
         assert not model.use_fused()
     finally:
         p.requires_grad_(False)
+
+
+def test_kernels_do_not_depend_on_batch_composition():
+    """With 2 threads, a graph's node sums are bit-for-bit the same alone and after another graph in
+    the same batch (scatters run in edge order): a resumed relaxation, which runs in other batches,
+    then reproduces the uninterrupted one (tests/test_stability.py::test_cli_resume_after_sigkill)."""
+    n, e, c, src, dst, Y, leaf = _random_graph(7, n=30, e=900, c=32)
+    m, f, c2, src2, dst2, Y2, leaf2 = _random_graph(8, n=20, e=700, c=32)
+    X, od, ot = (t.float().detach() for t in (leaf(n, 8, c), leaf(e, c), leaf(e, c)))
+    X2, od2, ot2 = (t.float().detach() for t in (leaf2(m, 8, c), leaf2(f, c), leaf2(f, c)))
+    Yf, Y2f = Y.float().detach(), Y2.float().detach()
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        def run(parts):
+            Xs = torch.cat([p[0] for p in parts]).requires_grad_(True)
+            offs, srcs, dsts = 0, [], []
+            for p in parts:
+                srcs.append(p[4] + offs)
+                dsts.append(p[5] + offs)
+                offs += p[0].shape[0]
+            out = edge_ops.message(Xs, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]),
+                                   torch.cat([p[3] for p in parts]), torch.cat(srcs), torch.cat(dsts), fused=True)
+            (g,) = torch.autograd.grad((out * out).sum(), Xs)
+            return out.detach(), g
+
+        a = (X, od, ot, Yf, src, dst)
+        b = (X2, od2, ot2, Y2f, src2, dst2)
+        alone, g_alone = run([a])
+        both, g_both = run([b, a])
+        assert torch.equal(alone, both[m:]) and torch.equal(g_alone, g_both[m:])
+    finally:
+        torch.set_num_threads(old)

@@ -1,10 +1,9 @@
 // Fused per-edge operations of the Geodite interaction layer (CPU).
 //
-// Both operations read node tensors [N, 8, C] (small: they stay in cache) and edge
-// tensors [E, C], and never materialise an [E, 8, C] tensor, in the forward or the
-// backward pass. Edges are split across threads; every scatter goes to a per-thread
-// buffer that is summed at the end, so any edge order is valid and results are
-// deterministic for a fixed thread count.
+// The operations read node tensors [N, 8, C] (small: they stay in cache) and edge tensors
+// [E, C], and never materialise an [E, 8, C] tensor, in the forward or the backward pass.
+// Any edge order is valid. Loops that scatter into nodes run serially in edge order (see
+// scatter_loop), so a system's results do not depend on the rest of the batch.
 //
 // message:   out[dst] += o_d (x) Y + o_t * X[src]                    (paper Eq. 7, l = 1, 2)
 // attention: o = silu(q_i . (k_j * a)) per head * v_j + f * x_j   (node inputs gathered in-kernel)
@@ -22,12 +21,14 @@ namespace {
 constexpr int64_t kRows = 8;  // 3 (l = 1) + 5 (l = 2)
 constexpr int64_t kGrain = 64;
 
-// Zeroed per-thread accumulators: slot 0 is the output itself.
-std::vector<at::Tensor> thread_buffers(const at::Tensor& out) {
-  std::vector<at::Tensor> bufs{out};
-  for (int t = 1; t < at::get_num_threads(); ++t) bufs.push_back(at::zeros_like(out));
-  return bufs;
-}
+// Loops that scatter into node tensors run on one thread, in edge order: the sum into a node is then
+// the same, bit for bit, whatever else shares the batch (results must not depend on batch
+// composition: relaxations and MD resumed in other batches reproduce uninterrupted ones exactly).
+// Per-thread buffers would make the summation order depend on where thread chunks fall.
+template <typename F>
+void scatter_loop(int64_t E, F&& f) { f(int64_t{0}, E); }
+
+std::vector<at::Tensor> thread_buffers(const at::Tensor& out) { return {out}; }
 
 // Calls f(scalar) for float32 / float64 (the pragmas below cannot sit inside AT_DISPATCH's macro).
 template <typename F>
@@ -69,8 +70,8 @@ at::Tensor message_forward(at::Tensor X, at::Tensor od, at::Tensor ot, at::Tenso
     const scalar_t* py = Y.data_ptr<scalar_t>();
     const int64_t* ps = src.data_ptr<int64_t>();
     const int64_t* pr = dst.data_ptr<int64_t>();
-    at::parallel_for(0, E, kGrain, [&](int64_t begin, int64_t end) {
-      scalar_t* acc = bufs[at::get_thread_num()].data_ptr<scalar_t>();
+    scatter_loop(E, [&](int64_t begin, int64_t end) {
+      scalar_t* acc = bufs[0].data_ptr<scalar_t>();
       for (int64_t e = begin; e < end; ++e) {
         const scalar_t* xs = x + ps[e] * kRows * C;
         const scalar_t* d = pd + e * sd;
@@ -113,8 +114,8 @@ std::vector<at::Tensor> message_backward(at::Tensor G, at::Tensor X, at::Tensor 
     scalar_t* qd = gd.data_ptr<scalar_t>();
     scalar_t* qt = gt.data_ptr<scalar_t>();
     scalar_t* qy = gY.data_ptr<scalar_t>();
-    at::parallel_for(0, E, kGrain, [&](int64_t begin, int64_t end) {
-      scalar_t* acc = bufs[at::get_thread_num()].data_ptr<scalar_t>();
+    scatter_loop(E, [&](int64_t begin, int64_t end) {
+      scalar_t* acc = bufs[0].data_ptr<scalar_t>();
       for (int64_t e = begin; e < end; ++e) {
         const scalar_t* gi = g + pr[e] * kRows * C;
         const scalar_t* xs = x + ps[e] * kRows * C;
@@ -205,8 +206,8 @@ std::vector<at::Tensor> invariant_backward(at::Tensor G, at::Tensor Q, at::Tenso
     const int64_t* ps = src.data_ptr<int64_t>();
     const int64_t* pr = dst.data_ptr<int64_t>();
     scalar_t* qy_out = gY.data_ptr<scalar_t>();
-    at::parallel_for(0, E, kGrain, [&](int64_t begin, int64_t end) {
-      const int tid = at::get_thread_num();
+    scatter_loop(E, [&](int64_t begin, int64_t end) {
+      const int tid = 0;
       scalar_t* aq_base = bq[tid].data_ptr<scalar_t>();
       scalar_t* ak_base = bk[tid].data_ptr<scalar_t>();
       for (int64_t e = begin; e < end; ++e) {
@@ -270,8 +271,8 @@ std::vector<at::Tensor> attention_forward(at::Tensor q, at::Tensor k, at::Tensor
     const int64_t *ps = src.data_ptr<int64_t>(), *pr = dst.data_ptr<int64_t>();
     scalar_t *pod = od.data_ptr<scalar_t>(), *pot = ot.data_ptr<scalar_t>(), *pl = logits.data_ptr<scalar_t>();
     const scalar_t sc = static_cast<scalar_t>(scale);
-    at::parallel_for(0, E, kGrain, [&](int64_t begin, int64_t end) {
-      scalar_t* hacc = bufs[at::get_thread_num()].data_ptr<scalar_t>();
+    scatter_loop(E, [&](int64_t begin, int64_t end) {
+      scalar_t* hacc = bufs[0].data_ptr<scalar_t>();
       for (int64_t e = begin; e < end; ++e) {
         const scalar_t *qi = pq + pr[e] * C, *kj = pk + ps[e] * C, *ae = pa + e * sa;
         const scalar_t *vj = pv + ps[e] * C3, *xj = px + ps[e] * C3, *fe = pf + e * sf;
@@ -326,8 +327,8 @@ std::vector<at::Tensor> attention_backward(at::Tensor gh, at::Tensor gd, at::Ten
     const int64_t *ps = src.data_ptr<int64_t>(), *pr = dst.data_ptr<int64_t>();
     scalar_t *pga = ga.data_ptr<scalar_t>(), *pgf = gf.data_ptr<scalar_t>();
     const scalar_t sc = static_cast<scalar_t>(scale);
-    at::parallel_for(0, E, kGrain, [&](int64_t begin, int64_t end) {
-      const int tid = at::get_thread_num();
+    scatter_loop(E, [&](int64_t begin, int64_t end) {
+      const int tid = 0;
       scalar_t *aq = bq[tid].data_ptr<scalar_t>(), *ak = bk[tid].data_ptr<scalar_t>();
       scalar_t *av = bv[tid].data_ptr<scalar_t>(), *ax = bx[tid].data_ptr<scalar_t>();
       for (int64_t e = begin; e < end; ++e) {
