@@ -19,7 +19,7 @@
 namespace {
 
 constexpr int64_t kRows = 8;  // 3 (l = 1) + 5 (l = 2)
-constexpr int64_t kGrain = 64;
+constexpr int64_t kGrain = 64;  // edges per thread chunk in loops without scatters
 
 // Loops that scatter into node tensors run on one thread, in edge order: the sum into a node is then
 // the same, bit for bit, whatever else shares the batch (results must not depend on batch
@@ -27,8 +27,6 @@ constexpr int64_t kGrain = 64;
 // Per-thread buffers would make the summation order depend on where thread chunks fall.
 template <typename F>
 void scatter_loop(int64_t E, F&& f) { f(int64_t{0}, E); }
-
-std::vector<at::Tensor> thread_buffers(const at::Tensor& out) { return {out}; }
 
 // Calls f(scalar) for float32 / float64 (the pragmas below cannot sit inside AT_DISPATCH's macro).
 template <typename F>
@@ -41,9 +39,6 @@ void dispatch(at::ScalarType type, F&& f) {
 // Rows of an [E, C] tensor may be strided (a column block of a wider tensor); columns must be unit-stride.
 at::Tensor rows(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
 
-void reduce_buffers(std::vector<at::Tensor>& bufs) {
-  for (size_t t = 1; t < bufs.size(); ++t) bufs[0].add_(bufs[t]);
-}
 
 void check_inputs(const at::Tensor& node, const at::Tensor& y, const at::Tensor& src, const at::Tensor& dst) {
   TORCH_CHECK(node.device().is_cpu(), "geodite edge_ops: CPU tensors only");
@@ -61,7 +56,7 @@ at::Tensor message_forward(at::Tensor X, at::Tensor od, at::Tensor ot, at::Tenso
   src = src.contiguous(); dst = dst.contiguous();
   const int64_t E = src.numel(), C = X.size(2), sd = od.stride(0), st = ot.stride(0);
   auto out = at::zeros_like(X);
-  auto bufs = thread_buffers(out);
+  
   dispatch(X.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* x = X.data_ptr<scalar_t>();
@@ -71,7 +66,7 @@ at::Tensor message_forward(at::Tensor X, at::Tensor od, at::Tensor ot, at::Tenso
     const int64_t* ps = src.data_ptr<int64_t>();
     const int64_t* pr = dst.data_ptr<int64_t>();
     scatter_loop(E, [&](int64_t begin, int64_t end) {
-      scalar_t* acc = bufs[0].data_ptr<scalar_t>();
+      scalar_t* acc = out.data_ptr<scalar_t>();
       for (int64_t e = begin; e < end; ++e) {
         const scalar_t* xs = x + ps[e] * kRows * C;
         const scalar_t* d = pd + e * sd;
@@ -87,7 +82,6 @@ at::Tensor message_forward(at::Tensor X, at::Tensor od, at::Tensor ot, at::Tenso
       }
     });
   });
-  reduce_buffers(bufs);
   return out;
 }
 
@@ -101,7 +95,7 @@ std::vector<at::Tensor> message_backward(at::Tensor G, at::Tensor X, at::Tensor 
   auto gd = at::empty({E, C}, X.options());
   auto gt = at::empty({E, C}, X.options());
   auto gY = at::empty_like(Y);
-  auto bufs = thread_buffers(gX);
+  
   dispatch(X.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* g = G.data_ptr<scalar_t>();
@@ -115,7 +109,7 @@ std::vector<at::Tensor> message_backward(at::Tensor G, at::Tensor X, at::Tensor 
     scalar_t* qt = gt.data_ptr<scalar_t>();
     scalar_t* qy = gY.data_ptr<scalar_t>();
     scatter_loop(E, [&](int64_t begin, int64_t end) {
-      scalar_t* acc = bufs[0].data_ptr<scalar_t>();
+      scalar_t* acc = gX.data_ptr<scalar_t>();
       for (int64_t e = begin; e < end; ++e) {
         const scalar_t* gi = g + pr[e] * kRows * C;
         const scalar_t* xs = x + ps[e] * kRows * C;
@@ -144,7 +138,6 @@ std::vector<at::Tensor> message_backward(at::Tensor G, at::Tensor X, at::Tensor 
       }
     });
   });
-  reduce_buffers(bufs);
   return {gX, gd, gt, gY};
 }
 
@@ -195,8 +188,6 @@ std::vector<at::Tensor> invariant_backward(at::Tensor G, at::Tensor Q, at::Tenso
   auto gQ = at::zeros_like(Q);
   auto gK = at::zeros_like(K);
   auto gY = at::empty_like(Y);
-  auto bq = thread_buffers(gQ);
-  auto bk = thread_buffers(gK);
   dispatch(Q.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* g = G.data_ptr<scalar_t>();
@@ -207,9 +198,8 @@ std::vector<at::Tensor> invariant_backward(at::Tensor G, at::Tensor Q, at::Tenso
     const int64_t* pr = dst.data_ptr<int64_t>();
     scalar_t* qy_out = gY.data_ptr<scalar_t>();
     scatter_loop(E, [&](int64_t begin, int64_t end) {
-      const int tid = 0;
-      scalar_t* aq_base = bq[tid].data_ptr<scalar_t>();
-      scalar_t* ak_base = bk[tid].data_ptr<scalar_t>();
+      scalar_t* aq_base = gQ.data_ptr<scalar_t>();
+      scalar_t* ak_base = gK.data_ptr<scalar_t>();
       for (int64_t e = begin; e < end; ++e) {
         const scalar_t* q = pq + pr[e] * kRows * C;
         const scalar_t* k = pk + ps[e] * kRows * C;
@@ -240,8 +230,6 @@ std::vector<at::Tensor> invariant_backward(at::Tensor G, at::Tensor Q, at::Tenso
       }
     });
   });
-  reduce_buffers(bq);
-  reduce_buffers(bk);
   return {gQ, gK, gY};
 }
 
@@ -263,7 +251,7 @@ std::vector<at::Tensor> attention_forward(at::Tensor q, at::Tensor k, at::Tensor
   auto od = at::empty({E, C}, q.options()), ot = at::empty({E, C}, q.options());
   auto logits = at::empty({E, heads}, q.options());
   auto hmsg = at::zeros({N, C}, q.options());
-  auto bufs = thread_buffers(hmsg);
+  
   dispatch(q.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t *pq = q.data_ptr<scalar_t>(), *pk = k.data_ptr<scalar_t>(), *pv = v.data_ptr<scalar_t>();
@@ -272,7 +260,7 @@ std::vector<at::Tensor> attention_forward(at::Tensor q, at::Tensor k, at::Tensor
     scalar_t *pod = od.data_ptr<scalar_t>(), *pot = ot.data_ptr<scalar_t>(), *pl = logits.data_ptr<scalar_t>();
     const scalar_t sc = static_cast<scalar_t>(scale);
     scatter_loop(E, [&](int64_t begin, int64_t end) {
-      scalar_t* hacc = bufs[0].data_ptr<scalar_t>();
+      scalar_t* hacc = hmsg.data_ptr<scalar_t>();
       for (int64_t e = begin; e < end; ++e) {
         const scalar_t *qi = pq + pr[e] * C, *kj = pk + ps[e] * C, *ae = pa + e * sa;
         const scalar_t *vj = pv + ps[e] * C3, *xj = px + ps[e] * C3, *fe = pf + e * sf;
@@ -301,7 +289,6 @@ std::vector<at::Tensor> attention_forward(at::Tensor q, at::Tensor k, at::Tensor
       }
     });
   });
-  reduce_buffers(bufs);
   return {hmsg, od, ot, logits};
 }
 
@@ -317,7 +304,6 @@ std::vector<at::Tensor> attention_backward(at::Tensor gh, at::Tensor gd, at::Ten
   const int64_t dk = C / heads, dv = C3 / heads;
   auto gq = at::zeros_like(q), gk = at::zeros_like(k), gv = at::zeros_like(v), gx = at::zeros_like(xs);
   auto ga = at::empty({E, C}, q.options()), gf = at::empty({E, C3}, q.options());
-  auto bq = thread_buffers(gq), bk = thread_buffers(gk), bv = thread_buffers(gv), bx = thread_buffers(gx);
   dispatch(q.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t *pgh = gh.data_ptr<scalar_t>(), *pgd = gd.data_ptr<scalar_t>(), *pgt = gt.data_ptr<scalar_t>();
@@ -328,9 +314,8 @@ std::vector<at::Tensor> attention_backward(at::Tensor gh, at::Tensor gd, at::Ten
     scalar_t *pga = ga.data_ptr<scalar_t>(), *pgf = gf.data_ptr<scalar_t>();
     const scalar_t sc = static_cast<scalar_t>(scale);
     scatter_loop(E, [&](int64_t begin, int64_t end) {
-      const int tid = 0;
-      scalar_t *aq = bq[tid].data_ptr<scalar_t>(), *ak = bk[tid].data_ptr<scalar_t>();
-      scalar_t *av = bv[tid].data_ptr<scalar_t>(), *ax = bx[tid].data_ptr<scalar_t>();
+      scalar_t *aq = gq.data_ptr<scalar_t>(), *ak = gk.data_ptr<scalar_t>();
+      scalar_t *av = gv.data_ptr<scalar_t>(), *ax = gx.data_ptr<scalar_t>();
       for (int64_t e = begin; e < end; ++e) {
         const int64_t i = pr[e], j = ps[e];
         const scalar_t *qi = pq + i * C, *kj = pk + j * C, *ae = pa + e * sa;
@@ -368,7 +353,6 @@ std::vector<at::Tensor> attention_backward(at::Tensor gh, at::Tensor gd, at::Ten
       }
     });
   });
-  reduce_buffers(bq); reduce_buffers(bk); reduce_buffers(bv); reduce_buffers(bx);
   return {gq, gk, gv, gx, ga, gf};
 }
 
