@@ -11,26 +11,80 @@ Public API (see docs/ and README)::
     md = gs.run_md(structures, model, temperature=600, steps=2000, trajectory="run.h5")  # list[MDResult]
 """
 
+import sys as _sys
+import types as _types
 import warnings as _warnings
+from importlib import import_module as _import_module
+from typing import TYPE_CHECKING
 
-# Import-time noise of dependencies: torch-sim's use of the deprecated torch.jit.script, and Warp's
-# notice that no CUDA driver exists (expected on CPU machines).
+# Import-time noise of dependencies: torch-sim's use of the deprecated torch.jit.script.
 _warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
-try:
-    import warp as _warp
 
-    _warp.config.quiet = True
-except ImportError:  # nvalchemiops (and Warp) are optional at import time
-    pass
+#: Public names, imported on first access (PEP 562) so that ``import geodite_sim`` and the command
+#: line start fast: torch, torch-sim, Warp and pymatgen load only when a name that needs them is used.
+_LAZY = {
+    "Batch": "geodite_sim.batch",
+    "GeoditeCalculator": "geodite_sim.calculators",
+    "TorchSimModel": "geodite_sim.calculators",
+    "evaluate": "geodite_sim.evaluate",
+    "StructureError": "geodite_sim.io.structures",
+    "MDResult": "geodite_sim.md",
+    "run_md": "geodite_sim.md",
+    "CheckpointError": "geodite_sim.model",
+    "Geodite": "geodite_sim.model",
+    "GeoditeConfig": "geodite_sim.model",
+    "load_model": "geodite_sim.model",
+    "neighbor_list": "geodite_sim.neighbors",
+    "RelaxResult": "geodite_sim.relax",
+    "relax_many": "geodite_sim.relax",
+    "Status": "geodite_sim.status",
+    "admit": "geodite_sim.io.admission",
+}
+#: Modules that import Warp (through torch-sim / nvalchemiops): its CUDA-driver notice is silenced first.
+_USES_WARP = {"geodite_sim.calculators"}
 
-from geodite_sim.batch import Batch  # noqa: E402
-from geodite_sim.calculators import GeoditeCalculator, TorchSimModel
-from geodite_sim.evaluate import evaluate
-from geodite_sim.io.structures import StructureError
-from geodite_sim.md import MDResult, run_md
-from geodite_sim.model import CheckpointError, Geodite, GeoditeConfig, load_model
-from geodite_sim.neighbors import neighbor_list
-from geodite_sim.relax import RelaxResult, relax_many
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'geodite_sim' has no attribute {name!r}")
+    if module in _USES_WARP:
+        from geodite_sim._warp import import_warp_quietly
+
+        import_warp_quietly()
+    value = getattr(_import_module(module), name)
+    globals()[name] = value  # later accesses skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(_types.ModuleType):
+    """The package module: importing the submodule ``geodite_sim.evaluate`` must not replace the
+    function ``geodite_sim.evaluate`` (the import system binds submodules as package attributes)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _LAZY and isinstance(value, _types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package
+
+
+if TYPE_CHECKING:  # static analysers see the real names
+    from geodite_sim.batch import Batch
+    from geodite_sim.calculators import GeoditeCalculator, TorchSimModel
+    from geodite_sim.evaluate import evaluate
+    from geodite_sim.io.admission import admit
+    from geodite_sim.io.structures import StructureError
+    from geodite_sim.md import MDResult, run_md
+    from geodite_sim.model import CheckpointError, Geodite, GeoditeConfig, load_model
+    from geodite_sim.neighbors import neighbor_list
+    from geodite_sim.relax import RelaxResult, relax_many
+    from geodite_sim.status import Status
 
 __version__ = "0.1.0"
 
@@ -41,12 +95,14 @@ __all__ = [
     "GeoditeCalculator",
     "GeoditeConfig",
     "MDResult",
-    "TorchSimModel",
+    "RelaxResult",
+    "Status",
     "StructureError",
+    "TorchSimModel",
+    "admit",
     "evaluate",
     "load_model",
     "neighbor_list",
-    "RelaxResult",
     "relax_many",
     "run_md",
 ]

@@ -10,7 +10,7 @@ Cells are stored with rows = lattice vectors (ASE convention), in Å.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -40,6 +40,8 @@ class Batch:
     system_index: torch.Tensor
     offsets: torch.Tensor
     masses: torch.Tensor
+    #: Number of real atoms known on the host (``offsets[-1]``), so that reading it costs no device sync.
+    atom_count: int | None = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -69,6 +71,7 @@ class Batch:
             system_index=torch.as_tensor(system_index, dtype=torch.long, device=dev),
             offsets=torch.as_tensor(offsets, dtype=torch.long, device=dev),
             masses=torch.as_tensor(masses, dtype=dtype, device=dev),
+            atom_count=int(counts.sum()),
         )
 
     @classmethod
@@ -96,7 +99,9 @@ class Batch:
 
     @property
     def n_atoms(self) -> int:
-        """Number of real (non-padding) atoms."""
+        """Number of real (non-padding) atoms (host-side when known, else read from ``offsets[-1]``)."""
+        if self.atom_count is not None:
+            return self.atom_count
         return int(self.offsets[-1])
 
     @property
@@ -127,6 +132,9 @@ class Batch:
         out = {}
         for f in fields(self):
             t = getattr(self, f.name)
+            if not isinstance(t, torch.Tensor):
+                out[f.name] = t
+                continue
             if t.is_floating_point() and dtype is not None:
                 t = t.to(dtype=dtype)
             if device is not None:

@@ -7,17 +7,61 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 
 #: Sub-command modules, in the order ``--help`` lists them.
-COMMAND_MODULES = ["evaluate", "relax", "md", "screen", "campaign", "train", "bench", "demo"]
+COMMAND_MODULES = ["evaluate", "relax", "md", "screen", "campaign", "properties", "train", "bench", "demo"]
 
 EPILOG = """examples:
-  geodite-sim relax examples/*.cif --out relaxed/
-  geodite-sim md run structures.extxyz --temperature 600 --steps 2000 --trajectory run.h5
+  geodite-sim evaluate examples/structures/Si_diamond.cif examples/structures/NaCl_rocksalt.cif
+  geodite-sim relax examples/structures/*.cif --out out/relax      # re-run the same line to resume
+  geodite-sim md run examples/structures/NaCl_rocksalt_2x2x2.cif --temperature 600 --steps 2000 --trajectory run.h5
   geodite-sim md export run.h5 --format extxyz
   geodite-sim campaign workflows/sse/short.toml
+
+Every sub-command takes many inputs and reports each one: a missing or bad input gets its own
+failed line (status and message) and the others run. --device defaults to auto (CUDA when
+available, else CPU) everywhere.
+exit status: 0 every input succeeded; 1 at least one input failed (the others ran and are
+reported); 2 bad arguments (nothing ran).
 """
+
+#: Conventions every sub-command's arguments share, checked after parsing (a safety net for sub-commands
+#: whose parser does not type-check them itself): attribute -> (test, what it must be).
+COMMON_CHECKS = {
+    "fmax": (lambda v: v > 0 and math.isfinite(v), "a finite number > 0 (eV/Å)"),
+    "max_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "steps": (lambda v: v >= 1, "an integer >= 1"),
+    "max_atoms": (lambda v: v >= 1, "an integer >= 1"),
+    "timestep": (lambda v: v > 0 and math.isfinite(v), "a finite number > 0 (fs)"),
+}
+
+
+def _subparser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the sub-command that was run (for its usage line in error messages)."""
+    own = getattr(args, "subparser", None)
+    if own is not None:
+        return own
+    sub = getattr(parser, "_geodite_sub", None)
+    return sub.choices.get(args.command, parser) if sub is not None else parser
+
+
+def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse values that break the shared conventions with a usage message (exit 2)."""
+    from geodite_sim.commands import device_arg
+
+    sp = _subparser(parser, args)
+    for name, (ok, what) in COMMON_CHECKS.items():
+        value = getattr(args, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):
+            sp.error(f"argument --{name.replace('_', '-')}: must be {what}, got {value}")
+    device = getattr(args, "device", None)
+    if isinstance(device, str):
+        try:
+            device_arg(device)
+        except argparse.ArgumentTypeError as exc:
+            sp.error(f"argument --device: {exc}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser._geodite_sub = sub  # type: ignore[attr-defined]  # for check_common_arguments
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(f"geodite_sim.commands.{name}")
@@ -45,7 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    check_common_arguments(parser, args)
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:  # e.g. --model pointing nowhere
+        _subparser(parser, args).error(str(exc))
+    except Exception as exc:
+        if type(exc).__name__ != "CheckpointError":  # a bad --model file: a usage error, not a traceback
+            raise
+        _subparser(parser, args).error(str(exc))
+    return 2
 
 
 if __name__ == "__main__":

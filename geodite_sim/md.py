@@ -1,23 +1,23 @@
-"""Batched molecular dynamics: ``run_md`` and the engine loop behind it.
+"""Batched molecular dynamics: ``run_md``, the MD front-end of the one runner (:mod:`geodite_sim.runner`).
 
-Many independent structures are packed into one batch (continuous batching through
-:class:`~geodite_sim.scheduler.Scheduler`) and advanced together by one of the integrators
-in :mod:`geodite_sim.dynamics` (velocity Verlet, Nosé–Hoover chain, Langevin; ASE's
-equations, per-system temperatures and thermostat states). Each step is a fixed sequence
-of batched tensor operations plus one model call on edges from a Verlet (skin) neighbour
-list. The host reads tensors back only at check/frame intervals, when systems finish, and
-at checkpoints; there frames are written to HDF5, the stability monitors stop failing
-systems, finished systems are replaced by queued ones, and the progress bar is refreshed.
+Many independent structures are packed into one padded batch and advanced together by an
+integrator of the runner's registry (velocity Verlet, Nosé–Hoover chain, Langevin, ...: ASE's
+equations, per-system targets and thermostat states). Steps run on the device without host
+reads; at checks (every ``check_interval`` steps, default the monitors' ``check_every``) this
+front-end writes frames to HDF5, runs the stability monitors, writes checkpoints and reports
+progress, and the runner replaces finished systems by queued ones.
 
-See ``docs/md.md`` for equations, file layouts and restart semantics.
+A system pauses at its frame boundaries and at its last step until the next check, so frames and
+results are exactly those of a one-step-at-a-time run. See ``docs/md.md`` and ``docs/runner.md``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,25 +25,23 @@ import numpy as np
 import torch
 from ase import Atoms, units
 
-from geodite_sim.batch import Batch
-from geodite_sim.dynamics.langevin import LangevinState, langevin_step
-from geodite_sim.dynamics.nose_hoover import init_chain, nhc_conserved, nhc_step
 from geodite_sim.dynamics.velocities import maxwell_boltzmann, system_seed
-from geodite_sim.dynamics.verlet import MDState, kinetic_energy, nve_conserved, temperature, verlet_step
-from geodite_sim.io.structures import InputItem, iter_inputs, like_input
+from geodite_sim.dynamics.verlet import kinetic_energy, temperature
+from geodite_sim.io.structures import MAX_SUPPORTED_Z, InputItem, iter_inputs, like_input
 from geodite_sim.md_checkpoint import check_compatible, load_checkpoint, save_checkpoint, state_from_dict, state_to_dict
-from geodite_sim.model.geodite import Geodite
+from geodite_sim.model.contract import model_fingerprint, model_name, supported_elements
 from geodite_sim.model.strain import edge_vectors
-from geodite_sim.monitors import Monitors
-from geodite_sim.neighbors import VerletNeighborList
+from geodite_sim.monitors import Monitors, temperature_limit_factor
 from geodite_sim.progress import Progress
-from geodite_sim.scheduler import Capacity, Scheduler
+from geodite_sim.runner import Capacity, FailureChecks, Runner, StepConfig, get_integrator
+from geodite_sim.runner.engine import _unpad
+from geodite_sim.status import Status
 
-ENSEMBLES = ("nve", "nvt_nhc", "nvt_langevin")
+ENSEMBLES = ("nve", "nvt_nhc", "nvt_langevin")  # MD entries of the runner registry (more may be registered)
 log = logging.getLogger(__name__)
 #: Settings that must match between a checkpointed run and its restart.
 RESTART_KEYS = ("ensemble", "timestep_fs", "tdamp_fs", "chain_length", "tloop", "friction_per_fs", "fix_com", "seed",
-                "frame_every", "skin", "max_atoms", "dtype", "checkpoint_every", "model_name", "model_checksum")
+                "frame_every", "skin", "max_atoms", "dtype", "checkpoint_every", "model_fingerprint")
 
 
 #: Default atom budget per device type (CPU: cache-sized batches are fastest, see docs/md.md). CUDA uses
@@ -87,6 +85,8 @@ class MDResult:
         label: the input's label (file name or "index:formula").
         energy: potential energy at the last step, eV.
         temperature: temperature at the last step, K.
+        status: :class:`~geodite_sim.status.Status` (done, or why it stopped / could not start).
+        warnings: admission warnings.
     """
 
     index: int
@@ -97,6 +97,8 @@ class MDResult:
     label: str = ""
     energy: float | None = None
     temperature: float | None = None
+    status: Status = Status.DONE
+    warnings: list = field(default_factory=list)
 
 
 def _per_structure(value, index: int, name: str):
@@ -107,6 +109,7 @@ def _per_structure(value, index: int, name: str):
         return value[index]
     except (IndexError, KeyError, TypeError) as exc:
         raise ValueError(f"{name} has no entry for structure {index}") from exc
+
 
 
 class _CountedItems:
@@ -151,6 +154,11 @@ def run_md(
     save_momenta: bool = False,
     memory_budget_bytes: float | None = None,
     accelerate: str = "auto",
+    config: StepConfig | None = None,
+    observers: Sequence = (),
+    executor=None,
+    allow_unsupported_elements: bool = False,
+    **ensemble_params,
 ) -> list[MDResult]:
     """Run molecular dynamics on many structures at once; one :class:`MDResult` per input, in input order.
 
@@ -158,10 +166,11 @@ def run_md(
         structures: ASE Atoms, pymatgen structures, file paths, or any iterable of them (streamed).
             Initial momenta are taken from the input when it has them (ASE ``momenta``), otherwise drawn
             from Maxwell–Boltzmann at ``temperature`` with zero total momentum, seeded by (``seed``, index).
-        model: a Geodite (or any model with the same call signature, e.g. ``MorsePotential``);
-            None loads the packaged default. The model's dtype and device are used.
-        ensemble: ``"nve"`` (velocity Verlet), ``"nvt_nhc"`` (Nosé–Hoover chain, ASE's
-            ``NoseHooverChainNVT``) or ``"nvt_langevin"`` (ASE's ``Langevin``).
+        model: any model of the contract (docs/model-contract.md); None loads the packaged default.
+            The model's dtype and device are used.
+        ensemble: a registered MD integrator: ``"nve"`` (velocity Verlet), ``"nvt_nhc"`` (Nosé–Hoover chain,
+            ASE's ``NoseHooverChainNVT``), ``"nvt_langevin"`` (ASE's ``Langevin``), and any others registered
+            (:data:`geodite_sim.runner.REGISTRY`).
         temperature: target temperature, K — a float or one value per input (indexed by input index).
             Required for NVT; for NVE it only sets the initial velocities.
         timestep: fs.
@@ -174,82 +183,80 @@ def run_md(
         fix_com: Langevin: ASE's deprecated ``fixcm=True`` behaviour, per system.
         seed: run seed; per-structure seeds derive from (seed, input index).
         max_atoms: atom budget of the packed batch (systems beyond it wait in the queue). Default:
-            on the CPU :data:`DEFAULT_MAX_ATOMS` (a cache-sized batch is fastest: measured 1.5x faster
-            per atom-step at 384 atoms than at 2,956); on CUDA the memory model (docs/memory-model.md)
+            on the CPU :data:`DEFAULT_MAX_ATOMS`; on CUDA the memory model (docs/memory-model.md)
             at 80 % of the free device memory; a restart reuses the checkpointed run's value.
         skin: Verlet neighbour-list skin, Å.
         monitors: :class:`~geodite_sim.monitors.Monitors` thresholds; True for the defaults, False/None for
-            the NaN/Inf check only. ``monitors.check_every`` also sets the progress/check interval.
+            the NaN/Inf check only. ``monitors.check_every`` is the check interval (host reads).
         checkpoint: checkpoint file (default ``<trajectory>.ckpt`` when ``checkpoint_every`` is set).
         checkpoint_every: engine steps between checkpoints; None writes none.
-        restart: continue from ``checkpoint`` when it exists (same inputs and settings), appending to
+        restart: continue from ``checkpoint`` when it exists (same inputs, settings and model), appending to
             the trajectory; without a checkpoint file the run starts afresh.
-        progress: show a progress bar (steps/s, ns/day per system, atom-steps/s).
+        progress: show a progress bar (system-steps, ETA, ns/day per system, atom-steps/s).
         save_momenta: also store momenta in the trajectory.
-        memory_budget_bytes: bytes one model step may use on any device; caps ``max_atoms`` so that the
-            memory model's predicted peak stays within 80 % of it.
-        accelerate: how the per-step model call runs (:mod:`geodite_sim.accelerate`): ``"auto"``
-            (CUDA graphs on a CUDA device, the plain model elsewhere), ``"off"``, ``"eager"`` (padded
-            static shapes), ``"compile"`` (``torch.compile``) or ``"cuda_graph"`` (CUDA only). Only
-            Geodite models are wrapped; see ``docs/gpu.md``.
+        memory_budget_bytes: bytes one model step may use on any device; caps ``max_atoms``.
+        accelerate: ``"auto"`` (the whole step captured in a CUDA graph on CUDA, eager elsewhere), ``"off"``,
+            ``"eager"``, ``"compile"`` (``torch.compile(fullgraph=True)`` of the step) or ``"cuda_graph"``.
+        config: engine settings (:class:`~geodite_sim.runner.StepConfig`); ``skin``/``accelerate`` override it.
+        observers: objects with optional ``on_check(event)`` / ``on_result(result)`` / ``on_close()`` hooks
+            (:class:`~geodite_sim.runner.CheckEvent`: steps, iteration, n_systems, n_atoms).
+        executor: run elsewhere (e.g. :class:`geodite_sim.executors.RayExecutor`); None runs in this process.
+        allow_unsupported_elements: run structures with elements outside the model's set (warning recorded).
+        ensemble_params: parameters of other registered ensembles (e.g. ``pressure``, ``pdamp``).
     """
-    engine = _MDEngine(
-        structures, model, ensemble, temperature, timestep, steps, trajectory, frame_every, tdamp, chain_length,
-        tloop, friction, fix_com, seed, max_atoms, skin, monitors, checkpoint, checkpoint_every, restart, progress,
-        save_momenta, memory_budget_bytes=memory_budget_bytes,
-    )
-    from geodite_sim.accelerate import accelerated
+    if model is None:
+        from geodite_sim.model import load_model
 
-    engine.step_model = accelerated(engine.model, accelerate)
-    return engine.run()
+        model = load_model()
+    if executor is not None:
+        return executor.run_md(structures, model, ensemble=ensemble, temperature=temperature, timestep=timestep,
+                               steps=steps, trajectory=trajectory, frame_every=frame_every, tdamp=tdamp,
+                               chain_length=chain_length, tloop=tloop, friction=friction, fix_com=fix_com, seed=seed,
+                               max_atoms=max_atoms, skin=skin, monitors=monitors, checkpoint=checkpoint,
+                               checkpoint_every=checkpoint_every, restart=restart, progress=progress,
+                               save_momenta=save_momenta, memory_budget_bytes=memory_budget_bytes,
+                               accelerate=accelerate, **ensemble_params)
+    job = _MDJob(structures, model, ensemble, temperature, timestep, steps, trajectory, frame_every, tdamp,
+                 chain_length, tloop, friction, fix_com, seed, max_atoms, skin, monitors, checkpoint,
+                 checkpoint_every, restart, progress, save_momenta, memory_budget_bytes, accelerate, config,
+                 list(observers), allow_unsupported_elements, ensemble_params)
+    return job.run()
 
 
-class _MDEngine:
-    """One run_md call: scheduler, integrator, neighbour list, writer, monitors, checkpoints."""
-
-    #: What evaluates the model inside a step (``run_md(accelerate=...)``); None: the model itself.
-    step_model = None
+class _MDJob:
+    """One run_md call: settings, the runner's hooks (per-structure settings, frames, monitors, checkpoints,
+    results) and the loop around the runner."""
 
     def __init__(self, structures, model, ensemble, temperature, timestep, steps, trajectory, frame_every, tdamp,
                  chain_length, tloop, friction, fix_com, seed, max_atoms, skin, monitors, checkpoint,
-                 checkpoint_every, restart, progress, save_momenta, memory_budget_bytes=None):
-        if ensemble not in ENSEMBLES:
-            raise ValueError(f"unknown ensemble {ensemble!r}; choose from {ENSEMBLES}")
+                 checkpoint_every, restart, progress, save_momenta, memory_budget_bytes, accelerate, config,
+                 observers, allow_unsupported_elements, ensemble_params):
+        self.integrator = get_integrator(ensemble)
+        if self.integrator.kind != "md":
+            raise ValueError(f"{ensemble!r} is an optimiser, not an MD ensemble; use relax_many")
         if not timestep > 0:
             raise ValueError("timestep must be positive (fs)")
         if ensemble != "nve" and temperature is None:
             raise ValueError(f"ensemble {ensemble!r} needs a temperature")
         if frame_every < 1:
             raise ValueError("frame_every must be >= 1")
-        if model is None:
-            from geodite_sim.model import load_model
-
-            model = load_model()
         self.structures = structures
         self.model = model
-        self.dtype = model.dtype
-        self.device = model.device
+        self.dtype, self.device = model.dtype, torch.device(model.device)
         self.ensemble = ensemble
         self.temperature = temperature
         self.steps = steps
         self.timestep_fs = float(timestep)
-        self.dt = float(timestep) * units.fs
         self.tdamp_fs = float(tdamp) if tdamp is not None else 100.0 * float(timestep)
-        self.chain_length = int(chain_length)
-        self.tloop = int(tloop)
-        self.friction_fs = float(friction)
-        self.fix_com = bool(fix_com)
         self.seed = int(seed)
         self.frame_every = int(frame_every)
         if monitors is True:
             monitors = Monitors()
         elif monitors is False or monitors is None:
             monitors = Monitors(None, None, None)
-        if ensemble == "nvt_langevin":
-            monitors = Monitors(monitors.max_temperature_factor, monitors.min_distance_factor, None,
-                                monitors.check_every)
+        if self.integrator.conserved is None:  # no conserved quantity (Langevin): no drift check
+            monitors = replace(monitors, max_drift=None)
         self.monitors = monitors
-        self.check_every = max(1, int(monitors.check_every))
         self.trajectory = None if trajectory is None else str(trajectory)
         if checkpoint_every is not None and checkpoint is None:
             if self.trajectory is None:
@@ -258,70 +265,37 @@ class _MDEngine:
         self.checkpoint = None if checkpoint is None else str(checkpoint)
         self.checkpoint_every = None if checkpoint_every is None else int(checkpoint_every)
         self.restart = restart
-        self.progress = progress
+        self.progress_enabled = progress
         self.save_momenta = save_momenta
+        self.allow_unsupported = allow_unsupported_elements
+        self.observers = observers
         if max_atoms is None and restart and self.checkpoint is not None and os.path.exists(self.checkpoint):
             max_atoms = int(load_checkpoint(self.checkpoint)["settings"]["max_atoms"])  # the run's own capacity
         max_atoms = _default_max_atoms(model, structures, max_atoms, memory_budget_bytes)
         self.capacity = Capacity(max_atoms=int(max_atoms))
-        backend = getattr(model, "neighbor_backend", "auto")
-        self.nl = VerletNeighborList(model.cutoff, skin, backend)
-        self.last_edges = None
+        interval = max(1, min(int(monitors.check_every), self.frame_every if self.trajectory else 10**9))
+        base = config or StepConfig()
+        self.config = replace(base, skin=float(skin), accelerate=accelerate, check_interval=interval)
+        self.run_settings = {"dt": float(timestep) * units.fs, "tdamp_fs": self.tdamp_fs,
+                             "chain_length": int(chain_length), "tloop": int(tloop),
+                             "friction_per_fs": float(friction), "fix_com": bool(fix_com), **ensemble_params}
         self.settings = dict(
-            ensemble=ensemble, timestep_fs=self.timestep_fs, tdamp_fs=self.tdamp_fs, chain_length=self.chain_length,
-            tloop=self.tloop, friction_per_fs=self.friction_fs, fix_com=self.fix_com, seed=self.seed,
+            ensemble=ensemble, timestep_fs=self.timestep_fs, tdamp_fs=self.tdamp_fs, chain_length=int(chain_length),
+            tloop=int(tloop), friction_per_fs=float(friction), fix_com=bool(fix_com), seed=self.seed,
             frame_every=self.frame_every, skin=float(skin), max_atoms=int(max_atoms), dtype=str(self.dtype),
-            checkpoint_every=self.checkpoint_every, model_name=str(getattr(model, "name", type(model).__name__)),
-            model_checksum=str(getattr(model, "checksum", "")),
+            checkpoint_every=self.checkpoint_every, model_name=model_name(model),
+            model_fingerprint=model_fingerprint(model), **{k: _plain(v) for k, v in ensemble_params.items()},
         )
         self.results: dict[int, MDResult] = {}
         self.result_data: dict[int, dict] = {}
-        self.iteration = 0
         self.writer = None
-        self.steps_host = np.zeros(0, dtype=np.int64)
-        self.target_host = np.zeros(0, dtype=np.int64)
-        self.atoms_host = np.zeros(0, dtype=np.int64)
-        self.n_atoms_host = 0
+        self.last_frame: dict[int, int] = {}  # input index -> step of its last frame
+        self.next_checkpoint = self.checkpoint_every
+        self.t_limit: dict[int, float] = {}  # input index -> temperature-runaway factor for its size
 
-    # ------------------------------------------------------------------ physics
-    def _forces(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        # A system that has blown up (non-finite positions) must not break its batch-mates' model call
-        # or neighbour list: its bad coordinates are replaced by 0 for the evaluation only. Its state stays
-        # non-finite, and the monitors stop it at the next check.
-        pos = batch.positions
-        batch = batch.with_positions(torch.where(torch.isfinite(pos), pos, torch.zeros_like(pos)))
-        edges = self.nl(batch)
-        self.last_edges = edges
-        if self.step_model is not None:
-            out = self.step_model(batch, edges=edges, compute_forces=True, compute_stress=False)
-        elif isinstance(self.model, Geodite):
-            # inputs were validated on admission and non-finite positions are masked above, so the
-            # model's host-side input checks (a device sync per step on CUDA) are skipped
-            out = self.model(batch, edges=edges, compute_forces=True, compute_stress=False, check=False)
-        else:
-            out = self.model(batch, edges=edges, compute_forces=True, compute_stress=False)
-        return out["energy"], out["forces"]
-
-    def _step(self, state: MDState) -> MDState:
-        if self.ensemble == "nve":
-            return verlet_step(state, self._forces, self.dt)
-        if self.ensemble == "nvt_nhc":
-            return nhc_step(state, self._forces, self.dt, self.tloop)
-        return langevin_step(state, self._forces, self.dt, self.fix_com)
-
-    def _conserved(self, state: MDState, ke: torch.Tensor) -> torch.Tensor:
-        if self.ensemble == "nvt_nhc":
-            return nhc_conserved(state, ke)
-        return nve_conserved(state, ke)
-
-    def _observables(self, state: MDState) -> dict[str, torch.Tensor]:
-        ke = kinetic_energy(state)
-        return {"kinetic_energy": ke, "temperature": temperature(state, ke), "conserved": self._conserved(state, ke)}
-
-    def _init_state(self, items: list[InputItem]) -> MDState:
-        """Integrator state of newly started systems (momenta, chains, forces at step 0)."""
-        atoms_list = [it.atoms for it in items]
-        batch = Batch.from_atoms(atoms_list, dtype=self.dtype, device=self.device)
+    # ------------------------------------------------------------------ runner hooks
+    def per_system(self, items: list[InputItem]) -> dict:
+        """Per-structure MD settings of newly admitted systems (ValueError names the bad one)."""
         momenta, kT, target, seeds = [], [], [], []
         for it in items:
             T = _per_structure(self.temperature, it.index, "temperature")
@@ -330,120 +304,170 @@ class _MDEngine:
                 raise ValueError(f"negative number of steps {n_steps}")
             if self.ensemble != "nve" and T is None:
                 raise ValueError("no target temperature")
+            if T is not None and not (math.isfinite(float(T)) and float(T) >= 0):
+                raise ValueError(f"invalid temperature {T!r} K")
             if it.atoms.has("momenta"):
-                momenta.append(it.atoms.get_momenta())
+                p = it.atoms.get_momenta()
+                if not np.isfinite(p).all():
+                    raise ValueError("non-finite momenta")
+                momenta.append(p)
             else:
                 momenta.append(maxwell_boltzmann(it.atoms, float(T or 0.0), self.seed, it.index))
             kT.append(units.kB * float(T or 0.0))
             target.append(n_steps)
             seeds.append(system_seed(self.seed, it.index))
-        tensor = dict(dtype=self.dtype, device=self.device)
-        out = self.model(batch, compute_forces=True, compute_stress=False)
-        state = MDState(
-            batch=batch, energy=out["energy"], forces=out["forces"],
-            momenta=torch.as_tensor(np.concatenate(momenta), **tensor),
-            kT=torch.as_tensor(kT, **tensor),
-            step=torch.zeros(len(items), dtype=torch.long, device=self.device),
-            target_steps=torch.as_tensor(target, dtype=torch.long, device=self.device),
-            seed=torch.as_tensor(seeds, dtype=torch.long, device=self.device),
-        )
-        if self.ensemble == "nvt_nhc":
-            state = init_chain(state, self.tdamp_fs * units.fs, self.chain_length)
-        elif self.ensemble == "nvt_langevin":
-            values = {f.name: getattr(state, f.name) for f in fields(state)}
-            state = LangevinState(**values, friction=torch.full((len(items),), self.friction_fs / units.fs, **tensor))
-        state.conserved0 = self._conserved(state, kinetic_energy(state))
-        return state
+            self.t_limit[it.index] = temperature_limit_factor(self.monitors, len(it.atoms))
+        t = dict(dtype=self.dtype, device=self.device)
+        return {"momenta": torch.as_tensor(np.concatenate(momenta), **t), "kT": torch.as_tensor(kT, **t),
+                "step": torch.zeros(len(items), dtype=torch.long, device=self.device),
+                "target_steps": torch.as_tensor(target, dtype=torch.long, device=self.device),
+                "seed": torch.as_tensor(seeds, dtype=torch.long, device=self.device)}
 
-    # ------------------------------------------------------------------ bookkeeping
-    def _sync_host(self) -> None:
-        state = self.sched.state
-        if state is None:
-            self.steps_host = np.zeros(0, dtype=np.int64)
-            self.target_host = np.zeros(0, dtype=np.int64)
-            self.atoms_host = np.zeros(0, dtype=np.int64)
-            self.n_atoms_host = 0
+    def horizon(self, runner: Runner, horizon: torch.Tensor, new_slots: list[int]) -> torch.Tensor:
+        """Steps each slot may reach before the next check: its next frame boundary or its target."""
+        state = runner.state
+        steps = state.step
+        fe = self.frame_every if self.writer is not None else 1 << 62
+        nxt = (torch.div(steps, fe, rounding_mode="floor") + 1) * fe
+        return torch.minimum(nxt, state.target_steps)
+
+    def on_admit(self, runner: Runner, slots: list[int]) -> None:
+        """Trajectory groups and step-0 frames of newly started systems."""
+        state = runner.state
+        if self.writer is None:
+            for s in slots:
+                self.last_frame[runner.items[s].index] = 0
             return
-        self.steps_host = state.step.cpu().numpy().copy()
-        self.target_host = state.target_steps.cpu().numpy().copy()
-        self.atoms_host = state.batch.atoms_per_system.cpu().numpy().copy()
-        self.n_atoms_host = int(self.atoms_host.sum())
+        kT = state.kT.cpu().numpy()
+        target = state.target_steps.cpu().numpy()
+        seeds = state.seed.cpu().numpy()
+        for s in slots:
+            item = runner.items[s]
+            atoms = item.atoms
+            self.writer.add_system(item.index, atoms.numbers, atoms.get_masses(), atoms.pbc, {
+                "index": item.index, "label": item.label, "formula": atoms.get_chemical_formula(),
+                "n_atoms": len(atoms), "temperature_K": float(kT[s] / units.kB), "target_steps": int(target[s]),
+                "seed": int(seeds[s]), "n_steps": 0,
+            })
+        self._frames(runner, slots, self._observables(state))
 
-    def _attrs(self) -> dict:
-        import h5py
+    def at_check(self, runner: Runner, host: dict) -> dict[int, tuple[Status, str]]:
+        """Frames at boundaries and last steps, monitors, progress, checkpoints; returns monitor failures."""
+        state = runner.state
+        steps = host["steps"]
+        failures: dict[int, tuple[Status, str]] = {}
+        obs = self._observables(state)
+        occupied = [s for s, it in enumerate(runner.items) if it is not None]
+        if occupied:
+            failures = self._monitor(runner, state, obs, occupied, steps)
+        target = state.target_steps[: len(runner.items)].cpu().numpy()
+        framed = []
+        for s in occupied:
+            index = runner.items[s].index
+            st = int(steps[s])
+            if st == self.last_frame.get(index, -1):
+                continue
+            failed = s in failures or host["code"][s] != 0
+            if st % self.frame_every == 0 or st >= target[s] or failed:
+                framed.append(s)
+        if framed:
+            self._frames(runner, framed, obs)
+        self._bar.advance(runner, steps, occupied)
+        runner.slots.horizon = self.horizon(runner, runner.slots.horizon, [])
+        self._failed_now = failures
+        return failures
 
-        import geodite_sim
+    def result(self, item: InputItem, one, status: Status | None, message: str | None) -> MDResult:
+        n_steps = int(one.step[0])
+        if status is None:
+            status = Status.DONE
+        error = None if status.ok else (message if message.startswith("stopped") else f"stopped at step {n_steps}: "
+                                        f"{message}")
+        temp = float(temperature(one)[0])
+        data = {"index": item.index, "label": item.label, "started": True, "error": error, "status": status.value,
+                "n_steps": n_steps, "positions": one.positions.detach().cpu().clone(),
+                "momenta": one.momenta.detach().cpu().clone(), "forces": one.forces.detach().cpu().clone(),
+                "energy": float(one.energy[0]), "temperature": temp,
+                "group": self.writer.group_name(item.index) if self.writer else None}
+        if self.writer is not None:
+            self.writer.flush([item.index])
+            self.writer.set_attrs(item.index, status="failed" if error else "done", error=error, n_steps=n_steps)
+        self.result_data[item.index] = data
+        res = self._make_result(item, data)
+        self.results[item.index] = res
+        self._bar.finish("done" if status.ok else "failed")
+        return res
 
-        versions = {"geodite_sim": geodite_sim.__version__, "torch": torch.__version__, "numpy": np.__version__,
-                    "h5py": h5py.__version__}
-        import ase
+    def rejected(self, item: InputItem, status: Status, message: str) -> MDResult:
+        if not message.startswith(item.label):
+            message = f"{item.label}: {message}"
+        self.result_data[item.index] = {"index": item.index, "label": item.label, "error": message,
+                                        "status": Status(status).value, "started": False}
+        res = MDResult(item.index, None, 0, message, None, item.label, status=Status(status),
+                       warnings=list(getattr(item, "warnings", None) or []))
+        self.results[item.index] = res
+        self._bar.finish("failed")
+        return res
 
-        versions["ase"] = ase.__version__
-        return {**self.settings, "versions": versions, "created_by": "geodite_sim.run_md",
-                "time_unit": "fs", "conserved": "nhc" if self.ensemble == "nvt_nhc" else "total_energy"}
+    # ------------------------------------------------------------------ physics on the host's schedule
+    def _observables(self, state) -> dict[str, torch.Tensor]:
+        ke = kinetic_energy(state)
+        conserved = self.integrator.conserved
+        return {"kinetic_energy": ke, "temperature": temperature(state, ke),
+                "conserved": conserved(state) if conserved is not None else state.energy + ke}
 
-    def _group(self, index: int) -> tuple[str, str] | None:
-        return None if self.writer is None else (self.trajectory, self.writer.group_name(index))
+    def _monitor(self, runner: Runner, state, obs: dict, occupied: list[int], steps) -> dict:
+        m = self.monitors
+        edges = runner.edges.masked(state.positions, state.cell, state.system_index) if runner.edges else None
+        vec = None
+        if m.min_distance_factor is not None and edges is not None:
+            vec = edge_vectors(state.positions, state.cell, state.system_index, edges)
+            vec = torch.where((edges.sender == edges.receiver)[:, None], torch.full_like(vec, 1e9), vec)
+        limit = torch.ones(state.cell.shape[0], dtype=self.dtype, device=self.device)
+        for s in occupied:
+            limit[s] = self.t_limit.get(runner.items[s].index, 4.0)
+        values = m.check(state.positions, state.momenta, state.forces, state.energy, state.batch.numbers,
+                         state.system_index, state.batch.atoms_per_system, obs["temperature"], state.kT,
+                         obs["conserved"], state.conserved0, vec, None if edges is None else edges.receiver,
+                         None if edges is None else edges.sender, temperature_factor=limit)
+        code = values["code"].cpu().numpy()
+        failures = {}
+        if (code[occupied] != 0).any():
+            host = {k: v.detach().cpu().numpy() for k, v in values.items()}
+            for s in occupied:
+                if code[s] != 0:
+                    status = _monitor_status(int(code[s]))
+                    failures[s] = (status, m.describe(int(code[s]), host, s, int(steps[s])))
+        return failures
 
-    def _frames(self, slots: np.ndarray, obs: dict[str, torch.Tensor]) -> None:
+    def _frames(self, runner: Runner, slots: list[int], obs: dict[str, torch.Tensor]) -> None:
         """Buffer a frame of every system slot in ``slots`` (one device-to-host copy)."""
-        if self.writer is None or len(slots) == 0:
+        if not slots:
             return
-        state = self.sched.state
+        state = runner.state
+        steps = state.step.cpu().numpy()
+        for s in slots:
+            self.last_frame[runner.items[s].index] = int(steps[s])
+        if self.writer is None:
+            return
         pos = state.positions.detach().cpu().numpy()
         cell = state.cell.detach().cpu().numpy()
         mom = state.momenta.detach().cpu().numpy() if self.save_momenta else None
         energy = state.energy.detach().cpu().numpy()
         host = {k: v.detach().cpu().numpy() for k, v in obs.items()}
         offsets = state.batch.offsets.cpu().numpy()
-        steps = state.step.cpu().numpy()
         for s in slots:
             a, b = offsets[s], offsets[s + 1]
             frame = {"positions": pos[a:b], "cell": cell[s], "energy": energy[s], "step": steps[s],
                      **{k: v[s] for k, v in host.items()}}
             if mom is not None:
                 frame["momenta"] = mom[a:b]
-            self.writer.add_frame(self.sched.active[s].index, frame)
-
-    def _start(self, first_slot: int) -> None:
-        """Groups and step-0 frames of the systems in slots ``first_slot:``."""
-        state = self.sched.state
-        new = self.sched.active[first_slot:]
-        if self.writer is not None and new:
-            kT = state.kT.cpu().numpy()
-            target = state.target_steps.cpu().numpy()
-            seeds = state.seed.cpu().numpy()
-            for k, item in enumerate(new):
-                s = first_slot + k
-                atoms = item.atoms
-                self.writer.add_system(item.index, atoms.numbers, atoms.get_masses(), atoms.pbc, {
-                    "index": item.index, "label": item.label, "formula": atoms.get_chemical_formula(),
-                    "n_atoms": len(atoms), "temperature_K": float(kT[s] / units.kB), "target_steps": int(target[s]),
-                    "seed": int(seeds[s]), "n_steps": 0,
-                })
-            self._frames(np.arange(first_slot, len(self.sched.active)), self._observables(state))
-
-    def _refill(self) -> None:
-        n_before = len(self.sched.active)
-        for item in self.sched.refill():
-            self._finish_unstarted(item)
-        if len(self.sched.active) > n_before:
-            self._start(n_before)
-        self._sync_host()
-        self.nl.reset()
-        done = self.steps_host >= self.target_host  # systems asked to run 0 steps
-        if done.any():
-            self._retire(done, {})
-            self._refill()
-
-    def _finish_unstarted(self, item: InputItem) -> None:
-        error = item.error or "could not be started"
-        self.results[item.index] = MDResult(item.index, None, 0, error, None, item.label)
-        self.result_data[item.index] = {"index": item.index, "label": item.label, "error": error, "started": False}
+            self.writer.add_frame(runner.items[s].index, frame)
 
     def _make_result(self, item: InputItem, data: dict) -> MDResult:
+        status = Status(data.get("status") or ("done" if not data.get("error") else "non_finite"))
         if not data.get("started", True):
-            return MDResult(item.index, None, 0, data["error"], None, item.label)
+            return MDResult(item.index, None, 0, data["error"], None, item.label, status=status)
         from ase.calculators.singlepoint import SinglePointCalculator
 
         atoms = item.atoms.copy()
@@ -453,61 +477,41 @@ class _MDEngine:
         group = data.get("group")
         return MDResult(item.index, like_input(item.original, atoms), int(data["n_steps"]), data["error"],
                         None if not group else (self.trajectory, group), item.label, float(data["energy"]),
-                        float(data["temperature"]))
+                        float(data["temperature"]), status=status,
+                        warnings=list(getattr(item, "warnings", None) or []))
 
-    def _retire(self, done: np.ndarray, errors: dict[int, str]) -> None:
-        slots = np.nonzero(done)[0]
-        temps = self._observables(self.sched.state)["temperature"].cpu()
-        temps = {int(s): float(temps[s]) for s in slots}
-        pairs = self.sched.retire(torch.as_tensor(done, device=self.device))
-        for s, (item, one) in zip(slots, pairs):
-            s = int(s)
-            error = errors.get(s)
-            n_steps = int(one.step[0])
-            data = {"index": item.index, "label": item.label, "started": True, "error": error, "n_steps": n_steps,
-                    "positions": one.positions.detach().cpu().clone(), "momenta": one.momenta.detach().cpu().clone(),
-                    "forces": one.forces.detach().cpu().clone(), "energy": float(one.energy[0]),
-                    "temperature": temps[s], "group": self.writer.group_name(item.index) if self.writer else None}
-            if self.writer is not None:
-                self.writer.flush([item.index])
-                self.writer.set_attrs(item.index, status="failed" if error else "done", error=error, n_steps=n_steps)
-            self.result_data[item.index] = data
-            self.results[item.index] = self._make_result(item, data)
+    # ------------------------------------------------------------------ checkpoints
+    def _attrs(self) -> dict:
+        import ase
+        import h5py
 
-    def _next_index(self) -> int:
-        pending = getattr(self.sched, "_pending", None)
+        import geodite_sim
+
+        versions = {"geodite_sim": geodite_sim.__version__, "torch": torch.__version__, "numpy": np.__version__,
+                    "h5py": h5py.__version__, "ase": ase.__version__}
+        return {**self.settings, "model_checksum": self.settings["model_fingerprint"], "versions": versions,
+                "created_by": "geodite_sim.run_md", "time_unit": "fs",
+                "conserved": "nhc" if self.ensemble == "nvt_nhc" else "total_energy"}
+
+    def _next_index(self, runner: Runner) -> int:
+        pending = runner._pending
         return pending.index if pending is not None else self.items.next_index
 
-    def _save_checkpoint(self) -> None:
+    def save_checkpoint(self, runner: Runner) -> None:
         if self.writer is not None:
             self.writer.flush()
+        active = [s for s, it in enumerate(runner.items) if it is not None]
+        state = _unpad(runner.state, active) if active else None
         payload = {
-            "settings": self.settings, "iteration": self.iteration, "state": state_to_dict(self.sched.state),
-            "active": [it.index for it in self.sched.active], "labels": [it.label for it in self.sched.active],
-            "next_index": self._next_index(), "results": list(self.result_data.values()),
+            "settings": self.settings, "iteration": runner.iteration, "state": state_to_dict(state),
+            "active": [runner.items[s].index for s in active], "labels": [runner.items[s].label for s in active],
+            "next_index": self._next_index(runner), "results": list(self.result_data.values()),
             "frames": [[k, v] for k, v in (self.writer.written().items() if self.writer else [])],
+            "last_frame": [[k, v] for k, v in self.last_frame.items()],
         }
         save_checkpoint(self.checkpoint, payload)
-        # The restarted run starts with a fresh neighbour list; start one here too, so both runs sum
-        # forces over identically ordered edges (bit-for-bit continuation).
-        self.nl.reset()
 
-    # ------------------------------------------------------------------ setup
-    def _setup(self) -> bool:
-        """Create scheduler and writer (fresh or from a checkpoint); True when restored from one."""
-        ckpt = None
-        if self.restart and self.checkpoint is not None and os.path.exists(self.checkpoint):
-            ckpt = load_checkpoint(self.checkpoint)
-            check_compatible(ckpt["settings"], self.settings, RESTART_KEYS)
-        stream = iter_inputs(self.structures)
-        float_dtype = np.float64 if self.dtype == torch.float64 else np.float32
-        if ckpt is None:
-            self.items = _CountedItems(stream)
-            self.sched = Scheduler(self.items, self.capacity, self._init_state)
-            if self.trajectory is not None:
-                self.writer = _open_writer(self.trajectory, self._attrs(), None, float_dtype,
-                                                      self.save_momenta)
-            return False
+    def _restore(self, runner: Runner, ckpt: dict, stream) -> None:
         next_index = int(ckpt["next_index"])
         seen: dict[int, InputItem] = {}
         for _ in range(next_index):
@@ -523,96 +527,129 @@ class _MDEngine:
             if item.label != label or item.atoms is None:
                 raise ValueError(f"cannot restart: input {index} is {item.label!r}, the checkpoint has {label!r}")
             active.append(item)
+            self.t_limit[index] = temperature_limit_factor(self.monitors, len(item.atoms))
         for data in ckpt["results"]:
             self.result_data[data["index"]] = data
             self.results[data["index"]] = self._make_result(seen[data["index"]], data)
+        self.last_frame = {int(k): int(v) for k, v in ckpt.get("last_frame", [])}
         self.items = _CountedItems(stream, next_index)
-        self.sched = Scheduler(self.items, self.capacity, self._init_state)
-        self.sched.active = active
-        self.sched.state = state_from_dict(ckpt["state"], self.device)
-        self.sched.n_started = len(active) + sum(1 for d in ckpt["results"] if d.get("started", True))
-        self.iteration = int(ckpt["iteration"])
-        if self.trajectory is not None:
-            if not os.path.exists(self.trajectory):
-                raise FileNotFoundError(f"cannot restart: trajectory {self.trajectory} is missing")
-            frames = {int(k): int(v) for k, v in ckpt["frames"]}
-            self.writer = _open_writer(self.trajectory, self._attrs(), frames, float_dtype,
-                                                  self.save_momenta)
-            for item in active:
-                self.writer.set_attrs(item.index, status="running", error="")
-        self._sync_host()
-        return True
+        runner.iteration = int(ckpt["iteration"])
+        if ckpt["state"] is not None:
+            state = state_from_dict(ckpt["state"], self.device)
+            runner._repack([], active, [state], [])
+        if self.checkpoint_every:
+            self.next_checkpoint = (runner.iteration // self.checkpoint_every + 1) * self.checkpoint_every
 
-    # ------------------------------------------------------------------ loop
+    # ------------------------------------------------------------------ the loop
+    def prepare(self) -> Runner:
+        """The runner of this job, restored from the checkpoint on a restart (nothing admitted yet otherwise)."""
+        ckpt = None
+        if self.restart and self.checkpoint is not None and os.path.exists(self.checkpoint):
+            ckpt = load_checkpoint(self.checkpoint)
+            check_compatible(ckpt["settings"], self.settings, RESTART_KEYS)
+        elements = supported_elements(self.model) or range(1, MAX_SUPPORTED_Z + 1)
+        stream = iter_inputs(self.structures, supported_elements=elements,
+                             allow_unsupported_elements=self.allow_unsupported, model_name=model_name(self.model),
+                             min_distance_factor=None)  # contacts: checked by the runner at admission (batched)
+        float_dtype = np.float64 if self.dtype == torch.float64 else np.float32
+        runner = Runner(self.model, self.integrator, self.run_settings, self, self.capacity, self.config,
+                        FailureChecks(), self.observers,
+                        admission_checks=FailureChecks(min_distance_factor=self.monitors.min_distance_factor))
+        self._bar = _MDProgress(self, enabled=self.progress_enabled)
+        if ckpt is None:
+            self.items = _CountedItems(stream)
+            if self.trajectory is not None:
+                self.writer = _open_writer(self.trajectory, self._attrs(), None, float_dtype, self.save_momenta)
+        else:
+            if self.trajectory is not None:
+                if not os.path.exists(self.trajectory):
+                    raise FileNotFoundError(f"cannot restart: trajectory {self.trajectory} is missing")
+                frames = {int(k): int(v) for k, v in ckpt["frames"]}
+                self.writer = _open_writer(self.trajectory, self._attrs(), frames, float_dtype, self.save_momenta)
+            self._restore(runner, ckpt, stream)
+            if self.writer is not None:
+                for item in runner.items:
+                    if item is not None:
+                        self.writer.set_attrs(item.index, status="running", error="")
+        runner.queue = self.items
+        return runner
+
     def run(self) -> list[MDResult]:
-        restored = self._setup()
-        bar = _MDProgress(self, enabled=self.progress)
+        runner = None
         try:
-            if not restored:
-                self._refill()
+            runner = self.prepare()
+            for obs in self.observers:
+                if hasattr(obs, "on_start"):
+                    obs.on_start(runner)
             while True:
-                if self.sched.state is None:
-                    self._refill()
-                    if self.sched.state is None:
+                runner.check()
+                if self.checkpoint is not None and self.checkpoint_every is not None \
+                        and runner.iteration >= self.next_checkpoint:
+                    self.save_checkpoint(runner)
+                    while self.next_checkpoint <= runner.iteration:
+                        self.next_checkpoint += self.checkpoint_every
+                if runner.state is None:
+                    if runner.exhausted:
                         break
-                self._iterate(bar)
+                    continue
+                runner.advance(self.config.check_interval)
             if self.checkpoint is not None and self.checkpoint_every is not None:
-                self._save_checkpoint()
+                self.save_checkpoint(runner)
         finally:
-            bar.close()
+            for obs in self.observers:
+                if hasattr(obs, "on_close"):
+                    obs.on_close()
+            if getattr(self, "_bar", None) is not None:
+                self._bar.close()
             if self.writer is not None:
                 self.writer.close()
-        log.info(bar.summary())
+        log.info(self._bar.summary())
         return [self.results[i] for i in sorted(self.results)]
 
-    def _iterate(self, bar: _MDProgress) -> None:
-        state = self._step(self.sched.state)
-        self.iteration += 1
-        self.steps_host += 1
-        bar.advance(self.n_atoms_host)
-        finishing = self.steps_host >= self.target_host
-        check = self.iteration % self.check_every == 0 or bool(finishing.any())
-        errors: dict[int, str] = {}
-        failed = np.zeros_like(finishing)
-        obs = None
-        if check:
-            obs = self._observables(state)
-            failed, errors = self._check(state, obs)
-        framed = (self.steps_host % self.frame_every == 0) | finishing | failed
-        if framed.any():
-            obs = self._observables(state) if obs is None else obs
-            self._frames(np.nonzero(framed)[0], obs)
-        done = finishing | failed
-        if done.any():
-            bar.finish("failed", int(failed.sum()))
-            bar.finish("done", int((done & ~failed).sum()))
-            self._retire(done, errors)
-            self._refill()
-        if self.checkpoint_every is not None and self.iteration % self.checkpoint_every == 0:
-            self._save_checkpoint()
-        if check:
-            bar.refresh(len(self.steps_host))
 
-    def _check(self, state: MDState, obs: dict) -> tuple[np.ndarray, dict[int, str]]:
-        m = self.monitors
-        n = state.n_atoms
-        edges = self.last_edges
-        vec = None
-        if m.min_distance_factor is not None and edges is not None:
-            vec = edge_vectors(state.positions[:n], state.cell, state.system_index[:n], edges)
-        values = m.check(
-            state.positions[:n], state.momenta[:n], state.forces[:n], state.energy, state.batch.numbers[:n],
-            state.system_index[:n], state.batch.atoms_per_system, obs["temperature"], state.kT, obs["conserved"],
-            state.conserved0, vec, None if edges is None else edges.receiver, None if edges is None else edges.sender,
-        )
-        code = values["code"].cpu().numpy()
-        failed = code != 0
-        errors = {}
-        if failed.any():
-            host = {k: v.detach().cpu().numpy() for k, v in values.items()}
-            for s in np.nonzero(failed)[0]:
-                errors[int(s)] = m.describe(int(code[s]), host, int(s), int(self.steps_host[s]))
-        return failed, errors
+def md_job(structures, model=None, ensemble: str = "nvt_nhc", temperature=None, timestep: float = 1.5,
+           steps=1000, trajectory=None, **kwargs) -> _MDJob:
+    """The job ``run_md`` would run with these arguments (for tests and benchmarks: ``job.prepare()`` gives its
+    runner; ``runner.check()`` admits, ``runner.advance(n)`` steps)."""
+    if model is None:
+        from geodite_sim.model import load_model
+
+        model = load_model()
+    defaults = dict(frame_every=10, tdamp=None, chain_length=10, tloop=1, friction=0.01, fix_com=False, seed=0,
+                    max_atoms=None, skin=0.5, monitors=True, checkpoint=None, checkpoint_every=None, restart=False,
+                    progress=False, save_momenta=False, memory_budget_bytes=None, accelerate="auto", config=None,
+                    observers=[], allow_unsupported_elements=False)
+    extra = {k: kwargs.pop(k) for k in list(kwargs) if k not in defaults}
+    defaults.update(kwargs)
+    d = defaults
+    return _MDJob(structures, model, ensemble, temperature, timestep, steps, trajectory, d["frame_every"], d["tdamp"],
+                  d["chain_length"], d["tloop"], d["friction"], d["fix_com"], d["seed"], d["max_atoms"], d["skin"],
+                  d["monitors"], d["checkpoint"], d["checkpoint_every"], d["restart"], d["progress"],
+                  d["save_momenta"], d["memory_budget_bytes"], d["accelerate"], d["config"], list(d["observers"]),
+                  d["allow_unsupported_elements"], extra)
+
+
+def _plain(v):
+    """A JSON-able copy of a setting (lists for arrays/tensors)."""
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return v
+
+
+def _monitor_status(code: int) -> Status:
+    from geodite_sim.monitors import CONTACT, DRIFT, NAN, TEMPERATURE
+
+    if code & NAN:
+        return Status.NON_FINITE
+    if code & TEMPERATURE:
+        return Status.TEMPERATURE
+    if code & CONTACT:
+        return Status.ATOMS_TOO_CLOSE
+    if code & DRIFT:
+        return Status.DRIFT
+    return Status.NON_FINITE
 
 
 def _open_writer(path, attrs, frames, float_dtype, save_momenta):
@@ -623,22 +660,48 @@ def _open_writer(path, attrs, frames, float_dtype, save_momenta):
 
 
 class _MDProgress(Progress):
-    """The shared progress bar (structures done/failed, active systems) plus MD rates: steps/s,
-    ns/day per system and aggregate atom-steps/s, from host-side counters only."""
+    """MD progress: a bar over system-steps (all inputs' steps when their number is known, so a one-structure
+    run shows its own step progress and ETA), with structures done/failed, active systems, steps/s, ns/day per
+    system and atom-steps/s from host-side counters read at checks."""
 
-    def __init__(self, engine: _MDEngine, enabled: bool):
-        s = engine.structures
-        total = len(s) if hasattr(s, "__len__") and not isinstance(s, (str, Atoms)) else None
-        super().__init__(total=total, desc=f"md {engine.ensemble}", unit="structure", enabled=enabled,
+    def __init__(self, job: _MDJob, enabled: bool):
+        s = job.structures
+        n = len(s) if hasattr(s, "__len__") and not isinstance(s, (str, Atoms)) else None
+        total_steps = None
+        if n is not None:
+            steps = job.steps
+            total_steps = int(steps) * n if isinstance(steps, (int, np.integer)) else (
+                int(sum(steps)) if hasattr(steps, "__len__") and len(steps) == n else None)
+        super().__init__(total=total_steps, desc=f"md {job.ensemble}", unit="step", enabled=enabled,
                          outcomes=("done", "failed"))
-        self.timestep_fs = engine.timestep_fs
+        self.n_inputs = n
+        self.timestep_fs = job.timestep_fs
         self.iters = 0
         self.atom_steps = 0
+        self.system_steps = 0
+        self._seen: dict[int, int] = {}
 
-    def advance(self, n_atoms: int) -> None:
-        """One engine step over ``n_atoms`` atoms."""
-        self.iters += 1
-        self.atom_steps += n_atoms
+    def finish(self, outcome: str, n: int = 1) -> None:
+        """``n`` structures finished with ``outcome`` (the bar counts steps, not structures)."""
+        self.counts[outcome] += n
+        self.done += n
+
+    def advance(self, runner: Runner, steps: np.ndarray, occupied: list[int]) -> None:
+        """Account for the steps taken since the last check (host counters from the status read)."""
+        new_steps, atoms = 0, 0
+        for s in occupied:
+            item = runner.items[s]
+            st = int(steps[s])
+            new_steps += st - self._seen.get(item.index, 0)
+            atoms += (st - self._seen.get(item.index, 0)) * len(item.atoms)
+            self._seen[item.index] = st
+        self.iters = runner.iteration
+        self.system_steps += new_steps
+        self.atom_steps += atoms
+        self.active = len(occupied)
+        if self._bar is not None:
+            self._bar.update(new_steps)
+            self._postfix()
 
     def rates(self) -> dict[str, float]:
         elapsed = max(self.elapsed, 1e-9)
@@ -648,17 +711,17 @@ class _MDProgress(Progress):
 
     def _postfix(self) -> None:
         r = self.rates()
-        fields = {"active": self.active, "steps/s": f"{r['steps/s']:.3g}", "ns/day/system": f"{r['ns/day']:.3g}",
+        fields = {"active": self.active, "ns/day/system": f"{r['ns/day']:.3g}",
                   "atom-steps/s": f"{r['atom-steps/s']:.3g}"}
+        if self.n_inputs:
+            fields["structures"] = f"{self.done}/{self.n_inputs}"
         fields.update({k: v for k, v in self.counts.items() if v})
         self._bar.set_postfix(fields, refresh=False)
 
-    def refresh(self, n_active: int) -> None:
-        self.set_active(n_active)
-        if self._bar is not None:
-            self._bar.refresh()
-
     def summary(self) -> str:
         r = self.rates()
-        return (super().summary() + f"; {self.iters} steps, {r['steps/s']:.3g} steps/s, "
-                f"{r['ns/day']:.3g} ns/day per system, {r['atom-steps/s']:.3g} atom-steps/s")
+        units = "structure" if self.done == 1 else "structures"
+        parts = ", ".join(f"{v} {k}" for k, v in self.counts.items())
+        return (f"{self.desc}: {self.done} {units} in {self.elapsed:.1f} s: {parts}; {self.iters} steps, "
+                f"{r['steps/s']:.3g} steps/s, {r['ns/day']:.3g} ns/day per system, "
+                f"{r['atom-steps/s']:.3g} atom-steps/s")

@@ -35,19 +35,32 @@ from pathlib import Path
 import torch
 
 from geodite_sim.batch import Batch
-from geodite_sim.dynamics.langevin import LangevinState
-from geodite_sim.dynamics.nose_hoover import NHCState
+from geodite_sim.dynamics.langevin import LangevinState  # noqa: F401  (registers the state class)
+from geodite_sim.dynamics.nose_hoover import NHCState  # noqa: F401
 from geodite_sim.dynamics.verlet import MDState
 
 FORMAT = "geodite_sim.md_checkpoint/1"
-STATE_TYPES = {cls.__name__: cls for cls in (MDState, NHCState, LangevinState)}
+
+
+def _state_types() -> dict[str, type]:
+    """Every MD state class by name (MDState and its subclasses, including those of newly registered ensembles)."""
+    out, todo = {}, [MDState]
+    while todo:
+        cls = todo.pop()
+        out[cls.__name__] = cls
+        todo += cls.__subclasses__()
+    return out
+
+
+STATE_TYPES = _state_types()
 
 
 def state_to_dict(state: MDState | None) -> dict | None:
     """Plain-container copy (CPU tensors) of an MD state."""
     if state is None:
         return None
-    batch = {f.name: getattr(state.batch, f.name).detach().cpu().clone() for f in fields(state.batch)}
+    batch = {f.name: getattr(state.batch, f.name).detach().cpu().clone() for f in fields(state.batch)
+             if isinstance(getattr(state.batch, f.name), torch.Tensor)}
     values = {}
     for f in fields(state):
         if f.name == "batch":
@@ -61,8 +74,9 @@ def state_from_dict(d: dict | None, device: str | torch.device = "cpu") -> MDSta
     """Inverse of :func:`state_to_dict`, tensors moved to ``device``."""
     if d is None:
         return None
-    cls = STATE_TYPES[d["type"]]
+    cls = _state_types()[d["type"]]
     batch = Batch(**{k: v.to(device) for k, v in d["batch"].items()})
+    batch.atom_count = int(batch.offsets[-1])
     values = {k: (None if v is None else v.to(device)) for k, v in d["fields"].items()}
     return cls(batch=batch, **values)
 

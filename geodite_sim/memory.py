@@ -157,10 +157,13 @@ class AllocationProbe(TorchDispatchMode):
 
 def _warm_caches(model, batch) -> None:
     """Fill lazily built model caches (Geodite's vacuum-feature table) outside the measurement."""
-    vacuum = getattr(model, "vacuum_features", None)
-    if vacuum is not None and batch.n_atoms > 0:
+    from geodite_sim.model.contract import unwrap
+    from geodite_sim.model.geodite import Geodite
+
+    inner = unwrap(model)
+    if isinstance(inner, Geodite) and batch.n_atoms > 0:
         with torch.no_grad():
-            vacuum(batch.numbers[:1])
+            inner.vacuum_features(batch.numbers[:1])
 
 
 def measure_step_peak(model, batch, edges=None, compute_forces: bool = True, compute_stress: bool = True) -> int:
@@ -174,7 +177,7 @@ def measure_step_peak(model, batch, edges=None, compute_forces: bool = True, com
     from geodite_sim.neighbors import neighbor_list
 
     if edges is None:
-        edges = neighbor_list(batch, model.cutoff, getattr(model, "neighbor_backend", "auto"))
+        edges = neighbor_list(batch, model.cutoff)
     _warm_caches(model, batch)
     inputs = tensor_bytes(batch, tuple(edges))
     device = batch.positions.device
@@ -260,7 +263,7 @@ def measure_samples(model, probes: Sequence, device=None) -> list[StepSample]:
     for probe in probes:
         structures = [probe] if isinstance(probe, Atoms) else list(probe)
         batch = Batch.from_atoms(structures, dtype=model.dtype, device=device)
-        edges = neighbor_list(batch, model.cutoff, getattr(model, "neighbor_backend", "auto"))
+        edges = neighbor_list(batch, model.cutoff)
         peak = measure_step_peak(model, batch, edges)
         samples.append(StepSample(batch.n_atoms, int(edges.sender.shape[0]), peak))
         del batch, edges
@@ -332,7 +335,7 @@ def edges_per_atom(model, structures: Sequence, device=None) -> float:
     structures = list(structures)
     device = torch.device(device if device is not None else model.device)
     batch = Batch.from_atoms(structures, dtype=model.dtype, device=device)
-    edges = neighbor_list(batch, model.cutoff, getattr(model, "neighbor_backend", "auto"))
+    edges = neighbor_list(batch, model.cutoff)
     n = batch.n_atoms
     system = batch.system_index[:n]
     per_system = torch.bincount(system[edges.receiver], minlength=len(structures)).double()

@@ -4,8 +4,12 @@ Checks, all per system and evaluated on the device in one pass (the engine reads
 result back only at check intervals):
 
 - ``nan``: non-finite positions, momenta, forces or energy.
-- ``temperature``: instantaneous temperature above ``max_temperature_factor`` × target
-  (systems with a target of 0 K are not checked).
+- ``temperature``: instantaneous temperature above a per-system limit × target (systems with a
+  target of 0 K are not checked). The limit is the larger of ``max_temperature_factor`` and a
+  statistical bound: in equilibrium 3N·T/T0 follows a χ² law with 3N degrees of freedom, so
+  T/T0 > χ²_{3N}.isf(p)/(3N) happens with probability ``p`` per check
+  (:data:`RUNAWAY_TAIL_PROBABILITY`); for a two-atom cell that is ~11.6 × T0, for 100 atoms the
+  fixed factor 4 applies. An ordinary fluctuation of a small cell no longer stops it.
 - ``contact``: two atoms closer than ``min_distance_factor`` × the sum of their covalent
   radii (``ase.data.covalent_radii``), taken over the model's current edges.
 - ``drift``: |conserved − conserved at step 0| / N above ``max_drift`` eV/atom (NVE and
@@ -16,11 +20,15 @@ A failed system keeps its frames so far; its result carries the reason in ``erro
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from ase.data import covalent_radii
 from ase.units import kB
+
+#: Tail probability per check of the statistical temperature bound (a false stop in ~10^12 checks).
+RUNAWAY_TAIL_PROBABILITY = 1e-12
 
 #: Reason codes (bit flags) and their names.
 NAN, TEMPERATURE, CONTACT, DRIFT = 1, 2, 4, 8
@@ -48,7 +56,8 @@ class Monitors:
               numbers: torch.Tensor, system_index: torch.Tensor, atoms_per_system: torch.Tensor,
               temperature: torch.Tensor, kT: torch.Tensor, conserved: torch.Tensor | None,
               conserved0: torch.Tensor | None, edge_vectors: torch.Tensor | None = None,
-              edge_receiver: torch.Tensor | None = None, edge_sender: torch.Tensor | None = None) -> dict:
+              edge_receiver: torch.Tensor | None = None, edge_sender: torch.Tensor | None = None,
+              temperature_factor: torch.Tensor | None = None) -> dict:
         """Per-system failure codes [S] (0 = fine; OR of reason flags) and the offending values.
 
         Shapes: positions/momenta/forces [N, 3], energy/temperature/kT/conserved [S], edges [E, 3] / [E].
@@ -64,7 +73,8 @@ class Monitors:
         out = {"temperature": temperature}
         if self.max_temperature_factor is not None:
             target = kT / kB
-            hot = (target > 0) & (temperature > self.max_temperature_factor * target)
+            factor = self.max_temperature_factor if temperature_factor is None else temperature_factor
+            hot = (target > 0) & (temperature > factor * target)
             code |= hot.long() * TEMPERATURE
         if self.max_drift is not None and conserved is not None and conserved0 is not None:
             drift = (conserved - conserved0).abs() / atoms_per_system.to(conserved.dtype)
@@ -87,11 +97,23 @@ class Monitors:
         if code & NAN:
             parts.append(REASONS[NAN])
         if code & TEMPERATURE:
-            parts.append(f"temperature runaway: T = {float(values['temperature'][s]):.4g} K "
-                         f"> {self.max_temperature_factor} x target")
+            parts.append(f"temperature runaway: T = {float(values['temperature'][s]):.4g} K above the "
+                         f"runaway limit (max of {self.max_temperature_factor} x target and the chi-square bound "
+                         f"for the system's degrees of freedom)")
         if code & CONTACT:
             parts.append(f"atoms too close: distance {float(values['min_ratio'][s]):.3g} x covalent-radius sum "
                          f"< {self.min_distance_factor}")
         if code & DRIFT:
             parts.append(f"conserved-quantity drift {float(values['drift'][s]):.4g} eV/atom > {self.max_drift}")
         return f"stopped at step {step}: " + "; ".join(parts)
+
+
+def temperature_limit_factor(monitors: Monitors, n_atoms: int) -> float:
+    """T/T0 above which a system of ``n_atoms`` atoms counts as running away: the larger of the monitors'
+    ``max_temperature_factor`` and χ²_{3N}.isf(p) / (3N) with p = :data:`RUNAWAY_TAIL_PROBABILITY` (host)."""
+    if monitors.max_temperature_factor is None:
+        return math.inf
+    from scipy.stats import chi2
+
+    dof = 3 * max(int(n_atoms), 1)
+    return max(float(monitors.max_temperature_factor), float(chi2.isf(RUNAWAY_TAIL_PROBABILITY, dof)) / dof)

@@ -15,14 +15,29 @@ from geodite_sim.model.strain import energy_and_derivatives
 
 
 class MorsePotential(nn.Module):
-    """V(r) = eps (exp(-2 rho0 (r/r0 - 1)) - 2 exp(-rho0 (r/r0 - 1))) * fcut(r; rcut1 r0, rcut2 r0), eV."""
+    """V(r) = eps (exp(-2 rho0 (r/r0 - 1)) - 2 exp(-rho0 (r/r0 - 1))) * fcut(r; rcut1 r0, rcut2 r0), eV.
+
+    Satisfies the model contract (``geodite_sim.model.contract``): every element, conservative, uses
+    the given edges only (padded batches work).
+    """
+
+    implemented_properties = ("energy", "forces", "stress")
+    conservative = True
+    uses_edges = True
+    supported_elements = None
 
     def __init__(self, epsilon=1.0, rho0=6.0, r0=1.0, rcut1=1.9, rcut2=2.7, dtype=torch.float64, device="cpu"):
         super().__init__()
         self.epsilon, self.rho0, self.r0 = epsilon, rho0, r0
         self.rcut1, self.rcut2 = rcut1 * r0, rcut2 * r0
         self._dtype, self._device = dtype, torch.device(device)
+        #: Deprecated engine setting (pass ``neighbor_backend=`` to :meth:`forward`).
         self.neighbor_backend = "auto"
+
+    def identity_config(self) -> dict:
+        """The parameters that define the potential (enters ``model_fingerprint``)."""
+        return {"epsilon": self.epsilon, "rho0": self.rho0, "r0": self.r0, "rcut1": self.rcut1, "rcut2": self.rcut2,
+                "dtype": str(self._dtype)}
 
     @property
     def cutoff(self) -> float:
@@ -49,11 +64,14 @@ class MorsePotential(nn.Module):
         return torch.where(s >= 1.0, torch.ones_like(s), torch.where(s > 0.0, smooth, torch.zeros_like(s)))
 
     def forward(self, batch: Batch, edges=None, compute_forces=True, compute_stress=True,
-                per_atom_energies=False, create_graph=False) -> dict[str, torch.Tensor]:
+                per_atom_energies=False, create_graph=False, *, neighbor_backend: str | None = None
+                ) -> dict[str, torch.Tensor]:
+        """``energy`` [S] eV, ``forces`` [N, 3] eV/Å, ``stress`` [S, 3, 3] eV/Å^3 (ASE sign) from ``edges``
+        (default: a neighbour list at ``cutoff`` built with ``neighbor_backend``)."""
         if edges is None:
             from geodite_sim.neighbors import neighbor_list
 
-            edges = neighbor_list(batch, self.cutoff, backend=self.neighbor_backend)
+            edges = neighbor_list(batch, self.cutoff, backend=neighbor_backend or self.neighbor_backend)
         n = batch.n_atoms
 
         def atomic(vec: torch.Tensor) -> torch.Tensor:

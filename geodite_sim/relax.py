@@ -23,30 +23,26 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
-from ase.data import chemical_symbols, covalent_radii
 
 from geodite_sim.batch import Batch
-from geodite_sim.dynamics.fire import FireParams, FireState, fire_init, fire_step, per_system_sum
+from geodite_sim.dynamics.fire import FireParams
 from geodite_sim.evaluate import stress_to_voigt
 from geodite_sim.io.structures import InputItem, iter_inputs, like_input
-from geodite_sim.model.geodite import Edges
-from geodite_sim.model.strain import edge_vectors
+from geodite_sim.io.structures import MAX_SUPPORTED_Z
+from geodite_sim.model.contract import model_name, supported_elements
 from geodite_sim.neighbors import neighbor_list
 from geodite_sim.progress import Progress
-from geodite_sim.scheduler import Capacity, Scheduler
-from geodite_sim.state import system_field
+from geodite_sim.runner import Capacity, FailureChecks, Runner, StepConfig, get_integrator
+from geodite_sim.status import Status
 
 log = logging.getLogger(__name__)
-
-#: Failure codes kept per system on the device (0 = fine).
-NONFINITE, CONTACT, VOLUME, MODEL_ERROR = 1, 2, 3, 4
 
 
 
@@ -64,6 +60,8 @@ class RelaxResult:
         error: None, or why this structure failed. index: position in the input stream.
         label: file path or ``index:formula``. fmax: final max generalised force norm (atoms and cell), eV/Å.
         relax_cell: whether the cell was relaxed.
+        status: :class:`~geodite_sim.status.Status` (converged, not_converged, or why it failed).
+        warnings: admission warnings (e.g. an unsupported element allowed by ``allow_unsupported_elements``).
     """
 
     structure: Any
@@ -79,39 +77,12 @@ class RelaxResult:
     fmax: float = float("nan")
     relax_cell: bool = False
 
+    status: Status = Status.NOT_CONVERGED
+    warnings: list = field(default_factory=list)
+
     @property
     def failed(self) -> bool:
         return self.error is not None
-
-    @property
-    def status(self) -> str:
-        """``converged``, ``not_converged`` or ``failed``."""
-        return "failed" if self.failed else ("converged" if self.converged else "not_converged")
-
-
-@dataclass
-class FailureChecks:
-    """Per-system checks run after every model evaluation (None switches one off).
-
-    Attributes:
-        min_distance_factor: fail when two atoms are closer than this × (r_cov,i + r_cov,j)
-            (``ase.data.covalent_radii``; pairs within the model cutoff).
-        max_volume_ratio: fail a cell-relaxing system whose volume leaves [V0 / r, r · V0].
-    """
-
-    min_distance_factor: float | None = 0.5
-    max_volume_ratio: float | None = 3.0
-
-
-@dataclass
-class RelaxState(FireState):
-    """FIRE state plus failure bookkeeping: ``failure`` [S] code, ``fail_step`` [S], ``volume0`` [S] Å³,
-    ``fail_value`` [S] (distance ratio or volume ratio at the failure)."""
-
-    failure: torch.Tensor = system_field(default=None)
-    fail_step: torch.Tensor = system_field(default=None)
-    volume0: torch.Tensor = system_field(default=None)
-    fail_value: torch.Tensor = system_field(default=None)
 
 
 #: Structures read ahead from the input stream to probe the batch capacity.
@@ -255,23 +226,14 @@ def estimate_capacity(
     return capped(n)
 
 
-class _Relaxer:
-    """The engine behind :func:`relax_many` (one instance per call)."""
+class _RelaxJob:
+    """The relaxation front-end's hooks on the :class:`~geodite_sim.runner.Runner`: per-structure settings,
+    results."""
 
-    def __init__(self, model, fmax, max_steps, relax_cell, params, cell_factor, checks, check_interval):
-        self.model = model
-        self.fmax = float(fmax)
-        self.max_steps = int(max_steps)
+    def __init__(self, relax_cell, max_steps: int):
         self.relax_cell = relax_cell
-        self.params = params
-        self.cell_factor = cell_factor
-        self.checks = checks
-        self.check_interval = max(1, int(check_interval))
-        self.dtype, self.device = model.dtype, model.device
-        self.backend = getattr(model, "neighbor_backend", "auto")
-        self.radii = torch.as_tensor(covalent_radii, dtype=self.dtype, device=self.device)
+        self.max_steps = int(max_steps)
 
-    # ------------------------------------------------------------------ per-structure setup
     def _relax_flag(self, item: InputItem) -> bool:
         rc = self.relax_cell
         if callable(rc):
@@ -280,212 +242,47 @@ class _Relaxer:
             return bool(rc)
         return bool(rc[item.index])
 
-    def init_state(self, items: list[InputItem]) -> RelaxState:
-        batch = Batch.from_atoms([it.atoms for it in items], dtype=self.dtype, device=self.device)
-        flags = torch.tensor([self._relax_flag(it) for it in items], dtype=torch.bool, device=self.device)
-        s = batch.n_systems
-        zeros_l = torch.zeros(s, dtype=torch.long, device=self.device)
-        return fire_init(
-            batch, flags, self.params, self.cell_factor, state_cls=RelaxState,
-            failure=zeros_l, fail_step=zeros_l.clone(), volume0=torch.linalg.det(batch.cell).abs(),
-            fail_value=torch.zeros(s, dtype=self.dtype, device=self.device),
-        )
+    def per_system(self, items: list[InputItem]) -> dict:
+        return {"relax_cell": torch.tensor([self._relax_flag(it) for it in items], dtype=torch.bool)}
 
-    # ------------------------------------------------------------------ model evaluation
-    def _model(self, batch: Batch) -> tuple[dict, Edges]:
-        edges = neighbor_list(batch, self.model.cutoff, self.backend)
-        out = self.model(batch, edges=edges, compute_forces=True, compute_stress=True)
-        return out, edges
+    def horizon(self, runner, horizon: torch.Tensor, new_slots: list[int]) -> torch.Tensor:
+        return torch.full_like(horizon, self.max_steps + 1)  # FIRE stops itself at max_steps
 
-    def _model_isolating(self, batch: Batch, active: list[InputItem]) -> tuple[dict, Edges, torch.Tensor]:
-        """Evaluate the batch; if the model raises, evaluate each system alone and mark the culprits."""
-        bad = torch.zeros(batch.n_systems, dtype=torch.bool, device=self.device)
-        try:
-            out, edges = self._model(batch)
-            return out, edges, bad
-        except Exception as exc:  # isolate the system(s) responsible
-            if batch.n_systems == 1:
-                active[0].error = f"model error: {type(exc).__name__}: {exc}"
-                return self._placeholder(batch), self._no_edges(), bad | True
-            log.warning("model raised on a batch of %d systems (%s); evaluating them one by one",
-                        batch.n_systems, exc)
-        energies, forces, stresses, senders, receivers, shifts = [], [], [], [], [], []
-        offsets = batch.offsets.tolist()
-        for i in range(batch.n_systems):
-            sub = batch.select([i])
-            try:
-                out, edges = self._model(sub)
-                senders.append(edges.sender + offsets[i])
-                receivers.append(edges.receiver + offsets[i])
-                shifts.append(edges.shifts)
-            except Exception as exc:
-                active[i].error = f"model error: {type(exc).__name__}: {exc}"
-                bad[i] = True
-                out = self._placeholder(sub)
-            energies.append(out["energy"])
-            forces.append(out["forces"])
-            stresses.append(out["stress"])
-        out = {"energy": torch.cat(energies), "forces": torch.cat(forces), "stress": torch.cat(stresses)}
-        if senders:
-            edges = Edges(torch.cat(senders), torch.cat(receivers), torch.cat(shifts))
-        else:
-            edges = self._no_edges()
-        return out, edges, bad
-
-    def _placeholder(self, batch: Batch) -> dict:
-        return {
-            "energy": torch.full((batch.n_systems,), float("nan"), dtype=self.dtype, device=self.device),
-            "forces": torch.zeros_like(batch.positions),
-            "stress": torch.zeros_like(batch.cell),
-        }
-
-    def _no_edges(self) -> Edges:
-        empty = torch.zeros(0, dtype=torch.long, device=self.device)
-        return Edges(empty, empty, torch.zeros(0, 3, dtype=torch.long, device=self.device))
-
-    def evaluate(self, state: RelaxState, active: list[InputItem]) -> RelaxState:
-        """Model outputs at the current positions, and the failure checks (no host sync on the good path)."""
-        b = state.batch
-        out, edges, model_bad = self._model_isolating(b, active)
-        energy, forces, stress = out["energy"], out["forces"], out["stress"]
-        sys_idx, n_sys = b.system_index, b.n_systems
-        code = torch.zeros(n_sys, dtype=torch.long, device=self.device)
-        value = torch.zeros(n_sys, dtype=self.dtype, device=self.device)
-        # volume (cell-relaxing systems only)
-        r = self.checks.max_volume_ratio
-        if r is not None:
-            ratio = torch.linalg.det(b.cell).abs() / state.volume0
-            vol_bad = state.relax_cell & ((ratio > r) | (ratio < 1.0 / r) | ~torch.isfinite(ratio))
-            code = torch.where(vol_bad, VOLUME, code)
-            value = torch.where(vol_bad, ratio, value)
-        # close contacts
-        f = self.checks.min_distance_factor
-        if f is not None and edges.sender.numel() > 0:
-            d = torch.linalg.vector_norm(edge_vectors(b.positions, b.cell, sys_idx, edges), dim=-1)
-            ratio = d / (self.radii[b.numbers[edges.sender]] + self.radii[b.numbers[edges.receiver]])
-            min_ratio = torch.full((n_sys,), math.inf, dtype=self.dtype, device=self.device)
-            min_ratio = min_ratio.scatter_reduce(0, sys_idx[edges.receiver], ratio, reduce="amin")
-            close = min_ratio < f
-            code = torch.where(close, CONTACT, code)
-            value = torch.where(close, min_ratio, value)
-        # non-finite model output
-        bad_atoms = per_system_sum((~torch.isfinite(forces).all(dim=1)).long(), sys_idx, n_sys) > 0
-        nonfinite = bad_atoms | ~torch.isfinite(energy) | ~torch.isfinite(stress).flatten(1).all(dim=1)
-        code = torch.where(nonfinite, NONFINITE, code)
-        code = torch.where(model_bad, MODEL_ERROR, code)
-        new = (state.failure == 0) & (code != 0) & ~state.done
-        keep = state.done
-        if state.energy is not None:  # a finished system keeps its final evaluation bit for bit
-            energy = torch.where(keep, state.energy, energy)
-            forces = torch.where(keep[sys_idx, None], state.forces, forces)
-            stress = torch.where(keep[:, None, None], state.stress, stress)
-        return replace(
-            state, energy=energy, forces=forces, stress=stress,
-            failure=torch.where(new, code, state.failure),
-            fail_step=torch.where(new, state.n_steps, state.fail_step),
-            fail_value=torch.where(new, value, state.fail_value),
-        )
-
-    def step(self, state: RelaxState, active: list[InputItem], cell: bool = True) -> RelaxState:
-        state = self.evaluate(state, active)
-        return fire_step(state, self.fmax, self.max_steps, self.params, frozen=state.failure != 0, cell=cell)
-
-    # ------------------------------------------------------------------ results
-    def _error_message(self, item: InputItem, one: RelaxState) -> str | None:
-        code = int(one.failure[0])
-        if code == 0:
-            return None
-        step = int(one.fail_step[0])
-        value = float(one.fail_value[0])
-        if code == MODEL_ERROR:
-            return f"{item.error or 'model error'} (step {step})"
-        if code == NONFINITE:
-            return f"non-finite energy, forces or stress (NaN/Inf) from the model at step {step}"
-        if code == VOLUME:
-            return (f"volume {'blow-up' if value > 1 else 'collapse'}: V/V0 = {value:.3g} outside "
-                    f"[1/{self.checks.max_volume_ratio:g}, {self.checks.max_volume_ratio:g}] at step {step}")
-        if code == CONTACT:
-            return f"atoms too close at step {step}: {self._contact_detail(one)}"
-        return f"failure code {code} at step {step}"
-
-    def _contact_detail(self, one: RelaxState) -> str:
-        b = one.batch
-        try:
-            edges = neighbor_list(b, self.model.cutoff, self.backend)
-            d = torch.linalg.vector_norm(edge_vectors(b.positions, b.cell, b.system_index, edges), dim=-1)
-            rsum = self.radii[b.numbers[edges.sender]] + self.radii[b.numbers[edges.receiver]]
-            k = int(torch.argmin(d / rsum))
-            i, j = int(edges.receiver[k]), int(edges.sender[k])
-            zi, zj = chemical_symbols[int(b.numbers[i])], chemical_symbols[int(b.numbers[j])]
-            return (f"{zi}{i}-{zj}{j} at {float(d[k]):.3f} Å < {self.checks.min_distance_factor:g} × "
-                    f"covalent-radius sum {float(rsum[k]):.3f} Å")
-        except Exception:  # the message must never fail
-            return f"distance < {float(one.fail_value[0]):.3g} × covalent-radius sum"
-
-    def result(self, item: InputItem, one: RelaxState) -> RelaxResult:
-        """The result of a retired one-system state."""
-        error = self._error_message(item, one)
+    def result(self, item: InputItem, one, status: Status | None, message: str | None) -> RelaxResult:
+        """The result of a retired one-system state (``status`` None: finished normally)."""
         b = one.batch
         atoms = item.atoms.copy()
         atoms.calc = None
         atoms.positions = b.positions.detach().cpu().double().numpy()
-        if bool(one.relax_cell[0]):
+        relax_cell = bool(one.relax_cell[0])
+        if relax_cell:
             atoms.set_cell(b.cell[0].detach().cpu().double().numpy(), scale_atoms=False)
         energy = float(one.energy[0]) if one.energy is not None else float("nan")
         forces = one.forces.detach().cpu().double().numpy() if one.forces is not None else None
         stress = one.stress[0].detach().cpu().double().numpy() if one.stress is not None else None
-        if forces is not None and error is None:
+        converged = bool(one.converged[0]) and status is None
+        if status is None:
+            status = Status.CONVERGED if converged else Status.NOT_CONVERGED
+        if forces is not None and status.ok:
             atoms.calc = SinglePointCalculator(atoms, energy=energy, free_energy=energy, forces=forces,
                                                stress=stress_to_voigt(stress))
-        n = len(atoms)
+        error = None if status.ok else f"{item.label}: {message}"
         return RelaxResult(
-            structure=like_input(item.original, atoms),
-            energy=energy,
-            energy_per_atom=energy / n,
-            forces=forces,
-            stress=stress,
-            n_steps=int(one.n_steps[0]),
-            converged=bool(one.converged[0]) and error is None,
-            error=error,
-            index=item.index,
-            label=item.label,
-            fmax=float(one.fmax[0]),
-            relax_cell=bool(one.relax_cell[0]),
+            structure=like_input(item.original, atoms), energy=energy, energy_per_atom=energy / len(atoms),
+            forces=forces, stress=stress, n_steps=int(one.n_steps[0]), converged=converged, error=error,
+            index=item.index, label=item.label, fmax=float(one.fmax[0]), relax_cell=relax_cell, status=status,
+            warnings=list(getattr(item, "warnings", None) or []),
         )
 
-    @staticmethod
-    def load_failure(item: InputItem) -> RelaxResult:
+    def rejected(self, item: InputItem, status: Status, message: str) -> RelaxResult:
         """The result of an input that never started (unreadable, invalid, or failed to initialise)."""
+        if not message.startswith(item.label):
+            message = f"{item.label}: {message}"
         return RelaxResult(
             structure=item.original, energy=float("nan"), energy_per_atom=float("nan"), forces=None,
-            stress=None, n_steps=0, converged=False, error=item.error or "could not be started",
-            index=item.index, label=item.label,
+            stress=None, n_steps=0, converged=False, error=message, index=item.index, label=item.label,
+            status=Status(status), warnings=list(getattr(item, "warnings", None) or []),
         )
-
-    # ------------------------------------------------------------------ the loop
-    def run(self, items: Iterator[InputItem], capacity: Capacity, progress: Progress) -> Iterator[RelaxResult]:
-        sched = Scheduler(items, capacity, self.init_state)
-        while True:
-            for item in sched.refill():
-                res = self.load_failure(item)
-                progress.finish(res.status)
-                yield res
-            progress.set_active(len(sched.active))
-            if sched.state is None:
-                if sched.done:
-                    return
-                continue
-            state = sched.state
-            any_cell = bool(state.relax_cell.any())  # read once per refill; skips the filter when False
-            for _ in range(self.check_interval):
-                state = self.step(state, sched.active, any_cell)
-            sched.state = state
-            for item, one in sched.retire(state.done):
-                res = self.result(item, one)
-                progress.finish(res.status)
-                yield res
-            if sched.done:
-                return
 
 
 def relax_many(
@@ -506,6 +303,10 @@ def relax_many(
     max_volume_ratio: float | None = 3.0,
     progress: bool = True,
     total: int | None = None,
+    config: StepConfig | None = None,
+    observers: Sequence = (),
+    executor=None,
+    allow_unsupported_elements: bool = False,
 ) -> list[RelaxResult] | Iterator[RelaxResult]:
     """Relax many structures with batched FIRE (ASE's algorithm), optionally with the cell (Fréchet filter).
 
@@ -525,8 +326,14 @@ def relax_many(
             structures of the stream).
         memory_budget_bytes: cap the batch so one step's predicted peak memory (bytes, from the
             fitted memory model, :mod:`geodite_sim.memory`) stays within it, on any device.
-        check_interval: steps between reads of the done mask (retire/refill); default 1 on the
+        check_interval: steps between checks (retire/refill, the only host reads); default 1 on the
             CPU, 10 on CUDA. Finished systems are frozen in between, so results do not depend on it.
+        config: engine settings (:class:`~geodite_sim.runner.StepConfig`: neighbour backend, skin,
+            acceleration); ``check_interval`` overrides its field.
+        observers: objects with optional ``on_check(event)`` / ``on_result(result)`` / ``on_close()`` hooks.
+        executor: run elsewhere (e.g. :class:`geodite_sim.executors.RayExecutor`); None runs in this process.
+        allow_unsupported_elements: run structures with elements outside the model's supported set
+            (recorded as a warning on the result) instead of rejecting them.
         fire: FIRE parameters (:class:`FireParams` or a dict of its fields), ASE's defaults.
         cell_factor: ASE's ``exp_cell_factor`` (default: number of atoms of each structure).
         min_distance_factor, max_volume_ratio: failure thresholds (:class:`FailureChecks`; None = off).
@@ -539,11 +346,28 @@ def relax_many(
         from geodite_sim.model import load_model
 
         model = load_model()
+    if executor is not None:
+        return executor.relax_many(structures, model, fmax=fmax, max_steps=max_steps, relax_cell=relax_cell,
+                                   stream=stream, max_atoms=max_atoms, max_systems=max_systems,
+                                   check_interval=check_interval, fire=fire, cell_factor=cell_factor,
+                                   min_distance_factor=min_distance_factor, max_volume_ratio=max_volume_ratio,
+                                   progress=progress, total=total, config=config,
+                                   allow_unsupported_elements=allow_unsupported_elements)
+    if not fmax > 0:
+        raise ValueError(f"fmax must be positive, got {fmax}")
+    if int(max_steps) < 0:
+        raise ValueError(f"max_steps must be >= 0, got {max_steps}")
     params = fire if isinstance(fire, FireParams) else FireParams(**(fire or {}))
+    config = config or StepConfig()
     if check_interval is None:
-        check_interval = 10 if torch.device(model.device).type == "cuda" else 1
+        check_interval = config.check_interval if config.check_interval != 1 else (
+            10 if torch.device(model.device).type == "cuda" else 1)
+    config = replace(config, check_interval=max(1, int(check_interval)))
     checks = FailureChecks(min_distance_factor=min_distance_factor, max_volume_ratio=max_volume_ratio)
-    engine = _Relaxer(model, fmax, max_steps, relax_cell, params, cell_factor, checks, check_interval)
+    any_cell = relax_cell is not False and not (isinstance(relax_cell, (bool, np.bool_)) and not relax_cell)
+    integrator = get_integrator("fire_frechet" if any_cell else "fire")
+    settings = {"fmax": float(fmax), "max_steps": int(max_steps), "fire": params, "cell_factor": cell_factor}
+    job = _RelaxJob(relax_cell, max_steps)
     if total is None and hasattr(structures, "__len__") and not isinstance(structures, (str, Atoms)):
         try:
             total = len(structures)
@@ -553,7 +377,10 @@ def relax_many(
     def generate() -> Iterator[RelaxResult]:
         bar = Progress(total=total, desc="relax", unit="structure", enabled=progress,
                        outcomes=("converged", "not_converged", "failed"))
-        items = iter_inputs(structures)
+        items = iter_inputs(structures, supported_elements=supported_elements(model) or range(1, MAX_SUPPORTED_Z + 1),
+                            allow_unsupported_elements=allow_unsupported_elements,
+                            min_distance_factor=None, model_name=model_name(model))
+        # (close contacts are checked by the runner on the device, batched, at step 0 and at every step)
         probe, known_atoms = None, None
         if max_atoms is None:  # the first structures of the stream are the capacity probe
             head = list(itertools.islice(items, PROBE_STRUCTURES))
@@ -563,8 +390,16 @@ def relax_many(
             items = itertools.chain(head, items)
         capacity = estimate_capacity(model, model.device, max_atoms=max_atoms, max_systems=max_systems,
                                      probe=probe, total_atoms=known_atoms, memory_budget_bytes=memory_budget_bytes)
+        runner = Runner(model, integrator, settings, job, Capacity(capacity.max_atoms, capacity.max_systems),
+                        config, checks, observers)
+        for obs in observers:
+            if hasattr(obs, "on_start"):
+                obs.on_start(runner)
         try:
-            yield from engine.run(items, capacity, bar)
+            for res in runner.run(items):
+                bar.finish(res.status.value if res.status.ok else "failed")
+                bar.set_active(runner.n_active)
+                yield res
         finally:
             bar.close()
             log.info(bar.summary())
@@ -576,4 +411,4 @@ def relax_many(
     return results
 
 
-__all__ = ["FailureChecks", "RelaxResult", "estimate_capacity", "relax_many"]
+__all__ = ["Capacity", "FailureChecks", "RelaxResult", "estimate_capacity", "relax_many"]

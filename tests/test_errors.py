@@ -106,8 +106,8 @@ def test_ema_weights_are_used_when_asked(tmp_path, official):
 def test_element_out_of_range_at_evaluation():
     model = tiny_geodite()
     atoms = Atoms(numbers=[100, 1], positions=[[0, 0, 0], [1.0, 0, 0]])
-    with pytest.raises(gs.StructureError, match=r"unsupported element\(s\) Fm: the model supports Z = 1..99"):
-        gs.evaluate([atoms], model)
+    with pytest.raises(gs.StructureError, match=r"element Fm not supported by model 'Geodite'"):
+        gs.evaluate([atoms], model, on_error="raise")
     # The model itself also refuses such a batch (e.g. built by hand).
     batch = Batch.from_atoms([atoms], dtype=torch.float64)
     with pytest.raises(ValueError, match="outside the model's range"):
@@ -118,7 +118,7 @@ def test_nan_positions():
     atoms = bulk("Si", "diamond", 5.43)
     atoms.positions[1, 0] = np.nan
     with pytest.raises(gs.StructureError, match="NaN or Inf"):
-        gs.evaluate([bulk("Cu", "fcc", 3.6), atoms], tiny_geodite())
+        gs.evaluate([bulk("Cu", "fcc", 3.6), atoms], tiny_geodite(), on_error="raise")
     batch = Batch.from_atoms([bulk("Cu", "fcc", 3.6)], dtype=torch.float64)
     batch.positions[0, 0] = float("inf")
     with pytest.raises(ValueError, match=r"positions contain NaN or Inf \(systems \[0\]\)"):
@@ -128,7 +128,7 @@ def test_nan_positions():
 def test_singular_cell_on_periodic_system():
     atoms = Atoms("Cu2", positions=[[0, 0, 0], [1.0, 1.0, 0]], cell=[[3, 0, 0], [3, 0, 0], [0, 0, 3]], pbc=True)
     with pytest.raises(gs.StructureError, match="singular cell"):
-        gs.evaluate([atoms], tiny_geodite())
+        gs.evaluate([atoms], tiny_geodite(), on_error="raise")
     batch = Batch.from_atoms([atoms], dtype=torch.float64)
     with pytest.raises(ValueError, match="singular cell"):
         tiny_geodite()(batch)
@@ -136,7 +136,7 @@ def test_singular_cell_on_periodic_system():
 
 def test_empty_structure():
     with pytest.raises(gs.StructureError, match="empty structure"):
-        gs.evaluate([Atoms()], tiny_geodite())
+        gs.evaluate([Atoms()], tiny_geodite(), on_error="raise")
 
 
 def test_dtype_mismatch():
@@ -149,7 +149,7 @@ def test_unreadable_file(tmp_path):
     bad = tmp_path / "broken.cif"
     bad.write_text("data_x\n_cell_length_a nonsense\n")
     with pytest.raises(gs.StructureError, match="could not read"):
-        gs.evaluate([str(bad)], tiny_geodite())
+        gs.evaluate([str(bad)], tiny_geodite(), on_error="raise")
 
 
 def test_checkpoint_roundtrip(tmp_path):

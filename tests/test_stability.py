@@ -25,6 +25,8 @@ from pymatgen.core import Composition, Lattice, Structure
 from pymatgen.entries.computed_entries import ComputedEntry, ComputedStructureEntry
 from pymatgen.io.ase import AseAtomsAdaptor
 
+from geodite_sim.executors import LocalExecutor
+from geodite_sim.store import read_records
 from geodite_sim.workflows import stability as st
 
 REPO = Path(__file__).resolve().parents[1]
@@ -327,7 +329,7 @@ def test_resume_after_interruption_gives_same_table(tmp_path, tiny):
         bulk("LiO", "rocksalt", 4.2), bulk("Li2O", "fluorite", 4.7), bulk("NaCl", "cesiumchloride", 3.4),
         bulk("NaO", "zincblende", 5.2), bulk("LiCl", "rocksalt", 5.1), bulk("Na2O", "fluorite", 5.5)])}
     kw = dict(model=tiny, max_steps=5, progress=False, plots=False, relax_kwargs={"max_atoms": 8})
-    full = st.screen(cands, _refs(), out=tmp_path / "full", **kw)
+    full = st.screen(cands, _refs(), out=tmp_path / "full", executor=LocalExecutor(), **kw)
 
     class Killed(BaseException):
         pass
@@ -349,6 +351,16 @@ def test_resume_after_interruption_gives_same_table(tmp_path, tiny):
         f.write('{"kind": "candidate", "id": "c5", "ener')  # a record cut by the kill
     resumed = st.screen(cands, _refs(), out=tmp_path / "part", **kw)
     assert resumed.timings["n_resumed"] == 7 and resumed.timings["n_relaxed_this_run"] == 12 - 7
+    # the finished screen re-run relaxes nothing and leaves the store as it is
+    store_files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "part").iterdir()
+                   if p.name.startswith(("relaxations.", "store.json"))}
+    again = st.screen(cands, _refs(), out=tmp_path / "part", **kw)
+    assert again.timings["n_relaxed_this_run"] == 0 and again.timings["n_resumed"] == 12
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in store_files} == store_files
+    # candidates changed under a stored position are refused
+    swapped = dict(reversed(list(cands.items())))
+    with pytest.raises(st.ScreenError, match="inputs changed"):
+        st.screen(swapped, _refs(), out=tmp_path / "part", **kw)
     a, b = _table(tmp_path / "full" / "results.csv"), _table(tmp_path / "part" / "results.csv")
     assert [r["id"] for r in a] == [r["id"] for r in b]
     for ra, rb in zip(a, b):
@@ -415,6 +427,22 @@ def test_plain_pdentries_as_references(tiny):
     assert res.settings["mp2020"] is False and "not MP-style" in res.settings["mp2020_reason"]
     assert res.row("a")["e_above_hull"] == pytest.approx(-0.1)
     assert res.row("a")["decomposition"] == "Li2O (ref-2)" and not hasattr(refs[0], "entry_id")
+
+
+def test_stable_call_uses_the_stated_tolerance(tmp_path, tiny):
+    """A candidate on the hull up to float32 round-off is stable; 10x the tolerance above it is not."""
+    refs = [entry("Li", -2.0, "Li"), entry("O", -4.0, "O"), entry("Li2O", -3.5, "Li2O")]
+    offsets = {"on": 3e-6, "ulp": 1e-7, "above": 1e-4}  # eV/atom above the Li2O reference
+    structs = {k: bulk("Li2O", "fluorite", 4.6 + 0.01 * i) for i, k in enumerate(offsets)}
+    fake = fake_relax(lambda at: -3.5 + offsets[next(k for k, s in structs.items() if s.cell[0, 1] == at.cell[0, 1])])
+    res = st.screen(structs, refs, out=tmp_path / "o", model=tiny, plots=False, progress=False, relax_fn=fake)
+    assert res.row("on")["e_above_hull"] == pytest.approx(3e-6, abs=1e-9) and res.row("on")["stable"]
+    assert res.row("ulp")["stable"] and not res.row("above")["stable"]
+    assert res.settings["stable_tolerance"] == st.STABLE_TOLERANCE == 1e-5
+    run = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert run["settings"]["stable_tolerance"] == 1e-5 and run["settings"]["threshold"] == 0.0
+    strict = st.screen(structs, refs, model=tiny, plots=False, progress=False, relax_fn=fake, stable_tolerance=0.0)
+    assert not strict.row("on")["stable"] and not strict.row("ulp")["stable"]
 
 
 def test_unsupported_elements_of_default_style_model(tiny):
@@ -496,7 +524,7 @@ def test_cli_resume_after_sigkill(tmp_path):
     assert proc.poll() is None, "the run finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    n_before = len(st.RelaxLog(log).load())  # complete records (a line cut by the kill is ignored)
+    n_before = len(read_records(log))  # complete records (a line cut by the kill is ignored)
     assert 4 <= n_before < 12
     out = subprocess.run(cmd(tmp_path / "part"), check=True, env=env, capture_output=True, text=True, cwd=REPO)
     assert f"({12 - n_before} relaxed, {n_before} resumed)" in out.stdout

@@ -288,28 +288,6 @@ class _Interrupted(KeyboardInterrupt):
     """Raised by the progress observer to simulate an interruption (tests)."""
 
 
-class _ObservedModel:
-    """Forwards every call to ``model`` and counts engine steps (calls with edges) for progress and ETA.
-
-    run_md calls the model once per step with the step's edges (and without edges when it
-    starts new systems), so the calls with edges count steps of ``batch.n_systems`` systems.
-    """
-
-    def __init__(self, model, on_step: Callable[[Any], None]):
-        self._model = model
-        self._on_step = on_step
-        self.name = getattr(model, "name", type(model).__name__)
-
-    def __getattr__(self, item):
-        return getattr(self._model, item)
-
-    def __call__(self, batch, *args, **kw):
-        out = self._model(batch, *args, **kw)
-        if kw.get("edges") is not None or args:
-            self._on_step(batch)
-        return out
-
-
 # ---------------------------------------------------------------------------------------------- progress
 def _format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
@@ -338,46 +316,93 @@ class RunState:
     error: str | None = None
 
 
+@dataclass
+class RunRecord:
+    """The result of one finished run: a line of ``runs.jsonl`` (store kind "run", ``index`` = run index).
+
+    ``status`` is "done" or "failed" (``error`` says why); ``n_steps`` steps taken; ``energy`` eV and
+    ``temperature`` K at the last step; ``trajectory``/``group`` where its frames are (HDF5).
+    """
+
+    index: int
+    id: str
+    status: str
+    n_steps: int
+    error: str | None
+    energy: float | None
+    temperature: float | None
+    trajectory: str | None
+    group: str | None
+
+
+#: The campaign's result store (inside the output folder).
+RUNS = "runs.jsonl"
+
+
+def open_run_store(spec: CampaignSpec, model=None, readonly: bool = False):
+    """The campaign's :class:`~geodite_sim.store.ResultStore` of :class:`RunRecord` (fingerprint: the MD
+    settings, the run list with structure hashes, and the model); another campaign's folder is refused."""
+    from geodite_sim.store import ResultStore, StoreMismatch
+
+    if readonly:
+        return ResultStore.open_readonly(spec.output, RunRecord, records_name=RUNS, structures_name=None)
+    try:
+        return ResultStore(spec.output, RunRecord, _md_fingerprint(spec), model, records_name=RUNS,
+                           structures_name=None, job="campaign")
+    except StoreMismatch as exc:
+        raise SpecError(f"{spec.output} holds a campaign started with different MD settings: {exc}. Restore the "
+                        "spec, or choose a new output folder. (Analysis settings and references may change "
+                        "freely.)") from None
+
+
+def _checkpoint_progress(spec: CampaignSpec) -> tuple[dict[int, int], dict[int, str | None], set[int]]:
+    """(steps done, errors of retired runs, active runs) from the MD checkpoint (engine state, not results)."""
+    steps: dict[int, int] = {}
+    errors: dict[int, str | None] = {}
+    active: set[int] = set()
+    if not spec.checkpoint.exists():
+        return steps, errors, active
+    from geodite_sim.md_checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(spec.checkpoint)
+    for d in ckpt["results"]:
+        steps[int(d["index"])] = int(d.get("n_steps", 0))
+        errors[int(d["index"])] = d.get("error")
+    if ckpt["state"] is not None:
+        for index, n in zip(ckpt["active"], ckpt["state"]["fields"]["step"].tolist(), strict=True):
+            steps[int(index)] = int(n)
+            active.add(int(index))
+    return steps, errors, active
+
+
 def run_states(spec: CampaignSpec) -> list[RunState]:
-    """Status of every run, read from the checkpoint (steps) and the HDF5 file (status, errors)."""
+    """Status of every run: finished runs from the result store; steps of unfinished ones from the checkpoint
+    (runs retired by an interrupted session count as finished there until the next session records them)."""
     from ase.io import read
 
-    done_steps: dict[int, int] = {}
-    errors: dict[int, str | None] = {}
-    finished: set[int] = set()
-    active: set[int] = set()
-    if spec.checkpoint.exists():
-        from geodite_sim.md_checkpoint import load_checkpoint
-
-        ckpt = load_checkpoint(spec.checkpoint)
-        for d in ckpt["results"]:
-            done_steps[int(d["index"])] = int(d.get("n_steps", 0))
-            errors[int(d["index"])] = d.get("error")
-            finished.add(int(d["index"]))
-        if ckpt["state"] is not None:
-            steps = ckpt["state"]["fields"]["step"].tolist()
-            for index, s in zip(ckpt["active"], steps, strict=True):
-                done_steps[int(index)] = int(s)
-                active.add(int(index))
-    sizes = {}
+    records = {r.index: r for r in open_run_store(spec, readonly=True).records("run")} \
+        if (spec.output / RUNS).exists() else {}
+    steps, errors, active = _checkpoint_progress(spec)
+    sizes: dict[Path, int] = {}
     out = []
     for run in spec.runs:
         if run.structure not in sizes:
             sizes[run.structure] = len(read(run.structure))
         i = run.index
-        if i in finished:
-            status = "failed" if errors.get(i) else "done"
-        elif i in active:
-            status = "running"
+        rec = records.get(i)
+        if rec is not None:
+            status, n, error = rec.status, rec.n_steps, rec.error
+        elif i in errors:
+            status, n, error = ("failed" if errors[i] else "done"), steps[i], errors[i]
         else:
-            status = "pending"
-        out.append(RunState(run.id, i, sizes[run.structure], done_steps.get(i, 0), spec.md.steps, status,
-                            errors.get(i)))
+            status, n, error = ("running" if i in active else "pending"), steps.get(i, 0), None
+        out.append(RunState(run.id, i, sizes[run.structure], n, spec.md.steps, status, error))
     return out
 
 
 class _ProgressReporter:
-    """Counts steps as they happen; prints progress and an ETA every ``every_s`` seconds and writes progress.json."""
+    """A run_md observer (:meth:`on_check`): counts engine steps at every check; prints progress and an ETA
+    every ``every_s`` seconds and writes progress.json."""
 
     def __init__(self, spec: CampaignSpec, states: list[RunState], every_s: float, log: Callable[[str], None],
                  interrupt_after: int | None = None):
@@ -397,18 +422,21 @@ class _ProgressReporter:
         self.t0 = time.perf_counter()
         self.t_last = self.t0
         self.complete = False  # set when run_md has returned: failed runs' unrun steps count as done
-        self.t_first, self.atom_steps_first = self.t0, 0.0
+        self.t_first, self.atom_steps_first, self.iterations_first = self.t0, 0.0, 0
 
-    def __call__(self, batch) -> None:
-        self.iterations += 1
-        n_sys = batch.offsets.shape[0] - 1  # shape only: no device sync per step
-        if n_sys != self._systems_now:
-            self._systems_now = n_sys
-            self._atoms_now = int(batch.offsets[-1])
-        self.system_steps += n_sys
-        self.atom_steps += self._atoms_now
-        if self.iterations == 1:  # rates are measured from the end of the first step (start-up excluded)
-            self.t_first, self.atom_steps_first = time.perf_counter(), self.atom_steps
+    def on_check(self, event) -> None:
+        """run_md observer hook, called at every check: ``event.steps`` engine steps since the previous check,
+        ``event.iteration`` (total engine steps), ``event.n_systems`` / ``event.n_atoms`` active in those steps."""
+        steps = int(event.steps)
+        first = self.iterations == 0
+        self.iterations += steps
+        self._systems_now = int(event.n_systems)
+        self._atoms_now = int(event.n_atoms)
+        self.system_steps += steps * self._systems_now
+        self.atom_steps += steps * self._atoms_now
+        if first:  # rates are measured from the end of the first check (start-up excluded)
+            self.t_first, self.atom_steps_first, self.iterations_first = time.perf_counter(), self.atom_steps, \
+                self.iterations
         if self.interrupt_after is not None and self.iterations >= self.interrupt_after:
             raise _Interrupted(f"interrupted after {self.iterations} steps (test hook)")
         now = time.perf_counter()
@@ -419,10 +447,10 @@ class _ProgressReporter:
     def snapshot(self) -> dict:
         now = time.perf_counter()
         elapsed = max(now - self.t0, 1e-9)
-        if self.iterations > 1:
+        if self.iterations > self.iterations_first:
             span = max(now - self.t_first, 1e-9)
             rate = (self.atom_steps - self.atom_steps_first) / span
-            steps_per_s = (self.iterations - 1) / span
+            steps_per_s = (self.iterations - self.iterations_first) / span
         else:
             rate = self.atom_steps / elapsed
             steps_per_s = self.iterations / elapsed
@@ -477,70 +505,76 @@ def _md_fingerprint(spec: CampaignSpec) -> dict:
             "md": md, "runs": runs}
 
 
-def _check_manifest(spec: CampaignSpec) -> dict:
-    """Create the manifest, or check that the spec still describes the campaign in ``spec.output``."""
+def _manifest(spec: CampaignSpec) -> dict:
+    """``campaign.json``: the campaign's name, spec and one entry per MD session (throughput for ``--status``).
+    The resume check is the result store's fingerprint (:func:`open_run_store`), not this file."""
     path = spec.output / MANIFEST
-    fingerprint = _md_fingerprint(spec)
     if path.exists():
-        manifest = json.loads(path.read_text())
-        old = manifest["fingerprint"]
-        if old != fingerprint:
-            diffs = [k for k in fingerprint if old.get(k) != fingerprint.get(k)]
-            raise SpecError(f"{spec.output} holds a campaign started with different MD settings ({', '.join(diffs)} "
-                            "changed): resuming would mix runs. Restore the spec, or choose a new output folder. "
-                            "(Analysis settings and references may change freely.)")
-        return manifest
-    spec.output.mkdir(parents=True, exist_ok=True)
-    manifest = {"name": spec.name, "spec": str(spec.source) if spec.source else None, "fingerprint": fingerprint,
-                "created": time.strftime("%Y-%m-%d %H:%M:%S"), "sessions": []}
-    _write_json(path, manifest)
-    return manifest
+        return json.loads(path.read_text())
+    return {"name": spec.name, "spec": str(spec.source) if spec.source else None,
+            "fingerprint": _md_fingerprint(spec), "created": time.strftime("%Y-%m-%d %H:%M:%S"), "sessions": []}
+
+
+def _run_record(spec: CampaignSpec, res) -> RunRecord:
+    """The store record of one run_md result."""
+    file, group = res.trajectory if res.trajectory else (None, None)
+    return RunRecord(index=int(res.index), id=spec.runs[res.index].id, status="failed" if res.error else "done",
+                     n_steps=int(res.n_steps), error=res.error,
+                     energy=None if res.energy is None else float(res.energy),
+                     temperature=None if res.temperature is None else float(res.temperature),
+                     trajectory=None if file is None else str(file), group=None if group is None else str(group))
 
 
 def run_md_stage(spec: CampaignSpec, log: Callable[[str], None] = print, progress_every_s: float = 30.0,
-                 interrupt_after: int | None = None, model=None) -> list[RunState]:
-    """Run (or resume) every unfinished run of the campaign in one batched ``run_md`` call."""
+                 interrupt_after: int | None = None, model=None, executor=None) -> list[RunState]:
+    """Run (or resume) every unfinished run of the campaign in one batched ``run_md`` call; store each run's
+    result. A campaign whose runs are all stored does nothing (no MD, no file touched)."""
     from ase.io import read
 
-    from geodite_sim.md import run_md
-
-    manifest = _check_manifest(spec)
-    states = run_states(spec)
-    todo = [s for s in states if s.status in ("pending", "running")]
-    if not todo:
-        log(f"[{spec.name}] MD complete: {len(states)} runs ({sum(s.status == 'failed' for s in states)} failed)")
-        return states
-    n_done = sum(s.status in ("done", "failed") for s in states)
-    log(f"[{spec.name}] {len(states)} runs: {n_done} finished, {len(todo)} to run "
-        f"({sum(s.status == 'running' for s in todo)} resumed from the checkpoint); output {spec.output}")
-    reporter = _ProgressReporter(spec, states, progress_every_s, log, interrupt_after)
     model = build_model(spec) if model is None else model
-    observed = _ObservedModel(model, reporter)
-    structures = []
-    for run in spec.runs:
-        atoms = read(run.structure)
-        atoms.info = {"campaign_run": run.id}
-        structures.append(atoms)
-    total_atoms = sum(len(a) for a in structures)
-    session = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "resumed": spec.checkpoint.exists()}
-    try:
-        run_md(
-            structures, observed, ensemble=spec.md.ensemble, temperature=[r.temperature for r in spec.runs],
-            timestep=spec.md.timestep_fs, steps=spec.md.steps, trajectory=str(spec.trajectory),
-            frame_every=spec.md.frame_every, tdamp=spec.tdamp_fs, chain_length=spec.md.chain_length,
-            seed=spec.seed, max_atoms=spec.md.max_atoms or total_atoms, skin=spec.md.skin,
-            monitors=spec.md.monitors, checkpoint=str(spec.checkpoint), checkpoint_every=spec.md.checkpoint_every,
-            restart=True, progress=False,
-        )
-        reporter.complete = True
-    finally:
-        snap = reporter.snapshot()
-        session.update(ended=time.strftime("%Y-%m-%d %H:%M:%S"), elapsed_s=snap["elapsed_s"],
-                       atom_steps=reporter.atom_steps, us_per_atom_step=snap["us_per_atom_step"])
-        manifest["sessions"].append(session)
-        _write_json(spec.output / MANIFEST, manifest)
-        if reporter.iterations or reporter.complete:
-            reporter.report()
+    with open_run_store(spec, model) as store:
+        states = run_states(spec)
+        todo = [s for s in states if (("run", s.index) not in store)]
+        if not todo:
+            log(f"[{spec.name}] MD complete: {len(states)} runs ({sum(s.status == 'failed' for s in states)} failed)")
+            return states
+        n_done = len(states) - len(todo)
+        log(f"[{spec.name}] {len(states)} runs: {n_done} finished, {len(todo)} to run "
+            f"({sum(s.status == 'running' for s in todo)} resumed from the checkpoint); output {spec.output}")
+        manifest = _manifest(spec)
+        reporter = _ProgressReporter(spec, states, progress_every_s, log, interrupt_after)
+        structures = []
+        for run in spec.runs:
+            atoms = read(run.structure)
+            atoms.info = {"campaign_run": run.id}
+            structures.append(atoms)
+        total_atoms = sum(len(a) for a in structures)
+        session = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "resumed": spec.checkpoint.exists(),
+                   "executor": executor.describe() if executor is not None else "local (one process)"}
+        kwargs = dict(ensemble=spec.md.ensemble, temperature=[r.temperature for r in spec.runs],
+                      timestep=spec.md.timestep_fs, steps=spec.md.steps, trajectory=str(spec.trajectory),
+                      frame_every=spec.md.frame_every, tdamp=spec.tdamp_fs, chain_length=spec.md.chain_length,
+                      seed=spec.seed, max_atoms=spec.md.max_atoms or total_atoms, skin=spec.md.skin,
+                      monitors=spec.md.monitors, checkpoint=str(spec.checkpoint),
+                      checkpoint_every=spec.md.checkpoint_every, restart=True, progress=False)
+        try:
+            if executor is None or getattr(executor, "name", "local") == "local":
+                from geodite_sim.md import run_md
+
+                results = run_md(structures, model, observers=[reporter], **kwargs)
+            else:  # Ray: shards run remotely; progress comes with the finished shards
+                results = executor.run_md(structures, model, **kwargs)
+            reporter.complete = True
+            for res in results:
+                store.put(_run_record(spec, res), "run")
+        finally:
+            snap = reporter.snapshot()
+            session.update(ended=time.strftime("%Y-%m-%d %H:%M:%S"), elapsed_s=snap["elapsed_s"],
+                           atom_steps=reporter.atom_steps, us_per_atom_step=snap["us_per_atom_step"])
+            manifest["sessions"].append(session)
+            _write_json(spec.output / MANIFEST, manifest)
+            if reporter.iterations or reporter.complete:
+                reporter.report()
     states = run_states(spec)
     failed = [s for s in states if s.status == "failed"]
     log(f"[{spec.name}] MD complete: {len(states)} runs, {len(failed)} failed"
@@ -554,18 +588,36 @@ def _file_key(path: Path) -> list:
     return [str(path), st.st_size, st.st_mtime_ns]
 
 
-def analyse_run(spec: CampaignSpec, run: Run, device: str | None = None) -> dict:
-    """RDFs, overlap score with the reference, MSD and diffusion coefficients of one finished run."""
+def run_locations(spec: CampaignSpec) -> dict[int, tuple[Path, str]]:
+    """(HDF5 file, group) of every run's frames: the store's record when it has one (a Ray campaign writes
+    one file per shard), else the campaign's ``trajectories.h5`` with group = run index."""
+    records = {r.index: r for r in open_run_store(spec, readonly=True).records("run")} \
+        if (spec.output / RUNS).exists() else {}
+    out = {}
+    for run in spec.runs:
+        rec = records.get(run.index)
+        if rec is not None and rec.trajectory:
+            out[run.index] = (Path(rec.trajectory), str(rec.group))
+        else:
+            out[run.index] = (spec.trajectory, str(run.index))
+    return out
+
+
+def analyse_run(spec: CampaignSpec, run: Run, device: str | None = None,
+                location: tuple[Path, str] | None = None) -> dict:
+    """RDFs, overlap score with the reference, MSD and diffusion coefficients of one finished run
+    (frames at ``location`` = (HDF5 file, group); default the campaign file, group = run index)."""
     import h5py
 
     from geodite_sim.analysis import compare_rdfs, diffusion_coefficients, load_frames
 
     a = spec.analysis
     device = device or a.device or spec.device
+    file, group = location or (spec.trajectory, str(run.index))
     out: dict[str, Any] = {"id": run.id, "index": run.index, "material": run.material,
                            "temperature": run.temperature, "mobile": run.mobile}
-    with h5py.File(spec.trajectory, "r") as f:
-        g = f["systems"].get(str(run.index))
+    with h5py.File(file, "r") as f:
+        g = f["systems"].get(group)
         if g is None:
             out["status"] = "pending"
             return out
@@ -578,7 +630,7 @@ def analyse_run(spec: CampaignSpec, run: Run, device: str | None = None) -> dict
     out["mean_temperature"] = float(temps[keep].mean()) if keep.any() else None
     out["std_temperature"] = float(temps[keep].std()) if keep.any() else None
     try:
-        frames = load_frames(spec.trajectory, system=run.index, discard_fs=a.discard_fs, stride=a.rdf_stride)
+        frames = load_frames(file, system=int(group), discard_fs=a.discard_fs, stride=a.rdf_stride)
     except ValueError as exc:
         out["analysis_error"] = str(exc)
         return out
@@ -617,10 +669,16 @@ def analyse_campaign(spec: CampaignSpec, log: Callable[[str], None] = print, dev
     settings.pop("device", None)
     results = []
     frames_of = {}
-    if spec.trajectory.exists():
-        with h5py.File(spec.trajectory, "r") as f:
-            for name, g in f["systems"].items():
-                frames_of[int(name)] = [int(g["step"].shape[0]), str(g.attrs.get("status", ""))]
+    locations = run_locations(spec)
+    for file in sorted({f for f, _ in locations.values()}):
+        if not file.exists():
+            continue
+        with h5py.File(file, "r") as f:
+            groups = dict(f["systems"].items())
+            for index, (fi, group) in locations.items():
+                if fi == file and group in groups:
+                    g = groups[group]
+                    frames_of[index] = [int(g["step"].shape[0]), str(g.attrs.get("status", ""))]
     for run in spec.runs:
         ref_key = None
         if run.reference is not None:
@@ -637,7 +695,7 @@ def analyse_campaign(spec: CampaignSpec, log: Callable[[str], None] = print, dev
                    "mobile": run.mobile, "status": "pending"}
         else:
             t = time.perf_counter()
-            res = analyse_run(spec, run, device)
+            res = analyse_run(spec, run, device, locations[run.index])
             log(f"[{spec.name}] analysed {run.id}: {res.get('n_frames', 0)} frames in {time.perf_counter() - t:.1f} s")
         cache[run.id] = {"key": key, "result": res}
         results.append(res)
@@ -675,7 +733,7 @@ class CampaignResult:
 def run_campaign(spec: str | Path | dict | CampaignSpec, output: str | Path | None = None, run_md: bool = True,
                  analyse: bool = True, report: bool = True, log: Callable[[str], None] = print,
                  progress_every_s: float = 30.0, device: str | None = None, model=None,
-                 interrupt_after: int | None = None) -> CampaignResult:
+                 interrupt_after: int | None = None, executor=None) -> CampaignResult:
     """Run or resume a campaign, then analyse it and write the report.
 
     Args:
@@ -687,18 +745,20 @@ def run_campaign(spec: str | Path | dict | CampaignSpec, output: str | Path | No
         progress_every_s: seconds between progress lines (and progress.json updates).
         device: analysis device override.
         model: use this model object instead of building the spec's (must be the same model on resume).
-        interrupt_after: stop with KeyboardInterrupt after this many MD steps (tests of resuming).
+        interrupt_after: stop with KeyboardInterrupt after this many MD steps (tests of resuming; checked
+            at the engine's check interval).
+        executor: where the MD runs (:mod:`geodite_sim.executors`; default one process, one run_md call).
     """
     if not isinstance(spec, CampaignSpec):
         spec = load_spec(spec, output=output)
     elif output is not None:
         spec.output = Path(output).resolve()
     if run_md:
-        states = run_md_stage(spec, log, progress_every_s, interrupt_after, model)
+        states = run_md_stage(spec, log, progress_every_s, interrupt_after, model, executor)
     else:
         states = run_states(spec)
     result = CampaignResult(spec, states)
-    if analyse and spec.trajectory.exists():
+    if analyse and any(f.exists() for f, _ in run_locations(spec).values()):
         result.results = analyse_campaign(spec, log, device)
         result.summary = summarise(result.results)
         if report:

@@ -37,8 +37,8 @@ precision when nothing is predicted stable) and list the reason under ``notes``.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -53,10 +53,16 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 
+from geodite_sim.store import HEADER as STORE_HEADER
+from geodite_sim.store import ResultStore, StoreError
+
 log = logging.getLogger(__name__)
 
-#: Stable <=> E_above_hull <= threshold (eV/atom), as Matbench Discovery.
+#: Stable <=> E_above_hull <= threshold (eV/atom), as Matbench Discovery ...
 STABILITY_THRESHOLD = 0.0
+#: ... + this tolerance (eV/atom): 10 µeV/atom, ~10 float32 ulps of a per-atom energy of up to 10 eV and
+#: 100x below any physically meaningful hull distance, so round-off cannot flip a call on the hull.
+STABLE_TOLERANCE = 1e-5
 
 #: ``Atoms.info`` / ``Structure.properties`` keys read as a candidate's id, in this order.
 ID_KEYS = ("id", "material_id", "entry_id", "candidate_id", "name")
@@ -90,8 +96,6 @@ REFERENCE_COLUMNS = [
     "converged", "n_steps", "source",
 ]
 
-RELAX_LOG = "relaxations.jsonl"
-SETTINGS_FILE = "settings.json"
 
 
 class ScreenError(RuntimeError):
@@ -279,26 +283,18 @@ def iter_items(inputs: Any, default_prefix: str = "") -> Iterator[Item]:
 
 # =============================================================================== model support
 def supported_elements(model: Any) -> set[int] | None:
-    """Atomic numbers the model can evaluate, or None when it cannot be told.
+    """Atomic numbers the model can evaluate: its declared ``supported_elements`` (model contract) within 1..99.
 
-    Z outside 1..99 never works (embedding size). For a Geodite model, an element whose
-    reference energy ``E0`` is exactly 0 while others are not was absent from the training
-    set (the packaged MPtrj-style checkpoints leave Po-Ra and Am-Es at 0): it is reported as
-    unsupported rather than screened with a meaningless energy.
+    A Geodite model declares its checkpoint's training elements, or else the elements its reference energy
+    table E0 covers (the official MPtrj-style checkpoints leave Po-Ra and Am-Es at 0); a model that declares
+    nothing is allowed every Z in 1..99 (the embedding size).
     """
     from geodite_sim.io.structures import MAX_SUPPORTED_Z
+    from geodite_sim.model.contract import supported_elements as declared
 
     allowed = set(range(1, MAX_SUPPORTED_Z + 1))
-    e0 = getattr(getattr(model, "decoder", None), "e0", None)
-    if e0 is None:
-        return allowed
-    try:
-        vals = np.asarray(e0.detach().cpu().double().numpy() if hasattr(e0, "detach") else e0, dtype=float)
-    except Exception:
-        return allowed
-    if vals.size > 1 and np.any(vals[1:] != 0):
-        allowed = {z for z in allowed if z < vals.size and vals[z] != 0}
-    return allowed
+    elements = declared(model)
+    return allowed if elements is None else allowed & set(elements)
 
 
 def unsupported_message(atoms: Atoms, allowed: set[int] | None) -> str | None:
@@ -311,7 +307,7 @@ def unsupported_message(atoms: Atoms, allowed: set[int] | None) -> str | None:
         bad = sorted({int(z) for z in atoms.numbers if int(z) not in allowed})
         if bad:
             names = ", ".join(chemical_symbols[z] if 0 <= z < len(chemical_symbols) else str(z) for z in bad)
-            return f"unsupported element(s) {names}: not covered by the model (no trained reference energy E0)"
+            return f"unsupported element(s) {names}: not among the model's supported elements (its training set)"
     try:
         validate_atoms(atoms)
     except StructureError as exc:
@@ -320,18 +316,10 @@ def unsupported_message(atoms: Atoms, allowed: set[int] | None) -> str | None:
 
 
 def model_fingerprint(model: Any) -> str:
-    """Short hash of a model's weights and dtype (identifies the model a resumed run must use)."""
-    try:
-        import torch
+    """The model's identity for resume checks: :func:`geodite_sim.model.contract.model_fingerprint`."""
+    from geodite_sim.model.contract import model_fingerprint as fingerprint
 
-        h = hashlib.sha256()
-        for key, value in sorted(model.state_dict().items()):
-            h.update(key.encode())
-            h.update(str(value.dtype).encode())
-            h.update(value.detach().cpu().contiguous().view(-1).view(dtype=torch.uint8).numpy().tobytes())
-        return h.hexdigest()[:16]
-    except Exception:
-        return f"{type(model).__name__}:{getattr(model, 'name', '?')}"
+    return fingerprint(model)
 
 
 # =============================================================================== references
@@ -583,10 +571,11 @@ def classification_metrics(
     e_above_hull_true: Sequence[float],
     e_above_hull_pred: Sequence[float],
     threshold: float = STABILITY_THRESHOLD,
+    tolerance: float = 0.0,
 ) -> dict[str, Any]:
     """Stability classification metrics (Matbench Discovery conventions).
 
-    Stable <=> E_above_hull <= ``threshold`` for both DFT (true) and model (predicted).
+    Stable <=> E_above_hull <= ``threshold + tolerance`` for both DFT (true) and model (predicted).
     Pairs where either value is NaN are dropped (counted in ``n_dropped``).
     Returns counts ``tp, fp, tn, fn, n``, ``precision = tp/(tp+fp)``, ``recall = tp/(tp+fn)``,
     ``f1`` (harmonic mean; 0 when precision = recall = 0), ``accuracy = (tp+tn)/n``,
@@ -595,7 +584,7 @@ def classification_metrics(
     denominator is 0 is NaN, never a silent 0, and ``notes`` says which and why.
     """
     t, p, dropped = _pairs(e_above_hull_true, e_above_hull_pred)
-    true_pos, pred_pos = t <= threshold, p <= threshold
+    true_pos, pred_pos = t <= threshold + tolerance, p <= threshold + tolerance
     tp = int(np.sum(true_pos & pred_pos))
     fp = int(np.sum(~true_pos & pred_pos))
     tn = int(np.sum(~true_pos & ~pred_pos))
@@ -631,7 +620,8 @@ def classification_metrics(
     else:
         daf = precision / prevalence
     return {
-        "threshold": threshold, "n": n, "n_dropped": dropped, "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+        "threshold": threshold, "tolerance": tolerance, "n": n, "n_dropped": dropped,
+        "tp": tp, "fp": fp, "tn": tn, "fn": fn,
         "precision": precision, "recall": recall, "f1": f1, "accuracy": accuracy,
         "prevalence": prevalence, "daf": daf, "notes": notes,
     }
@@ -759,8 +749,10 @@ def stability_metrics(
     threshold: float = STABILITY_THRESHOLD,
     relaxed: Mapping[str, Any] | None = None,
     reference_structures: Mapping[str, Any] | None = None,
+    tolerance: float = 0.0,
 ) -> dict[str, Any]:
-    """All metrics of a screen against DFT labels (rows as in ``results.json``).
+    """All metrics of a screen against DFT labels (rows as in ``results.json``); stable <=> E_above_hull <=
+    ``threshold + tolerance``.
 
     Candidates with a label but no prediction (any error) are left out of the metrics and
     counted in ``n_missing_prediction`` (listed in ``missing_prediction``); labels of ids
@@ -775,13 +767,14 @@ def stability_metrics(
     p = [float(pred[i]) for i in have]
     out: dict[str, Any] = {
         "threshold": threshold,
+        "tolerance": tolerance,
         "n_candidates": len(ids),
         "n_labelled": len(labelled),
         "n_evaluated": len(have),
         "n_missing_prediction": len(missing),
         "missing_prediction": missing,
         "n_unused_labels": len(set(labels) - set(ids)),
-        "classification": classification_metrics(t, p, threshold),
+        "classification": classification_metrics(t, p, threshold, tolerance),
         "e_above_hull": regression_metrics(t, p),
     }
     if reference_structures:
@@ -797,87 +790,74 @@ def stability_metrics(
     return out
 
 
-# =============================================================================== resume log
-class RelaxLog:
-    """Append-only JSON-lines log of finished relaxations (the resume state of a screen).
+# =============================================================================== relaxation records
+@dataclass
+class RelaxationRecord:
+    """One relaxed reference or candidate: a line of ``relaxations.jsonl`` (store kind "reference"/"candidate").
 
-    Each line is one record, written with flush + fsync, so after a kill at most the line
-    being written is lost; a truncated last line is ignored on reading. Records are keyed
-    by ``(kind, id)``; the last one wins.
+    ``index`` is the input position among the references (or candidates), ``id`` its id (checked on resume).
+    ``energy`` eV, ``energy_per_atom`` eV/atom (None when the relaxation failed), ``fmax`` eV/Å. The relaxed
+    structure is stored with it (``relaxations.extxyz``, 8 decimals) unless the relaxation failed.
     """
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self._fh: io.TextIOBase | None = None
-
-    def load(self) -> dict[tuple[str, str], dict]:
-        records: dict[tuple[str, str], dict] = {}
-        if not self.path.exists():
-            return records
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    log.warning("%s: ignoring a truncated record (interrupted write)", self.path)
-                    continue
-                if isinstance(rec, dict) and "id" in rec and "kind" in rec:
-                    records[(rec["kind"], rec["id"])] = rec
-        return records
-
-    def append(self, record: dict) -> None:
-        if self._fh is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            needs_newline = False
-            if self.path.exists() and self.path.stat().st_size > 0:
-                with open(self.path, "rb") as f:
-                    f.seek(-1, os.SEEK_END)
-                    needs_newline = f.read(1) != b"\n"
-            self._fh = open(self.path, "a", encoding="utf-8")
-            if needs_newline:
-                self._fh.write("\n")
-        self._fh.write(json.dumps(_nan_to_none(record), separators=(",", ":")) + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+    index: int
+    id: str
+    source: str
+    formula: str
+    n_atoms: int
+    energy: float | None
+    energy_per_atom: float | None
+    n_steps: int
+    converged: bool
+    fmax: float | None
+    error: str | None
 
 
-def atoms_to_dict(atoms: Atoms) -> dict:
-    return {"numbers": [int(z) for z in atoms.numbers], "positions": atoms.positions.tolist(),
-            "cell": np.asarray(atoms.cell[:]).tolist(), "pbc": [bool(p) for p in atoms.pbc]}
+#: Store files of a screen (inside ``out``).
+RELAX_LOG = "relaxations.jsonl"
+RELAXED_STRUCTURES = "relaxations.extxyz"
 
 
-def atoms_from_dict(d: Mapping) -> Atoms:
-    return Atoms(numbers=d["numbers"], positions=d["positions"], cell=d["cell"], pbc=d["pbc"])
+def _finite(x: Any) -> float | None:
+    return float(x) if x is not None and math.isfinite(float(x)) else None
 
 
-def _relax_record(kind: str, item: Item, res: Any) -> dict:
+def _record_of(item: Item, res: Any) -> tuple[RelaxationRecord, Atoms | None]:
+    """The record of one relaxation result and its relaxed structure (plain Atoms; None when it failed)."""
     atoms = res.structure if isinstance(res.structure, Atoms) else None
     if atoms is None and res.structure is not None and not isinstance(res.structure, (str, os.PathLike)):
         try:
             atoms = _to_atoms(res.structure)
         except Exception:
             atoms = None
-    energy = float(res.energy) if res.energy is not None else math.nan
+    energy = _finite(res.energy)
     error = res.error
-    if error is None and not math.isfinite(energy):
+    if error is None and energy is None:
         error = "relaxation returned a non-finite energy"
-    return {
-        "kind": kind, "id": item.id, "source": item.source,
-        "formula": item.atoms.get_chemical_formula() if item.atoms is not None else "",
-        "n_atoms": len(item.atoms) if item.atoms is not None else 0,
-        "energy": energy,
-        "energy_per_atom": float(res.energy_per_atom) if res.energy_per_atom is not None else math.nan,
-        "n_steps": int(res.n_steps), "converged": bool(res.converged), "fmax": float(getattr(res, "fmax", math.nan)),
-        "error": error, "structure": atoms_to_dict(atoms) if atoms is not None and error is None else None,
-    }
+    rec = RelaxationRecord(
+        index=item.order, id=item.id, source=item.source,
+        formula=item.atoms.get_chemical_formula() if item.atoms is not None else "",
+        n_atoms=len(item.atoms) if item.atoms is not None else 0, energy=energy,
+        energy_per_atom=_finite(res.energy_per_atom), n_steps=int(res.n_steps), converged=bool(res.converged),
+        fmax=_finite(getattr(res, "fmax", None)), error=error)
+    plain = None
+    if atoms is not None and error is None:
+        plain = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell[:], pbc=atoms.pbc)
+    return rec, plain
+
+
+def open_relax_store(out: Path, settings: Mapping, model: Any, restart: bool) -> ResultStore:
+    """The screen's result store in ``out`` (``restart`` discards it first); other settings are refused."""
+    if restart:
+        for name in (RELAX_LOG, RELAXED_STRUCTURES, STORE_HEADER):
+            if (out / name).exists():
+                (out / name).unlink()
+    store_settings = {k: v for k, v in settings.items() if k not in ("model", "model_fingerprint")}
+    try:
+        return ResultStore(out, RelaxationRecord, store_settings, model, records_name=RELAX_LOG,
+                           structures_name=RELAXED_STRUCTURES, job="screen")
+    except StoreError as exc:
+        raise ScreenError(f"{exc} (or --restart to discard them)") from exc
 
 
 # =============================================================================== the workflow
@@ -926,34 +906,16 @@ _NO_RESULT_EFFECT = ("progress", "total", "max_atoms", "max_systems", "check_int
 
 
 def _settings(model: Any, fmax: float, max_steps: int, relax_cell: bool, relax_kwargs: Mapping) -> dict:
+    from geodite_sim.model.contract import contract_attribute, model_name
+
     return {
-        "model": getattr(model, "name", type(model).__name__),
+        "model": model_name(model),
         "model_fingerprint": model_fingerprint(model),
-        "dtype": str(getattr(model, "dtype", "")),
+        "dtype": str(contract_attribute(model, "dtype")),
         "fmax": float(fmax), "max_steps": int(max_steps), "relax_cell": bool(relax_cell),
         "relax_kwargs": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v))
                          for k, v in sorted(relax_kwargs.items()) if k not in _NO_RESULT_EFFECT},
     }
-
-
-def _check_resume(out: Path, settings: dict, restart: bool, warn: list[str]) -> None:
-    log_path, settings_path = out / RELAX_LOG, out / SETTINGS_FILE
-    if restart:
-        for p in (log_path, settings_path):
-            if p.exists():
-                p.unlink()
-    if log_path.exists() and settings_path.exists():
-        old = json.loads(settings_path.read_text())
-        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v and k != "model"}
-        if diff:
-            raise ScreenError(
-                f"{out} holds relaxations made with other settings {diff}; resume needs the same model and "
-                "relaxation settings. Use another --out directory, or --restart to discard them."
-            )
-    elif log_path.exists():
-        warn.append(f"{log_path} has no {SETTINGS_FILE}: resuming without checking the settings")
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(settings_path, json.dumps(settings, indent=2))
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -974,6 +936,373 @@ def _csv_text(rows: Sequence[Mapping], columns: Sequence[str]) -> str:
     return buf.getvalue()
 
 
+# ------------------------------------------------------------------------------- stage 0: inputs and admission
+@dataclass
+class ReferenceInputs:
+    """The references: given entries (``mode = "entries"``) or structures to relax (``"structures"``)."""
+
+    mode: str
+    entries: list
+    items: list[Item]
+    elements: set[str]
+
+
+def reference_inputs(references: Any, allowed: set[int] | None) -> ReferenceInputs:
+    """Resolve the references; reference structures get ids and their admission checks (unsupported, duplicate)."""
+    import copy
+
+    mode, entries, ref_inputs = _resolve_references(references)
+    if mode == "entries":
+        named = []
+        for i, e in enumerate(entries):  # every reference needs an id (copies: the caller's entries stay as given)
+            if getattr(e, "entry_id", None) in (None, ""):
+                e = copy.copy(e)
+                e.entry_id = f"ref-{i}"
+            named.append(e)
+        return ReferenceInputs(mode, named, [], {el.symbol for e in named for el in e.composition.elements})
+    items: list[Item] = []
+    seen: set[str] = set()
+    for it in iter_items(ref_inputs):
+        if it.id in seen:
+            it.error, it.status, it.atoms = f"duplicate reference id {it.id!r}", DUPLICATE, None
+        seen.add(it.id)
+        if it.atoms is not None:
+            msg = unsupported_message(it.atoms, allowed)
+            if msg:
+                it.error, it.status, it.atoms = msg, UNSUPPORTED, None
+        items.append(it)
+    if not items:
+        raise ScreenError("no reference structures given")
+    elements = {s for it in items if it.atoms is not None for s in it.atoms.get_chemical_symbols()}
+    return ReferenceInputs(mode, [], items, elements)
+
+
+@dataclass
+class CandidateInputs:
+    """Candidates seen so far: ``meta`` (id -> first item with that id, input order) and ``refused``
+    (items refused before relaxation: unreadable, unsupported, outside the references, duplicate ids)."""
+
+    meta: dict[str, Item] = field(default_factory=dict)
+    refused: dict[str, Item] = field(default_factory=dict)
+
+
+def admit_candidates(candidates: Any, allowed: set[int] | None, ref_elements: set[str],
+                     seen: CandidateInputs) -> Iterator[Item]:
+    """The candidates worth relaxing, lazily; the others are recorded in ``seen.refused`` with the reason."""
+    for it in iter_items(candidates):
+        if it.id in seen.meta:
+            seen.refused[f"{it.id}#{it.order}"] = Item(
+                it.id, it.order, it.source, None,
+                f"duplicate candidate id {it.id!r} (first used by {seen.meta[it.id].source})", DUPLICATE)
+            continue
+        seen.meta[it.id] = it
+        if it.atoms is None:
+            seen.refused[it.id] = it
+            continue
+        msg = unsupported_message(it.atoms, allowed)
+        if msg:
+            it.error, it.status = msg, UNSUPPORTED
+            seen.refused[it.id] = it
+            continue
+        outside = sorted(set(it.atoms.get_chemical_symbols()) - ref_elements)
+        if outside:
+            it.error = (f"outside the reference chemical space: no reference contains {', '.join(outside)} "
+                        f"(references cover {', '.join(sorted(ref_elements)) or 'nothing'})")
+            it.status = OUTSIDE
+            seen.refused[it.id] = it
+            continue
+        yield it
+
+
+# ------------------------------------------------------------------------------- stage 1: relaxation
+@dataclass
+class Relaxations:
+    """Every relaxation of the screen by ``(kind, index)``: records, relaxed structures, counts, seconds."""
+
+    records: dict[tuple[str, int], RelaxationRecord] = field(default_factory=dict)
+    structures: dict[tuple[str, int], Atoms] = field(default_factory=dict)
+    n_relaxed: int = 0
+    n_resumed: int = 0
+    seconds: float = 0.0
+
+    def get(self, kind: str, item: Item) -> RelaxationRecord | None:
+        return self.records.get((kind, item.order))
+
+
+def relax_stage(jobs: Iterable[tuple[str, Item]], store: ResultStore | None, relax_fn: Callable[..., Iterable],
+                relax_args: Mapping[str, Any]) -> Relaxations:
+    """Relax every job ``(kind, item)`` not in the store, storing each result as it arrives; resume = skip."""
+    out = Relaxations()
+    pending: dict[int, tuple[str, Item]] = {}
+
+    def stream() -> Iterator[Atoms]:
+        for kind, it in jobs:
+            rec = store.get(kind, it.order) if store is not None else None
+            if rec is not None:
+                if rec.id != it.id:
+                    raise ScreenError(f"{kind} #{it.order} is {it.id!r} but {store.directory} holds {rec.id!r} "
+                                      "there: the inputs changed. Use another --out directory, or --restart.")
+                out.records[(kind, it.order)] = rec
+                atoms = store.structure(kind, it.order) if rec.error is None else None
+                if atoms is not None:
+                    out.structures[(kind, it.order)] = atoms
+                out.n_resumed += 1
+                continue
+            pending[len(pending) + out.n_relaxed] = (kind, it)
+            yield it.atoms
+
+    t0 = time.perf_counter()
+    for res in relax_fn(stream(), stream=True, **relax_args):
+        kind, it = pending.pop(res.index)
+        rec, atoms = _record_of(it, res)
+        out.records[(kind, it.order)] = rec
+        if atoms is not None:
+            out.structures[(kind, it.order)] = atoms
+        if store is not None:
+            store.put(rec, kind, atoms)
+        out.n_relaxed += 1
+    out.seconds = time.perf_counter() - t0
+    if pending:
+        raise ScreenError(f"the relaxation engine returned no result for {len(pending)} structure(s)")
+    return out
+
+
+# ------------------------------------------------------------------------------- stage 2: references and hull
+@dataclass
+class ReferenceSet:
+    """The reference entries the hulls are built from, their table rows and the MP2020 decision."""
+
+    mode: str
+    entries: list
+    rows: list[dict]
+    hull: ReferenceHull
+    mp2020: bool
+    mp2020_reason: str
+
+
+def _entry_of(rec: RelaxationRecord, atoms: Atoms, model_label: str):
+    from pymatgen.entries.computed_entries import ComputedStructureEntry
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    return ComputedStructureEntry(AseAtomsAdaptor.get_structure(atoms), rec.energy, entry_id=rec.id,
+                                  parameters={"software": "geodite-sim", "model": model_label})
+
+
+def _relaxed_reference_entries(refs: ReferenceInputs, relaxed: Relaxations, model_label: str,
+                               warn: list[str]) -> tuple[list, list[dict]]:
+    """Entries and rows of self-consistent references (relaxed with the model)."""
+    entries, rows = [], []
+    for it in refs.items:
+        rec = relaxed.get("reference", it)
+        row = {"id": it.id, "source": it.source, "status": SCREENED, "error": None,
+               "formula": it.atoms.get_chemical_formula() if it.atoms is not None else "",
+               "n_atoms": len(it.atoms) if it.atoms is not None else 0}
+        if rec is None:
+            row.update(status=it.status or INPUT_ERROR, error=it.error)
+            warn.append(f"reference {it.id} not used: {it.error}")
+        elif rec.error is not None:
+            row.update(status=RELAX_FAILED, error=rec.error, converged=False, n_steps=rec.n_steps)
+            warn.append(f"reference {it.id} not used: relaxation failed: {rec.error}")
+        else:
+            row.update(energy_per_atom=rec.energy_per_atom, converged=rec.converged, n_steps=rec.n_steps)
+            if not rec.converged:
+                warn.append(f"reference {it.id} did not converge in {rec.n_steps} steps (its last energy is used)")
+            entries.append(_entry_of(rec, relaxed.structures[("reference", it.order)], model_label))
+        rows.append(row)
+    return entries, rows
+
+
+def _given_reference_entries(refs: ReferenceInputs, cands: CandidateInputs) -> tuple[list, list[dict]]:
+    """Given entries inside the candidates' chemical (sub)systems (an MP export holds ~10^5 entries)."""
+    from itertools import combinations
+
+    subsystems: set[frozenset] = set()
+    for it in cands.meta.values():
+        if it.atoms is not None and it.id not in cands.refused:
+            els = sorted(set(it.atoms.get_chemical_symbols()))
+            for k in range(1, len(els) + 1):
+                subsystems.update(frozenset(c) for c in combinations(els, k))
+    entries = [e for e in refs.entries if frozenset(el.symbol for el in e.composition.elements) in subsystems]
+    rows = [{"id": str(getattr(e, "entry_id", "")), "source": "entries", "status": SCREENED, "error": None,
+             "formula": e.composition.formula, "n_atoms": e.composition.num_atoms,
+             "energy_per_atom": getattr(e, "uncorrected_energy_per_atom", e.energy_per_atom)} for e in entries]
+    return entries, rows
+
+
+def reference_stage(refs: ReferenceInputs, relaxed: Relaxations, cands: CandidateInputs, mp2020: bool | None,
+                    model_label: str, warn: list[str]) -> ReferenceSet:
+    """Reference entries (relaxed or given), MP2020 on them when asked or automatic, and their hulls."""
+    import copy
+
+    if refs.mode == "structures":
+        entries, rows = _relaxed_reference_entries(refs, relaxed, model_label, warn)
+    else:
+        entries, rows = _given_reference_entries(refs, cands)
+    if mp2020 is None:  # auto: only when the given entries are MP-style
+        use = refs.mode == "entries" and entries_are_mp_style(entries)
+        reason = ("auto: reference entries carry MP-style parameters (run_type/hubbards)" if use else
+                  "auto: references are not MP-style entries" if refs.mode == "entries" else
+                  "auto: self-consistent references (model energies on both sides)")
+    else:
+        use, reason = bool(mp2020), "requested" if mp2020 else "disabled"
+    if not use and refs.mode == "entries" and any(abs(getattr(e, "correction", 0.0)) > 0 for e in entries):
+        warn.append("reference entries carry energy corrections but MP2020 is off: candidates are not corrected, "
+                    "so hull distances mix corrected references with uncorrected model energies (use --mp2020)")
+    if use:
+        entries = copy.deepcopy(entries) if refs.mode == "entries" else entries
+        entries, rejected = apply_mp2020(entries, infer_parameters=(refs.mode == "structures"))
+        for rid, why in rejected.items():
+            warn.append(f"reference {rid} dropped: {why}")
+            for row in rows:
+                if row["id"] == rid:
+                    row.update(status=COMPAT_ERROR, error=why)
+    return ReferenceSet(refs.mode, entries, rows, ReferenceHull(entries), use, reason)
+
+
+def candidate_rows(cands: CandidateInputs, relaxed: Relaxations, require_converged: bool) -> list[dict]:
+    """One row per candidate in input order (``_order``), with its relaxation outcome or why it was refused."""
+    rows = []
+    for cid, it in cands.meta.items():
+        row = {"id": cid, "source": it.source, "n_atoms": len(it.atoms) if it.atoms is not None else None,
+               "formula": it.atoms.get_chemical_formula() if it.atoms is not None else "", "status": SCREENED,
+               "error": None, "_order": it.order}
+        if it.atoms is not None:
+            from pymatgen.core import Composition
+
+            comp = Composition(it.atoms.get_chemical_formula())
+            row.update(reduced_formula=comp.reduced_formula, chemsys=chemsys_of(comp))
+        rec = relaxed.get("candidate", it)
+        if cid in cands.refused:
+            row.update(status=cands.refused[cid].status or INPUT_ERROR, error=cands.refused[cid].error)
+        elif rec is None:
+            row.update(status=INPUT_ERROR, error="no relaxation result")
+        else:
+            row.update(converged=rec.converged, n_steps=rec.n_steps, fmax=rec.fmax)
+            if rec.error is not None:  # no energy reported for a failed relaxation
+                row.update(status=RELAX_FAILED, error=f"relaxation failed: {rec.error}")
+            else:
+                row.update(energy=rec.energy, energy_per_atom=rec.energy_per_atom)
+                if require_converged and not rec.converged:
+                    row.update(status=NOT_CONVERGED, error=f"relaxation did not converge in {rec.n_steps} steps")
+        rows.append(row)
+    for key, it in cands.refused.items():  # duplicates (kept under a suffixed key)
+        if key not in cands.meta:
+            rows.append({"id": it.id, "source": it.source, "status": it.status, "error": it.error,
+                         "formula": "", "_order": it.order})
+    return rows
+
+
+def hull_stage(rows: list[dict], cands: CandidateInputs, relaxed: Relaxations, refset: ReferenceSet,
+               threshold: float, tolerance: float, model_label: str) -> dict[str, Atoms]:
+    """Formation energy, E above hull and the stable call (``E_hull <= threshold + tolerance``) of every
+    screened row, in place; returns the relaxed structures of the screened candidates by id."""
+    atoms_of: dict[str, Atoms] = {}
+    entries: dict[str, Any] = {}
+    for row in rows:
+        it = cands.meta.get(row["id"])
+        if row["status"] != SCREENED or it is None or it.order != row["_order"]:
+            continue
+        rec = relaxed.get("candidate", it)
+        atoms_of[row["id"]] = relaxed.structures[("candidate", it.order)]
+        entries[row["id"]] = _entry_of(rec, atoms_of[row["id"]], model_label)
+    if refset.mp2020 and entries:
+        _, rejected = apply_mp2020(list(entries.values()), infer_parameters=True)
+        for cid, why in rejected.items():
+            entries.pop(cid, None)
+            for row in rows:
+                if row["id"] == cid and row["status"] == SCREENED:
+                    row.update(status=COMPAT_ERROR, error=why)
+    for row in rows:
+        entry = entries.get(row["id"]) if row["status"] == SCREENED else None
+        if entry is None:
+            continue
+        n = entry.composition.num_atoms
+        row["correction_per_atom"] = float(entry.correction) / n
+        row["corrected_energy_per_atom"] = float(entry.energy_per_atom)
+        h = refset.hull.analyse(entry)
+        if h.error:
+            row.update(status=OUTSIDE if h.error.startswith("outside") else HULL_ERROR, error=h.error)
+            continue
+        row.update(e_form_per_atom=h.e_form_per_atom, e_above_hull=h.e_above_hull, decomposition=h.decomposition,
+                   stable=bool(h.e_above_hull <= threshold + tolerance))
+    rows.sort(key=lambda r: r["_order"])
+    for r in rows:
+        r.pop("_order", None)
+    return atoms_of
+
+
+def reference_rows(refset: ReferenceSet, tolerance: float) -> list[dict]:
+    """Rows of the references with their hull position (``on_hull``: E_hull <= tolerance)."""
+    hull = refset.hull
+    placed: dict[str, tuple[float, float]] = {}
+    for pd in hull.phase_diagrams.values():
+        for e in pd.all_entries:
+            rid = str(getattr(e, "entry_id", ""))
+            if rid not in placed:
+                placed[rid] = (float(pd.get_form_energy_per_atom(e)), float(pd.get_e_above_hull(e)))
+    rows = refset.rows
+    if refset.mode == "structures":  # self-consistent references: also those no candidate needed
+        for e in refset.entries:
+            rid = str(e.entry_id)
+            if rid in placed:
+                continue
+            try:
+                pd = hull.phase_diagram(chemsys_of(e.composition))
+                placed[rid] = (float(pd.get_form_energy_per_atom(e)), float(pd.get_e_above_hull(e)))
+            except ScreenError as exc:
+                for row in rows:
+                    if row["id"] == rid:
+                        row.update(status=HULL_ERROR, error=str(exc))
+    by_id = {str(e.entry_id): e for e in refset.entries}
+    for row in rows:
+        e = by_id.get(row["id"])
+        if e is not None:
+            row.update(reduced_formula=e.composition.reduced_formula, chemsys=chemsys_of(e.composition),
+                       corrected_energy_per_atom=float(e.energy_per_atom))
+        if row["id"] in placed:
+            ef, eh = placed[row["id"]]
+            row.update(e_form_per_atom=ef, e_above_hull=eh, on_hull=bool(eh <= tolerance))
+    if refset.mode == "entries":  # keep only references inside the screened chemical systems
+        rows = [r for r in rows if r["id"] in placed or r["status"] != SCREENED]
+    return rows
+
+
+# ------------------------------------------------------------------------------- stage 3: metrics and report
+def metrics_stage(rows: list[dict], labels: Any, dft_structures: Any, threshold: float, tolerance: float,
+                  relaxed_atoms: Mapping[str, Atoms], warn: list[str]) -> dict | None:
+    """DFT labels onto the rows (``e_above_hull_dft``, ``stable_dft``) and :func:`stability_metrics`."""
+    if labels is None:
+        if dft_structures is not None:
+            warn.append("dft_structures given without labels: RMSD is computed only together with labels")
+        return None
+    label_map = load_labels(labels) if isinstance(labels, (str, os.PathLike)) else dict(labels)
+    ref_structs = None
+    if dft_structures is not None:
+        ref_structs = (load_reference_structures(dft_structures)
+                       if isinstance(dft_structures, (str, os.PathLike)) else dict(dft_structures))
+    for row in rows:
+        v = label_map.get(row["id"])
+        if v is not None and math.isfinite(float(v)):
+            row["e_above_hull_dft"] = float(v)
+            row["stable_dft"] = bool(float(v) <= threshold + tolerance)
+    return stability_metrics(rows, label_map, threshold, relaxed_atoms, ref_structs, tolerance=tolerance)
+
+
+def report_stage(result: ScreenResult, relaxed_atoms: Mapping[str, Atoms], plots: bool, max_plots: int,
+                 hull: ReferenceHull) -> None:
+    """Hull plots, results.csv/json, references.csv, relaxed.extxyz, metrics.json and run.json under ``out``."""
+    t0 = time.perf_counter()
+    if result.out is not None and plots:
+        result.plots = plot_hulls(hull, result.rows, result.out, max_plots=max_plots, warn=result.warnings)
+    result.timings["plot_s"] = time.perf_counter() - t0
+    if result.out is None:
+        return
+    write_outputs(result, relaxed_atoms)
+    _write_atomic(result.out / "run.json", json.dumps(_nan_to_none(
+        {"settings": result.settings, "timings": result.timings, "warnings": result.warnings,
+         "plots": result.plots}), indent=2))
+
+
 def screen(
     candidates: Any,
     references: Any,
@@ -984,6 +1313,7 @@ def screen(
     max_steps: int = 500,
     relax_cell: bool = True,
     threshold: float = STABILITY_THRESHOLD,
+    stable_tolerance: float = STABLE_TOLERANCE,
     mp2020: bool | None = None,
     labels: str | os.PathLike | Mapping[str, float] | None = None,
     dft_structures: str | os.PathLike | Mapping[str, Any] | None = None,
@@ -994,8 +1324,13 @@ def screen(
     progress: bool = True,
     relax_kwargs: Mapping[str, Any] | None = None,
     relax_fn: Callable[..., Iterable] | None = None,
+    executor: Any = None,
 ) -> ScreenResult:
     """Screen candidates for thermodynamic stability against a convex hull of references.
+
+    Stages: admission (:func:`reference_inputs`, :func:`admit_candidates`) -> :func:`relax_stage` (over the
+    result store in ``out``) -> :func:`reference_stage` -> :func:`candidate_rows` + :func:`hull_stage` ->
+    :func:`metrics_stage` -> :func:`report_stage`.
 
     Args:
         candidates: structures to screen (see :func:`iter_items`): paths, directories,
@@ -1003,11 +1338,14 @@ def screen(
         references: a monty JSON file (or list) of pymatgen entries, e.g. an MP export, or
             structures of the elements and known phases to relax with ``model``
             (self-consistent references; same input forms as ``candidates``).
-        out: output directory (results, plots, resume log); None keeps everything in memory.
+        out: output directory (results, plots, result store); None keeps everything in memory.
         model: a loaded model (default ``geodite_sim.load_model()``).
         fmax, max_steps, relax_cell: relaxation settings (:func:`geodite_sim.relax_many`);
             the same for candidates and self-consistent references.
-        threshold: stable <=> E_above_hull <= threshold (eV/atom).
+        threshold: stable <=> E_above_hull <= threshold + stable_tolerance (eV/atom).
+        stable_tolerance: eV/atom added to the threshold so that float round-off of a candidate sitting
+            on the hull (e.g. a known phase, E_hull ~ ±1e-7 in float32) cannot decide its call; recorded
+            in ``run.json`` (default :data:`STABLE_TOLERANCE`).
         mp2020: apply MP2020 corrections; None = only when every reference entry carries
             MP-style ``parameters`` (``run_type``/``hubbards``).
         labels: DFT E_above_hull per candidate id (file for :func:`load_labels` or mapping).
@@ -1016,335 +1354,65 @@ def screen(
             ``not_converged`` instead of screening their last energy (the default screens
             them and flags ``converged = False``, as Matbench Discovery does).
         plots: write ``hull_<chemsys>.png`` for binary/ternary systems (at most ``max_plots``).
-        restart: discard the resume log in ``out`` and relax everything again.
+        restart: discard the result store in ``out`` and relax everything again.
         relax_kwargs: extra keyword arguments of ``relax_many`` (``max_atoms``, ...).
         relax_fn: replaces ``relax_many`` (same signature; for tests and other engines).
+        executor: where the relaxations run (:mod:`geodite_sim.executors`; default this process).
     """
     import geodite_sim
 
     t_start = time.perf_counter()
     relax_kwargs = dict(relax_kwargs or {})
-    relax_fn = relax_fn or geodite_sim.relax_many
+    if relax_fn is None:
+        relax_fn = executor.relax_many if executor is not None else geodite_sim.relax_many
     if model is None:
         model = geodite_sim.load_model()
     warn: list[str] = []
     out_dir = Path(out) if out is not None else None
     settings = _settings(model, fmax, max_steps, relax_cell, relax_kwargs)
-    if out_dir is not None:
-        _check_resume(out_dir, settings, restart, warn)
-    relax_log = RelaxLog(out_dir / RELAX_LOG) if out_dir is not None else None
-    done = relax_log.load() if relax_log is not None else {}
-    n_resumed = 0
-
-    # ------------------------------------------------------------------ references
-    mode, ref_entries, ref_inputs = _resolve_references(references)
+    store = open_relax_store(out_dir, settings, model, restart) if out_dir is not None else None
     allowed = supported_elements(model)
-    ref_items: list[Item] = []
-    if mode == "structures":
-        seen: set[str] = set()
-        for it in iter_items(ref_inputs):
-            if it.id in seen:
-                it.error, it.status, it.atoms = f"duplicate reference id {it.id!r}", DUPLICATE, None
-            seen.add(it.id)
-            if it.atoms is not None:
-                msg = unsupported_message(it.atoms, allowed)
-                if msg:
-                    it.error, it.status, it.atoms = msg, UNSUPPORTED, None
-            ref_items.append(it)
-        ref_elements = {s for it in ref_items if it.atoms is not None for s in it.atoms.get_chemical_symbols()}
-        if not ref_items:
-            raise ScreenError("no reference structures given")
-    else:
-        import copy
-
-        named = []
-        for i, e in enumerate(ref_entries):  # every reference needs an id (copies: the caller's entries stay as given)
-            if getattr(e, "entry_id", None) in (None, ""):
-                e = copy.copy(e)
-                e.entry_id = f"ref-{i}"
-            named.append(e)
-        ref_entries = named
-        ref_elements = {el.symbol for e in ref_entries for el in e.composition.elements}
-
-    # ------------------------------------------------------------------ candidates (lazy) + relaxation
-    cand_meta: dict[str, Item] = {}
-    pre_errors: dict[str, Item] = {}
-    records: dict[tuple[str, str], dict] = {}
-
-    def jobs() -> Iterator[tuple[str, Item]]:
-        nonlocal n_resumed
-        for it in ref_items:
-            if it.atoms is None:
-                continue
-            if ("reference", it.id) in done:
-                records[("reference", it.id)] = done[("reference", it.id)]
-                n_resumed += 1
-                continue
-            yield "reference", it
-        for it in iter_items(candidates):
-            if it.id in cand_meta:
-                dup = Item(it.id, it.order, it.source, None,
-                           f"duplicate candidate id {it.id!r} (first used by {cand_meta[it.id].source})", DUPLICATE)
-                pre_errors[f"{it.id}#{it.order}"] = dup
-                continue
-            cand_meta[it.id] = it
-            if it.atoms is None:
-                pre_errors[it.id] = it
-                continue
-            msg = unsupported_message(it.atoms, allowed)
-            if msg:
-                it.error, it.status = msg, UNSUPPORTED
-                pre_errors[it.id] = it
-                continue
-            outside = sorted(set(it.atoms.get_chemical_symbols()) - ref_elements)
-            if outside:
-                it.error = (f"outside the reference chemical space: no reference contains {', '.join(outside)} "
-                            f"(references cover {', '.join(sorted(ref_elements)) or 'nothing'})")
-                it.status = OUTSIDE
-                pre_errors[it.id] = it
-                continue
-            if ("candidate", it.id) in done:
-                records[("candidate", it.id)] = done[("candidate", it.id)]
-                n_resumed += 1
-                continue
-            yield "candidate", it
-
-    pending: dict[int, tuple[str, Item]] = {}
-
-    def stream() -> Iterator[Atoms]:
-        for pos, (kind, it) in enumerate(jobs()):
-            pending[pos] = (kind, it)
-            yield it.atoms
-
-    t0 = time.perf_counter()
-    n_relaxed = 0
     try:
-        results = relax_fn(stream(), model=model, fmax=fmax, max_steps=max_steps, relax_cell=relax_cell,
-                           stream=True, progress=progress, **relax_kwargs)
-        for res in results:
-            kind, it = pending.pop(res.index)
-            rec = _relax_record(kind, it, res)
-            records[(kind, it.id)] = rec
-            n_relaxed += 1
-            if relax_log is not None:
-                relax_log.append(rec)
+        refs = reference_inputs(references, allowed)
+        cands = CandidateInputs()
+        jobs = itertools.chain((("reference", it) for it in refs.items if it.atoms is not None),
+                               (("candidate", it) for it in admit_candidates(candidates, allowed, refs.elements,
+                                                                             cands)))
+        relaxed = relax_stage(jobs, store, relax_fn, {"model": model, "fmax": fmax, "max_steps": max_steps,
+                                                      "relax_cell": relax_cell, "progress": progress,
+                                                      **relax_kwargs})
     finally:
-        if relax_log is not None:
-            relax_log.close()
-    t_relax = time.perf_counter() - t0
-    if pending:
-        raise ScreenError(f"the relaxation engine returned no result for {len(pending)} structure(s)")
-
-    # ------------------------------------------------------------------ entries
+        if store is not None:
+            store.close()
     t0 = time.perf_counter()
-    from pymatgen.core import Composition
-    from pymatgen.entries.computed_entries import ComputedStructureEntry
-    from pymatgen.io.ase import AseAtomsAdaptor
-
-    def entry_of(rec: dict) -> ComputedStructureEntry:
-        structure = AseAtomsAdaptor.get_structure(atoms_from_dict(rec["structure"]))
-        return ComputedStructureEntry(structure, rec["energy"], entry_id=rec["id"],
-                                      parameters={"software": "geodite-sim", "model": settings["model"]})
-
-    ref_rows: list[dict] = []
-    if mode == "structures":
-        ref_entries = []
-        for it in ref_items:
-            rec = records.get(("reference", it.id))
-            row = {"id": it.id, "source": it.source, "status": SCREENED, "error": None,
-                   "formula": it.atoms.get_chemical_formula() if it.atoms is not None else "",
-                   "n_atoms": len(it.atoms) if it.atoms is not None else 0}
-            if rec is None:
-                row.update(status=it.status or INPUT_ERROR, error=it.error)
-                warn.append(f"reference {it.id} not used: {it.error}")
-            elif rec["error"] is not None:
-                row.update(status=RELAX_FAILED, error=rec["error"], converged=False, n_steps=rec["n_steps"])
-                warn.append(f"reference {it.id} not used: relaxation failed: {rec['error']}")
-            else:
-                row.update(energy_per_atom=rec["energy_per_atom"], converged=rec["converged"], n_steps=rec["n_steps"])
-                if not rec["converged"]:
-                    warn.append(f"reference {it.id} did not converge in {rec['n_steps']} steps "
-                                "(its last energy is used)")
-                ref_entries.append(entry_of(rec))
-            ref_rows.append(row)
-    else:
-        # only references inside the candidates' chemical systems matter (an MP export holds ~10^5 entries)
-        from itertools import combinations
-
-        subsystems: set[frozenset] = set()
-        for it in cand_meta.values():
-            if it.atoms is not None and it.id not in pre_errors:
-                els = sorted(set(it.atoms.get_chemical_symbols()))
-                for k in range(1, len(els) + 1):
-                    subsystems.update(frozenset(c) for c in combinations(els, k))
-        ref_entries = [e for e in ref_entries if frozenset(el.symbol for el in e.composition.elements) in subsystems]
-        for e in ref_entries:
-            ref_rows.append({"id": str(getattr(e, "entry_id", "")), "source": "entries", "status": SCREENED,
-                             "error": None, "formula": e.composition.formula, "n_atoms": e.composition.num_atoms,
-                             "energy_per_atom": getattr(e, "uncorrected_energy_per_atom", e.energy_per_atom)})
-
-    # MP2020: explicit, or auto when the reference entries are MP-style
-    if mp2020 is None:
-        use_mp2020 = mode == "entries" and entries_are_mp_style(ref_entries)
-        mp_reason = ("auto: reference entries carry MP-style parameters (run_type/hubbards)" if use_mp2020 else
-                     "auto: references are not MP-style entries" if mode == "entries" else
-                     "auto: self-consistent references (model energies on both sides)")
-    else:
-        use_mp2020 = bool(mp2020)
-        mp_reason = "requested" if use_mp2020 else "disabled"
-    if not use_mp2020 and mode == "entries" and any(abs(getattr(e, "correction", 0.0)) > 0 for e in ref_entries):
-        warn.append("reference entries carry energy corrections but MP2020 is off: candidates are not corrected, "
-                    "so hull distances mix corrected references with uncorrected model energies (use --mp2020)")
-    if use_mp2020:
-        import copy
-
-        ref_entries = copy.deepcopy(ref_entries) if mode == "entries" else ref_entries
-        ref_entries, rejected = apply_mp2020(ref_entries, infer_parameters=(mode == "structures"))
-        for rid, why in rejected.items():
-            warn.append(f"reference {rid} dropped: {why}")
-            for row in ref_rows:
-                if row["id"] == rid:
-                    row.update(status=COMPAT_ERROR, error=why)
-    hull = ReferenceHull(ref_entries)
-    ref_by_id = {str(e.entry_id): e for e in ref_entries}
-
-    # candidate rows, input order
-    rows: list[dict] = []
-    relaxed_atoms: dict[str, Atoms] = {}
-    cand_entries: dict[str, Any] = {}
-    for cid, it in cand_meta.items():
-        row = {"id": cid, "source": it.source, "n_atoms": len(it.atoms) if it.atoms is not None else None,
-               "formula": it.atoms.get_chemical_formula() if it.atoms is not None else "", "status": SCREENED,
-               "error": None, "_order": it.order}
-        if it.atoms is not None:
-            comp = Composition(it.atoms.get_chemical_formula())
-            row["reduced_formula"] = comp.reduced_formula
-            row["chemsys"] = chemsys_of(comp)
-        rec = records.get(("candidate", cid))
-        if cid in pre_errors:
-            row.update(status=pre_errors[cid].status or INPUT_ERROR, error=pre_errors[cid].error)
-        elif rec is None:
-            row.update(status=INPUT_ERROR, error="no relaxation result")
-        else:
-            row.update(converged=rec["converged"], n_steps=rec["n_steps"], fmax=rec.get("fmax"))
-            if rec["error"] is not None:  # no energy reported for a failed relaxation
-                row.update(status=RELAX_FAILED, error=f"relaxation failed: {rec['error']}")
-                rows.append(row)
-                continue
-            row.update(energy=rec["energy"], energy_per_atom=rec["energy_per_atom"])
-            if require_converged and not rec["converged"]:
-                row.update(status=NOT_CONVERGED, error=f"relaxation did not converge in {rec['n_steps']} steps")
-            else:
-                relaxed_atoms[cid] = atoms_from_dict(rec["structure"])
-                cand_entries[cid] = entry_of(rec)
-        rows.append(row)
-    for key, it in pre_errors.items():  # duplicates (kept under a suffixed key)
-        if key not in cand_meta:
-            rows.append({"id": it.id, "source": it.source, "status": it.status, "error": it.error,
-                         "formula": "", "_order": it.order})
-
-    if use_mp2020 and cand_entries:
-        kept, rejected = apply_mp2020(list(cand_entries.values()), infer_parameters=True)
-        for cid in rejected:
-            cand_entries.pop(cid, None)
-        for row in rows:
-            if row["id"] in rejected and row["status"] == SCREENED:
-                row.update(status=COMPAT_ERROR, error=rejected[row["id"]])
-    for row in rows:
-        entry = cand_entries.get(row["id"]) if row["status"] == SCREENED else None
-        if entry is None:
-            continue
-        n = entry.composition.num_atoms
-        row["correction_per_atom"] = float(entry.correction) / n
-        row["corrected_energy_per_atom"] = float(entry.energy_per_atom)
-        h = hull.analyse(entry)
-        if h.error:
-            row.update(status=OUTSIDE if h.error.startswith("outside") else HULL_ERROR, error=h.error)
-            continue
-        row.update(e_form_per_atom=h.e_form_per_atom, e_above_hull=h.e_above_hull, decomposition=h.decomposition,
-                   stable=bool(h.e_above_hull <= threshold))
-    rows.sort(key=lambda r: r["_order"])
-    for r in rows:
-        r.pop("_order", None)
-
-    # reference rows: hull position of each reference within the hulls that were built
-    ref_hull: dict[str, tuple[float, float]] = {}
-    for pd in hull.phase_diagrams.values():
-        for e in pd.all_entries:
-            rid = str(getattr(e, "entry_id", ""))
-            if rid not in ref_hull:
-                ref_hull[rid] = (float(pd.get_form_energy_per_atom(e)), float(pd.get_e_above_hull(e)))
-    if mode == "structures":
-        for e in ref_entries:  # self-consistent references: also those no candidate needed
-            rid = str(e.entry_id)
-            if rid not in ref_hull:
-                try:
-                    pd = hull.phase_diagram(chemsys_of(e.composition))
-                    ref_hull[rid] = (float(pd.get_form_energy_per_atom(e)), float(pd.get_e_above_hull(e)))
-                except ScreenError as exc:
-                    for row in ref_rows:
-                        if row["id"] == rid:
-                            row.update(status=HULL_ERROR, error=str(exc))
-    for row in ref_rows:
-        e = ref_by_id.get(row["id"])
-        if e is not None:
-            row["reduced_formula"] = e.composition.reduced_formula
-            row["chemsys"] = chemsys_of(e.composition)
-            row["corrected_energy_per_atom"] = float(e.energy_per_atom)
-        if row["id"] in ref_hull:
-            ef, eh = ref_hull[row["id"]]
-            row.update(e_form_per_atom=ef, e_above_hull=eh, on_hull=bool(eh <= 1e-8))
-    if mode == "entries":  # keep only references inside the screened chemical systems
-        ref_rows = [r for r in ref_rows if r["id"] in ref_hull or r["status"] != SCREENED]
+    refset = reference_stage(refs, relaxed, cands, mp2020, settings["model"], warn)
+    rows = candidate_rows(cands, relaxed, require_converged)
+    relaxed_atoms = hull_stage(rows, cands, relaxed, refset, threshold, stable_tolerance, settings["model"])
+    ref_rows = reference_rows(refset, stable_tolerance)
     t_hull = time.perf_counter() - t0
-
-    # ------------------------------------------------------------------ metrics
     t0 = time.perf_counter()
-    metrics = None
-    if labels is not None:
-        label_map = load_labels(labels) if isinstance(labels, (str, os.PathLike)) else dict(labels)
-        ref_structs = None
-        if dft_structures is not None:
-            ref_structs = (load_reference_structures(dft_structures)
-                           if isinstance(dft_structures, (str, os.PathLike)) else dict(dft_structures))
-        for row in rows:
-            v = label_map.get(row["id"])
-            if v is not None and math.isfinite(float(v)):
-                row["e_above_hull_dft"] = float(v)
-                row["stable_dft"] = bool(float(v) <= threshold)
-        metrics = stability_metrics(rows, label_map, threshold, relaxed_atoms, ref_structs)
-    elif dft_structures is not None:
-        warn.append("dft_structures given without labels: RMSD is computed only together with labels")
+    metrics = metrics_stage(rows, labels, dft_structures, threshold, stable_tolerance, relaxed_atoms, warn)
     t_metrics = time.perf_counter() - t0
-
-    # ------------------------------------------------------------------ outputs
-    t0 = time.perf_counter()
-    plot_paths: list[str] = []
-    if out_dir is not None and plots:
-        plot_paths = plot_hulls(hull, rows, out_dir, max_plots=max_plots, warn=warn)
-    t_plot = time.perf_counter() - t0
-
-    n_screened = sum(r["status"] == SCREENED for r in rows)
+    n, t_relax = relaxed.n_relaxed, relaxed.seconds
     timings = {
-        "relax_s": t_relax, "hull_s": t_hull, "metrics_s": t_metrics, "plot_s": t_plot,
-        "total_s": time.perf_counter() - t_start,
-        "n_relaxed_this_run": n_relaxed, "n_resumed": n_resumed,
-        "relaxations_per_hour": (n_relaxed / t_relax * 3600.0) if t_relax > 0 and n_relaxed else math.nan,
-        # end to end (reading, relaxing references and candidates, hull, plots): meaningful for a fresh run
-        "candidates_per_hour": (len(rows) / (time.perf_counter() - t_start) * 3600.0) if not n_resumed else math.nan,
+        "relax_s": t_relax, "hull_s": t_hull, "metrics_s": t_metrics, "plot_s": 0.0,
+        "n_relaxed_this_run": n, "n_resumed": relaxed.n_resumed,
+        "relaxations_per_hour": (n / t_relax * 3600.0) if t_relax > 0 and n else math.nan,
+        # end to end (reading, relaxing references and candidates, hull): meaningful for a fresh run
+        "candidates_per_hour": (len(rows) / (time.perf_counter() - t_start) * 3600.0)
+        if not relaxed.n_resumed else math.nan,
     }
-    settings = {**settings, "threshold": threshold, "mp2020": use_mp2020, "mp2020_reason": mp_reason,
-                "reference_mode": mode, "require_converged": require_converged,
-                "n_references": len(ref_entries), "n_candidates": len(rows), "n_screened": n_screened,
-                "n_stable": sum(bool(r.get("stable")) for r in rows if r["status"] == SCREENED)}
+    settings = {**settings, "threshold": threshold, "stable_tolerance": stable_tolerance, "mp2020": refset.mp2020,
+                "mp2020_reason": refset.mp2020_reason, "reference_mode": refs.mode,
+                "require_converged": require_converged, "n_references": len(refset.entries),
+                "n_candidates": len(rows), "n_screened": sum(r["status"] == SCREENED for r in rows),
+                "n_stable": sum(bool(r.get("stable")) for r in rows if r["status"] == SCREENED),
+                "executor": executor.describe() if executor is not None else "local (one process)"}
     result = ScreenResult(rows=rows, references=ref_rows, metrics=metrics, settings=settings, timings=timings,
-                          warnings=warn, plots=plot_paths, out=out_dir)
-    if out_dir is not None:
-        write_outputs(result, relaxed_atoms)
-        result.timings["total_s"] = time.perf_counter() - t_start
-        _write_atomic(out_dir / "run.json", json.dumps(_nan_to_none(
-            {"settings": result.settings, "timings": result.timings, "warnings": warn, "plots": plot_paths}),
-            indent=2))
+                          warnings=warn, out=out_dir)
+    result.timings["total_s"] = time.perf_counter() - t_start
+    report_stage(result, relaxed_atoms, plots, max_plots, refset.hull)
+    result.timings["total_s"] = time.perf_counter() - t_start
     return result
 
 
@@ -1453,7 +1521,9 @@ def _plot_hulls(hull: ReferenceHull, rows: Sequence[Mapping], out_dir: Path, max
 
 
 __all__ = [
-    "HullResult", "Item", "ReferenceHull", "RelaxLog", "ScreenError", "ScreenResult", "STABILITY_THRESHOLD",
+    "HullResult", "Item", "ReferenceHull", "RelaxationRecord", "ScreenError", "ScreenResult", "STABILITY_THRESHOLD",
+    "STABLE_TOLERANCE", "admit_candidates", "candidate_rows", "hull_stage", "metrics_stage", "reference_inputs",
+    "reference_rows", "reference_stage", "relax_stage", "report_stage",
     "apply_mp2020", "classification_metrics", "entries_are_mp_style", "hull_distances", "iter_items",
     "load_labels", "load_reference_entries", "load_reference_structures", "model_fingerprint",
     "mp_style_parameters", "plot_hulls", "regression_metrics", "screen", "stability_metrics",

@@ -11,6 +11,7 @@ EPILOG = """examples:
   geodite-sim campaign workflows/sse/full.toml --output /scratch/sse-full
   geodite-sim campaign workflows/sse/short.toml --analyse-only  # re-analyse (e.g. after adding references)
   geodite-sim campaign workflows/sse/short.toml --steps 100 --output out/sse-demo   # a quick look
+  geodite-sim campaign workflows/sse/full.toml --ray auto      # runs sharded over a Ray cluster (docs/ray.md)
 
 Re-running the same command after an interruption continues every unfinished run from the
 last checkpoint; finished runs are left untouched. See docs/sse-campaign.md for the spec format.
@@ -38,6 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--progress-every", type=float, default=30.0, metavar="S",
                    help="seconds between progress lines (default 30)")
     p.add_argument("--analysis-device", default=None, help="device for the analysis (default: the spec's)")
+    from geodite_sim.executors import add_executor_arguments
+
+    add_executor_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -65,8 +69,18 @@ def run(args: argparse.Namespace) -> int:
         if args.status:
             print(format_status(spec, run_states(spec), last_throughput(spec)))
             return 0
-        result = run_campaign(spec, run_md=not args.analyse_only, report=not args.no_report, log=log,
-                              progress_every_s=args.progress_every, device=args.analysis_device)
+        from geodite_sim.executors import make_executor
+
+        try:
+            executor = make_executor(args.ray, args.workers)
+        except ValueError as exc:
+            raise SpecError(str(exc)) from None
+        try:
+            result = run_campaign(spec, run_md=not args.analyse_only, report=not args.no_report, log=log,
+                                  progress_every_s=args.progress_every, device=args.analysis_device,
+                                  executor=executor)
+        finally:
+            executor.shutdown()
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from geodite_sim.commands import (
+    EXIT_HELP,
+    add_device_argument,
+    nonnegative_float,
+    positive_float,
+    positive_int,
+    resolve_device,
+)
 
 EXAMPLES = """examples:
   geodite-sim md run CuI.extxyz --temperature 500 700 900 --steps 20000 --timestep 1.5 --trajectory run.h5
@@ -12,7 +22,9 @@ EXAMPLES = """examples:
       --checkpoint-every 5000 --restart          # re-run the same command to continue after a crash
   geodite-sim md info run.h5
   geodite-sim md export run.h5 --format extxyz --system 2 -o system2.extxyz
-"""
+
+md run prints one line per input structure (a missing or bad file gets its own failed line; the
+others run). """ + EXIT_HELP + "\n"
 
 
 def add_parser(subparsers) -> None:
@@ -22,24 +34,26 @@ def add_parser(subparsers) -> None:
 
     r = sub.add_parser("run", help="run MD on many structures at once", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.set_defaults(subparser=r)
     r.add_argument("inputs", nargs="+", help="structure files (every frame of each file is one structure)")
-    r.add_argument("--temperature", type=float, nargs="+", default=None,
-                   help="K; one value for all, or one per structure (in input order)")
-    r.add_argument("--steps", type=int, required=True, help="steps per structure")
-    r.add_argument("--timestep", type=float, default=1.5, help="fs (default 1.5)")
+    r.add_argument("--temperature", type=nonnegative_float, nargs="+", default=None,
+                   help="K; one value for all, or one per structure (in input order); required for NVT")
+    r.add_argument("--steps", type=positive_int, required=True, help="steps per structure")
+    r.add_argument("--timestep", type=positive_float, default=1.5, help="fs (default 1.5)")
     r.add_argument("--ensemble", choices=("nvt_nhc", "nve", "nvt_langevin"), default="nvt_nhc")
     r.add_argument("--trajectory", default=None, help="HDF5 output file")
-    r.add_argument("--frame-every", type=int, default=10, help="steps between frames (default 10)")
-    r.add_argument("--tdamp", type=float, default=None, help="NHC damping time, fs (default 100 x timestep)")
-    r.add_argument("--chain-length", type=int, default=10, help="NHC thermostats (default 10)")
-    r.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs (default 0.01)")
+    r.add_argument("--frame-every", type=positive_int, default=10, help="steps between frames (default 10)")
+    r.add_argument("--tdamp", type=positive_float, default=None, help="NHC damping time, fs (default 100 x timestep)")
+    r.add_argument("--chain-length", type=positive_int, default=10, help="NHC thermostats (default 10)")
+    r.add_argument("--friction", type=nonnegative_float, default=0.01,
+                   help="Langevin friction, 1/fs (default 0.01)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--model", default=None, help="checkpoint file or packaged model name (default: packaged model)")
-    r.add_argument("--device", default="cpu")
+    add_device_argument(r)
     r.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    r.add_argument("--max-atoms", type=int, default=4096, help="atoms per packed batch")
+    r.add_argument("--max-atoms", type=positive_int, default=4096, help="atoms per packed batch")
     r.add_argument("--checkpoint", default=None, help="checkpoint file (default <trajectory>.ckpt)")
-    r.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
+    r.add_argument("--checkpoint-every", type=positive_int, default=None, help="steps between checkpoints")
     r.add_argument("--restart", action="store_true", help="continue from the checkpoint if it exists")
     r.add_argument("--no-monitors", action="store_true", help="disable the stability monitors")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -59,38 +73,77 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
-def _structures(paths):
+def _frames(paths: list[str], labels: list[str]):
+    """Every frame of every file, lazily; a file that cannot be read (or holds no frame) yields its path,
+    so that the engine's admission reports it as this input's failure. ``labels`` receives one
+    ``path`` / ``path@frame`` per yielded input."""
     from ase.io import iread
 
     for path in paths:
-        yield from iread(path, index=":")
+        frame = 0
+        if os.path.isfile(path) and os.access(path, os.R_OK) and os.path.getsize(path) > 0:
+            try:
+                for atoms in iread(path, index=":"):
+                    labels.append(path if frame == 0 else f"{path}@{frame}")
+                    frame += 1
+                    yield atoms
+            except Exception as exc:  # noqa: BLE001 - reported per input
+                if frame:
+                    print(f"warning: {path}: unreadable after frame {frame - 1} ({type(exc).__name__}: {exc})",
+                          file=sys.stderr)
+                    continue
+        if frame == 0:
+            labels.append(path)
+            yield path
+
+
+def _ok(status) -> bool:
+    from geodite_sim.status import Status
+
+    try:
+        return Status(status).ok
+    except ValueError:
+        return False
 
 
 def run_command(args) -> int:
+    parser = args.subparser
+    if args.ensemble.startswith("nvt") and args.temperature is None:
+        parser.error(f"--temperature is required for --ensemble {args.ensemble} (K; one value, or one per structure)")
+
     import torch
 
+    from geodite_sim.commands import exit_code
     from geodite_sim.md import run_md
     from geodite_sim.model import load_model
 
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
-    model = load_model(args.model, device=args.device, dtype=dtype)
+    model = load_model(args.model, device=resolve_device(args.device), dtype=dtype)
     temperature = args.temperature
     if temperature is not None and len(temperature) == 1:
         temperature = temperature[0]
-    results = run_md(
-        _structures(args.inputs), model, ensemble=args.ensemble, temperature=temperature, timestep=args.timestep,
-        steps=args.steps, trajectory=args.trajectory, frame_every=args.frame_every, tdamp=args.tdamp,
-        chain_length=args.chain_length, friction=args.friction, seed=args.seed, max_atoms=args.max_atoms,
-        monitors=not args.no_monitors, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
-        restart=args.restart, progress=not args.no_progress,
-    )
-    n_bad = 0
+    labels: list[str] = []
+    try:
+        results = run_md(
+            _frames(args.inputs, labels), model, ensemble=args.ensemble, temperature=temperature,
+            timestep=args.timestep, steps=args.steps, trajectory=args.trajectory, frame_every=args.frame_every,
+            tdamp=args.tdamp, chain_length=args.chain_length, friction=args.friction, seed=args.seed,
+            max_atoms=args.max_atoms, monitors=not args.no_monitors, checkpoint=args.checkpoint,
+            checkpoint_every=args.checkpoint_every, restart=args.restart, progress=not args.no_progress,
+        )
+    except ValueError as exc:  # settings that do not fit the inputs (e.g. too few temperatures)
+        parser.error(str(exc))
+    statuses = []
     for r in results:
-        status = "ok" if r.error is None else f"FAILED: {r.error}"
-        n_bad += r.error is not None
+        status = getattr(r, "status", None) or ("done" if r.error is None else "failed")
+        statuses.append(status)
+        label = labels[r.index] if r.index < len(labels) else r.label
         temp = "" if r.temperature is None else f" T={r.temperature:.1f} K"
-        print(f"{r.index}\t{r.label}\t{r.n_steps} steps{temp}\t{status}")
-    return 1 if n_bad else 0
+        detail = "" if r.error is None else f"\t{r.error}"
+        print(f"{r.index}\t{label}\t{r.n_steps} steps{temp}\t{status}{detail}")
+    n_bad = sum(not _ok(s) for s in statuses)
+    print(f"{len(results)} input(s): {len(results) - n_bad} done, {n_bad} failed")
+    return exit_code(statuses)
 
 
 def info_command(args) -> int:

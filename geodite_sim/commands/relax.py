@@ -1,19 +1,22 @@
 """``geodite-sim relax INPUT... --out DIR``: relax structures in batches, resumable.
 
 Every input file is read frame by frame (anything ASE reads: CIF, POSCAR, extxyz, …;
-directories are expanded to their files). Each frame is keyed ``<real path>@<frame>``.
-Results go to ``DIR`` as they arrive:
+directories are expanded to their files). Input ``i`` is the i-th frame over all files in
+the order given (the same file given twice is two inputs). ``DIR`` is a
+:class:`~geodite_sim.store.ResultStore` (``docs/store.md``); results go there as they arrive:
 
-- ``relaxed.extxyz``: relaxed structures (energy, forces, stress and the key in the frame's info),
-  appended and fsync'ed; failed structures are not written;
-- ``results.jsonl``: one JSON record per finished input, written (and fsync'ed) after its structure,
-  holding the byte offset where ``relaxed.extxyz`` ended after it;
-- ``results.csv`` and ``results.json``: the table, rebuilt from ``results.jsonl`` at the end of
-  every run (``--rebuild-table`` rebuilds it alone).
+- ``relaxed.extxyz``: relaxed structures (energy, forces, stress, ``key`` and ``input`` in the
+  frame's info), appended and fsync'ed; failed structures are not written;
+- ``results.jsonl``: one :class:`RelaxRecord` per finished input (``kind = "relax"``, ``index`` =
+  input position), written and fsync'ed after its structure, with the structure's byte span;
+- ``store.json``: the settings (fmax, max steps, cell, dtype) and model fingerprint;
+- ``results.csv`` and ``results.json``: the table, rebuilt from the records when a run added any
+  (``--rebuild-table`` rebuilds it alone).
 
-Running again with the same ``--out`` resumes: inputs whose key has a record are skipped, and
-``relaxed.extxyz`` is cut back to the last recorded offset (dropping a structure written by a
-killed run before its record), so a killed job loses at most the systems in flight.
+Running again with the same ``--out`` resumes: stored input positions are skipped (a finished job
+is a no-op that rewrites nothing); other settings or another model are refused, and so are other
+inputs at a stored position. A killed job loses at most the systems in flight. ``--ray`` runs the
+batches on a Ray cluster (``docs/ray.md``); the results land in the same store.
 """
 
 from __future__ import annotations
@@ -21,13 +24,17 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
+import io
 import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from geodite_sim.store import ResultStore, StoreError
 
 EXAMPLES = """examples:
   geodite-sim relax examples/structures/* --out out/demo
@@ -66,6 +73,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--rebuild-table", action="store_true", help="only rebuild results.csv/json from results.jsonl")
     p.add_argument("--table-rows", type=int, default=100, help="rows of the table printed at the end (default 100)")
+    from geodite_sim.executors import add_executor_arguments
+
+    add_executor_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -108,92 +118,76 @@ def iter_frames(files: list[str]) -> Iterator[tuple[str, str, int, object]]:
             yield f"{real}@0", path, 0, path
 
 
-# ---------------------------------------------------------------------------------------------- output files
-class ResultStore:
-    """The output directory: incremental records + structures, resume bookkeeping and the table."""
+# ---------------------------------------------------------------------------------------------- records
+@dataclass
+class RelaxRecord:
+    """One finished input of ``geodite-sim relax`` (a line of results.jsonl; energies eV, fmax eV/Å, GPa, Å³).
 
-    def __init__(self, out: str | os.PathLike):
-        self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.records_path = self.out / "results.jsonl"
-        self.xyz_path = self.out / "relaxed.extxyz"
-        self.records = self._read_records()
-        self.done = {r["key"] for r in self.records}
-        self._repair_xyz()
-        self._records_fd = open(self.records_path, "a", encoding="utf-8")
-        self._xyz_fd = open(self.xyz_path, "a", encoding="utf-8")
+    ``index`` is the input position (over all frames of all files, in order); ``key`` is
+    ``<real path>@<frame>`` and is checked on resume (the inputs must be the same at every stored position).
+    """
 
-    def _read_records(self) -> list[dict]:
-        records = []
-        if not self.records_path.exists():
-            return records
-        with open(self.records_path, encoding="utf-8") as f:
-            lines = f.readlines()
-        good_bytes = 0
-        for line in lines:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a record cut by a kill: everything after it is unreliable
-            if not line.endswith("\n"):
-                break
-            records.append(rec)
-            good_bytes += len(line.encode("utf-8"))
-        if good_bytes != self.records_path.stat().st_size:
-            with open(self.records_path, "r+b") as f:
-                f.truncate(good_bytes)
-        seen, unique = set(), []
-        for rec in records:  # first record of a key wins (duplicates cannot arise, but be safe)
-            if rec["key"] not in seen:
-                seen.add(rec["key"])
-                unique.append(rec)
-        return unique
+    index: int
+    key: str
+    label: str
+    path: str
+    frame: int
+    formula: str
+    n_atoms: int | None
+    status: str
+    converged: bool
+    n_steps: int
+    energy: float | None
+    energy_per_atom: float | None
+    fmax: float | None
+    pressure_gpa: float | None
+    volume: float | None
+    relax_cell: bool
+    error: str | None
+    time: str = ""
 
-    def _repair_xyz(self) -> None:
-        """Cut relaxed.extxyz back to the end of the last recorded structure."""
-        end = max((r.get("xyz_end", 0) for r in self.records), default=0)
-        if self.xyz_path.exists() and self.xyz_path.stat().st_size > end:
-            with open(self.xyz_path, "r+b") as f:
-                f.truncate(end)
-
-    def add(self, record: dict, atoms=None, per_structure: bool = False) -> None:
-        """Append a structure (if any) then its record, each flushed and fsync'ed."""
-        from ase.io import write
-
-        if atoms is not None:
-            write(self._xyz_fd, atoms, format="extxyz")
-            self._xyz_fd.flush()
-            os.fsync(self._xyz_fd.fileno())
-            if per_structure:
-                sdir = self.out / "structures"
-                sdir.mkdir(exist_ok=True)
-                write(sdir / f"{record['input']:06d}_{record['formula']}.extxyz", atoms, format="extxyz")
-        self._xyz_fd.flush()
-        record["xyz_end"] = os.fstat(self._xyz_fd.fileno()).st_size
-        self._records_fd.write(json.dumps(record) + "\n")
-        self._records_fd.flush()
-        os.fsync(self._records_fd.fileno())
-        self.records.append(record)
-        self.done.add(record["key"])
-
-    def close(self) -> None:
-        self._records_fd.close()
-        self._xyz_fd.close()
-
-    def write_table(self) -> list[dict]:
-        """Rebuild results.csv and results.json from the records (sorted by input order)."""
-        rows = sorted(self.records, key=lambda r: (r.get("input", 0), r["key"]))
-        with open(self.out / "results.json", "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
-        with open(self.out / "results.csv", "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        return rows
+    def row(self) -> dict:
+        """The table row (``input`` = index)."""
+        return {"input": self.index, **asdict(self)}
 
 
-def make_record(result, key: str, path: str, frame: int, ordinal: int) -> tuple[dict, object]:
-    """The JSON record of a result and the Atoms to write (None for failures)."""
+#: Store file names of the relax command (kept from the earlier layout).
+RECORDS, STRUCTURES = "results.jsonl", "relaxed.extxyz"
+
+
+def open_store(out: str | os.PathLike, settings: dict | None = None, model=None,
+               readonly: bool = False) -> ResultStore[RelaxRecord]:
+    """The ``--out`` folder as a :class:`~geodite_sim.store.ResultStore` of :class:`RelaxRecord`."""
+    if readonly:
+        return ResultStore.open_readonly(out, RelaxRecord, records_name=RECORDS, structures_name=STRUCTURES)
+    return ResultStore(out, RelaxRecord, settings, model, records_name=RECORDS, structures_name=STRUCTURES,
+                       job="relax")
+
+
+def write_table(store: ResultStore[RelaxRecord]) -> list[dict]:
+    """Rebuild results.csv and results.json from the records (input order), each written atomically."""
+    rows = [r.row() for r in store.records("relax")]
+    out = store.directory
+    _write_atomic(out / "results.json", json.dumps(rows, indent=1))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    _write_atomic(out / "results.csv", buf.getvalue())
+    return rows
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def make_record(result, key: str, path: str, frame: int, ordinal: int) -> tuple[RelaxRecord, object]:
+    """The record of a result and the Atoms to store (None for failures)."""
     import numpy as np
     from ase import Atoms
 
@@ -209,18 +203,17 @@ def make_record(result, key: str, path: str, frame: int, ordinal: int) -> tuple[
     def num(x):
         return None if x is None or not np.isfinite(x) else float(x)
 
-    record = {
-        "input": ordinal, "key": key, "label": path if frame == 0 else f"{path}@{frame}", "path": path,
-        "frame": frame, "formula": formula, "n_atoms": n_atoms, "status": result.status,
-        "converged": bool(result.converged), "n_steps": int(result.n_steps), "energy": num(result.energy),
-        "energy_per_atom": num(result.energy_per_atom), "fmax": num(result.fmax), "pressure_gpa": num(pressure),
-        "volume": volume, "relax_cell": bool(result.relax_cell), "error": result.error,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
+    record = RelaxRecord(
+        index=ordinal, key=key, label=path if frame == 0 else f"{path}@{frame}", path=path, frame=frame,
+        formula=formula, n_atoms=n_atoms, status=str(getattr(result.status, "value", result.status)), converged=bool(result.converged),
+        n_steps=int(result.n_steps), energy=num(result.energy), energy_per_atom=num(result.energy_per_atom),
+        fmax=num(result.fmax), pressure_gpa=num(pressure), volume=volume, relax_cell=bool(result.relax_cell),
+        error=result.error, time=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
     if atoms is not None and not result.failed:
         atoms = atoms.copy()
         atoms.calc = result.structure.calc
-        atoms.info.update(key=key, converged=bool(result.converged), n_steps=int(result.n_steps),
+        atoms.info.update(key=key, input=ordinal, converged=bool(result.converged), n_steps=int(result.n_steps),
                           fmax=float(result.fmax))
         return record, atoms
     return record, None
@@ -243,19 +236,17 @@ def format_table(rows: list[dict], max_rows: int) -> str:
 
 
 def summarize(rows: list[dict]) -> str:
-    counts = {"converged": 0, "not_converged": 0, "failed": 0}
-    for r in rows:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
-    return (f"{len(rows)} structures: {counts['converged']} converged, {counts['not_converged']} not converged, "
-            f"{counts['failed']} failed")
+    n_conv = sum(r["status"] == "converged" for r in rows)
+    n_not = sum(r["status"] == "not_converged" for r in rows)
+    return (f"{len(rows)} structures: {n_conv} converged, {n_not} not converged, "
+            f"{len(rows) - n_conv - n_not} failed")
 
 
 # ---------------------------------------------------------------------------------------------- command
 def run(args: argparse.Namespace) -> int:
-    store = ResultStore(args.out)
     if args.rebuild_table:
-        rows = store.write_table()
-        store.close()
+        store = open_store(args.out, readonly=True)
+        rows = write_table(store)
         print(format_table(rows, args.table_rows))
         print(summarize(rows))
         return 0
@@ -266,42 +257,73 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import geodite_sim as gs
+    from geodite_sim.executors import make_executor
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = gs.load_model(args.model, device=device, dtype=getattr(torch, args.dtype))
+    settings = {"fmax": args.fmax, "max_steps": args.max_steps, "relax_cell": not args.no_cell, "dtype": args.dtype}
+    try:
+        store = open_store(args.out, settings, model)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     files = expand_inputs(args.inputs)
-    pending: dict[int, tuple[str, str, int, int]] = {}  # stream position -> (key, path, frame, input ordinal)
+    pending: dict[int, tuple[str, str, int, int]] = {}  # stream position -> (key, path, frame, input index)
     skipped = 0
+    mismatch: list[str] = []
 
     def stream():
         nonlocal skipped
         position = 0
         for ordinal, (key, path, frame, structure) in enumerate(iter_frames(files)):
-            if key in store.done:
+            done = store.get("relax", ordinal)
+            if done is not None:
+                if done.key != key:
+                    mismatch.append(f"input {ordinal} is {key} but {args.out} holds {done.key} there")
+                    return
                 skipped += 1
                 continue
             pending[position] = (key, path, frame, ordinal)
             position += 1
             yield structure
 
+    try:
+        executor = make_executor(args.ray, args.workers)
+    except ValueError as exc:
+        store.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     n_new = 0
     try:
-        for result in gs.relax_many(stream(), model, fmax=args.fmax, max_steps=args.max_steps,
-                                    relax_cell=not args.no_cell, max_atoms=args.max_atoms, stream=True,
-                                    progress=not args.no_progress):
+        for result in executor.relax_many(stream(), model, fmax=args.fmax, max_steps=args.max_steps,
+                                          relax_cell=not args.no_cell, max_atoms=args.max_atoms, stream=True,
+                                          progress=not args.no_progress):
             key, path, frame, ordinal = pending.pop(result.index)
             record, atoms = make_record(result, key, path, frame, ordinal)
-            store.add(record, atoms, per_structure=args.per_structure)
+            store.put(record, "relax", atoms)
+            if atoms is not None and args.per_structure:
+                from ase.io import write
+
+                sdir = store.directory / "structures"
+                sdir.mkdir(exist_ok=True)
+                write(sdir / f"{ordinal:06d}_{record.formula}.extxyz", atoms, format="extxyz")
             n_new += 1
     finally:
+        executor.shutdown()
         store.close()
-        rows = store.write_table()
+        table_missing = not (store.directory / "results.json").exists()
+        rows = write_table(store) if n_new or table_missing else [r.row() for r in store.records("relax")]
+    if mismatch:
+        print(f"error: the inputs differ from the stored job ({mismatch[0]}); use another --out", file=sys.stderr)
+        return 2
     elapsed = time.perf_counter() - t0
     print(format_table(rows, args.table_rows))
-    print(f"relaxed {n_new} new structure(s) in {elapsed:.1f} s" + (f", skipped {skipped} already done" if skipped else ""))
+    print(f"relaxed {n_new} new structure(s) in {elapsed:.1f} s"
+          + (f", skipped {skipped} already done" if skipped else ""))
     print(summarize(rows))
-    print(f"results: {store.out / 'results.csv'}, {store.out / 'results.json'}, structures: {store.xyz_path}")
+    print(f"results: {store.directory / 'results.csv'}, {store.directory / 'results.json'}, "
+          f"structures: {store.structures_path}")
     return 0

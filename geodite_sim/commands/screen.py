@@ -23,7 +23,11 @@ EPILOG = """examples:
   geodite-sim screen candidates/ --references refs/ --out screen_out
 
 outputs (in --out): results.csv, results.json, references.csv, relaxed.extxyz,
-hull_<chemsys>.png, metrics.json (with --labels), run.json, relaxations.jsonl (resume log)
+hull_<chemsys>.png, metrics.json (with --labels), run.json; the result store: relaxations.jsonl,
+relaxations.extxyz, store.json (docs/store.md)
+
+  # on a Ray cluster (docs/ray.md)
+  geodite-sim screen candidates/ --references refs/ --out screen_out --ray auto --workers 4
 """
 
 
@@ -57,7 +61,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op CPU threads (default: torch's choice; 1 is faster on a busy machine)")
     p.add_argument("--threshold", type=float, default=0.0,
-                   help="stable <=> E_above_hull <= threshold, eV/atom (default 0)")
+                   help="stable <=> E_above_hull <= threshold + tolerance, eV/atom (default 0)")
+    p.add_argument("--stable-tolerance", type=float, default=1e-5,
+                   help="eV/atom added to the threshold so float round-off cannot decide a call on the hull "
+                        "(default 1e-5; recorded in run.json)")
     mp = p.add_mutually_exclusive_group()
     mp.add_argument("--mp2020", dest="mp2020", action="store_true", default=None,
                     help="apply MP2020 compatibility corrections to references and candidates")
@@ -74,6 +81,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-plots", type=int, default=50, help="hull plots at most (default 50)")
     p.add_argument("--restart", action="store_true", help="discard earlier relaxations in --out and start over")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from geodite_sim.executors import add_executor_arguments
+
+    add_executor_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -88,16 +98,26 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = gs.load_model(args.model, device=device, dtype=getattr(torch, args.dtype))
     relax_kwargs = {"max_atoms": args.max_atoms} if args.max_atoms else {}
+    from geodite_sim.executors import make_executor
+
+    try:
+        executor = make_executor(args.ray, args.workers)
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return 2
     try:
         res = screen(
             args.candidates, args.references, out=args.out, model=model, fmax=args.fmax, max_steps=args.max_steps,
-            relax_cell=args.relax_cell, threshold=args.threshold, mp2020=args.mp2020, labels=args.labels,
+            relax_cell=args.relax_cell, threshold=args.threshold, stable_tolerance=args.stable_tolerance,
+            executor=executor, mp2020=args.mp2020, labels=args.labels,
             dft_structures=args.dft_structures, require_converged=args.require_converged, plots=args.plots,
             max_plots=args.max_plots, restart=args.restart, progress=not args.quiet, relax_kwargs=relax_kwargs,
         )
     except ScreenError as exc:
         print(f"error: {exc}")
         return 2
+    finally:
+        executor.shutdown()
 
     def fmt(v, spec=".3f"):
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
@@ -117,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {w}")
     s, t = res.settings, res.timings
     print(f"\n{s['n_screened']}/{s['n_candidates']} candidates screened, {s['n_stable']} predicted stable "
-          f"(E_above_hull <= {s['threshold']:g} eV/atom); references: {s['reference_mode']} ({s['n_references']}), "
+          f"(E_above_hull <= {s['threshold']:g} + {s['stable_tolerance']:g} eV/atom); "
+          f"references: {s['reference_mode']} ({s['n_references']}), "
           f"MP2020: {'on' if s['mp2020'] else 'off'} ({s['mp2020_reason']})")
     print(f"time: relax {t['relax_s']:.1f} s ({t['n_relaxed_this_run']} relaxed, {t['n_resumed']} resumed), "
           f"hull {t['hull_s']:.1f} s, plots {t['plot_s']:.1f} s, total {t['total_s']:.1f} s")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from geodite_sim.dynamics.verlet import ForceFn, MDState, drift, evaluate, half_kick, kinetic_energy
@@ -125,30 +124,19 @@ def chain_sweeps(k2, n3kT, kT, Q: list, p_eta: list, eta, delta: float, tloop: i
 
 
 def nhc_propagate(state: NHCState, delta: float, tloop: int = 1) -> None:
-    """exp(iL_NHC δ) for every system's chain and momenta, in place (δ in ASE time units).
-
-    The chain recursion is ~600 tiny [S]-sized operations per step; on the CPU they run in numpy
-    (about ten times less per-operation overhead than torch), on other devices in torch.
-    """
+    """exp(iL_NHC δ) for every system's chain and momenta (δ in ASE time units); rebinds the state's
+    fields to new tensors (the input tensors are not modified). Device-side: no host read."""
     n = state.n_atoms
     sys_idx = state.batch.system_index[:n]
     m = state.batch.masses[:n]
     p = state.momenta[:n]
     k2 = torch.zeros_like(state.kT).index_add_(0, sys_idx, (p * p / m[:, None]).sum(-1))
     n3kT = (3 * state.batch.atoms_per_system).to(state.kT.dtype) * state.kT
-    if state.kT.device.type == "cpu":
-        conv = [t.detach().numpy() for t in (k2, n3kT, state.kT, state.Q, state.p_eta, state.eta)]
-        k2_, n3kT_, kT_, Q_, pe_, eta_ = conv
-        pe, eta, scale = chain_sweeps(k2_, n3kT_, kT_, list(Q_.T), list(pe_.T), eta_, delta, tloop, np.exp,
-                                      lambda cols, dim: np.stack(cols, dim))
-        state.p_eta = torch.from_numpy(np.stack(pe, 1))
-        state.eta = torch.from_numpy(eta)
-        scale = torch.from_numpy(np.asarray(scale))
-    else:
-        pe, eta, scale = chain_sweeps(k2, n3kT, state.kT, list(state.Q.unbind(1)), list(state.p_eta.unbind(1)),
-                                      state.eta, delta, tloop, torch.exp, lambda cols, dim: torch.stack(cols, dim))
-        state.p_eta = torch.stack(pe, 1)
-        state.eta = eta
+    from geodite_sim.dynamics.nhc_chain import chain_sweeps_fused
+
+    pe, eta, scale = chain_sweeps_fused(k2, n3kT, state.kT, state.Q, state.p_eta, state.eta, delta, tloop)
+    state.p_eta = pe
+    state.eta = eta
     state.momenta = state.momenta * scale[state.batch.system_index][:, None]
 
 

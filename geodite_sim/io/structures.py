@@ -9,19 +9,24 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from ase import Atoms
+
+from geodite_sim.status import Status
 
 #: Highest atomic number the Geodite embedding supports (it has 100 rows, row 0 is padding).
 MAX_SUPPORTED_Z = 99
 
 
 class StructureError(ValueError):
-    """A structure that cannot be simulated; the message says why."""
+    """A structure that cannot be simulated; the message says why, ``status`` classifies it."""
+
+    def __init__(self, message: str, status: Status = Status.INVALID_STRUCTURE):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -38,6 +43,10 @@ class InputItem:
     original: Any
     atoms: Atoms | None
     error: str | None = None
+    #: why it was rejected (None when admitted); ``error`` holds the message
+    status: Status | None = None
+    #: non-fatal admission notes (e.g. an unsupported element allowed on request)
+    warnings: list[str] = field(default_factory=list)
 
 
 def _is_pymatgen(obj: Any) -> bool:
@@ -58,11 +67,12 @@ def to_atoms(obj: Any) -> Atoms:
 
         path = Path(obj)
         if not path.exists():
-            raise StructureError(f"file not found: {path}")
+            raise StructureError(f"file not found: {path}", Status.UNREADABLE)
         try:
             atoms = read(str(path))
         except Exception as exc:  # ASE raises many kinds of errors for bad files
-            raise StructureError(f"could not read {path}: {type(exc).__name__}: {exc}") from exc
+            detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            raise StructureError(f"could not read {path}: {detail}", Status.UNREADABLE) from exc
         if isinstance(atoms, list):  # defensive: read() returns one Atoms for the default index
             atoms = atoms[-1]
         return atoms
@@ -72,78 +82,71 @@ def to_atoms(obj: Any) -> Atoms:
         try:
             return AseAtomsAdaptor.get_atoms(obj)
         except Exception as exc:
-            raise StructureError(f"could not convert pymatgen object: {exc}") from exc
+            raise StructureError(f"could not convert pymatgen object: {exc}", Status.UNREADABLE) from exc
     raise StructureError(
         f"unsupported input type {type(obj).__name__}: pass ASE Atoms, a pymatgen "
-        "Structure/Molecule or a file path"
+        "Structure/Molecule or a file path",
+        Status.UNREADABLE,
     )
 
 
-def validate_atoms(atoms: Atoms) -> None:
-    """Raise :class:`StructureError` if ``atoms`` cannot be evaluated by Geodite.
+def validate_atoms(
+    atoms: Atoms,
+    *,
+    supported_elements: Iterable[int] | None = range(1, MAX_SUPPORTED_Z + 1),
+    min_distance_factor: float | None = None,
+    model_name: str | None = None,
+) -> None:
+    """Raise :class:`StructureError` (with ``.status``) if ``atoms`` cannot be evaluated by Geodite.
 
-    Checks: at least one atom, atomic numbers in 1..99, finite positions and cell,
-    and a non-singular cell along the periodic axes.
+    Runs :func:`geodite_sim.io.admission.admit`: at least one atom, atomic numbers within
+    ``supported_elements`` (default 1..99, the Geodite embedding), finite positions, cell and momenta,
+    a non-singular cell along the periodic axes, and (when ``min_distance_factor`` is given) no two
+    atoms closer than that fraction of their covalent-radius sum.
     """
-    n = len(atoms)
-    if n == 0:
-        raise StructureError("empty structure (0 atoms)")
-    z = atoms.numbers
-    bad = (z < 1) | (z > MAX_SUPPORTED_Z)
-    if bad.any():
-        from ase.data import chemical_symbols
+    from geodite_sim.io.admission import admit
 
-        names = sorted({chemical_symbols[int(v)] if 0 <= v < len(chemical_symbols) else str(v) for v in z[bad]})
-        raise StructureError(
-            f"unsupported element(s) {', '.join(names)}: the model supports Z = 1..{MAX_SUPPORTED_Z}"
-        )
-    pos = atoms.positions
-    if not np.isfinite(pos).all():
-        raise StructureError("positions contain NaN or Inf")
-    cell = np.asarray(atoms.cell[:], dtype=float)
-    if not np.isfinite(cell).all():
-        raise StructureError("cell contains NaN or Inf")
-    pbc = np.asarray(atoms.pbc, dtype=bool)
-    if pbc.any():
-        periodic = cell[pbc]
-        # The periodic lattice vectors must be linearly independent and non-zero.
-        sv = np.linalg.svd(periodic, compute_uv=False)
-        if sv.size == 0 or sv.min() < 1e-6 * max(1.0, sv.max()):
-            raise StructureError(
-                f"singular cell along periodic axes {pbc.tolist()}: lattice vectors {periodic.tolist()}"
-            )
-        if pbc.all() and abs(np.linalg.det(cell)) < 1e-6:
-            raise StructureError("singular cell (zero volume) on a periodic system")
+    adm = admit(atoms, supported_elements=supported_elements, min_distance_factor=min_distance_factor,
+                label="", model_name=model_name)
+    if not adm.ok:
+        raise StructureError(adm.message or "invalid structure", adm.status)
 
 
 def _label(obj: Any, atoms: Atoms | None, index: int) -> str:
-    if isinstance(obj, (str, os.PathLike)):
-        return str(obj)
-    if atoms is not None:
-        return f"{index}:{atoms.get_chemical_formula()}"
-    return f"{index}:{type(obj).__name__}"
+    from geodite_sim.io.admission import input_label
+
+    return input_label(obj, atoms, index)
 
 
-def iter_inputs(structures: Any) -> Iterator[InputItem]:
-    """Lazily convert and validate an input stream, one :class:`InputItem` per input.
+def iter_inputs(
+    structures: Any,
+    *,
+    supported_elements: Iterable[int] | None = range(1, MAX_SUPPORTED_Z + 1),
+    allow_unsupported_elements: bool = False,
+    min_distance_factor: float | None = 0.5,
+    model_name: str | None = None,
+) -> Iterator[InputItem]:
+    """Lazily convert and admit an input stream, one :class:`InputItem` per input.
 
     ``structures`` may be a single structure/path or any iterable of them; it is
     consumed one element at a time, so generators of any length work. A bad input
-    yields an item with ``atoms=None`` and ``error`` set; it never stops the stream.
+    yields an item with ``atoms=None``, ``status`` and ``error`` ("<label>: <problem>") set;
+    it never stops the stream. The keyword arguments go to :func:`~geodite_sim.io.admission.admit`
+    (pass ``model_elements(model)`` for a model's own elements).
     """
+    from geodite_sim.io.admission import admit
+
     if isinstance(structures, (Atoms, str, os.PathLike)) or _is_pymatgen(structures):
         structures = [structures]
     if not isinstance(structures, Iterable):
         raise TypeError(f"expected a structure or an iterable of structures, got {type(structures).__name__}")
     for index, obj in enumerate(structures):
-        atoms = None
-        try:
-            atoms = to_atoms(obj)
-            validate_atoms(atoms)
-        except StructureError as exc:
-            yield InputItem(index, _label(obj, atoms, index), obj, None, str(exc))
-            continue
-        yield InputItem(index, _label(obj, atoms, index), obj, atoms)
+        adm = admit(obj, supported_elements=supported_elements, allow_unsupported_elements=allow_unsupported_elements,
+                    min_distance_factor=min_distance_factor, index=index, model_name=model_name)
+        if adm.ok:
+            yield InputItem(index, adm.label, obj, adm.atoms, None, None, adm.warnings)
+        else:
+            yield InputItem(index, adm.label, obj, None, adm.message, adm.status, adm.warnings)
 
 
 def like_input(original: Any, atoms: Atoms) -> Any:

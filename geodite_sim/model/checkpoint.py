@@ -5,6 +5,11 @@ some tensors stored under two names), ``hyper_parameters`` (the training config;
 architecture in ``["encoder"]["args"]``), ``hparams_name = "config"`` and the
 Lightning bookkeeping keys. Energies' E0/scale/shift live in a ``torch.save``
 blob stored as a uint8 tensor (``SnapshotDecoder.constants``).
+
+This package adds one optional top-level key, ``"geodite_model"`` (``METADATA_KEY``), a dict holding
+``supported_elements`` (sorted atomic numbers of the training set); official loaders ignore it. A file
+without it (the official Geodite-MP format) gets its supported elements from its element table: the
+elements with a non-zero reference energy E0 in the fidelity's constants.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from geodite_sim.model.geodite import Geodite
 DECODER_PREFIX = "SnapshotDecoder."
 BLOB_KEYS = ("SnapshotDecoder.constants", "SnapshotDecoder.context")
 DEFAULT_FIDELITY = "MPtrj_"
+METADATA_KEY = "geodite_model"
 
 
 class CheckpointError(ValueError):
@@ -162,9 +168,24 @@ def load_checkpoint(
     head.fidelity = fidelity
     if "SnapshotDecoder.context" in sd:
         head.context = _blob_to_object(sd["SnapshotDecoder.context"])
+    model.supported_elements = checkpoint_elements(ckpt, c["e0"], config.max_z)
     model.source = str(path)
     model.checksum = file_checksum(path)
     return prepare_for_inference(model, device, dtype)
+
+
+def checkpoint_elements(ckpt: dict, e0, max_z: int) -> frozenset[int] | None:
+    """Supported atomic numbers of a checkpoint: the recorded training elements, else E0's non-zero entries.
+
+    Returns None when neither tells (E0 all zero). Elements at or above ``max_z`` (the embedding size)
+    are never supported.
+    """
+    meta = ckpt.get(METADATA_KEY)
+    if isinstance(meta, dict) and meta.get("supported_elements") is not None:
+        return frozenset(int(z) for z in meta["supported_elements"] if 0 < int(z) < max_z)
+    table = torch.as_tensor(e0, dtype=torch.float64).reshape(-1)
+    nonzero = [z for z, v in enumerate(table.tolist()) if v != 0.0 and 0 < z < max_z]
+    return frozenset(nonzero) if nonzero else None
 
 
 def prepare_for_inference(model: Geodite, device, dtype) -> Geodite:
@@ -232,6 +253,9 @@ def save_checkpoint(
         "epoch": 0,
         "global_step": 0,
     }
+    elements = model.supported_elements
+    if elements is not None:
+        ckpt[METADATA_KEY] = {"supported_elements": sorted(int(z) for z in elements)}
     if extra:
         ckpt.update(extra)
     torch.save(ckpt, str(path))

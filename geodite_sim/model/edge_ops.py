@@ -8,8 +8,8 @@
 
 Eager versions (plain torch, differentiable to any order: training uses them) materialise
 [E, 8, C] tensors; on the CPU that memory traffic, not arithmetic, dominates a step. The
-fused versions (``csrc/edge_ops.cpp``, compiled with the system C++ compiler on first use
-and cached by torch's extension builder) loop over edges reading node tensors that stay in
+fused versions (``csrc/edge_ops.cpp``, compiled with the system C++ compiler on first use —
+one line on stderr says so — and cached per build configuration, see :func:`build_config`) loop over edges reading node tensors that stay in
 cache, never form an [E, 8, C] tensor, and have hand-written backward passes checked by
 ``torch.autograd.gradcheck`` in the tests. They are first-order only (forces and stress,
 not training on forces). ``GEODITE_FUSED=0`` disables them; a failed build warns once and
@@ -34,9 +34,51 @@ L2 = slice(3, 8)
 _EXT = None
 _EXT_FAILED = False
 
+#: Compiler flags of the fused kernels. -ffast-math lets GCC call glibc's vectorised exp (libmvec) in the
+#: silu loops; the kernels do no NaN/Inf tests, and float64 results still match eager to ~1e-15 relative
+#: (tests/test_edge_ops.py).
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
+LDFLAGS = ["-fopenmp"]
+
+
+def _cpu_model() -> str:
+    """The CPU model name (``-march=native`` code is specific to it)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def build_config() -> tuple[str, Path]:
+    """(extension name, build directory) for this build configuration.
+
+    The name holds a hash of the kernel source, the compiler flags and compiler, the torch and Python
+    versions and the CPU model, and the directory lives under the user's cache
+    (``$GEODITE_SIM_CACHE``, else ``$XDG_CACHE_HOME/geodite_sim``, else ``~/.cache/geodite_sim``),
+    so two checkouts or environments never evict each other's build, and an edited source rebuilds.
+    """
+    import hashlib
+    import sys
+
+    src = Path(__file__).with_name("csrc") / "edge_ops.cpp"
+    h = hashlib.sha256(src.read_bytes())
+    for part in (*CFLAGS, "|", *LDFLAGS, "|", os.environ.get("CXX", "c++"), torch.__version__,
+                 sys.version.split()[0], _cpu_model()):
+        h.update(part.encode())
+    name = f"geodite_edge_ops_{h.hexdigest()[:16]}"
+    base = os.environ.get("GEODITE_SIM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "geodite_sim")
+    return name, Path(base) / "torch_extensions" / name
+
 
 def _load_extension():
-    """Compile (first use) and import the C++ kernels; None if disabled or the build fails."""
+    """Compile (first use of this build configuration) and import the C++ kernels; None if disabled or failed."""
     global _EXT, _EXT_FAILED
     if _EXT is not None or _EXT_FAILED:
         return _EXT
@@ -53,16 +95,27 @@ def _load_extension():
             quiet.setLevel(level)
 
         src = Path(__file__).with_name("csrc") / "edge_ops.cpp"
-        log.info("building the fused CPU edge kernels (first use only; cached afterwards)")
+        name, build_dir = build_config()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        if not (build_dir / f"{name}.so").exists():
+            import sys
+            import time
+
+            print("geodite_sim: building CPU kernels (once, ~1 min)…", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+        else:
+            t0 = None
         quiet.setLevel(logging.ERROR)
-        # -ffast-math lets GCC call glibc's vectorised exp (libmvec) in the silu loops; the kernels do no
-        # NaN/Inf tests, and float64 results still match eager to ~1e-15 relative (tests/test_edge_ops.py)
         try:
-            _EXT = load(name="geodite_edge_ops", sources=[str(src)],
-                        extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"], extra_ldflags=["-fopenmp"], verbose=False)
+            _EXT = load(name=name, sources=[str(src)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+                        build_directory=str(build_dir), verbose=False)
         finally:
             quiet.setLevel(level)
-    except Exception as exc:  # no compiler, headers missing, ...: eager still works
+        if t0 is not None:
+            import time
+
+            log.info("built the fused CPU kernels in %.1f s (%s)", time.perf_counter() - t0, build_dir)
+    except Exception as exc:  # noqa: BLE001 - no compiler, headers missing, ...: eager still works
         _EXT_FAILED = True
         warnings.warn(f"geodite_sim: fused CPU edge kernels unavailable ({type(exc).__name__}: {exc}); "
                       "using the eager implementation", RuntimeWarning, stacklevel=2)

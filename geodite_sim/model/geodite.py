@@ -33,17 +33,56 @@ class Edges(NamedTuple):
 
 
 class Geodite(nn.Module):
-    """Geodite interatomic potential (encoder + energy head), batched over systems."""
+    """Geodite interatomic potential (encoder + energy head), batched over systems.
 
-    def __init__(self, config: GeoditeConfig | None = None):
+    Satisfies the model contract (``geodite_sim.model.contract``): conservative energy, forces and
+    stress from the given edges (so padded batches work), ``supported_elements`` from the checkpoint
+    (None for a freshly built model).
+    """
+
+    implemented_properties = ("energy", "forces", "stress")
+    conservative = True
+    uses_edges = True
+
+    def __init__(self, config: GeoditeConfig | None = None, supported_elements: frozenset[int] | None = None):
         super().__init__()
         self.config = config or GeoditeConfig()
         self.encoder = GeoditeEncoder(self.config)
         self.decoder = EnergyHead(self.config.hidden_channels, self.config.num_layers)
+        self._elements_cache: tuple | None = None
+        self.supported_elements = supported_elements
+        #: Deprecated engine settings, kept for backward compatibility: pass ``neighbor_backend=`` and
+        #: ``fused=`` to :meth:`forward` instead (the runner does, from its step configuration).
         self.neighbor_backend = "auto"
         #: "auto": fused CPU edge kernels for first-order inference (see ``edge_ops``); False: never.
         self.fused_kernels: str | bool = "auto"
         self._vacuum_cache: tuple | None = None
+
+    @property
+    def supported_elements(self) -> frozenset[int] | None:
+        """Atomic numbers the model knows: the declared set (the checkpoint's training elements) if any, else
+        its element table, the elements with a non-zero reference energy E0 (None when E0 is all zero)."""
+        if self._declared_elements is not None:
+            return self._declared_elements
+        e0 = self.decoder.e0
+        key = (e0._version, e0.data_ptr(), e0.device)
+        if self._elements_cache is None or self._elements_cache[0] != key:
+            values = e0.detach().cpu().double().tolist()
+            found = frozenset(z for z, v in enumerate(values) if v != 0.0 and 0 < z < self.config.max_z)
+            self._elements_cache = (key, found or None)
+        return self._elements_cache[1]
+
+    @supported_elements.setter
+    def supported_elements(self, elements) -> None:
+        self._declared_elements = None if elements is None else frozenset(int(z) for z in elements)
+
+    def identity_config(self) -> dict:
+        """The non-tensor settings that define the model's function (enters ``model_fingerprint``)."""
+        from dataclasses import asdict
+
+        head = self.decoder
+        return {"config": asdict(self.config), "e_scale": float(head.e_scale), "e_shift": float(head.e_shift),
+                "fidelity": str(getattr(head, "fidelity", ""))}
 
     @property
     def cutoff(self) -> float:
@@ -79,6 +118,8 @@ class Geodite(nn.Module):
         if any(p.requires_grad for p in self._param_list()) and torch.is_grad_enabled():
             uz, inv = torch.unique(z, sorted=True, return_inverse=True)
             return self._compute_vacuum(uz)[inv]
+        if torch.compiler.is_compiling() and self._vacuum_cache is not None:
+            return self._vacuum_cache[1][z]  # inside a compiled step: the table of the eager warm-up call
         key = (self.device, self.dtype, tuple(p._version for p in self._param_list()), id(self))
         if self._vacuum_cache is None or self._vacuum_cache[0] != key:
             with torch.no_grad():
@@ -102,9 +143,15 @@ class Geodite(nn.Module):
         return super().load_state_dict(*args, **kwargs)
 
     # ------------------------------------------------------------------ energy
-    def use_fused(self, create_graph: bool = False) -> bool:
-        """Whether this evaluation can use the fused CPU edge kernels (first-order autograd only)."""
-        if self.fused_kernels is False or create_graph or self.device.type != "cpu":
+    def use_fused(self, create_graph: bool = False, fused: bool | None = None) -> bool:
+        """Whether this evaluation can use the fused CPU edge kernels (first-order autograd only).
+
+        ``fused``: False never uses them; None or True use them where they apply (None also honours the
+        deprecated ``fused_kernels`` attribute).
+        """
+        if fused is False or (fused is None and self.fused_kernels is False):
+            return False
+        if create_graph or self.device.type != "cpu":
             return False
         if torch.is_grad_enabled() and any(p.requires_grad for p in self._param_list()):
             return False  # training: gradients must flow to the weights, to any order
@@ -143,6 +190,9 @@ class Geodite(nn.Module):
         per_atom_energies: bool = False,
         create_graph: bool = False,
         check: bool = True,
+        *,
+        fused: bool | None = None,
+        neighbor_backend: str | None = None,
     ) -> dict[str, torch.Tensor]:
         """Evaluate every system of ``batch``.
 
@@ -154,6 +204,9 @@ class Geodite(nn.Module):
         positions and cell, non-singular periodic cells, atomic numbers in range); the
         checks read values on the host, so engines that validated their structures on
         admission pass ``check=False`` to keep a step free of host-device synchronisation.
+        ``fused``: use the fused CPU edge kernels where they apply (None: as the deprecated
+        ``fused_kernels`` attribute says, "auto" by default; False: never). ``neighbor_backend``: the
+        backend of the neighbour list built when ``edges`` is None (None: the deprecated attribute).
         """
         if batch.dtype != self.dtype:
             raise TypeError(f"batch dtype {batch.dtype} differs from model dtype {self.dtype}")
@@ -167,9 +220,9 @@ class Geodite(nn.Module):
         if edges is None:
             from geodite_sim.neighbors import neighbor_list
 
-            edges = neighbor_list(batch, self.cutoff, backend=self.neighbor_backend)
+            edges = neighbor_list(batch, self.cutoff, backend=neighbor_backend or self.neighbor_backend)
         edges = Edges(*edges)
-        fused = self.use_fused(create_graph)
+        fused = self.use_fused(create_graph, fused)
 
         return energy_and_derivatives(
             batch,

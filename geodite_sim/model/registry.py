@@ -9,6 +9,7 @@ import torch
 
 from geodite_sim.model.checkpoint import load_checkpoint
 from geodite_sim.model.geodite import Geodite
+from geodite_sim.model.torchsim_adapter import TorchSimAdapter
 
 #: Name -> file inside ``geodite_sim/models_data``.
 PACKAGED_MODELS = {
@@ -30,11 +31,14 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     use_ema: bool = False,
-) -> Geodite:
-    """Load a Geodite model for inference.
+) -> Geodite | TorchSimAdapter:
+    """Load a model for inference.
 
-    ``path_or_name`` is a checkpoint file in the official Geodite-MP format, or the name of a
-    packaged model:
+    ``path_or_name`` is a checkpoint file in the official Geodite-MP format, the name of a
+    packaged model, or ``"sevennet-0"`` / ``"7net-0"``: SevenNet-0 (11 July 2024, MIT licence) loaded
+    offline from the optional ``sevenn`` wheel, returned as a
+    :class:`~geodite_sim.model.torchsim_adapter.TorchSimAdapter` (float32 network; ``dtype=float64``
+    runs the engine in float64 around it). Packaged models:
 
     - ``"geodite-mini"`` (the default, ``None``): a compact Geodite (48 channels, 2 layers, 5 Å,
       119,370 parameters) **distilled from CHGNet 0.3.0** for demonstration and testing. It is
@@ -54,6 +58,12 @@ def load_model(
     """
     if path_or_name is None:
         path_or_name = DEFAULT_MODEL
+    from geodite_sim.model.torchsim_adapter import SEVENNET_NAMES
+
+    if isinstance(path_or_name, str) and path_or_name.lower() in SEVENNET_NAMES:
+        from geodite_sim.model.torchsim_adapter import load_sevennet
+
+        return load_sevennet(path_or_name, device=device, dtype=dtype)
     if isinstance(path_or_name, str) and path_or_name in PACKAGED_MODELS:
         path = packaged_model_path(path_or_name)
         model = load_checkpoint(path, device=device, dtype=dtype, use_ema=use_ema)
@@ -61,7 +71,8 @@ def load_model(
         return model
     if isinstance(path_or_name, str) and not Path(path_or_name).exists() and "/" not in path_or_name:
         raise FileNotFoundError(
-            f"{path_or_name!r} is neither a checkpoint file nor a packaged model ({sorted(PACKAGED_MODELS)})"
+            f"{path_or_name!r} is neither a checkpoint file nor a packaged model ({sorted(PACKAGED_MODELS)}) "
+            f"nor SevenNet-0 ('sevennet-0')"
         )
     model = load_checkpoint(path_or_name, device=device, dtype=dtype, use_ema=use_ema)
     model.name = Path(path_or_name).stem

@@ -186,6 +186,14 @@ class Trainer:
             if self.config.reinit_weights:
                 init_weights(model)
         self.model = model
+        # Supported elements (saved in every checkpoint): the training set's, plus those of the initial
+        # checkpoint when it declares them (an initial model with unknown elements keeps them unknown).
+        elements = {int(z) for s in self.train_samples for z in s.atoms.numbers}
+        if init is not None:
+            model.supported_elements = (None if model.supported_elements is None
+                                        else frozenset(elements | set(model.supported_elements)))
+        else:
+            model.supported_elements = frozenset(elements)
         self.cutoff = model.config.cutoff
         precompute_edges(self.train_samples, self.cutoff)
         precompute_edges(self.val_samples, self.cutoff)

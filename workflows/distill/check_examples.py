@@ -61,7 +61,9 @@ def main(argv=None) -> int:
               f" vs {e_ref:8.3f} eV  converged={row['converged']}", flush=True)
     dv = np.array([abs(r["volume_dev_pct"]) for r in rows if "volume_dev_pct" in r])
     de = np.array([abs(r["energy_dev_meV"]) for r in rows if "energy_dev_meV" in r])
-    summary = {"model": getattr(model, "name", str(args.model)), "n": len(rows),
+    from geodite_sim.model.contract import model_name
+
+    summary = {"model": model_name(model), "n": len(rows),
                "converged": sum(r["converged"] for r in rows), "failed": sum(1 for r in rows if r["error"]),
                "median_abs_volume_dev_pct": float(np.median(dv)), "max_abs_volume_dev_pct": float(dv.max()),
                "within_5pct_volume": int((dv <= 5).sum()), "median_abs_energy_dev_meV": float(np.median(de)),

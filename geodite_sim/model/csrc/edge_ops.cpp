@@ -394,6 +394,54 @@ std::vector<at::Tensor> gated_residual_backward(at::Tensor grad, at::Tensor g, a
   return {gg, gu};
 }
 
+// Nose-Hoover chain sweeps (ASE's integrate_nhc), one system per iteration: tloop x Suzuki-Yoshida weights,
+// backward chain sweep, thermostat positions, momentum scale, forward chain sweep. Returns (p_eta', eta', scale).
+std::vector<at::Tensor> nhc_chain(at::Tensor k2, at::Tensor n3kT, at::Tensor kT, at::Tensor Q, at::Tensor p_eta,
+                                  at::Tensor eta, double delta, int64_t tloop) {
+  k2 = k2.contiguous(); n3kT = n3kT.contiguous(); kT = kT.contiguous(); Q = Q.contiguous();
+  auto pe_out = p_eta.contiguous().clone(), eta_out = eta.contiguous().clone(), scale_out = at::empty_like(k2);
+  const int64_t S = Q.size(0), M = Q.size(1);
+  const double c = std::pow(2.0, 1.0 / 3.0);  // as Python 2 ** (1 / 3)
+  const double w1 = 1.0 / (2.0 - c), w0 = -c / (2.0 - c);
+  const double weights[3] = {w1, w0, w1};
+  dispatch(Q.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t *pk2 = k2.data_ptr<scalar_t>(), *pn = n3kT.data_ptr<scalar_t>(), *pkT = kT.data_ptr<scalar_t>();
+    const scalar_t *pQ = Q.data_ptr<scalar_t>();
+    scalar_t *pe_all = pe_out.data_ptr<scalar_t>(), *eta_all = eta_out.data_ptr<scalar_t>();
+    scalar_t *psc = scale_out.data_ptr<scalar_t>();
+    at::parallel_for(0, S, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t s = begin; s < end; ++s) {
+        scalar_t *pe = pe_all + s * M, *et = eta_all + s * M;
+        const scalar_t *q = pQ + s * M;
+        scalar_t k = pk2[s], scale = 1;
+        const scalar_t n3 = pn[s], kt = pkT[s];
+        for (int64_t l = 0; l < tloop; ++l) {
+          for (int w = 0; w < 3; ++w) {
+            const scalar_t d = static_cast<scalar_t>(weights[w] * delta / static_cast<double>(tloop));
+            const scalar_t d2 = d / 2, d4 = d / 4;
+            auto update = [&](int64_t j) {
+              scalar_t a = 1;
+              if (j < M - 1) { a = std::exp(-d4 * pe[j + 1] / q[j + 1]); pe[j] = pe[j] * a; }
+              const scalar_t g = (j == 0) ? k - n3 : pe[j - 1] * pe[j - 1] / q[j - 1] - kt;
+              pe[j] = pe[j] + d2 * g;
+              if (j < M - 1) pe[j] = pe[j] * a;
+            };
+            for (int64_t j = M - 1; j >= 0; --j) update(j);
+            for (int64_t j = 0; j < M; ++j) et[j] = et[j] + d * pe[j] / q[j];
+            const scalar_t f = std::exp(-d * pe[0] / q[0]);
+            scale = scale * f;
+            k = k * f * f;
+            for (int64_t j = 0; j < M; ++j) update(j);
+          }
+        }
+        psc[s] = scale;
+      }
+    });
+  });
+  return {pe_out, eta_out, scale_out};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("message_forward", &message_forward, "sum over edges of o_d (x) Y + o_t * X[src] into receivers");
   m.def("message_backward", &message_backward, "gradients of message_forward");
@@ -403,4 +451,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_backward", &attention_backward, "gradients of attention_forward");
   m.def("gated_residual_forward", &gated_residual_forward, "t + silu(g) * u");
   m.def("gated_residual_backward", &gated_residual_backward, "gradients of gated_residual_forward (g, u)");
+  m.def("nhc_chain", &nhc_chain, "Nose-Hoover chain sweeps of every system: (p_eta, eta, momentum scale)");
 }

@@ -1,0 +1,211 @@
+"""The runner's edge list: a padded Verlet list whose per-step use needs no host read.
+
+At a check (host side) the runner builds each system's edges at ``cutoff + skin`` with any
+backend of :mod:`geodite_sim.neighbors`, sorts them into the **canonical order**
+(receiver, sender, cell shift), and pads the list to a capacity ``E_cap`` with *padding
+edges* (from the last atom of the batch, a padding atom, to its own image one padding-cell
+vector away: finite, longer than the cutoff, touching no real atom). Inside a step
+(device side, static shapes):
+
+* :meth:`EdgeBuffer.masked` recomputes every stored edge's length at the current positions and
+  cell and turns those at or beyond ``cutoff`` into padding edges. A real atom therefore sees
+  exactly the edges a fresh neighbour list at ``cutoff`` would give it, in the same
+  (canonical) order, whatever the skin, the batch-mates or the time of the last build: a
+  system's numbers do not depend on any of them, bit for bit.
+* :meth:`EdgeBuffer.stale` flags the systems for which the stored list may be incomplete: a
+  pair missing from it was at least ``R = cutoff + skin`` apart at the build, and its length
+  can since have shrunk by at most ``2 δ + ε R``, where δ is the largest non-affine
+  displacement of an atom (its move minus the move the cell deformation implies) and
+  ``ε = ||C_b⁻¹ C − I||_F`` the cell strain since the build (C_b, C: cells at the build and
+  now, completed to full rank along non-periodic axes). A system is stale when
+  ``2 δ + ε R > skin``; the runner then undoes its step, parks it, and rebuilds its list at the
+  next check (docs/runner.md).
+
+Capacity: ``E_cap`` is chosen at each build from the valid count with headroom, so the list
+never overflows between builds (nothing is added on the device) and is never truncated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from geodite_sim.batch import Batch, atom_indices
+from geodite_sim.model.geodite import Edges
+from geodite_sim.neighbors import complete_cell, neighbor_list
+
+#: Cell-shift components are packed into the sort key with this offset and width.
+_SHIFT_OFFSET, _SHIFT_WIDTH = 1 << 9, 1 << 10
+
+
+def canonical_order(edges: Edges, n_atoms: int) -> Edges:
+    """Edges sorted by (receiver, sender, shift): the order every backend's result is put into."""
+    if edges.sender.numel() == 0:
+        return edges
+    s = (edges.shifts.long() + _SHIFT_OFFSET).clamp(0, _SHIFT_WIDTH - 1)
+    shift_key = (s[:, 0] * _SHIFT_WIDTH + s[:, 1]) * _SHIFT_WIDTH + s[:, 2]
+    order = torch.sort(shift_key, stable=True).indices  # lexicographic: minor key first, then stable major sort
+    pair_key = edges.receiver[order] * n_atoms + edges.sender[order]
+    order = order[torch.sort(pair_key, stable=True).indices]
+    return Edges(edges.sender[order], edges.receiver[order], edges.shifts[order])
+
+
+def padding_cell(cutoff: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """[3, 3] cell of the padding system: cubic, side ``cutoff + 1`` Å (non-periodic)."""
+    return torch.eye(3, dtype=dtype, device=device) * (float(cutoff) + 1.0)
+
+
+@dataclass
+class EdgeBuffer:
+    """A padded Verlet edge list over a padded batch (A atoms, S systems incl. the padding system).
+
+    Attributes:
+        sender, receiver: [E_cap] int64 atom indices (padding edges: both = ``pad_atom``).
+        shifts: [E_cap, 3] integer cell shifts in the batch's float dtype (padding: (1, 0, 0)).
+        real: [E_cap] bool, True for stored (non-padding) edges.
+        ref_positions: [A, 3] positions at each system's last build, Å.
+        ref_cell_inv: [S, 3, 3] inverse of each system's full-rank cell at its last build.
+        ref_full_cell: [S, 3, 3] full-rank cell at the last build (non-periodic rows: orthonormal completion).
+        skin: [S] each system's skin, Å (grown by the runner for a system that outruns it in one step).
+        cutoff: Å. pad_atom: index of the padding atom that padding edges use.
+        n_valid: stored edges (host). builds: systems built since the buffer was made (host counter).
+    """
+
+    sender: torch.Tensor
+    receiver: torch.Tensor
+    shifts: torch.Tensor
+    real: torch.Tensor
+    ref_positions: torch.Tensor
+    ref_cell_inv: torch.Tensor
+    ref_full_cell: torch.Tensor
+    skin: torch.Tensor
+    cutoff: float
+    pad_atom: int
+    n_valid: int = 0
+    builds: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return int(self.sender.shape[0])
+
+    # ------------------------------------------------------------------ device side (inside a step)
+    def _vectors(self, positions: torch.Tensor, cell: torch.Tensor, system_index: torch.Tensor) -> torch.Tensor:
+        shift_vec = torch.einsum("ei,eij->ej", self.shifts, cell[system_index[self.receiver]])
+        return positions[self.sender] + shift_vec - positions[self.receiver]
+
+    def masked(self, positions: torch.Tensor, cell: torch.Tensor, system_index: torch.Tensor) -> Edges:
+        """Edges within ``cutoff`` at the given positions/cell; the others become padding edges (static shape)."""
+        vec = self._vectors(positions.detach(), cell.detach(), system_index)
+        keep = self.real & ((vec * vec).sum(-1) < self.cutoff * self.cutoff)
+        pad = torch.full_like(self.sender, self.pad_atom)
+        pad_shift = torch.zeros_like(self.shifts)
+        pad_shift[:, 0] = 1.0
+        return Edges(torch.where(keep, self.sender, pad), torch.where(keep, self.receiver, pad),
+                     torch.where(keep[:, None], self.shifts, pad_shift))
+
+    def stale(self, positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
+              system_index: torch.Tensor) -> torch.Tensor:
+        """[S] True where the stored list may miss a pair within ``cutoff`` (see the module docstring)."""
+        full = torch.where(pbc[:, :, None], cell, self.ref_full_cell)  # non-periodic rows: the build's completion
+        m = self.ref_cell_inv @ full.detach()  # C_b^-1 C (row convention: r_affine = r_b @ m)
+        eye = torch.eye(3, dtype=m.dtype, device=m.device)
+        eps = torch.linalg.vector_norm((m - eye).flatten(1), dim=1)
+        affine = torch.einsum("ni,nij->nj", self.ref_positions, m[system_index])
+        delta = torch.linalg.vector_norm(positions.detach() - affine, dim=1)
+        dmax = torch.zeros_like(eps).scatter_reduce_(0, system_index, delta, reduce="amax", include_self=True)
+        bound = 2.0 * dmax + eps * (self.cutoff + self.skin)
+        return ~(bound <= self.skin)  # NaN-safe: a non-finite system counts as stale
+
+
+# ---------------------------------------------------------------------------------------------- host side
+def _pad_to(edges: Edges, capacity: int, pad_atom: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    e = edges.sender.shape[0]
+    dev = edges.sender.device
+    sender = torch.full((capacity,), pad_atom, dtype=torch.long, device=dev)
+    receiver = sender.clone()
+    shifts = torch.zeros(capacity, 3, dtype=dtype, device=dev)
+    shifts[:, 0] = 1.0
+    real = torch.zeros(capacity, dtype=torch.bool, device=dev)
+    sender[:e] = edges.sender
+    receiver[:e] = edges.receiver
+    shifts[:e] = edges.shifts.to(dtype)
+    real[:e] = True
+    return sender, receiver, shifts, real
+
+
+def edge_capacity(n_edges: int, current: int | None, headroom: float = 0.25) -> int:
+    """Capacity for ``n_edges`` stored edges: keep ``current`` while it fits and is at least half used."""
+    from geodite_sim.accelerate import bucket
+
+    if current is not None and n_edges <= current and 2 * n_edges >= current:
+        return current
+    return bucket(int(n_edges * (1.0 + headroom)) + 1, 64)
+
+
+def build_edges(batch: Batch, systems: torch.Tensor, cutoff: float, skin: torch.Tensor | float, backend: str) -> Edges:
+    """Edges at ``cutoff + skin[s]`` of ``systems`` (global atom indices of ``batch``); ``skin`` [S] or a float."""
+    if not isinstance(skin, torch.Tensor):
+        skin = torch.full((batch.cell.shape[0],), float(skin), dtype=batch.dtype, device=batch.device)
+    parts = []
+    values = skin[systems].tolist()
+    for value in sorted(set(values)):
+        group = systems[torch.as_tensor([v == value for v in values], device=systems.device)]
+        sub = batch.select(group)
+        edges = neighbor_list(sub, cutoff + value, backend)
+        atoms = atom_indices(batch.offsets, group)
+        parts.append(Edges(atoms[edges.sender], atoms[edges.receiver], edges.shifts))
+    if len(parts) == 1:
+        return parts[0]
+    return Edges(*(torch.cat(t) for t in zip(*parts)))
+
+
+def make_buffer(batch: Batch, real_systems: torch.Tensor, cutoff: float, skin: torch.Tensor | float, backend: str,
+                capacity: int | None = None) -> EdgeBuffer:
+    """A fresh buffer with every system in ``real_systems`` built (host side); ``skin`` [S] Å or one value."""
+    pad_atom = batch.positions.shape[0] - 1
+    if not isinstance(skin, torch.Tensor):
+        skin = torch.full((batch.cell.shape[0],), float(skin), dtype=batch.dtype, device=batch.device)
+    edges = build_edges(batch, real_systems, cutoff, skin, backend) if real_systems.numel() else Edges(
+        *(torch.zeros(0, dtype=torch.long, device=batch.device) for _ in range(2)),
+        torch.zeros(0, 3, dtype=torch.long, device=batch.device))
+    edges = canonical_order(edges, batch.positions.shape[0])
+    cap = edge_capacity(edges.sender.shape[0], capacity)
+    sender, receiver, shifts, real = _pad_to(edges, cap, pad_atom, batch.dtype)
+    full = complete_cell(batch.cell.detach(), batch.pbc)
+    from geodite_sim.dynamics.cell_filter import inv3
+
+    return EdgeBuffer(sender, receiver, shifts, real, batch.positions.detach().clone(), inv3(full), full,
+                      skin.clone(), float(cutoff), pad_atom, int(edges.sender.shape[0]), int(real_systems.numel()))
+
+
+def rebuild(buf: EdgeBuffer, batch: Batch, systems: torch.Tensor, backend: str) -> EdgeBuffer:
+    """The buffer with ``systems`` rebuilt at their current positions (others' edges and references kept)."""
+    if systems.numel() == 0:
+        return buf
+    n = buf.n_valid
+    stale = torch.zeros(batch.cell.shape[0], dtype=torch.bool, device=batch.device)
+    stale[systems] = True
+    old = Edges(buf.sender[:n], buf.receiver[:n], buf.shifts[:n].long())
+    keep = ~stale[batch.system_index[old.receiver]]
+    kept = Edges(old.sender[keep], old.receiver[keep], old.shifts[keep])
+    fresh = build_edges(batch, systems, buf.cutoff, buf.skin, backend)
+    edges = canonical_order(Edges(torch.cat([kept.sender, fresh.sender]), torch.cat([kept.receiver, fresh.receiver]),
+                                  torch.cat([kept.shifts, fresh.shifts])), batch.positions.shape[0])
+    cap = edge_capacity(edges.sender.shape[0], buf.capacity)
+    sender, receiver, shifts, real = _pad_to(edges, cap, buf.pad_atom, batch.dtype)
+    atoms = atom_indices(batch.offsets, systems)
+    ref_pos = buf.ref_positions.clone()
+    ref_pos[atoms] = batch.positions.detach()[atoms]
+    full = complete_cell(batch.cell.detach()[systems], batch.pbc[systems])
+    from geodite_sim.dynamics.cell_filter import inv3
+
+    ref_inv, ref_full = buf.ref_cell_inv.clone(), buf.ref_full_cell.clone()
+    ref_inv[systems] = inv3(full)
+    ref_full[systems] = full
+    return replace(buf, sender=sender, receiver=receiver, shifts=shifts, real=real, ref_positions=ref_pos,
+                   ref_cell_inv=ref_inv, ref_full_cell=ref_full, n_valid=int(edges.sender.shape[0]),
+                   builds=buf.builds + int(systems.numel()))
+
+
+__all__ = ["EdgeBuffer", "build_edges", "canonical_order", "make_buffer", "padding_cell", "rebuild"]

@@ -1,0 +1,805 @@
+"""The one batched runner behind ``relax_many`` and ``run_md``.
+
+::
+
+    queue of InputItems ──admit──▶ padded state (A atoms, S slots + padding system) ◀── EdgeBuffer
+          ▲                                 │  step × check_interval   (device only, static shapes,
+          │ refill                          ▼                           zero host reads)
+       results ◀──retire── check (host: one small status read; job hooks: frames, monitors,
+                                  checkpoints; rebuild parked systems' edges; re-pack)
+
+A **step** (:meth:`Runner.step_fn`) runs the registry entry's step on every slot with a force
+function that masks the padded edge list at the cutoff and flags systems whose list may be
+stale; afterwards a slot keeps its new state only if it was running and not stale — otherwise
+the step is undone for it (``torch.where``) and, if stale, it is parked until the next check,
+where its edges are rebuilt and it redoes the step. Per-step failure checks (non-finite
+outputs, close contacts, volume blow-up) write a status code per slot on the device.
+
+A **check** (every ``check_interval`` steps, host side) reads the per-slot status once, lets the
+job (relax or MD front-end) write frames/run monitors/checkpoint, retires finished or failed
+systems into results, admits queued structures into the free slots, re-packs when the slot set
+changed, and rebuilds the edges of new and parked systems.
+
+A system's trajectory is a function of its own inputs only: its edges are always its exact
+neighbour list at the cutoff in canonical order, parking only delays it, and step counters,
+thermostat chains and noise are per system — so results do not depend on batch-mates, refills,
+the check interval or restarts (tests/test_runner.py).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import numpy as np
+import torch
+from ase.data import covalent_radii
+
+from geodite_sim.batch import Batch
+from geodite_sim.io.structures import InputItem
+from geodite_sim.model.geodite import Edges
+from geodite_sim.model.strain import cell_volumes
+from geodite_sim.runner.edges import EdgeBuffer, make_buffer, padding_cell, rebuild
+from geodite_sim.runner.registry import Evaluation, Integrator
+from geodite_sim.state import PER, concat_states, select_systems
+from geodite_sim.status import Status
+
+log = logging.getLogger(__name__)
+
+#: Atomic number of padding atoms (their energies are dropped).
+PAD_Z = 1
+#: Smallest capacities (atoms incl. one padding atom, system slots).
+MIN_ATOMS, MIN_SLOTS = 16, 2
+
+
+@dataclass
+class Capacity:
+    """Admission budget of one packed batch: total real atoms and (optionally) systems.
+
+    A structure larger than ``max_atoms`` still runs, alone.
+    """
+
+    max_atoms: int = 2048
+    max_systems: int | None = None
+
+    def fits(self, n_atoms: int, n_systems: int, extra_atoms: int) -> bool:
+        if self.max_systems is not None and n_systems + 1 > self.max_systems:
+            return False
+        return n_atoms == 0 or n_atoms + extra_atoms <= self.max_atoms
+
+
+@dataclass
+class StepConfig:
+    """Engine settings of a run (never stored on the model).
+
+    Attributes:
+        neighbor_backend: ``"auto"``, ``"triton"``, ``"alchemiops"`` or ``"torch"`` (builds at checks).
+        skin: Verlet skin, Å (edges are built at cutoff + skin).
+        check_interval: steps between checks (host reads); results do not depend on it.
+        accelerate: ``"auto"`` (CUDA graph of the whole step on CUDA, eager elsewhere), ``"off"``/``"eager"``,
+            ``"compile"`` (``torch.compile(fullgraph=True)`` of the step) or ``"cuda_graph"``.
+        fused_kernels: Geodite's fused CPU edge kernels: ``"auto"`` or False (compile needs False).
+    """
+
+    neighbor_backend: str = "auto"
+    skin: float = 0.5
+    check_interval: int = 1
+    accelerate: str = "auto"
+    fused_kernels: bool | str = "auto"
+
+
+@dataclass
+class FailureChecks:
+    """Per-step device checks (None switches one off): non-finite outputs always; ``min_distance_factor``:
+    two atoms closer than this × their covalent-radius sum; ``max_volume_ratio``: a cell-relaxing system whose
+    volume leaves [V0 / r, r · V0]."""
+
+    min_distance_factor: float | None = None
+    max_volume_ratio: float | None = None
+
+
+@dataclass
+class SlotStatus:
+    """Runner bookkeeping per slot ([S + 1]: the last row is the padding system), on the device.
+
+    occupied: slot holds a system. parked: waits for an edge rebuild at the next check.
+    code: 0 or a :class:`~geodite_sim.status.Status` device code. fail_step: the system's step at failure.
+    fail_value: the offending value (distance ratio, volume ratio). horizon: steps a system may reach before
+    the next check (frames, targets). volume0: cell volume at admission, Å³.
+    """
+
+    occupied: torch.Tensor
+    parked: torch.Tensor
+    code: torch.Tensor
+    fail_step: torch.Tensor
+    fail_value: torch.Tensor
+    horizon: torch.Tensor
+    volume0: torch.Tensor
+
+
+@dataclass
+class CheckEvent:
+    """What observers see at a check: ``steps`` engine steps since the previous check, ``iteration`` in all,
+    ``n_systems`` / ``n_atoms`` active during them, ``finished`` results retired at this check."""
+
+    iteration: int
+    steps: int
+    n_systems: int
+    n_atoms: int
+    finished: list = field(default_factory=list)
+
+
+def _where_state(keep: torch.Tensor, new, old):
+    """Field by field: ``new`` where ``keep`` [S] (per-atom fields by their system), else ``old``."""
+    sys_idx = old.batch.system_index
+    keep_atom = keep[sys_idx]
+    changes = {}
+    for f in fields(old):
+        if f.name == "batch":
+            continue
+        a, b = getattr(new, f.name), getattr(old, f.name)
+        if a is None or b is None or a is b:
+            changes[f.name] = a
+            continue
+        per = f.metadata.get(PER)
+        mask = keep_atom if per == "atom" else keep
+        changes[f.name] = torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
+    nb, ob = new.batch, old.batch
+    batch = ob.with_positions(torch.where(keep_atom[:, None], nb.positions, ob.positions),
+                              torch.where(keep[:, None, None], nb.cell, ob.cell))
+    return replace(old, batch=batch, **changes)
+
+
+def _pad_state(state, n_atoms_cap: int, n_slots: int, pad_cell: torch.Tensor):
+    """A compact state (k systems, n atoms) padded to ``n_atoms_cap`` atoms and ``n_slots`` slots + 1 padding system.
+
+    Empty slots hold 0 atoms; padding atoms (``n_atoms_cap - n`` ≥ 1, at the end) belong to the padding system
+    (index ``n_slots``). Per-system fields of empty/padding rows copy row 0 (finite, valid values); per-atom
+    fields of padding atoms are 0 (masses 1, Z = :data:`PAD_Z`).
+    """
+    b = state.batch
+    k, n = b.n_systems, b.n_atoms
+    n_pad, s_pad = n_atoms_cap - n, n_slots + 1 - k
+    dev, dt = b.device, b.dtype
+    counts = torch.cat([b.atoms_per_system, torch.zeros(s_pad - 1, dtype=torch.long, device=dev),
+                        torch.tensor([n_pad], dtype=torch.long, device=dev)])
+    offsets = torch.zeros(n_slots + 2, dtype=torch.long, device=dev)
+    offsets[1:] = torch.cumsum(counts, 0)
+    rows = torch.zeros(s_pad, dtype=torch.long, device=dev)
+    cell = torch.cat([b.cell, b.cell[rows]])
+    cell[-1] = pad_cell
+    pbc = torch.cat([b.pbc, torch.zeros(s_pad, 3, dtype=torch.bool, device=dev)])
+    batch = Batch(
+        positions=torch.cat([b.positions[:n], torch.zeros(n_pad, 3, dtype=dt, device=dev)]),
+        numbers=torch.cat([b.numbers[:n], torch.full((n_pad,), PAD_Z, dtype=torch.long, device=dev)]),
+        cell=cell, pbc=pbc,
+        system_index=torch.cat([b.system_index[:n], torch.full((n_pad,), n_slots, dtype=torch.long, device=dev)]),
+        offsets=offsets,
+        masses=torch.cat([b.masses[:n], torch.ones(n_pad, dtype=dt, device=dev)]),
+        atom_count=n_atoms_cap,
+    )
+    changes = {}
+    for f in fields(state):
+        if f.name == "batch":
+            continue
+        v = getattr(state, f.name)
+        per = f.metadata.get(PER)
+        if v is None or per is None:
+            changes[f.name] = v
+        elif per == "atom":
+            changes[f.name] = torch.cat([v[:n], v.new_zeros((n_pad,) + v.shape[1:])])
+        else:
+            pad = v[rows].clone()
+            if f.name == "relax_cell":
+                pad[:] = False
+            changes[f.name] = torch.cat([v, pad])
+    return replace(state, batch=batch, **changes)
+
+
+def _unpad(state, slots: Sequence[int]):
+    """The compact state of ``slots`` (host-side gather; used at checks)."""
+    out = select_systems(state, list(slots))
+    out.batch = replace(out.batch, atom_count=None)
+    out.batch = replace(out.batch, atom_count=out.batch.n_atoms)
+    return out
+
+
+class Runner:
+    """Drives one job (relax or MD front-end) over a stream of inputs; see the module docstring.
+
+    Args:
+        model: any model of the contract (docs/model-contract.md).
+        integrator: the registry entry. settings: its run settings (dict of scalars).
+        job: the front-end's hooks (``per_system``, ``result``, ``rejected``, optional ``on_admit``,
+            ``at_check``, ``horizon``).
+        capacity: admission budget. config: engine settings. checks: per-step failure checks.
+        admission_checks: checks of the initial evaluation (default ``checks``).
+        observers: objects with optional ``on_check(CheckEvent)``, ``on_result(result)``, ``on_close()``.
+    """
+
+    def __init__(self, model, integrator: Integrator, settings: dict, job, capacity: Capacity,
+                 config: StepConfig | None = None, checks: FailureChecks | None = None, observers: Sequence = (),
+                 admission_checks: FailureChecks | None = None):
+        self.model = model
+        self.entry = integrator
+        self.settings = settings
+        self.job = job
+        self.capacity = capacity
+        self.config = config or StepConfig()
+        self.checks = checks or FailureChecks()
+        self.admission_checks = admission_checks or self.checks
+        self.observers = list(observers)
+        self.dtype, self.device = model.dtype, torch.device(model.device)
+        self.cutoff = float(model.cutoff)
+        self.uses_edges = bool(getattr(model, "uses_edges", True))
+        self.state = None  # padded integrator state
+        self.slots: SlotStatus | None = None
+        self.edges: EdgeBuffer | None = None
+        self.items: list[InputItem | None] = []  # per slot (host)
+        self.iteration = 0
+        self._since_check = 0
+        self._pending: InputItem | None = None
+        self._exhausted = False
+        self.queue: Iterator[InputItem] = iter(())
+        self.radii = torch.as_tensor(covalent_radii, dtype=self.dtype, device=self.device)
+        self._pad_cell = padding_cell(self.cutoff + self.config.skin, self.dtype, self.device)
+        self._model_kwargs = self._model_call_kwargs(model, self.config)
+        self._compiled = None
+        self._grow_skin: dict[int, float] = {}  # new slot -> skin for the next build
+        self._built_at: dict[int, int] = {}  # input index -> its steps at its last edge build
+        self.max_skin = 4.0 * self.cutoff
+
+    # ------------------------------------------------------------------ model call
+    @staticmethod
+    def _model_call_kwargs(model, config: StepConfig) -> dict:
+        """Keyword arguments for the model's call: skip its host-side input checks (admission validated the
+        structures) and pass the engine's fused-kernel choice, where its signature has them."""
+        try:
+            params = inspect.signature(model.forward if hasattr(model, "forward") else model).parameters
+        except (TypeError, ValueError):
+            return {}
+        kwargs = {}
+        if "check" in params:
+            kwargs["check"] = False
+        if "fused" in params and config.fused_kernels is False:
+            kwargs["fused"] = False
+        return kwargs
+
+    def evaluate(self, batch: Batch, edges: Edges | None) -> Evaluation:
+        """The model on a padded batch (edges given) or, for models that build their own lists, on its real systems."""
+        need_stress = self.entry.needs_stress
+        if self.uses_edges:
+            out = self.model(batch, edges=edges, compute_forces=True, compute_stress=need_stress,
+                             **self._model_kwargs)
+            stress = out.get("stress")
+            return Evaluation(out["energy"], out["forces"],
+                              stress if stress is not None else torch.zeros_like(batch.cell))
+        occupied = [s for s, it in enumerate(self.items) if it is not None] if self.items else []
+        energy = torch.zeros(batch.n_systems, dtype=self.dtype, device=self.device)
+        forces = torch.zeros_like(batch.positions)
+        stress = torch.zeros_like(batch.cell)
+        if occupied:
+            sub = batch.select(occupied)
+            out = self.model(sub, compute_forces=True, compute_stress=need_stress)
+            from geodite_sim.batch import atom_indices
+
+            idx = torch.as_tensor(occupied, device=self.device)
+            energy[idx] = out["energy"]
+            forces[atom_indices(batch.offsets, idx)] = out["forces"]
+            if out.get("stress") is not None:
+                stress[idx] = out["stress"]
+        return Evaluation(energy, forces, stress)
+
+    # ------------------------------------------------------------------ the step (device only)
+    def step_fn(self, state, slots: SlotStatus, edges: EdgeBuffer):
+        """One step of every running slot: ``(state, slots) -> (state, slots)``. No host reads, static shapes."""
+        entry = self.entry
+        steps0 = entry.steps_taken(state)
+        running = slots.occupied & ~slots.parked & (slots.code == 0) & ~entry.finished(state) & (steps0 < slots.horizon)
+        box = {}
+
+        def force_fn(batch: Batch) -> Evaluation:
+            sys_idx = batch.system_index
+            box["stale"] = edges.stale(batch.positions, batch.cell, batch.pbc, sys_idx)
+            used = edges.masked(batch.positions, batch.cell, sys_idx)
+            box["edges"] = used
+            box["batch"] = batch
+            return self.evaluate(batch, used)
+
+        new = entry.step(replace(state), force_fn, self.settings)
+        stale = box["stale"]
+        accept = running & ~stale
+        code, value = self._failures(new, box["edges"], slots)
+        fresh_fail = accept & (code != 0)
+        state = _where_state(accept, new, state)
+        slots = replace(
+            slots,
+            parked=slots.parked | (running & stale),
+            code=torch.where(fresh_fail, code, slots.code),
+            fail_step=torch.where(fresh_fail, entry.steps_taken(state), slots.fail_step),
+            fail_value=torch.where(fresh_fail, value, slots.fail_value),
+        )
+        return state, slots
+
+    def _failures(self, state, edges: Edges, slots: SlotStatus) -> tuple[torch.Tensor, torch.Tensor]:
+        """[S] device failure codes and values of an evaluated state (non-finite, contact, volume)."""
+        b = state.batch
+        sys_idx, n_sys = b.system_index, b.cell.shape[0]
+        code = torch.zeros(n_sys, dtype=torch.long, device=self.device)
+        value = torch.zeros(n_sys, dtype=self.dtype, device=self.device)
+        r = self.checks.max_volume_ratio
+        if r is not None and hasattr(state, "relax_cell"):
+            ratio = cell_volumes(b.cell) / slots.volume0
+            bad = state.relax_cell & ((ratio > r) | (ratio < 1.0 / r) | ~torch.isfinite(ratio))
+            code = torch.where(bad, Status.VOLUME.code, code)
+            value = torch.where(bad, ratio, value)
+        f = self.checks.min_distance_factor
+        if f is not None and self.uses_edges:
+            vec = b.positions[edges.sender] + torch.einsum("ei,eij->ej", edges.shifts, b.cell[sys_idx[edges.receiver]]) \
+                - b.positions[edges.receiver]
+            ratio = torch.linalg.vector_norm(vec, dim=-1) / (self.radii[b.numbers[edges.sender]]
+                                                              + self.radii[b.numbers[edges.receiver]])
+            ratio = torch.where(edges.receiver == edges.sender, math.inf, ratio)  # padding edges
+            min_ratio = torch.full((n_sys,), math.inf, dtype=self.dtype, device=self.device)
+            min_ratio = min_ratio.scatter_reduce(0, sys_idx[edges.receiver], ratio, reduce="amin")
+            close = min_ratio < f
+            code = torch.where(close, Status.ATOMS_TOO_CLOSE.code, code)
+            value = torch.where(close, min_ratio, value)
+        bad_atom = ~torch.isfinite(state.forces).all(1) | ~torch.isfinite(b.positions).all(1)
+        bad = torch.zeros(n_sys, dtype=torch.long, device=self.device).index_add_(0, sys_idx, bad_atom.long()) > 0
+        bad = bad | ~torch.isfinite(state.energy) | ~torch.isfinite(state.stress).flatten(1).all(1)
+        code = torch.where(bad, Status.NON_FINITE.code, code)
+        return code, value
+
+    def _stepper(self) -> Callable:
+        mode = self.config.accelerate
+        if mode in ("auto", "off", "eager") or not self.uses_edges:
+            if mode == "auto" and self.device.type == "cuda" and self.uses_edges:
+                return self._graph_stepper()
+            return self.step_fn
+        if mode == "compile":
+            if self._compiled is None:
+                if "fused" in self._model_call_kwargs(self.model, StepConfig()) or self._has_fused_param():
+                    self._model_kwargs["fused"] = False  # the fused C++ kernels are opaque to the compiler
+                torch._dynamo.config.trace_autograd_ops = True
+                self._compiled = torch.compile(self.step_fn, fullgraph=True, dynamic=False)
+            return self._compiled
+        if mode == "cuda_graph":
+            if self.device.type != "cuda":
+                raise ValueError("accelerate='cuda_graph' needs a CUDA device; use 'compile' or 'eager' on the CPU")
+            return self._graph_stepper()
+        raise ValueError(f"unknown accelerate mode {mode!r}; choose from auto, off, eager, compile, cuda_graph")
+
+    def _has_fused_param(self) -> bool:
+        try:
+            return "fused" in inspect.signature(self.model.forward).parameters
+        except (AttributeError, TypeError, ValueError):
+            return False
+
+    def _graph_stepper(self) -> Callable:
+        from geodite_sim.runner.capture import GraphStep
+
+        if not isinstance(self._compiled, GraphStep):
+            self._compiled = GraphStep(self.step_fn)
+        return self._compiled
+
+    def advance(self, n_steps: int) -> None:
+        """``n_steps`` device steps of the whole batch (no host reads)."""
+        step = self._stepper()
+        state, slots = self.state, self.slots
+        for _ in range(n_steps):
+            state, slots = step(state, slots, self.edges)
+        self.state, self.slots = state, slots
+        self.iteration += n_steps
+        self._since_check += n_steps
+
+    # ------------------------------------------------------------------ host side: admission
+    def _next_item(self) -> InputItem | None:
+        if self._pending is not None:
+            item, self._pending = self._pending, None
+            return item
+        if self._exhausted:
+            return None
+        try:
+            return next(self.queue)
+        except StopIteration:
+            self._exhausted = True
+            return None
+
+    @property
+    def exhausted(self) -> bool:
+        return self._exhausted and self._pending is None
+
+    @property
+    def n_active(self) -> int:
+        return sum(it is not None for it in self.items)
+
+    def _atoms_in_use(self) -> int:
+        return sum(len(it.atoms) for it in self.items if it is not None)
+
+    def _take_new(self) -> tuple[list[InputItem], list]:
+        """Queued items that fit (admitted), and results of those rejected."""
+        new, rejected = [], []
+        n_atoms, n_sys = self._atoms_in_use(), self.n_active
+        while True:
+            item = self._next_item()
+            if item is None:
+                break
+            if item.atoms is None or item.error is not None:
+                rejected.append(self.job.rejected(item, getattr(item, "status", None) or Status.UNREADABLE,
+                                                  item.error or "could not be read"))
+                continue
+            if not self.capacity.fits(n_atoms, n_sys, len(item.atoms)):
+                self._pending = item
+                break
+            new.append(item)
+            n_atoms += len(item.atoms)
+            n_sys += 1
+        return new, rejected
+
+    def evaluate_compact(self, batch: Batch) -> Evaluation:
+        """Model outputs of a compact batch, through the same padded path as a step (bitwise the same per system)."""
+        n = batch.n_atoms
+        padded = _pad_state(_Bare(batch=batch), n + 1, batch.n_systems, self._pad_cell).batch
+        real = torch.arange(batch.n_systems, device=self.device)
+        buf = make_buffer(padded, real, self.cutoff, 0.0, self.config.neighbor_backend)
+        edges = buf.masked(padded.positions, padded.cell, padded.system_index) if self.uses_edges else None
+        saved, self.items = self.items, list(range(batch.n_systems))  # evaluate() needs the occupied slots
+        try:
+            ev = self.evaluate(padded, edges)
+        finally:
+            self.items = saved
+        k = batch.n_systems
+        return Evaluation(ev.energy[:k], ev.forces[:n], ev.stress[:k])
+
+    def _admit(self, items: list[InputItem]) -> tuple[list[InputItem], list, list]:
+        """Start ``items``: per-structure settings, initial evaluation, integrator init, step-0 checks.
+
+        Returns (started items, their compact states, results of those that failed to start). A structure
+        whose settings or initial evaluation fails is started alone to find the culprit.
+        """
+        if not items:
+            return [], [], []
+        try:
+            return self._admit_group(items)
+        except Exception as exc:
+            if len(items) == 1:
+                item = items[0]
+                return [], [], [self.job.rejected(item, Status.MODEL_ERROR if not isinstance(exc, ValueError)
+                                                  else Status.INVALID_SETTINGS, f"{type(exc).__name__}: {exc}")]
+            log.info("admission of %d structures raised (%s); starting them one by one", len(items), exc)
+        started, states, failed = [], [], []
+        for item in items:
+            s_items, s_states, s_failed = self._admit([item])
+            started += s_items
+            states += s_states
+            failed += s_failed
+        return started, states, failed
+
+    def _admit_group(self, items: list[InputItem]):
+        per_system = self.job.per_system(items)
+        batch = Batch.from_atoms([it.atoms for it in items], dtype=self.dtype, device=self.device)
+        ev = self.evaluate_compact(batch)
+        state = self.entry.init(batch, ev, per_system, self.settings)
+        code, value = self._initial_failures(state)
+        code_h, value_h = code.cpu().numpy(), value.cpu().numpy()
+        started, states, failed = [], [], []
+        for i, item in enumerate(items):
+            if code_h[i] != 0:
+                one = select_systems(state, [i])
+                failed.append(self.job.result(item, one, Status.from_code(int(code_h[i])),
+                                              self.describe(int(code_h[i]), float(value_h[i]), 0, one)))
+            else:
+                started.append(item)
+                states.append(i)
+        return started, ([select_systems(state, states)] if states else []), failed
+
+    def _initial_failures(self, state) -> tuple[torch.Tensor, torch.Tensor]:
+        n = state.batch.n_systems
+        slots = SlotStatus(*(torch.zeros(n, dtype=torch.bool, device=self.device) for _ in range(2)),
+                           torch.zeros(n, dtype=torch.long, device=self.device),
+                           torch.zeros(n, dtype=torch.long, device=self.device),
+                           torch.zeros(n, dtype=self.dtype, device=self.device),
+                           torch.zeros(n, dtype=torch.long, device=self.device),
+                           cell_volumes(state.batch.cell))
+        from geodite_sim.neighbors import neighbor_list
+
+        checks = self.admission_checks
+        edges = neighbor_list(state.batch, self.cutoff, "torch" if not self.uses_edges else
+                              self.config.neighbor_backend) if checks.min_distance_factor is not None else None
+        if edges is None:
+            edges = Edges(*(torch.zeros(0, dtype=torch.long, device=self.device) for _ in range(2)),
+                          torch.zeros(0, 3, dtype=self.dtype, device=self.device))
+        edges = Edges(edges.sender, edges.receiver, edges.shifts.to(self.dtype))
+        saved = self.uses_edges, self.checks
+        self.uses_edges, self.checks = True, checks  # the contact check needs edges whatever the model uses
+        try:
+            return self._failures(state, edges, slots)
+        finally:
+            self.uses_edges, self.checks = saved
+
+    def describe(self, code: int, value: float, step: int, one=None) -> str:
+        """Message of a device failure code."""
+        status = Status.from_code(code)
+        if status is Status.NON_FINITE:
+            return f"non-finite energy, forces, stress or positions (NaN/Inf) at step {step}"
+        if status is Status.VOLUME:
+            r = self.checks.max_volume_ratio
+            return (f"volume {'blow-up' if value > 1 else 'collapse'}: V/V0 = {value:.3g} outside "
+                    f"[1/{r:g}, {r:g}] at step {step}")
+        if status is Status.ATOMS_TOO_CLOSE:
+            factor = self.checks.min_distance_factor or self.admission_checks.min_distance_factor
+            detail = self._contact_detail(one, factor) if one is not None else ""
+            return (f"atoms too close at step {step}: " + (detail or f"distance {value:.3g} × covalent-radius sum "
+                    f"< {factor:g}"))
+        return f"{status.value} at step {step}"
+
+    def _contact_detail(self, one, factor: float) -> str:
+        from ase.data import chemical_symbols
+
+        from geodite_sim.model.strain import edge_vectors
+        from geodite_sim.neighbors import neighbor_list
+
+        try:
+            b = replace(one.batch, atom_count=None)
+            edges = neighbor_list(b, self.cutoff, "torch")
+            d = torch.linalg.vector_norm(edge_vectors(b.positions, b.cell, b.system_index, edges), dim=-1)
+            rsum = self.radii[b.numbers[edges.sender]] + self.radii[b.numbers[edges.receiver]]
+            k = int(torch.argmin(d / rsum))
+            i, j = int(edges.receiver[k]), int(edges.sender[k])
+            zi, zj = chemical_symbols[int(b.numbers[i])], chemical_symbols[int(b.numbers[j])]
+            return (f"{zi}{i}-{zj}{j} at {float(d[k]):.3f} Å < {factor:g} × "
+                    f"covalent-radius sum {float(rsum[k]):.3f} Å")
+        except Exception:  # the message must never fail
+            return ""
+
+    # ------------------------------------------------------------------ host side: the check
+    def read_status(self) -> dict[str, np.ndarray]:
+        """One device→host read of the per-slot status (occupied slots only)."""
+        k = len(self.items)
+        s = self.slots
+        st = self.state
+        packed = torch.stack([s.code[:k], s.fail_step[:k], self.entry.finished(st)[:k].long(),
+                              s.parked[:k].long(), self.entry.steps_taken(st)[:k]]).cpu().numpy()
+        values = s.fail_value[:k].cpu().numpy()
+        return {"code": packed[0], "fail_step": packed[1], "finished": packed[2].astype(bool),
+                "parked": packed[3].astype(bool), "steps": packed[4], "fail_value": values}
+
+    def check(self) -> list:
+        """Host work between step blocks; returns the results retired or rejected here (in completion order)."""
+        results: list = []
+        retire: dict[int, tuple[Status, str | None]] = {}
+        parked: list[int] = []
+        grow: dict[int, float | None] = {}
+        if self.state is not None and self.items:
+            host = self.read_status()
+            extra = self.job.at_check(self, host) if hasattr(self.job, "at_check") else {}
+            for slot, item in enumerate(self.items):
+                if item is None:
+                    continue
+                code = int(host["code"][slot])
+                if code != 0:
+                    one = _unpad(self.state, [slot])
+                    retire[slot] = (Status.from_code(code),
+                                    self.describe(code, float(host["fail_value"][slot]), int(host["fail_step"][slot]),
+                                                  one))
+                elif slot in extra:
+                    retire[slot] = extra[slot]
+                elif host["finished"][slot]:
+                    retire[slot] = (None, None)
+                elif host["parked"][slot]:
+                    parked.append(slot)
+            grow = self._outrun(host, parked)
+            for slot in list(grow):
+                if grow[slot] is None:  # cannot keep up even with the largest skin
+                    parked.remove(slot)
+                    retire[slot] = (Status.NON_FINITE, f"atoms move more than {self.max_skin:.3g} Å between two "
+                                    f"steps (at step {int(host['steps'][slot])}): the simulation has blown up")
+                    del grow[slot]
+            for slot, (status, message) in retire.items():
+                one = _unpad(self.state, [slot])
+                res = self.job.result(self.items[slot], one, status, message)
+                results.append(res)
+        n_sys, n_atoms = self.n_active, self._atoms_in_use()
+        keep = [s for s, it in enumerate(self.items) if it is not None and s not in retire]
+        self._grow_skin = {keep.index(s): v for s, v in grow.items()}
+        for slot in retire:
+            self.items[slot] = None
+        new_items, rejected = self._take_new()
+        results += rejected
+        started, new_states, failed = self._admit(new_items)
+        results += failed
+        # a failed admission frees its budget: take more from the queue until nothing new fits
+        while failed and not self.exhausted:
+            more, rejected = self._take_new()
+            results += rejected
+            if not more:
+                break
+            s2, st2, failed = self._admit(more)
+            started += s2
+            new_states += st2
+            results += failed
+        if retire or started or self.state is None:
+            self._repack(keep, started, new_states, parked)
+        elif parked:
+            self._rebuild_parked(parked)
+        event = CheckEvent(self.iteration, self._since_check, n_sys, n_atoms, results)
+        self._since_check = 0
+        for obs in self.observers:
+            if hasattr(obs, "on_check"):
+                obs.on_check(event)
+        for res in results:
+            for obs in self.observers:
+                if hasattr(obs, "on_result"):
+                    obs.on_result(res)
+        return results
+
+    def _rebuild_parked(self, parked: list[int]) -> None:
+        """Rebuild the edges of parked systems in place (no re-pack) and let them run again."""
+        dev = self.device
+        slots_t = torch.as_tensor(parked, dtype=torch.long, device=dev)
+        if self._grow_skin:
+            skin = self.edges.skin.clone()
+            for slot, value in self._grow_skin.items():
+                skin[slot] = value
+            self.edges = replace(self.edges, skin=skin)
+            self._grow_skin = {}
+        self.edges = rebuild(self.edges, self.state.batch, slots_t, self.config.neighbor_backend)
+        parked_mask = self.slots.parked.clone()
+        parked_mask[slots_t] = False
+        self.slots = replace(self.slots, parked=parked_mask)
+        steps = self.entry.steps_taken(self.state)[slots_t].cpu().tolist()
+        for slot, st in zip(parked, steps):
+            self._built_at[self.items[slot].index] = int(st)
+
+    def _outrun(self, host: dict, parked: list[int]) -> dict[int, float | None]:
+        """Parked systems that made no step since their last build (one step moves them beyond their skin):
+        slot -> a doubled skin, or None when it would exceed :attr:`max_skin`."""
+        out = {}
+        skins = self.edges.skin.cpu().numpy() if parked else None
+        for slot in parked:
+            index = self.items[slot].index
+            if self._built_at.get(index) == int(host["steps"][slot]):
+                new = 2.0 * float(skins[slot])
+                out[slot] = new if new <= self.max_skin else None
+        return out
+
+    def _repack(self, keep: list[int], started: list[InputItem], new_states: list, parked: list[int]) -> None:
+        """Rebuild the padded state: survivors (``keep``, in order) + newly started, edges of parked/new rebuilt."""
+        parts = []
+        if keep:
+            parts.append(_unpad(self.state, keep))
+        parts += new_states
+        items = [self.items[s] for s in keep] + started
+        if not parts:
+            self.state, self.slots, self.edges, self.items = None, None, None, []
+            return
+        compact = concat_states(parts) if len(parts) > 1 else parts[0]
+        compact.batch = replace(compact.batch, atom_count=int(compact.batch.offsets[-1]))
+        n, k = compact.batch.n_atoms, compact.batch.n_systems
+        from geodite_sim.accelerate import next_capacity
+
+        cur = self.state.batch.positions.shape[0] if self.state is not None else None
+        cur_s = len(self.items) if self.items else None
+        a_cap = next_capacity(n + 1, cur, MIN_ATOMS, 1.0 / 16.0, 0.5)
+        s_cap = next_capacity(k, cur_s, MIN_SLOTS, 1.0 / 16.0, 0.5)
+        old_slots = self.slots
+        old_state, old_edges = self.state, self.edges
+        state = _pad_state(compact, a_cap, s_cap, self._pad_cell)
+        # per-slot runner status: survivors keep theirs (parked ones are rebuilt now)
+        dev = self.device
+        k_old = len(keep)
+        keep_t = torch.as_tensor(keep, dtype=torch.long, device=dev)
+
+        def carry(old, fill, dtype):
+            out = torch.full((s_cap + 1,), fill, dtype=dtype, device=dev)
+            if k_old:
+                out[:k_old] = old[keep_t]
+            return out
+
+        horizon = torch.full((s_cap + 1,), 0, dtype=torch.long, device=dev)
+        self.items = items + [None] * (s_cap - len(items))
+        occupied = torch.zeros(s_cap + 1, dtype=torch.bool, device=dev)
+        occupied[:k] = True
+        volume0 = torch.ones(s_cap + 1, dtype=self.dtype, device=dev)
+        volume0[:k] = cell_volumes(state.batch.cell[:k])
+        if k_old:
+            volume0[:k_old] = old_slots.volume0[keep_t]
+            horizon[:k_old] = old_slots.horizon[keep_t]
+        self.slots = SlotStatus(occupied, torch.zeros(s_cap + 1, dtype=torch.bool, device=dev),
+                                carry(old_slots.code if old_slots else None, 0, torch.long),
+                                carry(old_slots.fail_step if old_slots else None, 0, torch.long),
+                                carry(old_slots.fail_value if old_slots else None, 0.0, self.dtype),
+                                horizon, volume0)
+        self.state = state
+        # edges: survivors that were not parked keep theirs (remapped); parked and new are rebuilt
+        rebuild_slots = [i for i, s in enumerate(keep) if s in set(parked)] + list(range(k_old, k))
+        self.edges = self._remap_edges(old_state, old_edges, keep, state, rebuild_slots)
+        self._grow_skin = {}
+        if rebuild_slots:
+            steps = self.entry.steps_taken(state)[torch.as_tensor(rebuild_slots, device=dev)].cpu().tolist()
+            for slot, st in zip(rebuild_slots, steps):
+                self._built_at[self.items[slot].index] = int(st)
+        if hasattr(self.job, "horizon"):
+            self.slots.horizon = self.job.horizon(self, self.slots.horizon, list(range(k_old, k)))
+        if hasattr(self.job, "on_admit") and started:
+            self.job.on_admit(self, list(range(k_old, k)))
+
+    def _remap_edges(self, old_state, old_edges: EdgeBuffer | None, keep: list[int], state,
+                     rebuild_slots: list[int]) -> EdgeBuffer:
+        batch = state.batch
+        dev = self.device
+        backend = self.config.neighbor_backend
+        everything = torch.arange(len(self.items), device=dev)[torch.as_tensor(
+            [it is not None for it in self.items], device=dev)]
+        if old_edges is None or not keep or old_edges.n_valid == 0:
+            skin = torch.full((batch.cell.shape[0],), self.config.skin, dtype=self.dtype, device=dev)
+            for slot, value in self._grow_skin.items():
+                skin[slot] = value
+            return make_buffer(batch, everything, self.cutoff, skin, backend)
+        from geodite_sim.batch import atom_indices
+
+        old_b = old_state.batch
+        keep_t = torch.as_tensor(keep, dtype=torch.long, device=dev)
+        old_atoms = atom_indices(old_b.offsets, keep_t)
+        mapping = torch.full((old_b.positions.shape[0],), -1, dtype=torch.long, device=dev)
+        mapping[old_atoms] = torch.arange(old_atoms.numel(), device=dev)
+        nv = old_edges.n_valid
+        s_old, r_old = old_edges.sender[:nv], old_edges.receiver[:nv]
+        ok = mapping[r_old] >= 0
+        edges = Edges(mapping[s_old[ok]], mapping[r_old[ok]], old_edges.shifts[:nv][ok].round().long())
+        slot_map = torch.full((old_b.cell.shape[0],), -1, dtype=torch.long, device=dev)
+        slot_map[keep_t] = torch.arange(len(keep), device=dev)
+        ref_pos = torch.zeros_like(batch.positions)
+        ref_pos[: old_atoms.numel()] = old_edges.ref_positions[old_atoms]
+        n_slots = batch.cell.shape[0]
+        from geodite_sim.neighbors import complete_cell
+        from geodite_sim.dynamics.cell_filter import inv3
+
+        full = complete_cell(batch.cell.detach(), batch.pbc)
+        ref_full = full.clone()
+        ref_full[: len(keep)] = old_edges.ref_full_cell[keep_t]
+        from geodite_sim.runner.edges import _pad_to, canonical_order, edge_capacity
+
+        edges = canonical_order(edges, batch.positions.shape[0])
+        cap = edge_capacity(edges.sender.shape[0], old_edges.capacity)
+        pad_atom = batch.positions.shape[0] - 1
+        sender, receiver, shifts, real = _pad_to(edges, cap, pad_atom, self.dtype)
+        skin = torch.full((n_slots,), self.config.skin, dtype=self.dtype, device=dev)
+        skin[: len(keep)] = old_edges.skin[keep_t]
+        for slot, value in self._grow_skin.items():
+            skin[slot] = value
+        buf = EdgeBuffer(sender, receiver, shifts, real, ref_pos, inv3(ref_full), ref_full, skin, self.cutoff,
+                         pad_atom, int(edges.sender.shape[0]), old_edges.builds)
+        return rebuild(buf, batch, torch.as_tensor(rebuild_slots, dtype=torch.long, device=dev), backend)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, items: Iterator[InputItem]) -> Iterator:
+        """Results (completion order) of every input of ``items``."""
+        self.queue = iter(items)
+        try:
+            while True:
+                yield from self.check()
+                if self.state is None:
+                    if self.exhausted:
+                        return
+                    continue
+                self.advance(max(1, int(self.config.check_interval)))
+        finally:
+            for obs in self.observers:
+                if hasattr(obs, "on_close"):
+                    obs.on_close()
+
+
+@dataclass
+class _Bare:
+    """A state with only a batch (for padding a batch alone)."""
+
+    batch: Batch
+
+
+__all__ = ["Capacity", "CheckEvent", "FailureChecks", "Runner", "SlotStatus", "StepConfig"]

@@ -1,0 +1,195 @@
+"""The registry of optimisers and integrators the runner drives: ``name -> Integrator(init, step, ...)``.
+
+Each entry is a pair of plain functions over a dataclass state (torch-sim's and jax-md's shape):
+
+* ``init(batch, evaluation, per_system, settings) -> state``: a fresh state of newly admitted
+  systems (host side, once per admission); ``evaluation`` holds their energy [S], forces [N, 3]
+  and stress [S, 3, 3] at the initial positions, ``per_system`` their per-structure settings
+  as [S] tensors (temperature, steps, seeds, relax_cell ...), ``settings`` the run's scalars.
+* ``step(state, force_fn, settings) -> state``: one step of every system (device side, static
+  shapes, no host read). ``force_fn(batch) -> Evaluation(energy, forces, stress)`` evaluates
+  the model at the batch's positions and cell. The step never modifies its input state or
+  tensors in place (the runner undoes the step of parked systems with ``torch.where``).
+* ``steps_taken(state) -> [S]`` int64 and ``finished(state) -> [S]`` bool.
+
+Adding an ensemble or optimiser = one module under :mod:`geodite_sim.dynamics` with its
+state and step + one :func:`register` call below (docs/runner.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import Any, NamedTuple
+
+import torch
+from ase import units
+
+from geodite_sim.batch import Batch
+from geodite_sim.dynamics.fire import FireParams, FireState, fire_init, fire_step
+from geodite_sim.dynamics.langevin import LangevinState, langevin_step
+from geodite_sim.dynamics.nose_hoover import init_chain, nhc_conserved, nhc_step
+from geodite_sim.dynamics.verlet import MDState, kinetic_energy, nve_conserved, verlet_step
+from geodite_sim.state import system_field
+
+
+class Evaluation(NamedTuple):
+    """Model outputs at one configuration: energy [S] eV, forces [N, 3] eV/Å, stress [S, 3, 3] eV/Å³."""
+
+    energy: torch.Tensor
+    forces: torch.Tensor
+    stress: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Integrator:
+    """One registry entry (see the module docstring). ``kind`` is ``"relax"`` or ``"md"``."""
+
+    name: str
+    kind: str
+    init: Callable[..., Any]
+    step: Callable[..., Any]
+    steps_taken: Callable[[Any], torch.Tensor]
+    finished: Callable[[Any], torch.Tensor]
+    needs_stress: bool = False
+    conserved: Callable[[Any], torch.Tensor] | None = None
+    description: str = ""
+
+
+REGISTRY: dict[str, Integrator] = {}
+
+
+def register(entry: Integrator) -> Integrator:
+    """Add ``entry`` to :data:`REGISTRY` (names are unique)."""
+    if entry.name in REGISTRY:
+        raise ValueError(f"integrator {entry.name!r} is already registered")
+    REGISTRY[entry.name] = entry
+    return entry
+
+
+def get_integrator(name: str) -> Integrator:
+    """The entry called ``name``; ValueError listing the known names otherwise."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown integrator/ensemble {name!r}; choose from {sorted(REGISTRY)}") from None
+
+
+# ---------------------------------------------------------------------------------------------- relaxation
+@dataclass
+class RelaxState(FireState):
+    """FIRE state plus ``volume0`` [S], the cell volume at the start (Å³; reference of the volume check)."""
+
+    volume0: torch.Tensor = system_field(default=None)
+
+
+def _fire_init(batch: Batch, ev: Evaluation, per_system: dict, settings: dict) -> RelaxState:
+    from geodite_sim.model.strain import cell_volumes
+
+    state = fire_init(batch, per_system["relax_cell"], settings["fire"], settings.get("cell_factor"),
+                      state_cls=RelaxState, volume0=cell_volumes(batch.cell))
+    return replace(state, energy=ev.energy, forces=ev.forces, stress=ev.stress)
+
+
+def _fire_step(cell: bool):
+    def step(state: RelaxState, force_fn, settings: dict) -> RelaxState:
+        state = fire_step(state, settings["fmax"], settings["max_steps"], settings["fire"], cell=cell)
+        ev = force_fn(state.batch)
+        return replace(state, energy=ev.energy, forces=ev.forces, stress=ev.stress)
+
+    return step
+
+
+def _n_steps(state) -> torch.Tensor:
+    return state.n_steps
+
+
+def _fire_done(state) -> torch.Tensor:
+    return state.done
+
+
+register(Integrator("fire", "relax", _fire_init, _fire_step(False), _n_steps, _fire_done, needs_stress=False,
+                    description="FIRE on the atoms (ase.optimize.FIRE)"))
+register(Integrator("fire_frechet", "relax", _fire_init, _fire_step(True), _n_steps, _fire_done, needs_stress=True,
+                    description="FIRE on atoms + cell (ase.optimize.FIRE on ase.filters.FrechetCellFilter)"))
+
+
+# ---------------------------------------------------------------------------------------------- MD
+def md_base_state(batch: Batch, ev: Evaluation, per_system: dict) -> MDState:
+    """The fields every MD state has: momenta, kT, step counters, seeds, energy/forces/stress at step 0."""
+    return MDState(batch=batch, energy=ev.energy, forces=ev.forces, stress=ev.stress, momenta=per_system["momenta"],
+                   kT=per_system["kT"], step=per_system["step"], target_steps=per_system["target_steps"],
+                   seed=per_system["seed"])
+
+
+def _as(cls, state: MDState, **extra):
+    values = {f.name: getattr(state, f.name) for f in fields(state)}
+    return cls(**values, **extra)
+
+
+def _with_conserved(state, conserved):
+    state.conserved0 = conserved(state)
+    return state
+
+
+def _md_steps(state) -> torch.Tensor:
+    return state.step
+
+
+def _md_finished(state) -> torch.Tensor:
+    return state.step >= state.target_steps
+
+
+def _two(force_fn):
+    """A force function returning (energy, forces) for the integrators that need no stress."""
+    def f(batch):
+        ev = force_fn(batch)
+        return ev.energy, ev.forces
+
+    return f
+
+
+def _nve_init(batch, ev, per_system, settings):
+    return _with_conserved(md_base_state(batch, ev, per_system), _nve_conserved)
+
+
+def _nve_conserved(state):
+    return nve_conserved(state, kinetic_energy(state))
+
+
+def _nve_step(state, force_fn, settings):
+    return verlet_step(state, _two(force_fn), settings["dt"])
+
+
+def _nhc_init(batch, ev, per_system, settings):
+    state = init_chain(md_base_state(batch, ev, per_system), settings["tdamp_fs"] * units.fs, settings["chain_length"])
+    return _with_conserved(state, _nhc_conserved)
+
+
+def _nhc_conserved(state):
+    return nhc_conserved(state, kinetic_energy(state))
+
+
+def _nhc_step(state, force_fn, settings):
+    return nhc_step(state, _two(force_fn), settings["dt"], settings["tloop"])
+
+
+def _langevin_init(batch, ev, per_system, settings):
+    base = md_base_state(batch, ev, per_system)
+    friction = torch.full_like(base.kT, settings["friction_per_fs"] / units.fs)
+    return _with_conserved(_as(LangevinState, base, friction=friction), _nve_conserved)
+
+
+def _langevin_step(state, force_fn, settings):
+    return langevin_step(state, _two(force_fn), settings["dt"], settings["fix_com"])
+
+
+register(Integrator("nve", "md", _nve_init, _nve_step, _md_steps, _md_finished, conserved=_nve_conserved,
+                    description="velocity Verlet (ase.md.verlet.VelocityVerlet)"))
+register(Integrator("nvt_nhc", "md", _nhc_init, _nhc_step, _md_steps, _md_finished, conserved=_nhc_conserved,
+                    description="Nosé–Hoover chain NVT (ase.md.nose_hoover_chain.NoseHooverChainNVT)"))
+register(Integrator("nvt_langevin", "md", _langevin_init, _langevin_step, _md_steps, _md_finished,
+                    conserved=None, description="Langevin NVT (ase.md.langevin.Langevin)"))
+
+__all__ = ["Evaluation", "FireParams", "Integrator", "REGISTRY", "RelaxState", "get_integrator", "md_base_state",
+           "register"]
