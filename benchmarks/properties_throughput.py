@@ -69,7 +69,7 @@ def phonons_reference(structs, calc, supercell, mesh, temperature=300.0):
     for atoms in structs:
         unit = PhonopyAtoms(symbols=atoms.get_chemical_symbols(), cell=atoms.cell[:],
                             scaled_positions=atoms.get_scaled_positions(wrap=False), masses=atoms.get_masses())
-        ph = Phonopy(unit, supercell_matrix=np.diag(supercell))
+        ph = Phonopy(unit, supercell_matrix=np.diag(supercell), primitive_matrix="P")
         ph.generate_displacements(distance=0.01)
         forces = []
         t0 = time.perf_counter()

@@ -514,6 +514,8 @@ def add_executor_arguments(parser) -> None:
                              "head node, or 'local' (a one-machine cluster started here); default: one process")
     parser.add_argument("--workers", type=int, default=None,
                         help="Ray actors (default: one per GPU, else one per CPU of the cluster)")
+    parser.add_argument("--shard-size", type=int, default=32, metavar="N",
+                        help="with --ray: contiguous inputs per shard (default 32)")
 
 
 __all__ = ["LocalExecutor", "RayExecutor", "add_executor_arguments", "make_executor"]

@@ -34,7 +34,7 @@ from geodite_sim.model.strain import edge_vectors
 from geodite_sim.monitors import Monitors, temperature_limit_factor
 from geodite_sim.progress import Progress
 from geodite_sim.runner import Capacity, FailureChecks, Runner, StepConfig, get_integrator
-from geodite_sim.runner.engine import _unpad
+from geodite_sim.runner.engine import AdmissionError, _unpad
 from geodite_sim.status import Status
 
 ENSEMBLES = ("nve", "nvt_nhc", "nvt_langevin")  # MD entries of the runner registry (more may be registered)
@@ -298,6 +298,11 @@ class _MDJob:
         """Per-structure MD settings of newly admitted systems (ValueError names the bad one)."""
         momenta, kT, target, seeds = [], [], [], []
         for it in items:
+            if it.atoms.constraints:
+                names = ", ".join(type(c).__name__ for c in it.atoms.constraints)
+                raise AdmissionError(Status.INVALID_STRUCTURE, f"constraints ({names}) are not supported by run_md "
+                                     "yet (relax_many honours FixAtoms/FixCartesian/FixSymmetry); remove them to "
+                                     "run MD without")
             T = _per_structure(self.temperature, it.index, "temperature")
             n_steps = int(_per_structure(self.steps, it.index, "steps"))
             if n_steps < 0:
@@ -535,8 +540,7 @@ class _MDJob:
         self.items = _CountedItems(stream, next_index)
         runner.iteration = int(ckpt["iteration"])
         if ckpt["state"] is not None:
-            state = state_from_dict(ckpt["state"], self.device)
-            runner._repack([], active, [state], [])
+            runner.restore(active, state_from_dict(ckpt["state"], self.device))
         if self.checkpoint_every:
             self.next_checkpoint = (runner.iteration // self.checkpoint_every + 1) * self.checkpoint_every
 
@@ -592,7 +596,7 @@ class _MDJob:
                     if runner.exhausted:
                         break
                     continue
-                runner.advance(self.config.check_interval)
+                runner.advance(runner.block_length())
             if self.checkpoint is not None and self.checkpoint_every is not None:
                 self.save_checkpoint(runner)
         finally:

@@ -36,10 +36,11 @@ from geodite_sim.dynamics.fire import FireParams
 from geodite_sim.evaluate import stress_to_voigt
 from geodite_sim.io.structures import InputItem, iter_inputs, like_input
 from geodite_sim.io.structures import MAX_SUPPORTED_Z
-from geodite_sim.model.contract import model_name, supported_elements
+from geodite_sim.model.contract import identity_config, model_name, supported_elements
 from geodite_sim.neighbors import neighbor_list
 from geodite_sim.progress import Progress
 from geodite_sim.runner import Capacity, FailureChecks, Runner, StepConfig, get_integrator
+from geodite_sim.runner.engine import AdmissionError
 from geodite_sim.status import Status
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def _time_step(model, batch: Batch, repeats: int = 1) -> float:
     best = math.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
-        edges = neighbor_list(batch, model.cutoff, getattr(model, "neighbor_backend", "auto"))
+        edges = neighbor_list(batch, model.cutoff, "auto")
         model(batch, edges=edges, compute_forces=True, compute_stress=True)
         best = min(best, time.perf_counter() - t0)
     return best
@@ -125,8 +126,7 @@ def _cpu_heuristic(model) -> int:
     64-128 atoms a batch, the 192-channel Geodite-MP configuration at 32-64; pair potentials have
     no such cliff.
     """
-    config = getattr(model, "config", None)
-    channels = getattr(config, "hidden_channels", None)
+    channels = identity_config(model).get("config", {}).get("hidden_channels")
     if not channels:
         return 256
     return int(min(256, max(32, 8192 // channels)))
@@ -230,9 +230,13 @@ class _RelaxJob:
     """The relaxation front-end's hooks on the :class:`~geodite_sim.runner.Runner`: per-structure settings,
     results."""
 
-    def __init__(self, relax_cell, max_steps: int):
+    def __init__(self, relax_cell, max_steps: int, fix_symmetry: bool = False, symprec: float = 0.01,
+                 dtype: torch.dtype = torch.float64, device="cpu"):
         self.relax_cell = relax_cell
         self.max_steps = int(max_steps)
+        self.fix_symmetry = bool(fix_symmetry)
+        self.symprec = float(symprec)
+        self.dtype, self.device = dtype, device
 
     def _relax_flag(self, item: InputItem) -> bool:
         rc = self.relax_cell
@@ -243,7 +247,20 @@ class _RelaxJob:
         return bool(rc[item.index])
 
     def per_system(self, items: list[InputItem]) -> dict:
-        return {"relax_cell": torch.tensor([self._relax_flag(it) for it in items], dtype=torch.bool)}
+        """Per-structure settings: relax_cell flags and the input's constraints (AdmissionError names a bad one)."""
+        from geodite_sim.dynamics.constraints import BatchConstraints, constraints_from_atoms
+
+        constraints = []
+        for it in items:
+            c = constraints_from_atoms(it.atoms, fix_symmetry=self.fix_symmetry, symprec=self.symprec)
+            if isinstance(c, str):
+                raise AdmissionError(Status.INVALID_STRUCTURE, c)
+            if c.has_symmetry and c.positions is not None:  # FixSymmetry relaxes the refined structure (ASE)
+                it.atoms.set_cell(c.cell, scale_atoms=False, apply_constraint=False)
+                it.atoms.positions = c.positions
+            constraints.append(c)
+        return {"relax_cell": torch.tensor([self._relax_flag(it) for it in items], dtype=torch.bool),
+                "constraints": BatchConstraints.from_list(constraints, self.dtype, self.device)}
 
     def horizon(self, runner, horizon: torch.Tensor, new_slots: list[int]) -> torch.Tensor:
         return torch.full_like(horizon, self.max_steps + 1)  # FIRE stops itself at max_steps
@@ -256,7 +273,7 @@ class _RelaxJob:
         atoms.positions = b.positions.detach().cpu().double().numpy()
         relax_cell = bool(one.relax_cell[0])
         if relax_cell:
-            atoms.set_cell(b.cell[0].detach().cpu().double().numpy(), scale_atoms=False)
+            atoms.set_cell(b.cell[0].detach().cpu().double().numpy(), scale_atoms=False, apply_constraint=False)
         energy = float(one.energy[0]) if one.energy is not None else float("nan")
         forces = one.forces.detach().cpu().double().numpy() if one.forces is not None else None
         stress = one.stress[0].detach().cpu().double().numpy() if one.stress is not None else None
@@ -307,6 +324,8 @@ def relax_many(
     observers: Sequence = (),
     executor=None,
     allow_unsupported_elements: bool = False,
+    fix_symmetry: bool = False,
+    symprec: float = 0.01,
 ) -> list[RelaxResult] | Iterator[RelaxResult]:
     """Relax many structures with batched FIRE (ASE's algorithm), optionally with the cell (Fréchet filter).
 
@@ -334,6 +353,10 @@ def relax_many(
         executor: run elsewhere (e.g. :class:`geodite_sim.executors.RayExecutor`); None runs in this process.
         allow_unsupported_elements: run structures with elements outside the model's supported set
             (recorded as a warning on the result) instead of rejecting them.
+        fix_symmetry: keep each structure's space group (ASE's ``FixSymmetry`` semantics, found once with spglib
+            at admission with tolerance ``symprec``; the refined structure is relaxed). Constraints on input
+            Atoms (``FixAtoms``, ``FixCartesian``, ``FixSymmetry``) are always honoured; any other constraint
+            gives that structure an ``invalid_structure`` error.
         fire: FIRE parameters (:class:`FireParams` or a dict of its fields), ASE's defaults.
         cell_factor: ASE's ``exp_cell_factor`` (default: number of atoms of each structure).
         min_distance_factor, max_volume_ratio: failure thresholds (:class:`FailureChecks`; None = off).
@@ -367,7 +390,7 @@ def relax_many(
     any_cell = relax_cell is not False and not (isinstance(relax_cell, (bool, np.bool_)) and not relax_cell)
     integrator = get_integrator("fire_frechet" if any_cell else "fire")
     settings = {"fmax": float(fmax), "max_steps": int(max_steps), "fire": params, "cell_factor": cell_factor}
-    job = _RelaxJob(relax_cell, max_steps)
+    job = _RelaxJob(relax_cell, max_steps, fix_symmetry, symprec, model.dtype, model.device)
     if total is None and hasattr(structures, "__len__") and not isinstance(structures, (str, Atoms)):
         try:
             total = len(structures)

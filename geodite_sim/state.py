@@ -31,6 +31,13 @@ def system_field(**kw):
     return field(metadata={PER: "system"}, **kw)
 
 
+def packed_field(**kw):
+    """Declare a field holding an object that re-packs itself: ``value.select(systems)``,
+    ``type(value).concat(parts)`` and ``type(value).padding(counts, dtype, device)`` (e.g. constraints).
+    It is constant during a step (the runner never merges it)."""
+    return field(metadata={PER: "packed"}, **kw)
+
+
 @dataclass
 class SimState:
     """Base state: the batch (positions, cell, numbers, masses...) being simulated.
@@ -85,6 +92,8 @@ def select_systems(state: S, systems: Sequence[int] | torch.Tensor) -> S:
             changes[f.name] = value[atoms]
         elif _per(f) == "system":
             changes[f.name] = value[idx]
+        elif _per(f) == "packed":
+            changes[f.name] = value.select(idx)
     return replace(state, **changes)
 
 
@@ -103,6 +112,9 @@ def concat_states(states: Sequence[S]) -> S:
         values = [getattr(s, f.name) for s in states]
         if any(v is None for v in values):
             changes[f.name] = None
+            continue
+        if _per(f) == "packed":
+            changes[f.name] = type(values[0]).concat(values)
             continue
         if _per(f) == "atom":
             values = [v[: s.n_atoms] for v, s in zip(values, states)]

@@ -252,28 +252,19 @@ def test_compile_inductor_cpu_float32():
 
 
 # ---------------------------------------------------------------------------------------------- run_md
-def test_run_md_accelerate(model64, monkeypatch):
-    """run_md with accelerate='eager' (refills from the queue and re-packing as systems finish) follows the
-    plain run to round-off; 'auto' is the plain model on the CPU; 'cuda_graph' on the CPU is refused."""
+def test_run_md_accelerate(model64):
+    """run_md's accelerate modes on the CPU: 'auto' and 'eager' run the runner's static-shape step (refills from
+    the queue and re-packing as systems finish) and agree bit for bit; 'cuda_graph' on the CPU is refused. (The
+    whole-step capture and torch.compile of the step are tested in tests/test_runner.py.)"""
     structs = varied_structures()[:8]
     kw = dict(ensemble="nve", temperature=300.0, timestep=1.0, steps=[3, 5, 4, 6, 3, 5, 6, 4], max_atoms=10,
               progress=False, monitors=False)
-    calls = []
-    original = StaticStep.__call__
-
-    def counted(self, *args, **kwargs):
-        calls.append(self.shapes)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(StaticStep, "__call__", counted)
     ref = run_md(structs, model64, accelerate="auto", **kw)
-    assert not calls
     out = run_md(structs, model64, accelerate="eager", **kw)
-    assert len(calls) >= max(kw["steps"])
     for a, b in zip(ref, out):
         assert a.error is None and b.n_steps == a.n_steps
-        np.testing.assert_allclose(b.final.positions, a.final.positions, rtol=0, atol=1e-10)
-        np.testing.assert_allclose(b.final.get_momenta(), a.final.get_momenta(), rtol=0, atol=1e-9)
+        np.testing.assert_array_equal(b.final.positions, a.final.positions)
+        np.testing.assert_array_equal(b.final.get_momenta(), a.final.get_momenta())
     with pytest.raises(ValueError, match="CUDA device"):
         run_md(structs[:1], model64, accelerate="cuda_graph", **{**kw, "steps": 1})
 

@@ -485,3 +485,36 @@ def test_fixsymmetry_without_position_or_cell_adjustment_equals_ase():
         moved = ase_move(a, new_pos[sl], new_cell[k])
         np.testing.assert_allclose(cell[k].numpy(), moved.cell[:], atol=1e-12)
         np.testing.assert_allclose(got[sl], moved.positions, atol=1e-12)
+
+
+def test_relax_many_honours_input_constraints_like_ase():
+    """The runner's FIRE entry applies the inputs' FixSymmetry/FixAtoms where ASE does: same step counts and
+    positions/cells as ASE's FIRE(FrechetCellFilter) with the constraint, in one mixed batch."""
+    import geodite_sim as gs
+
+    cases = relax_set()
+    refs = [ase_relax(a, cell) for _, a, cell in cases]
+    res = gs.relax_many([a for _, a, _ in cases], MorsePotential(**MORSE, dtype=F64), fmax=FMAX,
+                        max_steps=MAX_STEPS, relax_cell=[c for _, _, c in cases], progress=False)
+    for (name, _, _), (ref, steps), r in zip(cases, refs, res, strict=True):
+        assert r.error is None, (name, r.error)
+        assert r.n_steps == steps, name
+        assert np.abs(r.structure.positions - ref.positions).max() < 1e-8, name
+        assert np.abs(r.structure.cell[:] - ref.cell[:]).max() < 1e-8, name
+
+
+def test_relax_many_fix_symmetry_and_unsupported_constraints():
+    """``fix_symmetry=True`` keeps the space group; an unsupported constraint is that structure's error only."""
+    import geodite_sim as gs
+
+    rng = np.random.default_rng(2)
+    name, a, _ = relax_set()[0]
+    group = _spacegroup(a)
+    r = Atoms(a.numbers, a.positions + 5e-4 * rng.standard_normal(a.positions.shape), cell=a.cell, pbc=True)
+    bad = bulk("Cu", "fcc", 3.6, cubic=True)
+    bad.set_constraint(FixBondLength(0, 1))
+    res = gs.relax_many([r, bad], MorsePotential(**MORSE, dtype=F64), fmax=FMAX, progress=False, fix_symmetry=True)
+    assert res[0].error is None and _spacegroup(res[0].structure) == group
+    assert res[1].status == "invalid_structure" and "FixBondLength" in res[1].error
+    md = gs.run_md([bad], MorsePotential(**MORSE, dtype=F64), temperature=300, steps=2, progress=False)
+    assert md[0].status == "invalid_structure" and "FixBondLength" in md[0].error

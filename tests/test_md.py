@@ -169,6 +169,12 @@ class FailingModel(torch.nn.Module):
     device = property(lambda self: self.inner.device)
     neighbor_backend = property(lambda self: self.inner.neighbor_backend)
 
+    def identity_config(self) -> dict:
+        """The wrapped model's identity: the injected crash does not make it another model."""
+        from geodite_sim.model.contract import identity_config
+
+        return identity_config(self.inner)
+
     def forward(self, batch, **kw):
         self.calls += 1
         if self.fail_at is not None and self.calls == self.fail_at:

@@ -66,7 +66,7 @@ def reference_phonopy(atoms: Atoms, calc, supercell, mesh) -> Phonopy:
     """phonopy driven by an ASE calculator, one displaced supercell at a time."""
     unit = PhonopyAtoms(symbols=atoms.get_chemical_symbols(), cell=atoms.cell[:],
                         scaled_positions=atoms.get_scaled_positions(wrap=False), masses=atoms.get_masses())
-    ph = Phonopy(unit, supercell_matrix=np.diag(supercell))
+    ph = Phonopy(unit, supercell_matrix=np.diag(supercell), primitive_matrix="P")
     ph.generate_displacements(distance=0.01)
     forces = []
     for sc in ph.supercells_with_displacements:
@@ -99,9 +99,9 @@ def test_phonons_batched_equal_phonopy_one_at_a_time(tiny):
         with warnings.catch_warnings():  # phonopy may note that the Γ acoustic modes (≈ 0) enter the sums
             warnings.simplefilter("ignore", UserWarning)
             ref.run_thermal_properties(temperatures=[300.0])
-        if not r.imaginary_modes:
-            assert r.entropy_J_per_K_mol == pytest.approx(ref.thermal_properties.entropy[0], abs=1e-6)
-            assert r.cv_J_per_K_mol == pytest.approx(ref.thermal_properties.heat_capacity[0], abs=1e-6)
+        assert r.entropy_J_per_K_mol == pytest.approx(ref.thermal_properties.entropy[0], abs=1e-6)
+        assert r.cv_J_per_K_mol == pytest.approx(ref.thermal_properties.heat_capacity[0], abs=1e-6)
+        assert r.free_energy_kJ_per_mol == pytest.approx(ref.thermal_properties.free_energy[0], abs=1e-6)
         # acoustic sum rule: three modes at Γ vanish (energy-gradient forces sum to zero)
         assert np.sort(np.abs(r.gamma_frequencies_THz))[:3].max() < 1e-3
 
@@ -122,6 +122,15 @@ def test_phonons_relaxed_morse_physics(cu_morse, tmp_path):
     assert saved["omega_max_THz"] == pytest.approx(r.omega_max_THz)
     for key in ("dos_png", "bands_png", "phonopy_yaml"):
         assert (tmp_path / r.files[key].split("/")[-1]).stat().st_size > 1000
+
+
+def test_phonons_conventional_cell_is_phonopys_primitive(cu_morse):
+    """A conventional (4-atom) fcc cell stays phonopy's primitive cell: 12 bands, C_v per mole of that cell."""
+    r = run_phonons([bulk("Cu", "fcc", 3.606, cubic=True)], cu_morse, supercell=(2, 2, 2), relax=False,
+                    mesh=(8, 8, 8))[0]  # (phonopy drops the 3 Γ acoustic modes: 3 of 12 x 8³ modes, 0.05 %)
+    assert r.status == "done" and len(r.gamma_frequencies_THz) == 12
+    r.phonopy.run_thermal_properties(temperatures=[3000.0])
+    assert r.phonopy.thermal_properties.heat_capacity[0] == pytest.approx(3 * R_GAS * 4, rel=2e-3)
 
 
 # ---------------------------------------------------------------------------------------------- EOS

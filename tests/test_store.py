@@ -150,3 +150,10 @@ def test_reading_while_writing_and_sigkill_mid_write(tmp_path):
     assert len(frames) == n + 1 and frames[-1].get_chemical_formula() == "Al"
     lines = (tmp_path / "records.jsonl").read_text().splitlines()
     assert [json.loads(x)["index"] for x in lines] == list(range(n + 1))
+
+
+def test_importing_the_package_and_executors_does_not_import_ray():
+    code = ("import sys, geodite_sim, geodite_sim.store, geodite_sim.executors, geodite_sim.commands.relax; "
+            "print('ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -321,7 +321,7 @@ class RunRecord:
     """The result of one finished run: a line of ``runs.jsonl`` (store kind "run", ``index`` = run index).
 
     ``status`` is "done" or "failed" (``error`` says why); ``n_steps`` steps taken; ``energy`` eV and
-    ``temperature`` K at the last step; ``trajectory``/``group`` where its frames are (HDF5).
+    ``temperature`` K at the last step; ``trajectory``/``group`` where its frames are (HDF5 ``/systems/<group>``).
     """
 
     index: int
@@ -423,6 +423,7 @@ class _ProgressReporter:
         self.t_last = self.t0
         self.complete = False  # set when run_md has returned: failed runs' unrun steps count as done
         self.t_first, self.atom_steps_first, self.iterations_first = self.t0, 0.0, 0
+        self.store = None  # the campaign's result store: runs are recorded as they retire
 
     def on_check(self, event) -> None:
         """run_md observer hook, called at every check: ``event.steps`` engine steps since the previous check,
@@ -443,6 +444,11 @@ class _ProgressReporter:
         if now - self.t_last >= self.every_s:
             self.t_last = now
             self.report()
+
+    def on_result(self, result) -> None:
+        """run_md observer hook, called when a run retires: its record goes into the store at once."""
+        if self.store is not None:
+            self.store.put(_run_record(self.spec, result), "run")
 
     def snapshot(self) -> dict:
         now = time.perf_counter()
@@ -522,7 +528,8 @@ def _run_record(spec: CampaignSpec, res) -> RunRecord:
                      n_steps=int(res.n_steps), error=res.error,
                      energy=None if res.energy is None else float(res.energy),
                      temperature=None if res.temperature is None else float(res.temperature),
-                     trajectory=None if file is None else str(file), group=None if group is None else str(group))
+                     trajectory=None if file is None else str(file),
+                     group=None if group is None else str(group).rsplit("/", 1)[-1])  # "/systems/<i>" -> "<i>"
 
 
 def run_md_stage(spec: CampaignSpec, log: Callable[[str], None] = print, progress_every_s: float = 30.0,
@@ -543,6 +550,7 @@ def run_md_stage(spec: CampaignSpec, log: Callable[[str], None] = print, progres
             f"({sum(s.status == 'running' for s in todo)} resumed from the checkpoint); output {spec.output}")
         manifest = _manifest(spec)
         reporter = _ProgressReporter(spec, states, progress_every_s, log, interrupt_after)
+        reporter.store = store
         structures = []
         for run in spec.runs:
             atoms = read(run.structure)

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         from geodite_sim.executors import make_executor
 
         try:
-            executor = make_executor(args.ray, args.workers)
+            executor = make_executor(args.ray, args.workers, shard_size=args.shard_size)
         except ValueError as exc:
             raise SpecError(str(exc)) from None
         try:

@@ -290,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
             yield structure
 
     try:
-        executor = make_executor(args.ray, args.workers)
+        executor = make_executor(args.ray, args.workers, shard_size=args.shard_size)
     except ValueError as exc:
         store.close()
         print(f"error: {exc}", file=sys.stderr)

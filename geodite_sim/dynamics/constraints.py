@@ -366,6 +366,11 @@ class BatchConstraints:
         return cls.from_list([AtomConstraints.none(int(n)) for n in batch.atoms_per_system.tolist()],
                              batch.dtype, batch.device)
 
+    @classmethod
+    def padding(cls, counts: Sequence[int], dtype: torch.dtype, device) -> BatchConstraints:
+        """No constraints for systems of ``counts`` atoms (the runner's empty slots and padding system)."""
+        return cls.from_list([AtomConstraints.none(int(n)) for n in counts], dtype, device)
+
     @property
     def is_empty(self) -> bool:
         return not (self.any_fixed or self.any_sym)

@@ -24,6 +24,12 @@ _SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "nonzero_static", "
              "_unique", "_unique2", "unique_dim", "unique_consecutive", "argwhere"}
 
 
+#: Metadata-only operations (no kernel launch on a GPU): counted in ``ops`` but not in ``kernels``.
+VIEW_OPS = {"view", "_unsafe_view", "unsqueeze", "squeeze", "expand", "permute", "select", "slice", "detach", "t",
+            "transpose", "alias", "as_strided", "reshape", "unbind", "split", "split_with_sizes", "narrow",
+            "lift_fresh", "_reshape_alias", "unfold", "diagonal", "view_as_real", "view_as_complex"}
+
+
 def _name(func) -> str:
     return func.__name__.split(".")[0] if hasattr(func, "__name__") else str(func)
 
@@ -36,11 +42,13 @@ def _has_bool_index(args) -> bool:
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts ``ops`` (all dispatched operations) and ``syncs`` (those listed in the module docstring)."""
+    """Counts ``ops`` (all dispatched operations), ``kernels`` (ops that are not metadata-only views, i.e. kernel
+    launches on a GPU) and ``syncs`` (those listed in the module docstring)."""
 
     def __init__(self):
         super().__init__()
         self.ops = 0
+        self.kernels = 0
         self.syncs = 0
         self.sync_names: Counter[str] = Counter()
         self.op_names: Counter[str] = Counter()
@@ -55,6 +63,8 @@ class OpCounter(TorchDispatchMode):
         name = _name(func)
         self.ops += 1
         self.op_names[name] += 1
+        if name not in VIEW_OPS:
+            self.kernels += 1
         if name in _SYNC_OPS or name.startswith("unique"):
             self._sync(name)
         elif name in ("index", "index_put", "index_put_", "_index_put_impl_") and _has_bool_index(args):

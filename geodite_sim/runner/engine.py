@@ -41,6 +41,7 @@ from ase.data import covalent_radii
 
 from geodite_sim.batch import Batch
 from geodite_sim.io.structures import InputItem
+from geodite_sim.model.contract import uses_edges
 from geodite_sim.model.geodite import Edges
 from geodite_sim.model.strain import cell_volumes
 from geodite_sim.runner.edges import EdgeBuffer, make_buffer, padding_cell, rebuild
@@ -54,6 +55,14 @@ log = logging.getLogger(__name__)
 PAD_Z = 1
 #: Smallest capacities (atoms incl. one padding atom, system slots).
 MIN_ATOMS, MIN_SLOTS = 16, 2
+
+
+class AdmissionError(ValueError):
+    """A structure that cannot start for a reason with its own status (raised by a job's ``per_system``)."""
+
+    def __init__(self, status: Status, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -83,6 +92,7 @@ class StepConfig:
         accelerate: ``"auto"`` (CUDA graph of the whole step on CUDA, eager elsewhere), ``"off"``/``"eager"``,
             ``"compile"`` (``torch.compile(fullgraph=True)`` of the step) or ``"cuda_graph"``.
         fused_kernels: Geodite's fused CPU edge kernels: ``"auto"`` or False (compile needs False).
+        compile_options: extra ``torch.compile`` arguments in ``"compile"`` mode (e.g. ``{"backend": "aot_eager"}``).
     """
 
     neighbor_backend: str = "auto"
@@ -90,6 +100,7 @@ class StepConfig:
     check_interval: int = 1
     accelerate: str = "auto"
     fused_kernels: bool | str = "auto"
+    compile_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -146,6 +157,9 @@ def _where_state(keep: torch.Tensor, new, old):
             changes[f.name] = a
             continue
         per = f.metadata.get(PER)
+        if per == "packed":  # constant during a step
+            changes[f.name] = b
+            continue
         mask = keep_atom if per == "atom" else keep
         changes[f.name] = torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
     nb, ob = new.batch, old.batch
@@ -192,6 +206,9 @@ def _pad_state(state, n_atoms_cap: int, n_slots: int, pad_cell: torch.Tensor):
             changes[f.name] = v
         elif per == "atom":
             changes[f.name] = torch.cat([v[:n], v.new_zeros((n_pad,) + v.shape[1:])])
+        elif per == "packed":
+            pad_counts = [0] * (s_pad - 1) + [n_pad]
+            changes[f.name] = type(v).concat([v, type(v).padding(pad_counts, dt, dev)])
         else:
             pad = v[rows].clone()
             if f.name == "relax_cell":
@@ -235,7 +252,7 @@ class Runner:
         self.observers = list(observers)
         self.dtype, self.device = model.dtype, torch.device(model.device)
         self.cutoff = float(model.cutoff)
-        self.uses_edges = bool(getattr(model, "uses_edges", True))
+        self.uses_edges = uses_edges(model)
         self.state = None  # padded integrator state
         self.slots: SlotStatus | None = None
         self.edges: EdgeBuffer | None = None
@@ -366,7 +383,8 @@ class Runner:
                 if "fused" in self._model_call_kwargs(self.model, StepConfig()) or self._has_fused_param():
                     self._model_kwargs["fused"] = False  # the fused C++ kernels are opaque to the compiler
                 torch._dynamo.config.trace_autograd_ops = True
-                self._compiled = torch.compile(self.step_fn, fullgraph=True, dynamic=False)
+                self._compiled = torch.compile(self.step_fn, **{"fullgraph": True, "dynamic": False,
+                                                                **self.config.compile_options})
             return self._compiled
         if mode == "cuda_graph":
             if self.device.type != "cuda":
@@ -386,6 +404,17 @@ class Runner:
         if not isinstance(self._compiled, GraphStep):
             self._compiled = GraphStep(self.step_fn)
         return self._compiled
+
+    def block_length(self) -> int:
+        """Steps until the next check: ``check_interval``, or fewer when every running system reaches its horizon
+        (frame boundary, last step) sooner (one small host read, at check time)."""
+        interval = max(1, int(self.config.check_interval))
+        if self.state is None or interval == 1:
+            return interval
+        k = len(self.items)
+        left = (self.slots.horizon[:k] - self.entry.steps_taken(self.state)[:k])
+        left = torch.where(self.slots.occupied[:k] & (left > 0), left, torch.full_like(left, interval))
+        return max(1, min(interval, int(left.min())))
 
     def advance(self, n_steps: int) -> None:
         """``n_steps`` device steps of the whole batch (no host reads)."""
@@ -409,6 +438,11 @@ class Runner:
         except StopIteration:
             self._exhausted = True
             return None
+
+    def restore(self, items: list[InputItem], state) -> None:
+        """Resume ``items`` from their checkpointed compact ``state`` (one system per item, in order)."""
+        state.batch = replace(state.batch, atom_count=int(state.batch.offsets[-1]))
+        self._repack([], list(items), [state], [], admitted=False)
 
     @property
     def exhausted(self) -> bool:
@@ -469,6 +503,8 @@ class Runner:
         except Exception as exc:
             if len(items) == 1:
                 item = items[0]
+                if isinstance(exc, AdmissionError):
+                    return [], [], [self.job.rejected(item, exc.status, str(exc))]
                 return [], [], [self.job.rejected(item, Status.MODEL_ERROR if not isinstance(exc, ValueError)
                                                   else Status.INVALID_SETTINGS, f"{type(exc).__name__}: {exc}")]
             log.info("admission of %d structures raised (%s); starting them one by one", len(items), exc)
@@ -668,8 +704,10 @@ class Runner:
                 out[slot] = new if new <= self.max_skin else None
         return out
 
-    def _repack(self, keep: list[int], started: list[InputItem], new_states: list, parked: list[int]) -> None:
-        """Rebuild the padded state: survivors (``keep``, in order) + newly started, edges of parked/new rebuilt."""
+    def _repack(self, keep: list[int], started: list[InputItem], new_states: list, parked: list[int],
+                admitted: bool = True) -> None:
+        """Rebuild the padded state: survivors (``keep``, in order) + newly started, edges of parked/new rebuilt.
+        ``admitted=False``: the new systems are restored (a restart), not started: no ``on_admit``."""
         parts = []
         if keep:
             parts.append(_unpad(self.state, keep))
@@ -726,7 +764,7 @@ class Runner:
                 self._built_at[self.items[slot].index] = int(st)
         if hasattr(self.job, "horizon"):
             self.slots.horizon = self.job.horizon(self, self.slots.horizon, list(range(k_old, k)))
-        if hasattr(self.job, "on_admit") and started:
+        if hasattr(self.job, "on_admit") and started and admitted:
             self.job.on_admit(self, list(range(k_old, k)))
 
     def _remap_edges(self, old_state, old_edges: EdgeBuffer | None, keep: list[int], state,
@@ -788,7 +826,7 @@ class Runner:
                     if self.exhausted:
                         return
                     continue
-                self.advance(max(1, int(self.config.check_interval)))
+                self.advance(self.block_length())
         finally:
             for obs in self.observers:
                 if hasattr(obs, "on_close"):

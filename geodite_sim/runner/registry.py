@@ -30,7 +30,7 @@ from geodite_sim.dynamics.fire import FireParams, FireState, fire_init, fire_ste
 from geodite_sim.dynamics.langevin import LangevinState, langevin_step
 from geodite_sim.dynamics.nose_hoover import init_chain, nhc_conserved, nhc_step
 from geodite_sim.dynamics.verlet import MDState, kinetic_energy, nve_conserved, verlet_step
-from geodite_sim.state import system_field
+from geodite_sim.state import packed_field, system_field
 
 
 class Evaluation(NamedTuple):
@@ -78,24 +78,41 @@ def get_integrator(name: str) -> Integrator:
 # ---------------------------------------------------------------------------------------------- relaxation
 @dataclass
 class RelaxState(FireState):
-    """FIRE state plus ``volume0`` [S], the cell volume at the start (Å³; reference of the volume check)."""
+    """FIRE state plus ``volume0`` [S], the cell volume at the start (Å³; reference of the volume check), and
+    ``constraints`` (:class:`~geodite_sim.dynamics.constraints.BatchConstraints`: FixAtoms, FixCartesian,
+    FixSymmetry per system, applied where ASE applies them; None: unconstrained)."""
 
     volume0: torch.Tensor = system_field(default=None)
+    constraints: Any = packed_field(default=None)
+
+
+def _constrained(c, batch: Batch, ev: Evaluation) -> Evaluation:
+    """Forces and stress as ``atoms.get_forces()`` / ``get_stress()`` return them under the constraints."""
+    if c is None or c.is_empty:
+        return ev
+    return Evaluation(ev.energy, c.adjust_forces(ev.forces, batch), c.adjust_stress(ev.stress, batch))
 
 
 def _fire_init(batch: Batch, ev: Evaluation, per_system: dict, settings: dict) -> RelaxState:
     from geodite_sim.model.strain import cell_volumes
 
+    c = per_system.get("constraints")
     state = fire_init(batch, per_system["relax_cell"], settings["fire"], settings.get("cell_factor"),
-                      state_cls=RelaxState, volume0=cell_volumes(batch.cell))
+                      state_cls=RelaxState, volume0=cell_volumes(batch.cell), constraints=c)
+    ev = _constrained(c, batch, ev)
     return replace(state, energy=ev.energy, forces=ev.forces, stress=ev.stress)
 
 
 def _fire_step(cell: bool):
     def step(state: RelaxState, force_fn, settings: dict) -> RelaxState:
-        state = fire_step(state, settings["fmax"], settings["max_steps"], settings["fire"], cell=cell)
-        ev = force_fn(state.batch)
-        return replace(state, energy=ev.energy, forces=ev.forces, stress=ev.stress)
+        c = state.constraints
+        new = fire_step(state, settings["fmax"], settings["max_steps"], settings["fire"], cell=cell)
+        if c is not None and not c.is_empty:  # FixSymmetry/FixAtoms when the filter sets cell and positions
+            new_cell, _ = c.adjust_cell(state.batch.cell, new.batch.cell)
+            pos = c.adjust_positions(state.batch, new.batch.positions, new_cell)
+            new = replace(new, batch=new.batch.with_positions(pos, new_cell))
+        ev = _constrained(c, new.batch, force_fn(new.batch))
+        return replace(new, energy=ev.energy, forces=ev.forces, stress=ev.stress)
 
     return step
 

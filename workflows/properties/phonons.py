@@ -10,9 +10,9 @@ thermal properties at 300 K, and optionally DOS and band-structure PNGs::
     res = run_phonons([bulk("Si", "diamond", 5.43), "NaCl.cif"], model, supercell=(2, 2, 2), out_dir="ph")
     res[0].omega_max_THz, res[0].entropy_J_per_K_mol, res[0].imaginary_modes
 
-Thermal properties are phonopy's: per mole of the input cell (divide by ``n_atoms`` for per atom).
-Band paths come from ASE's ``Cell.bandpath`` (no seekpath needed; special points in the basis of the
-input cell's reciprocal lattice, which is phonopy's primitive cell here).
+Thermal properties are phonopy's: per mole of phonopy's primitive cell, which is the input cell by
+default (``primitive_matrix="P"``; divide by ``n_atoms`` for per atom). Band paths come from ASE's
+``Cell.bandpath`` of that cell (no seekpath needed).
 """
 
 from __future__ import annotations
@@ -98,14 +98,19 @@ def supercell_matrix(atoms: Atoms, supercell: Any, min_length: float) -> np.ndar
     raise ValueError(f"supercell must be 'auto', an int, 3 ints or a 3x3 matrix, got {supercell!r}")
 
 
-def make_phonopy(atoms: Atoms, matrix: np.ndarray, displacement: float, symprec: float = 1e-5):
-    """A ``phonopy.Phonopy`` for ``atoms`` (its own primitive cell) with displacements generated."""
+def make_phonopy(atoms: Atoms, matrix: np.ndarray, displacement: float, symprec: float = 1e-5,
+                 primitive_matrix: Any = "P"):
+    """A ``phonopy.Phonopy`` for ``atoms`` with displacements generated.
+
+    ``primitive_matrix="P"`` (default) takes the input cell as phonopy's primitive cell (phonopy 4's own
+    default ``"auto"`` would reduce a conventional cell, changing what "per mole" and the q-points mean).
+    """
     from phonopy import Phonopy
     from phonopy.structure.atoms import PhonopyAtoms
 
     unit = PhonopyAtoms(symbols=atoms.get_chemical_symbols(), cell=np.asarray(atoms.cell[:]),
                         scaled_positions=atoms.get_scaled_positions(wrap=False), masses=atoms.get_masses())
-    ph = Phonopy(unit, supercell_matrix=matrix, primitive_matrix=None, symprec=symprec)
+    ph = Phonopy(unit, supercell_matrix=matrix, primitive_matrix=primitive_matrix, symprec=symprec)
     ph.generate_displacements(distance=displacement)
     return ph
 
@@ -140,6 +145,7 @@ def run_phonons(
     temperature: float = 300.0,
     imaginary_tol: float = 0.1,
     symprec: float = 1e-5,
+    primitive_matrix: Any = "P",
     out_dir: str | Path | None = None,
     names: Sequence[str] | None = None,
     labels: Sequence[str] | None = None,
@@ -156,6 +162,7 @@ def run_phonons(
         supercell: ``"auto"`` (every supercell width ≥ ``auto_min_length`` Å), an int, 3 ints or a 3x3 matrix.
         displacement: finite displacement, Å. relax: relax ions and cell first (FIRE, ``fmax`` eV/Å, ``max_steps``).
         mesh: q-mesh for DOS/thermal properties: three ints, or a length (Å) for phonopy's length rule.
+        primitive_matrix: phonopy's primitive matrix: ``"P"`` (default: the input cell), ``"auto"``, a 3x3 matrix.
         temperature: K, for S, F and C_v. imaginary_tol: THz; modes below ``-imaginary_tol`` flag ``imaginary_modes``.
         out_dir: write ``<name>.json`` (+ ``<name>_dos.png``, ``<name>_bands.png``, ``<name>_phonopy.yaml``) here.
         names: file stems for ``out_dir`` (default: from the labels). labels: labels for the records.
@@ -183,7 +190,8 @@ def run_phonons(
             m.fail("phonons need a fully periodic structure")
             continue
         try:
-            ph = make_phonopy(m.atoms, supercell_matrix(m.atoms, supercell, auto_min_length), displacement, symprec)
+            ph = make_phonopy(m.atoms, supercell_matrix(m.atoms, supercell, auto_min_length), displacement, symprec,
+                              primitive_matrix)
         except Exception as exc:  # noqa: BLE001 - phonopy/spglib reject odd cells
             m.fail(f"phonopy set-up failed: {type(exc).__name__}: {exc}")
             continue
@@ -236,7 +244,7 @@ def _postprocess(res: PhononResult, m: Material, ph, forces: list[np.ndarray], m
     res.phonopy = ph
     res.supercell = [int(v) for v in np.diag(ph.supercell_matrix)]
     res.n_displacements = len(forces)
-    res.mesh = resolve_mesh(mesh, m.atoms)
+    res.mesh = resolve_mesh(mesh, _primitive_atoms(ph))
     ph.run_mesh(res.mesh, is_gamma_center=True)
     freqs = ph.mesh.frequencies
     res.omega_max_THz = float(np.max(freqs))
@@ -256,6 +264,12 @@ def _postprocess(res: PhononResult, m: Material, ph, forces: list[np.ndarray], m
         res.warnings.append(f"imaginary modes down to {res.min_frequency_THz:.3f} THz: thermal properties "
                             "ignore them")
     res.status = DONE
+
+
+def _primitive_atoms(ph) -> Atoms:
+    """phonopy's primitive cell as ASE Atoms (the cell q-points refer to)."""
+    prim = ph.primitive
+    return Atoms(symbols=prim.symbols, cell=prim.cell, scaled_positions=prim.scaled_positions, pbc=True)
 
 
 def band_path(atoms: Atoms) -> tuple[list[list[np.ndarray]], list[list[str]]]:
@@ -307,7 +321,7 @@ def _plot_bands(res: PhononResult, path: Path, band_points: int) -> str:
 
     plt = matplotlib_pyplot()
     ph = res.phonopy
-    points, names = band_path(res.structure)
+    points, names = band_path(_primitive_atoms(ph))
     qpoints, connections = get_band_qpoints_and_path_connections([[p.tolist() for p in seg] for seg in points],
                                                                  npoints=band_points)
     ph.run_band_structure(qpoints, path_connections=connections)
