@@ -170,8 +170,9 @@ def _torch_sim(model, structs, steps: int) -> dict:
                 init_kwargs={"cell_filter": ts.CellFilter.frechet})
     out["optimize_structures_per_s"] = len(structs) / (time.perf_counter() - t0)
     t0 = time.perf_counter()
-    ts.integrate(system=state, model=tsm, integrator=ts.Integrator.nvt_nose_hoover, n_steps=steps,
-                 temperature=600, timestep=0.0015, integrator_kwargs={"tau": 100 * 0.0015})
+    ts.integrate(system=state, model=gs.TorchSimModel(model, compute_stress=False),
+                 integrator=ts.Integrator.nvt_nose_hoover, n_steps=steps, temperature=600, timestep=0.0015,
+                 init_kwargs={"tau": 100 * 0.0015, "chain_length": 10, "chain_steps": 1, "sy_steps": 3})
     out["integrate_atom_steps_per_s"] = sum(len(s) for s in structs) * steps / (time.perf_counter() - t0)
     return out
 

@@ -60,10 +60,10 @@ def _worker(method: str, n: int, steps: int, fmax: float, max_steps: int, ase_n:
         else:
             import torch_sim as ts
 
-            tsm = gs.TorchSimModel(model)
+            tsm = gs.TorchSimModel(model, compute_stress=False)
             dt_ps = 1.5e-3
             kw = dict(model=tsm, integrator=ts.Integrator.nvt_nose_hoover, temperature=600, timestep=dt_ps,
-                      integrator_kwargs={"tau": 100 * dt_ps, "chain_length": 10})
+                      init_kwargs={"tau": 100 * dt_ps, "chain_length": 10, "chain_steps": 1, "sy_steps": 3})
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ts.integrate(system=warm, n_steps=5, **kw)

@@ -37,7 +37,10 @@ from geodite_sim.runner import Capacity, FailureChecks, Runner, StepConfig, get_
 from geodite_sim.runner.engine import AdmissionError, _unpad
 from geodite_sim.status import Status
 
-ENSEMBLES = ("nve", "nvt_nhc", "nvt_langevin")  # MD entries of the runner registry (more may be registered)
+from geodite_sim.runner import REGISTRY  # noqa: E402
+
+#: The MD entries of the runner registry (nve, nvt_nhc, nvt_langevin, nvt_bussi, npt_mtk_iso, npt_mtk).
+ENSEMBLES = tuple(name for name, entry in REGISTRY.items() if entry.kind == "md")
 log = logging.getLogger(__name__)
 #: Settings that must match between a checkpointed run and its restart.
 RESTART_KEYS = ("ensemble", "timestep_fs", "tdamp_fs", "chain_length", "tloop", "friction_per_fs", "fix_com", "seed",
@@ -139,7 +142,7 @@ def run_md(
     *,
     frame_every: int = 10,
     tdamp: float | None = None,
-    chain_length: int = 10,
+    chain_length: int | None = None,
     tloop: int = 1,
     friction: float = 0.01,
     fix_com: bool = False,
@@ -177,8 +180,9 @@ def run_md(
         steps: steps per structure (an int or one per input).
         trajectory: HDF5 file for frames (``/systems/<index>/...``); None writes none.
         frame_every: write a frame every this many steps of a system (plus its first and last).
-        tdamp: NHC damping time, fs (default 100 × timestep).
-        chain_length: NHC thermostats per system (default 10). tloop: NHC sub-steps (ASE's default 1).
+        tdamp: thermostat damping time, fs (default 100 × timestep; Bussi's ``taut``).
+        chain_length: thermostats per chain (default 10 for ``nvt_nhc`` as the paper's protocol, ASE's 3 for the
+            NPT ensembles). tloop: NHC sub-steps (ASE's default 1).
         friction: Langevin friction, 1/fs (ASE's ``friction`` is in 1/ASE-time: ``friction / units.fs``).
         fix_com: Langevin: ASE's deprecated ``fixcm=True`` behaviour, per system.
         seed: run seed; per-structure seeds derive from (seed, input index).
@@ -202,7 +206,9 @@ def run_md(
             (:class:`~geodite_sim.runner.CheckEvent`: steps, iteration, n_systems, n_atoms).
         executor: run elsewhere (e.g. :class:`geodite_sim.executors.RayExecutor`); None runs in this process.
         allow_unsupported_elements: run structures with elements outside the model's set (warning recorded).
-        ensemble_params: parameters of other registered ensembles (e.g. ``pressure``, ``pdamp``).
+        ensemble_params: parameters of other registered ensembles. NPT (``npt_mtk_iso`` = ASE's
+            ``IsotropicMTKNPT``, ``npt_mtk`` = ``MTKNPT``): ``pressure`` (GPa, one value or one per input; default 0),
+            ``pdamp`` (fs, default 1000 × timestep, ASE's suggestion), ``barostat_chain_length`` (3), ``ploop`` (1).
     """
     if model is None:
         from geodite_sim.model import load_model
@@ -276,9 +282,26 @@ class _MDJob:
         interval = max(1, min(int(monitors.check_every), self.frame_every if self.trajectory else 10**9))
         base = config or StepConfig()
         self.config = replace(base, skin=float(skin), accelerate=accelerate, check_interval=interval)
+        defaults = dict(self.integrator.defaults)
+        if chain_length is None:
+            chain_length = int(defaults.get("chain_length", 10))
+        self.per_system_values = {k: ensemble_params.pop(k, defaults.get(k))
+                                  for k in self.integrator.per_system_params}
+        pdamp = ensemble_params.pop("pdamp", None)
+        pdamp_fs = float(pdamp) if pdamp is not None else defaults.get("pdamp_factor", 1000.0) * float(timestep)
+        unknown = set(ensemble_params) - {"barostat_chain_length", "ploop"}
+        if unknown:
+            raise TypeError(f"run_md got unexpected keyword argument(s) {sorted(unknown)} for ensemble {ensemble!r}")
         self.run_settings = {"dt": float(timestep) * units.fs, "tdamp_fs": self.tdamp_fs,
                              "chain_length": int(chain_length), "tloop": int(tloop),
-                             "friction_per_fs": float(friction), "fix_com": bool(fix_com), **ensemble_params}
+                             "friction_per_fs": float(friction), "fix_com": bool(fix_com), "pdamp_fs": pdamp_fs,
+                             "barostat_chain_length": int(ensemble_params.get(
+                                 "barostat_chain_length", defaults.get("barostat_chain_length", 3))),
+                             "ploop": int(ensemble_params.get("ploop", defaults.get("ploop", 1)))}
+        ensemble_params = {k: v for k, v in self.run_settings.items()
+                           if k in ("pdamp_fs", "barostat_chain_length", "ploop")} if self.integrator.variable_cell \
+            else {}
+        ensemble_params.update({k: v for k, v in self.per_system_values.items()})
         self.settings = dict(
             ensemble=ensemble, timestep_fs=self.timestep_fs, tdamp_fs=self.tdamp_fs, chain_length=int(chain_length),
             tloop=int(tloop), friction_per_fs=float(friction), fix_com=bool(fix_com), seed=self.seed,
@@ -323,7 +346,13 @@ class _MDJob:
             seeds.append(system_seed(self.seed, it.index))
             self.t_limit[it.index] = temperature_limit_factor(self.monitors, len(it.atoms))
         t = dict(dtype=self.dtype, device=self.device)
-        return {"momenta": torch.as_tensor(np.concatenate(momenta), **t), "kT": torch.as_tensor(kT, **t),
+        extra = {}
+        for key, value in self.per_system_values.items():
+            values = [_per_structure(value, it.index, key) for it in items]
+            if any(v is None or not math.isfinite(float(v)) for v in values):
+                raise ValueError(f"invalid {key} {values}")
+            extra[key] = torch.as_tensor([float(v) for v in values], **t)
+        return {**extra, "momenta": torch.as_tensor(np.concatenate(momenta), **t), "kT": torch.as_tensor(kT, **t),
                 "step": torch.zeros(len(items), dtype=torch.long, device=self.device),
                 "target_steps": torch.as_tensor(target, dtype=torch.long, device=self.device),
                 "seed": torch.as_tensor(seeds, dtype=torch.long, device=self.device)}
@@ -391,10 +420,11 @@ class _MDJob:
         temp = float(temperature(one)[0])
         data = {"index": item.index, "label": item.label, "started": True, "error": error, "status": status.value,
                 "n_steps": n_steps, "positions": one.positions.detach().cpu().clone(),
+                "cell": one.cell[0].detach().cpu().clone(),
                 "momenta": one.momenta.detach().cpu().clone(), "forces": one.forces.detach().cpu().clone(),
                 "energy": float(one.energy[0]), "temperature": temp,
-                "group": self.writer.group_name(item.index) if self.writer else None}
-        if self.writer is not None:
+                "group": self.writer.group_name(item.index) if self.writer and self._has_group(item.index) else None}
+        if self.writer is not None and self._has_group(item.index):
             self.writer.flush([item.index])
             self.writer.set_attrs(item.index, status="failed" if error else "done", error=error, n_steps=n_steps)
         self.result_data[item.index] = data
@@ -402,6 +432,10 @@ class _MDJob:
         self.results[item.index] = res
         self._bar.finish("done" if status.ok else "failed")
         return res
+
+    def _has_group(self, index: int) -> bool:
+        """Whether system ``index`` has a trajectory group (it has none when it failed at admission)."""
+        return self.writer is not None and index in self.writer.written()
 
     def rejected(self, item: InputItem, status: Status, message: str) -> MDResult:
         if not message.startswith(item.label):
@@ -477,6 +511,8 @@ class _MDJob:
 
         atoms = item.atoms.copy()
         atoms.positions = data["positions"].double().numpy()
+        if data.get("cell") is not None:  # NPT changes the cell
+            atoms.set_cell(data["cell"].double().numpy(), scale_atoms=False, apply_constraint=False)
         atoms.set_momenta(data["momenta"].double().numpy(), apply_constraint=False)
         atoms.calc = SinglePointCalculator(atoms, energy=float(data["energy"]), forces=data["forces"].double().numpy())
         group = data.get("group")
@@ -619,7 +655,7 @@ def md_job(structures, model=None, ensemble: str = "nvt_nhc", temperature=None, 
         from geodite_sim.model import load_model
 
         model = load_model()
-    defaults = dict(frame_every=10, tdamp=None, chain_length=10, tloop=1, friction=0.01, fix_com=False, seed=0,
+    defaults = dict(frame_every=10, tdamp=None, chain_length=None, tloop=1, friction=0.01, fix_com=False, seed=0,
                     max_atoms=None, skin=0.5, monitors=True, checkpoint=None, checkpoint_every=None, restart=False,
                     progress=False, save_momenta=False, memory_budget_bytes=None, accelerate="auto", config=None,
                     observers=[], allow_unsupported_elements=False)

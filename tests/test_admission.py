@@ -70,9 +70,9 @@ def test_supported_elements_reject_or_warn():
     assert adm.ok
     adm = admit(atoms, supported_elements={"Na"}, model_name="mini", index=0)
     assert adm.status is Status.UNSUPPORTED_ELEMENT
-    assert adm.message == "0:ClNa: element Cl not supported by model 'mini'"
+    assert adm.message == "0:ClNa: unsupported element Cl: not supported by model 'mini'"
     adm = admit(atoms, supported_elements={"Na"}, model_name="mini", allow_unsupported_elements=True, index=0)
-    assert adm.ok and len(adm.warnings) == 1 and "element Cl not supported by model 'mini'" in adm.warnings[0]
+    assert adm.ok and len(adm.warnings) == 1 and "unsupported element Cl: not supported by model 'mini'" in adm.warnings[0]
 
 
 def test_model_elements():
@@ -157,17 +157,18 @@ def test_close_atoms_across_the_boundary_and_own_image():
     assert adm.status is Status.ATOMS_TOO_CLOSE and "atom 0 (Cu) and its periodic image are 0.500 Å apart" in adm.message
 
 
-def test_closest_pair_matches_brute_force():
+@pytest.mark.parametrize("max_work", [100_000, 0])  # the numpy enumeration and ASE's cell list
+def test_closest_pair_matches_brute_force(max_work):
     rng = np.random.default_rng(3)
     for trial in range(12):
         n = int(rng.integers(2, 7))
         cell = np.diag(rng.uniform(2.5, 5.0, 3)) + rng.uniform(-0.6, 0.6, (3, 3))
         pbc = rng.integers(0, 2, 3).astype(bool) if trial % 3 else np.ones(3, bool)
         atoms = Atoms(numbers=rng.choice([1, 8, 14, 29], n), cell=cell, pbc=pbc,
-                      scaled_positions=rng.uniform(0, 1, (n, 3)))
+                      scaled_positions=rng.uniform(-0.5, 1.5, (n, 3)))  # not wrapped into the cell
         factor = 0.8
-        ratio = _brute_force_min_ratio(atoms, factor)
-        pair = closest_pair(atoms, factor)
+        ratio = _brute_force_min_ratio(atoms, factor, reps=3)
+        pair = closest_pair(atoms, factor, max_work=max_work)
         if ratio < 1 - 1e-9:
             assert pair is not None
             _, _, d, t = pair
@@ -222,7 +223,7 @@ def test_iter_inputs_keeps_order_and_count():
 
 def test_validate_atoms_keeps_its_contract():
     validate_atoms(bulk("Cu"))
-    with pytest.raises(StructureError, match=r"element Fm not supported"):
+    with pytest.raises(StructureError, match=r"unsupported element Fm: not supported"):
         validate_atoms(Atoms(numbers=[100], positions=[[0, 0, 0]]))  # Geodite's embedding stops at Z = 99
     with pytest.raises(StructureError, match="empty structure"):
         validate_atoms(Atoms())

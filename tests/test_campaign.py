@@ -254,7 +254,7 @@ def test_interrupted_campaign_resumes_to_identical_data(tmp_path):
     assert 20 <= states[0].steps_done == states[1].steps_done < 60 and states[2].steps_done == 0
     assert not (tmp_path / "b" / "runs.jsonl").exists() or not (tmp_path / "b" / "runs.jsonl").read_text()
     with pytest.raises(KeyboardInterrupt):
-        run_campaign(b, analyse=False, log=quiet, interrupt_after=40)  # past 60: runs 0, 1 retire and are stored
+        run_campaign(b, analyse=False, log=quiet, interrupt_after=55)  # past 60: runs 0, 1 retire and are stored
     states = run_states(b)
     assert [s.status for s in states][:2] == ["done", "done"] and states[2].status in ("running", "pending")
     stored = [json.loads(line) for line in (tmp_path / "b" / "runs.jsonl").read_text().splitlines()]

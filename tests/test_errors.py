@@ -106,7 +106,7 @@ def test_ema_weights_are_used_when_asked(tmp_path, official):
 def test_element_out_of_range_at_evaluation():
     model = tiny_geodite()
     atoms = Atoms(numbers=[100, 1], positions=[[0, 0, 0], [1.0, 0, 0]])
-    with pytest.raises(gs.StructureError, match=r"element Fm not supported by model 'Geodite'"):
+    with pytest.raises(gs.StructureError, match=r"unsupported element Fm: not supported by model 'Geodite'"):
         gs.evaluate([atoms], model, on_error="raise")
     # The model itself also refuses such a batch (e.g. built by hand).
     batch = Batch.from_atoms([atoms], dtype=torch.float64)

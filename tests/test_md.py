@@ -321,19 +321,24 @@ class EnergyCreep(FailingModel):
 
 
 def test_monitor_stops_exploding_system(morse, tmp_path):
-    """Two atoms pushed together blow one system up; it stops with a reason and its frames, the others finish."""
-    structs = [cu(seed=s) for s in range(4)]
-    bad = structs[2]
-    bad.positions[1] = bad.positions[0] + [0.45, 0.0, 0.0]
+    """A system given momenta of ~10^6 K runs away: it stops with a reason and its frames, the others finish;
+    two atoms 0.45 Å apart are refused at admission with the distance in the message."""
+    structs = [cu(seed=s) for s in range(5)]
+    hot = structs[2]
+    hot.set_momenta(np.random.default_rng(0).normal(0.0, 200.0, (len(hot), 3)))  # amu Å/t: T ~ 10^6 K
+    close = structs[4]
+    close.positions[1] = close.positions[0] + [0.45, 0.0, 0.0]
     path = tmp_path / "m.h5"
     res = run_md(structs, morse, ensemble="nvt_nhc", temperature=500, timestep=2.0, steps=60, trajectory=path,
                  frame_every=5, progress=False)
-    assert [r.error is None for r in res] == [True, True, False, True]
-    assert "stopped at step" in res[2].error and res[2].n_steps < 60
+    assert [r.error is None for r in res] == [True, True, False, True, False]
+    assert "stopped at step" in res[2].error and res[2].n_steps < 60 and res[2].status == "temperature_runaway"
+    assert res[4].status == "atoms_too_close" and "0.450 Å" in res[4].error and res[4].n_steps == 0
     assert [r.n_steps for r in res if r.error is None] == [60, 60, 60]
     info = {d["index"]: d for d in trajectory_systems(path)}
-    assert info[2]["status"] == "failed" and info[2]["error"] == res[2].error and info[2]["frames"] >= 2
+    assert info[2]["status"] == "failed" and info[2]["error"] == res[2].error and info[2]["frames"] >= 1
     assert info[0]["status"] == "done" and info[0]["frames"] == 13
+    assert 4 not in info  # never started: no trajectory group
 
 
 @pytest.mark.parametrize("case", ["contact", "temperature", "drift", "nan"])

@@ -66,17 +66,22 @@ def same(a, b) -> None:
 
 
 @pytest.fixture(scope="module")
+def executor(cluster):
+    """Two long-lived actors shared by the in-process tests (shut down before the CLI test needs the CPUs)."""
+    ex = RayExecutor(workers=2, shard_size=4)
+    yield ex
+    ex.shutdown()
+
+
+@pytest.fixture(scope="module")
 def reference(model):
     return gs.relax_many(structures(), model, **KW)
 
 
-def test_results_equal_one_process_bit_for_bit_and_errors_per_structure(cluster, model, reference):
-    ex = RayExecutor(workers=2, shard_size=4)
-    try:
-        got = ex.relax_many(structures(), model, **KW)
-        assert ex.startup_s is not None and len(ex.actors) == 2
-    finally:
-        ex.shutdown()
+def test_results_equal_one_process_bit_for_bit_and_errors_per_structure(executor, model, reference):
+    executor.shard_size = 4
+    got = executor.relax_many(structures(), model, **KW)
+    assert executor.startup_s is not None and len(executor.actors) == 2
     assert [r.index for r in got] == list(range(len(reference)))
     for a, b in zip(reference, got, strict=True):
         same(a, b)
@@ -88,23 +93,21 @@ def test_results_equal_one_process_bit_for_bit_and_errors_per_structure(cluster,
         same(a, b)
 
 
-def test_killed_actor_loses_and_duplicates_nothing(cluster, model, reference):
-    ex = RayExecutor(workers=2, shard_size=2)
+def test_killed_actor_loses_and_duplicates_nothing(executor, model, reference):
+    executor.shard_size = 2
     got = []
-    try:
-        for res in ex.relax_many(iter(structures()), model, stream=True, **KW):  # a lazy stream
-            got.append(res)
-            if len(got) == 1:
-                ray.kill(ex.actors[0])  # mid-run: it holds in-flight shards
-        assert ex.n_replaced >= 1
-    finally:
-        ex.shutdown()
+    replaced = executor.n_replaced
+    for res in executor.relax_many(iter(structures()), model, stream=True, **KW):  # a lazy stream
+        got.append(res)
+        if len(got) == 1:
+            ray.kill(executor.actors[0])  # mid-run: it holds in-flight shards
+    assert executor.n_replaced >= replaced + 1
     assert [r.index for r in got] == list(range(len(reference)))  # each once, in input order
     for a, b in zip(reference, got, strict=True):
         same(a, b)
 
 
-def test_bounded_read_ahead(cluster, morse):
+def test_bounded_read_ahead(executor, model):
     """Only a bounded window of a long lazy stream is read ahead of the results."""
     read_so_far = 0
 
@@ -114,17 +117,13 @@ def test_bounded_read_ahead(cluster, morse):
             read_so_far += 1
             yield bulk("Cu", "fcc", 3.6 + 0.001 * k)
 
-    ex = RayExecutor(workers=2, shard_size=4, inflight_per_worker=2)
-    try:
-        it = ex.relax_many(stream(), morse, stream=True, max_steps=2, max_atoms=8, progress=False)
-        first = next(it)
-        assert first.index == 0
-        window = 2 * (2 + 2) * 4  # workers × (in flight + waiting) × shard size
-        assert read_so_far <= window + 4
-        n = 1 + sum(1 for _ in it)
-        assert n == 160
-    finally:
-        ex.shutdown()
+    executor.shard_size = 4
+    it = executor.relax_many(stream(), model, stream=True, max_steps=2, max_atoms=8, progress=False)
+    first = next(it)
+    assert first.index == 0
+    window = 2 * (executor.inflight_per_worker + 2) * 4  # workers × (in flight + waiting) × shard size
+    assert read_so_far <= window + 4
+    assert [r.index for r in it] == list(range(1, 160))
 
 
 def _cli(args, **kw):
@@ -133,9 +132,12 @@ def _cli(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def test_driver_sigkill_and_rerun_give_the_same_table(cluster, tmp_path):
+@pytest.mark.slow
+def test_driver_sigkill_and_rerun_give_the_same_table(cluster, executor, tmp_path):
     """``geodite-sim relax --ray ADDRESS``: SIGKILL the driver mid-run, re-run the same command."""
     from geodite_sim.model.checkpoint import save_checkpoint
+
+    executor.shutdown()  # the CLI's two actors need the cluster's two CPUs
 
     ckpt = tmp_path / "tiny.ckpt"
     save_checkpoint(tiny_geodite(torch.float32), ckpt)

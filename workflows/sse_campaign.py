@@ -438,6 +438,8 @@ class _ProgressReporter:
         if first:  # rates are measured from the end of the first check (start-up excluded)
             self.t_first, self.atom_steps_first, self.iterations_first = time.perf_counter(), self.atom_steps, \
                 self.iterations
+        for result in getattr(event, "finished", None) or ():  # runs retired at this check: stored at once
+            self.on_result(result)
         if self.interrupt_after is not None and self.iterations >= self.interrupt_after:
             raise _Interrupted(f"interrupted after {self.iterations} steps (test hook)")
         now = time.perf_counter()

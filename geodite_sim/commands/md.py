@@ -40,7 +40,8 @@ def add_parser(subparsers) -> None:
                    help="K; one value for all, or one per structure (in input order); required for NVT")
     r.add_argument("--steps", type=positive_int, required=True, help="steps per structure")
     r.add_argument("--timestep", type=positive_float, default=1.5, help="fs (default 1.5)")
-    r.add_argument("--ensemble", choices=("nvt_nhc", "nve", "nvt_langevin"), default="nvt_nhc")
+    r.add_argument("--ensemble", choices=("nvt_nhc", "nve", "nvt_langevin", "nvt_bussi", "npt_mtk_iso", "npt_mtk"),
+                   default="nvt_nhc")
     r.add_argument("--trajectory", default=None, help="HDF5 output file")
     r.add_argument("--frame-every", type=positive_int, default=10, help="steps between frames (default 10)")
     r.add_argument("--tdamp", type=positive_float, default=None, help="NHC damping time, fs (default 100 x timestep)")

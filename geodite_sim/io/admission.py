@@ -159,17 +159,61 @@ def _check_cell(cell: np.ndarray, pbc: np.ndarray) -> str | None:
     return None
 
 
-def closest_pair(atoms: Any, factor: float) -> tuple[int, int, float, float] | None:
+def _pairs_small(atoms: Any, radii: np.ndarray, max_work: int) -> tuple | None:
+    """(i, j, d) of every pair closer than radii[i] + radii[j], images included, by enumeration (numpy);
+    None when the enumeration would exceed ``max_work`` pair-image distances (then ASE's cell list runs)."""
+    n = len(atoms)
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    cell = np.asarray(atoms.cell[:], dtype=float)
+    rc = 2.0 * float(radii.max())
+    # rows: the periodic lattice vectors, completed by unit vectors normal to them (non-periodic axes)
+    m = np.eye(3)
+    if pbc.any():
+        p = cell[pbc]
+        _, _, vt = np.linalg.svd(p)
+        normals = vt[p.shape[0]:]
+        m[pbc] = p
+        m[~pbc] = normals
+    # a pair vector shorter than rc has |fractional coordinate| < rc / plane spacing along each axis, so
+    # around the nearest image by rounding, |shift| <= floor(rc / spacing + 0.5) covers every candidate
+    recip = np.linalg.norm(np.linalg.inv(m).T, axis=1)  # 1 / plane spacing per axis
+    reach = np.where(pbc, np.floor(rc * recip + 0.5).astype(int), 0)
+    n_images = int(np.prod(2 * reach + 1))
+    if n * n * n_images > max_work:
+        return None
+    frac = atoms.positions @ np.linalg.inv(m)
+    dfrac = frac[None, :, :] - frac[:, None, :]  # [N, N, 3]: j - i
+    dfrac[..., pbc] -= np.round(dfrac[..., pbc])  # nearest image by fractional rounding, in [-0.5, 0.5]
+    grids = np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij")
+    shifts = np.stack([g.ravel() for g in grids], axis=1).astype(float)  # [I, 3]
+    d = (dfrac[:, :, None, :] + shifts[None, None, :, :]) @ m  # [N, N, I, 3]
+    dist = np.linalg.norm(d, axis=-1)
+    zero = np.all(shifts == 0, axis=1)
+    dist[np.arange(n), np.arange(n), np.flatnonzero(zero)[0]] = np.inf  # an atom with itself
+    close = dist < (radii[:, None] + radii[None, :])[:, :, None]
+    i, j, k = np.nonzero(close)
+    return i, j, dist[i, j, k]
+
+
+def closest_pair(atoms: Any, factor: float, max_work: int = 100_000) -> tuple[int, int, float, float] | None:
     """The pair (i, j, distance Å, threshold Å) with the smallest distance / threshold ratio among pairs
-    closer than ``factor`` x the sum of their covalent radii (periodic images included), or None."""
+    closer than ``factor`` x the sum of their covalent radii (periodic images included), or None.
+
+    Small structures are enumerated with numpy (pair x image distances up to ``max_work``); larger
+    ones use ``ase.neighborlist.neighbor_list`` with per-atom cutoffs.
+    """
     from ase.data import covalent_radii
-    from ase.neighborlist import neighbor_list
 
     z = np.asarray(atoms.numbers)
     radii = factor * covalent_radii[z]
     if len(atoms) < 2 and not np.asarray(atoms.pbc).any():
         return None
-    i, j, d = neighbor_list("ijd", atoms, radii, self_interaction=False)
+    found = _pairs_small(atoms, radii, max_work) if max_work > 0 else None
+    if found is None:
+        from ase.neighborlist import neighbor_list
+
+        found = neighbor_list("ijd", atoms, radii, self_interaction=False)
+    i, j, d = found
     if i.size == 0:
         return None
     thresh = radii[i] + radii[j]
@@ -233,7 +277,7 @@ def admit(
         bad = sorted({int(v) for v in z} - allowed)
         if bad:
             who = f"model {model_name!r}" if model_name else "the model"
-            problem = f"element {', '.join(element_name(v) for v in bad)} not supported by {who}"
+            problem = f"unsupported element {', '.join(element_name(v) for v in bad)}: not supported by {who}"
             if not allow_unsupported_elements:
                 return reject(Status.UNSUPPORTED_ELEMENT, problem)
             warns.append(f"{name + ': ' if name else ''}{problem} (allowed on request; its results are not meaningful)")
@@ -267,8 +311,8 @@ def admit(
             what = f"atom {i} ({syms[0]}) and its periodic image" if i == j else \
                 f"atoms {i} ({syms[0]}) and {j} ({syms[1]})"
             return reject(Status.ATOMS_TOO_CLOSE,
-                          f"atoms too close: {what} are {d:.3f} Å apart, closer than {min_distance_factor:g} x the sum of "
-                          f"their covalent radii ({t:.3f} Å)")
+                          f"atoms too close: {what} are {d:.3f} Å apart, closer than {min_distance_factor:g} x "
+                          f"the sum of their covalent radii ({t:.3f} Å)")
     return Admission(None, None, warns, conv, name)
 
 

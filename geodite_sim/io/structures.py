@@ -71,7 +71,8 @@ def to_atoms(obj: Any) -> Atoms:
         try:
             atoms = read(str(path))
         except Exception as exc:  # ASE raises many kinds of errors for bad files
-            detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            detail = f"{type(exc).__name__}: {exc}" if str(exc) else \
+                f"ASE's reader raised {type(exc).__name__} with no message (not a valid file of its format?)"
             raise StructureError(f"could not read {path}: {detail}", Status.UNREADABLE) from exc
         if isinstance(atoms, list):  # defensive: read() returns one Atoms for the default index
             atoms = atoms[-1]

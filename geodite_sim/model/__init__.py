@@ -21,6 +21,10 @@ def __getattr__(name: str):
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'geodite_sim.model' has no attribute {name!r}")
+    if module == "geodite_sim.model.torchsim_adapter":  # imports torch-sim, hence Warp: no CUDA-driver notice
+        from geodite_sim._warp import import_warp_quietly
+
+        import_warp_quietly()
     value = getattr(_import_module(module), name)
     globals()[name] = value
     return value

@@ -19,7 +19,7 @@ state and step + one :func:`register` call below (docs/runner.md).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, NamedTuple
 
 import torch
@@ -54,6 +54,12 @@ class Integrator:
     needs_stress: bool = False
     conserved: Callable[[Any], torch.Tensor] | None = None
     description: str = ""
+    #: run_md keyword arguments that may be one value per structure (given to ``init`` in ``per_system``).
+    per_system_params: tuple[str, ...] = ()
+    #: defaults of the entry's own run_md keyword arguments (e.g. ``pdamp``), documented in docs/runner.md.
+    defaults: dict = field(default_factory=dict)
+    #: whether the cell changes (NPT): the MD monitors then watch the volume.
+    variable_cell: bool = False
 
 
 REGISTRY: dict[str, Integrator] = {}
@@ -125,7 +131,7 @@ def _fire_done(state) -> torch.Tensor:
     return state.done
 
 
-register(Integrator("fire", "relax", _fire_init, _fire_step(False), _n_steps, _fire_done, needs_stress=False,
+register(Integrator("fire", "relax", _fire_init, _fire_step(False), _n_steps, _fire_done, needs_stress=True,
                     description="FIRE on the atoms (ase.optimize.FIRE)"))
 register(Integrator("fire_frechet", "relax", _fire_init, _fire_step(True), _n_steps, _fire_done, needs_stress=True,
                     description="FIRE on atoms + cell (ase.optimize.FIRE on ase.filters.FrechetCellFilter)"))
@@ -210,3 +216,64 @@ register(Integrator("nvt_langevin", "md", _langevin_init, _langevin_step, _md_st
 
 __all__ = ["Evaluation", "FireParams", "Integrator", "REGISTRY", "RelaxState", "get_integrator", "md_base_state",
            "register"]
+
+
+# ---------------------------------------------------------------------------------------------- NPT, Bussi
+def _mtk_init(init):
+    def f(batch, ev, per_system, settings):
+        from geodite_sim.dynamics.mtk import gpa_to_ev_per_a3
+
+        base = md_base_state(batch, ev, per_system)
+        return init(base, pressure=gpa_to_ev_per_a3(per_system["pressure"]),
+                    tdamp=settings["tdamp_fs"] * units.fs, pdamp=settings["pdamp_fs"] * units.fs,
+                    chain_length=settings["chain_length"], barostat_chain_length=settings["barostat_chain_length"])
+
+    return f
+
+
+def _mtk_step(step):
+    def f(state, force_fn, settings):
+        return step(state, force_fn, settings["dt"], settings["tloop"], settings["ploop"])
+
+    return f
+
+
+def _bussi_init(batch, ev, per_system, settings):
+    from geodite_sim.dynamics.bussi import bussi_init
+
+    return bussi_init(md_base_state(batch, ev, per_system), taut=settings["tdamp_fs"] * units.fs)
+
+
+def _bussi_step(state, force_fn, settings):
+    from geodite_sim.dynamics.bussi import bussi_step
+
+    return bussi_step(state, force_fn, settings["dt"])
+
+
+def _lazy(module: str, name: str):
+    def f(state):
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(state)
+
+    return f
+
+
+def _register_npt() -> None:
+    from geodite_sim.dynamics import mtk
+
+    npt = dict(per_system_params=("pressure",), needs_stress=True, variable_cell=True,
+               defaults={"pressure": 0.0, "pdamp_factor": 1000.0, "barostat_chain_length": 3, "ploop": 1,
+                         "chain_length": 3})
+    register(Integrator("npt_mtk_iso", "md", _mtk_init(mtk.mtk_iso_init), _mtk_step(mtk.mtk_iso_step), _md_steps,
+                        _md_finished, conserved=mtk.mtk_iso_conserved,
+                        description="isotropic MTK NPT (ase.md.nose_hoover_chain.IsotropicMTKNPT)", **npt))
+    register(Integrator("npt_mtk", "md", _mtk_init(mtk.mtk_init), _mtk_step(mtk.mtk_step), _md_steps,
+                        _md_finished, conserved=mtk.mtk_conserved,
+                        description="full-cell MTK NPT (ase.md.nose_hoover_chain.MTKNPT)", **npt))
+
+
+_register_npt()
+register(Integrator("nvt_bussi", "md", _bussi_init, _bussi_step, _md_steps, _md_finished,
+                    conserved=_lazy("geodite_sim.dynamics.bussi", "bussi_conserved"),
+                    description="stochastic velocity rescaling (ase.md.bussi.Bussi)"))
