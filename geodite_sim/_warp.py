@@ -3,8 +3,9 @@
 Warp's native library prints ``Warp CUDA warning: Could not find or load the NVIDIA CUDA driver``
 straight to file descriptor 2 when it initialises on a machine without ``libcuda`` — expected on a
 CPU machine, alarming to a user. :func:`import_warp_quietly` imports Warp, sets
-``warp.config.quiet`` / ``log_level`` (no banner) and initialises it with that one line filtered out of stderr (anything else
-Warp prints is passed on). Call it before the first import of ``nvalchemiops`` or ``torch_sim``.
+``warp.config.quiet`` / ``log_level`` (no banner) and initialises it with that one line filtered
+out of stderr (anything else Warp prints is passed on). Call it before the first import of
+``nvalchemiops`` or ``torch_sim``.
 """
 
 from __future__ import annotations

@@ -88,7 +88,9 @@ class Batch:
             try:
                 validate_atoms(atoms)
             except ValueError as exc:
-                raise type(exc)(f"structure {i} ({atoms.get_chemical_formula()}): {exc}") from exc
+                from geodite_sim.io.admission import safe_formula
+
+                raise type(exc)(f"structure {i} ({safe_formula(atoms)}): {exc}") from exc
             atoms_list.append(atoms)
         return cls.from_atoms(atoms_list, dtype=dtype, device=device)
 

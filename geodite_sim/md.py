@@ -39,6 +39,9 @@ from geodite_sim.status import Status
 
 from geodite_sim.runner import REGISTRY  # noqa: E402
 
+#: Admission refuses two atoms closer than this × their covalent-radius sum (whatever the monitors say).
+ADMISSION_MIN_DISTANCE_FACTOR = 0.5
+
 #: The MD entries of the runner registry (nve, nvt_nhc, nvt_langevin, nvt_bussi, npt_mtk_iso, npt_mtk).
 ENSEMBLES = tuple(name for name, entry in REGISTRY.items() if entry.kind == "md")
 log = logging.getLogger(__name__)
@@ -341,6 +344,12 @@ class _MDJob:
                 momenta.append(p)
             else:
                 momenta.append(maxwell_boltzmann(it.atoms, float(T or 0.0), self.seed, it.index))
+            if self.integrator.variable_cell and not it.atoms.pbc.all():
+                raise AdmissionError(Status.INVALID_STRUCTURE, f"{self.ensemble} needs a fully periodic cell "
+                                     f"(pbc={it.atoms.pbc.tolist()})")
+            if self.ensemble == "nvt_bussi" and not np.any(momenta[-1]):
+                raise AdmissionError(Status.INVALID_SETTINGS, "Bussi needs a non-zero initial kinetic energy "
+                                     "(give a temperature > 0 K or momenta), as ASE's Bussi")
             kT.append(units.kB * float(T or 0.0))
             target.append(n_steps)
             seeds.append(system_seed(self.seed, it.index))
@@ -415,8 +424,11 @@ class _MDJob:
         n_steps = int(one.step[0])
         if status is None:
             status = Status.DONE
-        error = None if status.ok else (message if message.startswith("stopped") else f"stopped at step {n_steps}: "
-                                        f"{message}")
+        if status.ok:
+            error = None
+        else:
+            error = message if message.startswith("stopped") else f"stopped at step {n_steps}: {message}"
+            error = f"{item.label}: {error}"
         temp = float(temperature(one)[0])
         data = {"index": item.index, "label": item.label, "started": True, "error": error, "status": status.value,
                 "n_steps": n_steps, "positions": one.positions.detach().cpu().clone(),
@@ -590,7 +602,7 @@ class _MDJob:
         elements = supported_elements(self.model) or range(1, MAX_SUPPORTED_Z + 1)
         stream = iter_inputs(self.structures, supported_elements=elements,
                              allow_unsupported_elements=self.allow_unsupported, model_name=model_name(self.model),
-                             min_distance_factor=None)  # contacts: checked by the runner at admission (batched)
+                             min_distance_factor=ADMISSION_MIN_DISTANCE_FACTOR)
         float_dtype = np.float64 if self.dtype == torch.float64 else np.float32
         runner = Runner(self.model, self.integrator, self.run_settings, self, self.capacity, self.config,
                         FailureChecks(), self.observers,

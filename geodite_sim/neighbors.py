@@ -224,6 +224,9 @@ def _alchemiops_backend(geo: WrappedGeometry, cutoff: float, method: str | None 
     mode silently truncates rows beyond the width but still counts them, so the counts are checked
     and the call repeated with a wide enough matrix; the width is remembered (with 20 % headroom).
     """
+    from geodite_sim._warp import import_warp_quietly
+
+    import_warp_quietly()
     from nvalchemiops.torch.neighbors import batch_cell_list, batch_naive_neighbor_list
 
     dev = geo.positions.device
@@ -295,6 +298,9 @@ def backend_available(backend: str, device: torch.device | str) -> bool:
         return True
     if backend == "alchemiops":
         try:
+            from geodite_sim._warp import import_warp_quietly
+
+            import_warp_quietly()
             import nvalchemiops.torch.neighbors  # noqa: F401
         except Exception:
             return False

@@ -402,8 +402,7 @@ def relax_many(
                        outcomes=("converged", "not_converged", "failed"))
         items = iter_inputs(structures, supported_elements=supported_elements(model) or range(1, MAX_SUPPORTED_Z + 1),
                             allow_unsupported_elements=allow_unsupported_elements,
-                            min_distance_factor=None, model_name=model_name(model))
-        # (close contacts are checked by the runner on the device, batched, at step 0 and at every step)
+                            min_distance_factor=min_distance_factor, model_name=model_name(model))
         probe, known_atoms = None, None
         if max_atoms is None:  # the first structures of the stream are the capacity probe
             head = list(itertools.islice(items, PROBE_STRUCTURES))

@@ -72,7 +72,8 @@ def test_supported_elements_reject_or_warn():
     assert adm.status is Status.UNSUPPORTED_ELEMENT
     assert adm.message == "0:ClNa: unsupported element Cl: not supported by model 'mini'"
     adm = admit(atoms, supported_elements={"Na"}, model_name="mini", allow_unsupported_elements=True, index=0)
-    assert adm.ok and len(adm.warnings) == 1 and "unsupported element Cl: not supported by model 'mini'" in adm.warnings[0]
+    assert adm.ok and len(adm.warnings) == 1
+    assert "unsupported element Cl: not supported by model 'mini'" in adm.warnings[0]
 
 
 def test_model_elements():
@@ -139,8 +140,8 @@ def test_close_atoms_message_and_threshold():
         assert (adm.status is Status.ATOMS_TOO_CLOSE) == rejected, d
         if rejected:
             t = 0.5 * 2 * covalent_radii[29]
-            assert adm.message == (f"2:Cu2: atoms too close: atoms 0 (Cu) and 1 (Cu) are {d:.3f} Å apart, closer than 0.5 x the sum "
-                                   f"of their covalent radii ({t:.3f} Å)")
+            assert adm.message == (f"2:Cu2: atoms too close: atoms 0 (Cu) and 1 (Cu) are {d:.3f} Å apart, "
+                                   f"closer than 0.5 x the sum of their covalent radii ({t:.3f} Å)")
     atoms = Atoms("Cu2", positions=[[1, 1, 1], [1, 1, 1.1]], cell=[8, 8, 8], pbc=True)
     assert admit(atoms, min_distance_factor=None).ok
     assert admit(atoms, min_distance_factor=0.03).ok  # threshold 0.079 Å < 0.1 Å
@@ -154,7 +155,8 @@ def test_close_atoms_across_the_boundary_and_own_image():
     assert admit(across).ok
     tiny_cell = Atoms("Cu", cell=[0.5, 5, 5], pbc=True)
     adm = admit(tiny_cell, index=0)
-    assert adm.status is Status.ATOMS_TOO_CLOSE and "atom 0 (Cu) and its periodic image are 0.500 Å apart" in adm.message
+    assert adm.status is Status.ATOMS_TOO_CLOSE
+    assert "atom 0 (Cu) and its periodic image are 0.500 Å apart" in adm.message
 
 
 @pytest.mark.parametrize("max_work", [100_000, 0])  # the numpy enumeration and ASE's cell list

@@ -50,21 +50,27 @@ def test_npt_through_run_md_equals_ase_in_a_batch_with_refills(ensemble, cls):
         assert np.abs(r.final.cell[:] - ref.cell[:]).max() < 1e-8
 
 
-def test_npt_restart_is_bit_for_bit(tmp_path):
-    structs = _inputs()
-    kw = dict(ensemble="npt_mtk_iso", temperature=400, pressure=1.0, timestep=1.0, steps=40, frame_every=5,
-              checkpoint_every=10, max_atoms=20, progress=False, monitors=False)
-    model = MorsePotential(**MORSE)
-    ref = gs.run_md(structs, model, trajectory=tmp_path / "ref.h5", **kw)
-    part = gs.run_md(structs, model, trajectory=tmp_path / "run.h5", **{**kw, "steps": 23})
-    assert all(r.n_steps == 23 for r in part)
-    import shutil
+@pytest.mark.parametrize("ensemble", ["npt_mtk", "nvt_bussi"])
+def test_restart_after_a_crash_is_bit_for_bit(tmp_path, ensemble):
+    """Crash in the middle, restart from the checkpoint: the same final positions, cells and momenta."""
+    from test_md import FailingModel
 
-    out = gs.run_md(structs, model, trajectory=tmp_path / "run2.h5", **kw)
+    structs = _inputs()
+    kw = dict(ensemble=ensemble, temperature=400, timestep=1.0, steps=40, frame_every=5, checkpoint_every=10,
+              max_atoms=20, progress=False, monitors=False)
+    if ensemble == "npt_mtk":
+        kw["pressure"] = 1.0
+    morse = MorsePotential(**MORSE)
+    ref = gs.run_md(structs, morse, trajectory=tmp_path / "ref.h5", **kw)
+    path = tmp_path / "run.h5"
+    with pytest.raises(RuntimeError, match="injected"):
+        gs.run_md(structs, FailingModel(morse, 37), trajectory=path, **kw)
+    out = gs.run_md(structs, FailingModel(morse), trajectory=path, restart=True, **kw)
     for a, b in zip(ref, out, strict=True):
+        assert a.n_steps == b.n_steps == 40
         np.testing.assert_array_equal(a.final.positions, b.final.positions)
         np.testing.assert_array_equal(a.final.cell[:], b.final.cell[:])
-    del shutil
+        np.testing.assert_array_equal(a.final.get_momenta(), b.final.get_momenta())
 
 
 def test_bussi_runs_batched_and_targets_the_temperature():

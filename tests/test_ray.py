@@ -126,6 +126,31 @@ def test_bounded_read_ahead(executor, model):
     assert [r.index for r in it] == list(range(1, 160))
 
 
+def test_campaign_on_ray_equals_the_one_process_campaign(executor, tmp_path):
+    """An SSE campaign (NHC, Morse) sharded one run per shard: same frames bit for bit, runs located via the store;
+    re-running the finished campaign does nothing."""
+    import h5py
+    from geodite_sim.workflows.sse_campaign import load_spec, run_campaign, run_locations
+    from test_campaign import quiet, tiny_spec
+
+    spec = tiny_spec(tmp_path, steps=40)
+    a = run_campaign(load_spec(spec, base=tmp_path, output=tmp_path / "a"), log=quiet, report=False)
+    executor.shard_size = 1
+    spec_b = load_spec(spec, base=tmp_path, output=tmp_path / "b")
+    b = run_campaign(spec_b, log=quiet, report=False, executor=executor)
+    assert [s.status for s in a.states] == [s.status for s in b.states] == ["done"] * 3
+    la, lb = run_locations(load_spec(spec, base=tmp_path, output=tmp_path / "a")), run_locations(spec_b)
+    assert {f.name for f, _ in lb.values()} == {f"trajectories.shard{i:06d}-{i:06d}.h5" for i in range(3)}
+    for i in la:
+        with h5py.File(la[i][0]) as fa, h5py.File(lb[i][0]) as fb:
+            for key in ("positions", "energy", "temperature", "step"):
+                assert np.array_equal(fa["systems"][la[i][1]][key][()], fb["systems"][lb[i][1]][key][()]), (i, key)
+    assert [r["n_frames"] for r in a.results] == [r["n_frames"] for r in b.results]
+    lines: list[str] = []
+    run_campaign(spec_b, log=lines.append, report=False, executor=executor)
+    assert any("MD complete: 3 runs" in line for line in lines)
+
+
 def _cli(args, **kw):
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "geodite_sim", "relax", *map(str, args)], env=env,

@@ -45,7 +45,14 @@ def add_parser(subparsers) -> None:
     r.add_argument("--trajectory", default=None, help="HDF5 output file")
     r.add_argument("--frame-every", type=positive_int, default=10, help="steps between frames (default 10)")
     r.add_argument("--tdamp", type=positive_float, default=None, help="NHC damping time, fs (default 100 x timestep)")
-    r.add_argument("--chain-length", type=positive_int, default=10, help="NHC thermostats (default 10)")
+    r.add_argument("--chain-length", type=positive_int, default=None,
+                   help="thermostats per chain (default 10 for nvt_nhc, ASE's 3 for NPT)")
+    r.add_argument("--pressure", type=float, nargs="+", default=None,
+                   help="NPT target pressure, GPa (one value, or one per structure; default 0)")
+    r.add_argument("--pdamp", type=positive_float, default=None, help="NPT barostat damping, fs (default 1000 x dt)")
+    r.add_argument("--preset", default=None,
+                   help="a named protocol (geodite_sim.md_presets: sse_nvt, sse_npt, ms25_npt, ms25_npt_iso); "
+                        "sets ensemble, timestep, damping and chains (over --ensemble/--timestep/--tdamp/--chain-length)")
     r.add_argument("--friction", type=nonnegative_float, default=0.01,
                    help="Langevin friction, 1/fs (default 0.01)")
     r.add_argument("--seed", type=int, default=0)
@@ -109,7 +116,30 @@ def _ok(status) -> bool:
 
 def run_command(args) -> int:
     parser = args.subparser
-    if args.ensemble.startswith("nvt") and args.temperature is None:
+    extra = {}
+    if args.preset is not None:
+        from geodite_sim.md_presets import get_preset
+
+        try:
+            preset = get_preset(args.preset)
+        except ValueError as exc:
+            parser.error(str(exc))
+        kw = preset.run_md_kwargs()
+        kw.pop("steps", None)  # the run length stays the user's (--steps)
+        args.ensemble, args.timestep = kw.pop("ensemble"), kw.pop("timestep")
+        args.tdamp, args.chain_length = kw.pop("tdamp"), kw.pop("chain_length")
+        if args.pressure is None and "pressure" in kw:
+            args.pressure = [kw.pop("pressure")]
+        kw.pop("pressure", None)
+        extra.update(kw)
+    if args.pressure is not None or args.pdamp is not None:
+        if not args.ensemble.startswith("npt"):
+            parser.error(f"--pressure/--pdamp need an NPT ensemble (npt_mtk_iso, npt_mtk), not {args.ensemble}")
+        if args.pressure is not None:
+            extra["pressure"] = args.pressure[0] if len(args.pressure) == 1 else args.pressure
+        if args.pdamp is not None:
+            extra["pdamp"] = args.pdamp
+    if (args.ensemble.startswith("nvt") or args.ensemble.startswith("npt")) and args.temperature is None:
         parser.error(f"--temperature is required for --ensemble {args.ensemble} (K; one value, or one per structure)")
 
     import torch
@@ -130,7 +160,7 @@ def run_command(args) -> int:
             timestep=args.timestep, steps=args.steps, trajectory=args.trajectory, frame_every=args.frame_every,
             tdamp=args.tdamp, chain_length=args.chain_length, friction=args.friction, seed=args.seed,
             max_atoms=args.max_atoms, monitors=not args.no_monitors, checkpoint=args.checkpoint,
-            checkpoint_every=args.checkpoint_every, restart=args.restart, progress=not args.no_progress,
+            checkpoint_every=args.checkpoint_every, restart=args.restart, progress=not args.no_progress, **extra,
         )
     except ValueError as exc:  # settings that do not fit the inputs (e.g. too few temperatures)
         parser.error(str(exc))

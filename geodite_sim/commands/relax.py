@@ -205,7 +205,8 @@ def make_record(result, key: str, path: str, frame: int, ordinal: int) -> tuple[
 
     record = RelaxRecord(
         index=ordinal, key=key, label=path if frame == 0 else f"{path}@{frame}", path=path, frame=frame,
-        formula=formula, n_atoms=n_atoms, status=str(getattr(result.status, "value", result.status)), converged=bool(result.converged),
+        formula=formula, n_atoms=n_atoms, status=str(getattr(result.status, "value", result.status)),
+        converged=bool(result.converged),
         n_steps=int(result.n_steps), energy=num(result.energy), energy_per_atom=num(result.energy_per_atom),
         fmax=num(result.fmax), pressure_gpa=num(pressure), volume=volume, relax_cell=bool(result.relax_cell),
         error=result.error, time=time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -261,12 +262,18 @@ def run(args: argparse.Namespace) -> int:
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        executor = make_executor(args.ray, args.workers, shard_size=args.shard_size)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = gs.load_model(args.model, device=device, dtype=getattr(torch, args.dtype))
     settings = {"fmax": args.fmax, "max_steps": args.max_steps, "relax_cell": not args.no_cell, "dtype": args.dtype}
     try:
         store = open_store(args.out, settings, model)
     except StoreError as exc:
+        executor.shutdown()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     files = expand_inputs(args.inputs)
@@ -289,12 +296,6 @@ def run(args: argparse.Namespace) -> int:
             position += 1
             yield structure
 
-    try:
-        executor = make_executor(args.ray, args.workers, shard_size=args.shard_size)
-    except ValueError as exc:
-        store.close()
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     t0 = time.perf_counter()
     n_new = 0
     try:

@@ -9,7 +9,8 @@
 Eager versions (plain torch, differentiable to any order: training uses them) materialise
 [E, 8, C] tensors; on the CPU that memory traffic, not arithmetic, dominates a step. The
 fused versions (``csrc/edge_ops.cpp``, compiled with the system C++ compiler on first use —
-one line on stderr says so — and cached per build configuration, see :func:`build_config`) loop over edges reading node tensors that stay in
+one line on stderr says so — and cached per build configuration, see :func:`build_config`)
+loop over edges reading node tensors that stay in
 cache, never form an [E, 8, C] tensor, and have hand-written backward passes checked by
 ``torch.autograd.gradcheck`` in the tests. They are first-order only (forces and stress,
 not training on forces). ``GEODITE_FUSED=0`` disables them; a failed build warns once and

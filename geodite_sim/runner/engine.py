@@ -324,8 +324,12 @@ class Runner:
             box["stale"] = edges.stale(batch.positions, batch.cell, batch.pbc, sys_idx)
             used = edges.masked(batch.positions, batch.cell, sys_idx)
             box["edges"] = used
-            box["batch"] = batch
-            return self.evaluate(batch, used)
+            # A system that blew up (non-finite coordinates) must not break its batch-mates' model call (a model
+            # may check its inputs): its coordinates are zeroed for the call only; its state stays non-finite and
+            # the failure check stops it. Its edges are all padding edges already (NaN lengths never pass).
+            pos = batch.positions
+            clean = batch.with_positions(torch.where(torch.isfinite(pos), pos, torch.zeros_like(pos)))
+            return self.evaluate(clean, used)
 
         new = entry.step(replace(state), force_fn, self.settings)
         stale = box["stale"]
