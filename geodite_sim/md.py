@@ -605,8 +605,7 @@ class _MDJob:
                              min_distance_factor=ADMISSION_MIN_DISTANCE_FACTOR)
         float_dtype = np.float64 if self.dtype == torch.float64 else np.float32
         runner = Runner(self.model, self.integrator, self.run_settings, self, self.capacity, self.config,
-                        FailureChecks(), self.observers,
-                        admission_checks=FailureChecks(min_distance_factor=self.monitors.min_distance_factor))
+                        FailureChecks(), self.observers, admission_checks=FailureChecks())  # contacts: iter_inputs
         self._bar = _MDProgress(self, enabled=self.progress_enabled)
         if ckpt is None:
             self.items = _CountedItems(stream)

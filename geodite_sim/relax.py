@@ -413,7 +413,7 @@ def relax_many(
         capacity = estimate_capacity(model, model.device, max_atoms=max_atoms, max_systems=max_systems,
                                      probe=probe, total_atoms=known_atoms, memory_budget_bytes=memory_budget_bytes)
         runner = Runner(model, integrator, settings, job, Capacity(capacity.max_atoms, capacity.max_systems),
-                        config, checks, observers)
+                        config, checks, observers, admission_checks=FailureChecks())  # contacts: iter_inputs
         for obs in observers:
             if hasattr(obs, "on_start"):
                 obs.on_start(runner)

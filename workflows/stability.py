@@ -832,6 +832,9 @@ def _record_of(item: Item, res: Any) -> tuple[RelaxationRecord, Atoms | None]:
             atoms = None
     energy = _finite(res.energy)
     error = res.error
+    label = getattr(res, "label", "") or ""
+    if error and label and error.startswith(label):  # the engine's label holds its stream position: name the id
+        error = item.id + error[len(label):]
     if error is None and energy is None:
         error = "relaxation returned a non-finite energy"
     rec = RelaxationRecord(

@@ -107,6 +107,11 @@ class EdgeBuffer:
     def stale(self, positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
               system_index: torch.Tensor) -> torch.Tensor:
         """[S] True where the stored list may miss a pair within ``cutoff`` (see the module docstring)."""
+        return ~(self.stale_bound(positions, cell, pbc, system_index) <= self.skin)  # NaN counts as stale
+
+    def stale_bound(self, positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
+                    system_index: torch.Tensor) -> torch.Tensor:
+        """[S] 2 δ + ε R, Å: how much a pair can have approached since the build (≤ skin: the list is complete)."""
         full = torch.where(pbc[:, :, None], cell, self.ref_full_cell)  # non-periodic rows: the build's completion
         m = self.ref_cell_inv @ full.detach()  # C_b^-1 C (row convention: r_affine = r_b @ m)
         eye = torch.eye(3, dtype=m.dtype, device=m.device)
@@ -114,8 +119,7 @@ class EdgeBuffer:
         affine = torch.einsum("ni,nij->nj", self.ref_positions, m[system_index])
         delta = torch.linalg.vector_norm(positions.detach() - affine, dim=1)
         dmax = torch.zeros_like(eps).scatter_reduce_(0, system_index, delta, reduce="amax", include_self=True)
-        bound = 2.0 * dmax + eps * (self.cutoff + self.skin)
-        return ~(bound <= self.skin)  # NaN-safe: a non-finite system counts as stale
+        return 2.0 * dmax + eps * (self.cutoff + self.skin)
 
 
 # ---------------------------------------------------------------------------------------------- host side
@@ -134,10 +138,14 @@ def _pad_to(edges: Edges, capacity: int, pad_atom: int, dtype: torch.dtype) -> t
     return sender, receiver, shifts, real
 
 
-def edge_capacity(n_edges: int, current: int | None, headroom: float = 0.25) -> int:
-    """Capacity for ``n_edges`` stored edges: keep ``current`` while it fits and is at least half used."""
+def edge_capacity(n_edges: int, current: int | None, headroom: float = 0.25, static: bool = True) -> int:
+    """Capacity for ``n_edges`` stored edges. ``static`` (a compiled or captured step): keep ``current`` while it
+    fits and is at least half used, else a bucket with ``headroom``, so shapes rarely change; otherwise (eager, where
+    every padding edge is model work for nothing) the count rounded up to a multiple of 16."""
     from geodite_sim.accelerate import bucket
 
+    if not static:
+        return 16 * ((n_edges + 16) // 16)
     if current is not None and n_edges <= current and 2 * n_edges >= current:
         return current
     return bucket(int(n_edges * (1.0 + headroom)) + 1, 64)
@@ -161,7 +169,7 @@ def build_edges(batch: Batch, systems: torch.Tensor, cutoff: float, skin: torch.
 
 
 def make_buffer(batch: Batch, real_systems: torch.Tensor, cutoff: float, skin: torch.Tensor | float, backend: str,
-                capacity: int | None = None) -> EdgeBuffer:
+                capacity: int | None = None, static: bool = True) -> EdgeBuffer:
     """A fresh buffer with every system in ``real_systems`` built (host side); ``skin`` [S] Å or one value."""
     pad_atom = batch.positions.shape[0] - 1
     if not isinstance(skin, torch.Tensor):
@@ -170,7 +178,7 @@ def make_buffer(batch: Batch, real_systems: torch.Tensor, cutoff: float, skin: t
         *(torch.zeros(0, dtype=torch.long, device=batch.device) for _ in range(2)),
         torch.zeros(0, 3, dtype=torch.long, device=batch.device))
     edges = canonical_order(edges, batch.positions.shape[0])
-    cap = edge_capacity(edges.sender.shape[0], capacity)
+    cap = edge_capacity(edges.sender.shape[0], capacity, static=static)
     sender, receiver, shifts, real = _pad_to(edges, cap, pad_atom, batch.dtype)
     full = complete_cell(batch.cell.detach(), batch.pbc)
     from geodite_sim.dynamics.cell_filter import inv3
@@ -179,7 +187,7 @@ def make_buffer(batch: Batch, real_systems: torch.Tensor, cutoff: float, skin: t
                       skin.clone(), float(cutoff), pad_atom, int(edges.sender.shape[0]), int(real_systems.numel()))
 
 
-def rebuild(buf: EdgeBuffer, batch: Batch, systems: torch.Tensor, backend: str) -> EdgeBuffer:
+def rebuild(buf: EdgeBuffer, batch: Batch, systems: torch.Tensor, backend: str, static: bool = True) -> EdgeBuffer:
     """The buffer with ``systems`` rebuilt at their current positions (others' edges and references kept)."""
     if systems.numel() == 0:
         return buf
@@ -192,7 +200,7 @@ def rebuild(buf: EdgeBuffer, batch: Batch, systems: torch.Tensor, backend: str) 
     fresh = build_edges(batch, systems, buf.cutoff, buf.skin, backend)
     edges = canonical_order(Edges(torch.cat([kept.sender, fresh.sender]), torch.cat([kept.receiver, fresh.receiver]),
                                   torch.cat([kept.shifts, fresh.shifts])), batch.positions.shape[0])
-    cap = edge_capacity(edges.sender.shape[0], buf.capacity)
+    cap = edge_capacity(edges.sender.shape[0], buf.capacity, static=static)
     sender, receiver, shifts, real = _pad_to(edges, cap, buf.pad_atom, batch.dtype)
     atoms = atom_indices(batch.offsets, systems)
     ref_pos = buf.ref_positions.clone()

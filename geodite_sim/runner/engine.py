@@ -420,6 +420,12 @@ class Runner:
         left = torch.where(self.slots.occupied[:k] & (left > 0), left, torch.full_like(left, interval))
         return max(1, min(interval, int(left.min())))
 
+    @property
+    def static_shapes(self) -> bool:
+        """Whether the step is compiled or captured (then capacities keep headroom so shapes rarely change)."""
+        mode = self.config.accelerate
+        return mode in ("compile", "cuda_graph") or (mode == "auto" and self.device.type == "cuda")
+
     def advance(self, n_steps: int) -> None:
         """``n_steps`` device steps of the whole batch (no host reads)."""
         step = self._stepper()
@@ -484,7 +490,7 @@ class Runner:
         n = batch.n_atoms
         padded = _pad_state(_Bare(batch=batch), n + 1, batch.n_systems, self._pad_cell).batch
         real = torch.arange(batch.n_systems, device=self.device)
-        buf = make_buffer(padded, real, self.cutoff, 0.0, self.config.neighbor_backend)
+        buf = make_buffer(padded, real, self.cutoff, 0.0, self.config.neighbor_backend, static=False)
         edges = buf.masked(padded.positions, padded.cell, padded.system_index) if self.uses_edges else None
         saved, self.items = self.items, list(range(batch.n_systems))  # evaluate() needs the occupied slots
         try:
@@ -634,6 +640,7 @@ class Runner:
                 elif host["parked"][slot]:
                     parked.append(slot)
             grow = self._outrun(host, parked)
+            parked += [s for s in self._half_used() if s not in retire and s not in parked]
             for slot in list(grow):
                 if grow[slot] is None:  # cannot keep up even with the largest skin
                     parked.remove(slot)
@@ -688,13 +695,22 @@ class Runner:
                 skin[slot] = value
             self.edges = replace(self.edges, skin=skin)
             self._grow_skin = {}
-        self.edges = rebuild(self.edges, self.state.batch, slots_t, self.config.neighbor_backend)
+        self.edges = rebuild(self.edges, self.state.batch, slots_t, self.config.neighbor_backend, self.static_shapes)
         parked_mask = self.slots.parked.clone()
         parked_mask[slots_t] = False
         self.slots = replace(self.slots, parked=parked_mask)
         steps = self.entry.steps_taken(self.state)[slots_t].cpu().tolist()
         for slot, st in zip(parked, steps):
             self._built_at[self.items[slot].index] = int(st)
+
+    def _half_used(self) -> list[int]:
+        """Occupied slots that have used more than half of their skin since their build: rebuilt at this check
+        (before they would park in the next block of steps)."""
+        b = self.state.batch
+        bound = self.edges.stale_bound(b.positions, b.cell, b.pbc, b.system_index)
+        k = len(self.items)
+        half = (bound[:k] > 0.5 * self.edges.skin[:k]) & self.slots.occupied[:k]
+        return [int(s) for s in torch.nonzero(half).flatten().tolist()]
 
     def _outrun(self, host: dict, parked: list[int]) -> dict[int, float | None]:
         """Parked systems that made no step since their last build (one step moves them beyond their skin):
@@ -782,7 +798,7 @@ class Runner:
             skin = torch.full((batch.cell.shape[0],), self.config.skin, dtype=self.dtype, device=dev)
             for slot, value in self._grow_skin.items():
                 skin[slot] = value
-            return make_buffer(batch, everything, self.cutoff, skin, backend)
+            return make_buffer(batch, everything, self.cutoff, skin, backend, static=self.static_shapes)
         from geodite_sim.batch import atom_indices
 
         old_b = old_state.batch
@@ -808,7 +824,7 @@ class Runner:
         from geodite_sim.runner.edges import _pad_to, canonical_order, edge_capacity
 
         edges = canonical_order(edges, batch.positions.shape[0])
-        cap = edge_capacity(edges.sender.shape[0], old_edges.capacity)
+        cap = edge_capacity(edges.sender.shape[0], old_edges.capacity, static=self.static_shapes)
         pad_atom = batch.positions.shape[0] - 1
         sender, receiver, shifts, real = _pad_to(edges, cap, pad_atom, self.dtype)
         skin = torch.full((n_slots,), self.config.skin, dtype=self.dtype, device=dev)
@@ -817,7 +833,8 @@ class Runner:
             skin[slot] = value
         buf = EdgeBuffer(sender, receiver, shifts, real, ref_pos, inv3(ref_full), ref_full, skin, self.cutoff,
                          pad_atom, int(edges.sender.shape[0]), old_edges.builds)
-        return rebuild(buf, batch, torch.as_tensor(rebuild_slots, dtype=torch.long, device=dev), backend)
+        return rebuild(buf, batch, torch.as_tensor(rebuild_slots, dtype=torch.long, device=dev), backend,
+                       self.static_shapes)
 
     # ------------------------------------------------------------------ the loop
     def run(self, items: Iterator[InputItem]) -> Iterator:
