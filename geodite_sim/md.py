@@ -47,7 +47,8 @@ ENSEMBLES = tuple(name for name, entry in REGISTRY.items() if entry.kind == "md"
 log = logging.getLogger(__name__)
 #: Settings that must match between a checkpointed run and its restart.
 RESTART_KEYS = ("ensemble", "timestep_fs", "tdamp_fs", "chain_length", "tloop", "friction_per_fs", "fix_com", "seed",
-                "frame_every", "skin", "max_atoms", "dtype", "checkpoint_every", "model_fingerprint")
+                "frame_every", "max_atoms", "dtype", "checkpoint_every", "model_fingerprint")
+#: (The skin is not one: trajectories do not depend on it, docs/runner.md.)
 
 
 #: Default atom budget per device type (CPU: cache-sized batches are fastest, see docs/md.md). CUDA uses
@@ -151,7 +152,7 @@ def run_md(
     fix_com: bool = False,
     seed: int = 0,
     max_atoms: int | None = None,
-    skin: float = 0.5,
+    skin: float | None = None,
     monitors: Monitors | bool | None = True,
     checkpoint: str | Path | None = None,
     checkpoint_every: int | None = None,
@@ -192,7 +193,9 @@ def run_md(
         max_atoms: atom budget of the packed batch (systems beyond it wait in the queue). Default:
             on the CPU :data:`DEFAULT_MAX_ATOMS`; on CUDA the memory model (docs/memory-model.md)
             at 80 % of the free device memory; a restart reuses the checkpointed run's value.
-        skin: Verlet neighbour-list skin, Å.
+        skin: Verlet neighbour-list skin, Å (default 0.1 on the CPU, where a check every step rebuilds a
+            system's list before it outruns the skin, and every stored edge beyond the cutoff costs model time;
+            0.5 elsewhere, where checks are every ``check_every`` steps). Results do not depend on it.
         monitors: :class:`~geodite_sim.monitors.Monitors` thresholds; True for the defaults, False/None for
             the NaN/Inf check only. ``monitors.check_every`` is the check interval (host reads).
         checkpoint: checkpoint file (default ``<trajectory>.ckpt`` when ``checkpoint_every`` is set).
@@ -282,8 +285,17 @@ class _MDJob:
             max_atoms = int(load_checkpoint(self.checkpoint)["settings"]["max_atoms"])  # the run's own capacity
         max_atoms = _default_max_atoms(model, structures, max_atoms, memory_budget_bytes)
         self.capacity = Capacity(max_atoms=int(max_atoms))
-        interval = max(1, min(int(monitors.check_every), self.frame_every if self.trajectory else 10**9))
+        # Checks: every step on the CPU (a host read costs nothing there, and a check rebuilds a system's edges
+        # before it outruns its skin, so no step is wasted); on accelerators every ``check_every`` steps (at most
+        # ``frame_every``). The monitors run every ``check_every`` steps either way.
+        self.monitor_every = max(1, int(monitors.check_every))
+        if self.device.type == "cpu":
+            interval = 1
+        else:
+            interval = max(1, min(self.monitor_every, self.frame_every if self.trajectory else 10**9))
         base = config or StepConfig()
+        if skin is None:
+            skin = 0.1 if self.device.type == "cpu" else 0.5
         self.config = replace(base, skin=float(skin), accelerate=accelerate, check_interval=interval)
         defaults = dict(self.integrator.defaults)
         if chain_length is None:
@@ -318,6 +330,7 @@ class _MDJob:
         self.last_frame: dict[int, int] = {}  # input index -> step of its last frame
         self.next_checkpoint = self.checkpoint_every
         self.t_limit: dict[int, float] = {}  # input index -> temperature-runaway factor for its size
+        self._last_monitor = -1
 
     # ------------------------------------------------------------------ runner hooks
     def per_system(self, items: list[InputItem]) -> dict:
@@ -401,9 +414,13 @@ class _MDJob:
         failures: dict[int, tuple[Status, str]] = {}
         obs = self._observables(state)
         occupied = [s for s, it in enumerate(runner.items) if it is not None]
-        if occupied:
+        target_h = state.target_steps[: len(runner.items)].cpu().numpy()
+        due = runner.iteration // self.monitor_every != self._last_monitor or any(
+            int(steps[s]) >= int(target_h[s]) or host["code"][s] != 0 for s in occupied)
+        if occupied and due:
+            self._last_monitor = runner.iteration // self.monitor_every
             failures = self._monitor(runner, state, obs, occupied, steps)
-        target = state.target_steps[: len(runner.items)].cpu().numpy()
+        target = target_h
         framed = []
         for s in occupied:
             index = runner.items[s].index
@@ -473,7 +490,8 @@ class _MDJob:
         vec = None
         if m.min_distance_factor is not None and edges is not None:
             vec = edge_vectors(state.positions, state.cell, state.system_index, edges)
-            vec = torch.where((edges.sender == edges.receiver)[:, None], torch.full_like(vec, 1e9), vec)
+            pad_atom = state.positions.shape[0] - 1  # padding edges (an atom's own images are real edges)
+            vec = torch.where((edges.receiver == pad_atom)[:, None], torch.full_like(vec, 1e9), vec)
         limit = torch.ones(state.cell.shape[0], dtype=self.dtype, device=self.device)
         for s in occupied:
             limit[s] = self.t_limit.get(runner.items[s].index, 4.0)
@@ -667,7 +685,7 @@ def md_job(structures, model=None, ensemble: str = "nvt_nhc", temperature=None, 
 
         model = load_model()
     defaults = dict(frame_every=10, tdamp=None, chain_length=None, tloop=1, friction=0.01, fix_com=False, seed=0,
-                    max_atoms=None, skin=0.5, monitors=True, checkpoint=None, checkpoint_every=None, restart=False,
+                    max_atoms=None, skin=None, monitors=True, checkpoint=None, checkpoint_every=None, restart=False,
                     progress=False, save_momenta=False, memory_budget_bytes=None, accelerate="auto", config=None,
                     observers=[], allow_unsupported_elements=False)
     extra = {k: kwargs.pop(k) for k in list(kwargs) if k not in defaults}

@@ -283,6 +283,24 @@ def _table(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def _assert_same_table(a: list[dict], b: list[dict], rel: float = 1e-9) -> None:
+    """Same rows, same text fields, numbers equal to ``rel``: a resumed run relaxes the remaining structures in
+    other batches, and a Geodite evaluation depends on its batch-mates at the last digits (matrix-product
+    blocking), so the tables agree to round-off, not always bit for bit."""
+    import math
+
+    assert len(a) == len(b) and [r.keys() for r in a] == [r.keys() for r in b]
+    for ra, rb in zip(a, b):
+        for k in ra:
+            x, y = ra[k], rb[k]
+            try:
+                fx, fy = float(x), float(y)
+            except (TypeError, ValueError):
+                assert x == y, (k, x, y)
+                continue
+            assert (math.isnan(fx) and math.isnan(fy)) or math.isclose(fx, fy, rel_tol=rel, abs_tol=1e-12), (k, x, y)
+
+
 def test_screen_self_consistent_errors_and_hull(tmp_path, tiny):
     out = tmp_path / "out"
     res = st.screen(_candidates(tmp_path), _refs(), out=out, model=tiny, max_steps=6, progress=False)
@@ -528,4 +546,4 @@ def test_cli_resume_after_sigkill(tmp_path):
     assert 4 <= n_before < 12
     out = subprocess.run(cmd(tmp_path / "part"), check=True, env=env, capture_output=True, text=True, cwd=REPO)
     assert f"({12 - n_before} relaxed, {n_before} resumed)" in out.stdout
-    assert _table(tmp_path / "full" / "results.csv") == _table(tmp_path / "part" / "results.csv")
+    _assert_same_table(_table(tmp_path / "full" / "results.csv"), _table(tmp_path / "part" / "results.csv"))

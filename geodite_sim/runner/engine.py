@@ -364,7 +364,8 @@ class Runner:
                 - b.positions[edges.receiver]
             ratio = torch.linalg.vector_norm(vec, dim=-1) / (self.radii[b.numbers[edges.sender]]
                                                               + self.radii[b.numbers[edges.receiver]])
-            ratio = torch.where(edges.receiver == edges.sender, math.inf, ratio)  # padding edges
+            pad_atom = b.positions.shape[0] - 1  # padding edges start and end there (self-images are real edges)
+            ratio = torch.where(edges.receiver == pad_atom, math.inf, ratio)
             min_ratio = torch.full((n_sys,), math.inf, dtype=self.dtype, device=self.device)
             min_ratio = min_ratio.scatter_reduce(0, sys_idx[edges.receiver], ratio, reduce="amin")
             close = min_ratio < f
