@@ -11,7 +11,10 @@ PYTHON312 := $(shell \
 	if python3.12 --version >/dev/null 2>&1; then command -v python3.12; \
 	else ls -d "$${PYENV_ROOT:-$$HOME/.pyenv}"/versions/3.12*/bin/python3.12 2>/dev/null | sort -V | tail -n 1; fi)
 
-.PHONY: venv test test-slow test-all demo bench clean-venv
+.PHONY: venv test test-slow test-all lint demo bench clean-venv
+
+lint: venv
+	$(PY) -m ruff check .
 
 venv: $(STAMP)
 
@@ -26,6 +29,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: venv
+	$(PY) -m ruff check .
 	$(PY) -m pytest -m "not slow" -q
 
 test-slow: venv

@@ -287,10 +287,10 @@ def markdown(report: dict) -> str:
     for e in report["models"]:
         m = e["methods"]
 
-        def rate(k):
+        def rate(k, m=m):
             return f"{m[k]['structures_per_s']:.3f}" if k in m else "-"
 
-        def conv(k):
+        def conv(k, m=m):
             return str(m[k]["converged"]) if k in m and m[k]["converged"] is not None else "-"
 
         ag = e.get("agreement_c_vs_a", {})

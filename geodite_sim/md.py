@@ -33,11 +33,16 @@ from geodite_sim.model.contract import model_fingerprint, model_name, supported_
 from geodite_sim.model.strain import edge_vectors
 from geodite_sim.monitors import Monitors, temperature_limit_factor
 from geodite_sim.progress import Progress
-from geodite_sim.runner import Capacity, FailureChecks, Runner, StepConfig, get_integrator
+from geodite_sim.runner import (
+    REGISTRY,  # noqa: E402
+    Capacity,
+    FailureChecks,
+    Runner,
+    StepConfig,
+    get_integrator,
+)
 from geodite_sim.runner.engine import AdmissionError, _unpad
 from geodite_sim.status import Status
-
-from geodite_sim.runner import REGISTRY  # noqa: E402
 
 #: Admission refuses two atoms closer than this × their covalent-radius sum (whatever the monitors say).
 ADMISSION_MIN_DISTANCE_FACTOR = 0.5
@@ -412,13 +417,14 @@ class _MDJob:
         state = runner.state
         steps = host["steps"]
         failures: dict[int, tuple[Status, str]] = {}
-        obs = self._observables(state)
+        obs = None
         occupied = [s for s, it in enumerate(runner.items) if it is not None]
         target_h = state.target_steps[: len(runner.items)].cpu().numpy()
         due = runner.iteration // self.monitor_every != self._last_monitor or any(
             int(steps[s]) >= int(target_h[s]) or host["code"][s] != 0 for s in occupied)
         if occupied and due:
             self._last_monitor = runner.iteration // self.monitor_every
+            obs = self._observables(state)
             failures = self._monitor(runner, state, obs, occupied, steps)
         target = target_h
         framed = []
@@ -431,7 +437,7 @@ class _MDJob:
             if st % self.frame_every == 0 or st >= target[s] or failed:
                 framed.append(s)
         if framed:
-            self._frames(runner, framed, obs)
+            self._frames(runner, framed, obs if obs is not None else self._observables(state))
         self._bar.advance(runner, steps, occupied)
         runner.slots.horizon = self.horizon(runner, runner.slots.horizon, [])
         self._failed_now = failures

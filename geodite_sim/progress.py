@@ -100,7 +100,8 @@ class Progress:
         units = self.unit if self.done == 1 else self.unit + "s"
         parts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in self.counts.items())
         head = f"{self.desc}: " if self.desc else ""
-        return f"{head}{self.done} {units} in {self.elapsed:.1f} s ({self.rate:.2f}/s)" + (f": {parts}" if parts else "")
+        tail = f": {parts}" if parts else ""
+        return f"{head}{self.done} {units} in {self.elapsed:.1f} s ({self.rate:.2f}/s){tail}"
 
     def as_dict(self) -> dict:
         """Counts, elapsed seconds and rate (for JSON reports)."""

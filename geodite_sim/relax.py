@@ -34,8 +34,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from geodite_sim.batch import Batch
 from geodite_sim.dynamics.fire import FireParams
 from geodite_sim.evaluate import stress_to_voigt
-from geodite_sim.io.structures import InputItem, iter_inputs, like_input
-from geodite_sim.io.structures import MAX_SUPPORTED_Z
+from geodite_sim.io.structures import MAX_SUPPORTED_Z, InputItem, iter_inputs, like_input
 from geodite_sim.model.contract import identity_config, model_name, supported_elements
 from geodite_sim.neighbors import neighbor_list
 from geodite_sim.progress import Progress

@@ -306,7 +306,8 @@ def markdown(result: dict) -> str:
     if checks:
         lines += ["", "| target | model | atoms | ratio |", "|---|---|---:|---:|"]
         for x in checks["batched_vs_single"]:
-            lines.append(f"| batched run_md vs single run_md (≥ 1) | {x['model']} | {x['atoms']} | {x['speedup']:.2f} |")
+            lines.append(f"| batched run_md vs single run_md (≥ 1) | {x['model']} | {x['atoms']} | "
+                         f"{x['speedup']:.2f} |")
         for x in checks["batched_vs_ase_small"]:
             lines.append(f"| run_md, {x['batch_atoms']} atoms as 8-atom systems, vs GeoditeCalculator/ASE on one "
                          f"{x['atoms']}-atom system (≥ 2) | {x['model']} | {x['atoms']} | {x['speedup']:.2f} |")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import TypeVar
 
 import torch
 
@@ -72,14 +71,11 @@ class SimState:
         return self.batch.system_index
 
 
-S = TypeVar("S", bound=SimState)
-
-
 def _per(f) -> str | None:
     return f.metadata.get(PER)
 
 
-def select_systems(state: S, systems: Sequence[int] | torch.Tensor) -> S:
+def select_systems[S: SimState](state: S, systems: Sequence[int] | torch.Tensor) -> S:
     """A new state holding only ``systems`` (in that order)."""
     idx = torch.as_tensor(systems, dtype=torch.long, device=state.batch.device)
     atoms = atom_indices(state.batch.offsets, idx)
@@ -97,7 +93,7 @@ def select_systems(state: S, systems: Sequence[int] | torch.Tensor) -> S:
     return replace(state, **changes)
 
 
-def concat_states(states: Sequence[S]) -> S:
+def concat_states[S: SimState](states: Sequence[S]) -> S:
     """Pack several states of the same type into one (systems in order)."""
     states = [s for s in states if s is not None and s.n_systems > 0]
     if len(states) == 1:

@@ -7,11 +7,11 @@ a per-system integer code (:attr:`Status.code`), read back only at check interva
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class Status(str, Enum):
-    """Outcome of one input. ``str`` subclass: compares equal to its value (``"converged"``)."""
+class Status(StrEnum):
+    """Outcome of one input. A ``StrEnum``: compares equal to its value (``"converged"``)."""
 
     # success
     CONVERGED = "converged"  #: relaxation reached fmax

@@ -44,6 +44,18 @@ FORMAT_VERSION = 1
 _STORE_KEYS = ("kind", "index", "_xyz", "_type")
 
 
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: a temporary file in the same folder, fsynced, then renamed over it
+    (a reader or a killed job sees the old or the new content, never a mix)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
 class StoreError(RuntimeError):
     """The store cannot be used as asked."""
 
@@ -252,12 +264,7 @@ class ResultStore[R]:
                               if f.name in data})
 
     def _write_header(self) -> None:
-        tmp = self.header_path.with_name(self.header_path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(dataclasses.asdict(self.header), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.header_path)
+        write_atomic(self.header_path, json.dumps(dataclasses.asdict(self.header), indent=1))
         _fsync_dir(self.directory)
 
     def _load(self, repair: bool) -> None:

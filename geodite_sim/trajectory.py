@@ -86,7 +86,7 @@ class TrajectoryWriter:
                     continue
                 g = systems[name]
                 n = int(restart_frames[index])
-                for key, ds in g.items():
+                for _key, ds in g.items():
                     if ds.maxshape and ds.maxshape[0] is None:
                         ds.resize(n, axis=0)
                 self._written[index] = n

@@ -7,6 +7,7 @@ import pytest
 import torch
 from ase import Atoms
 from ase.build import bulk, fcc111
+from conftest import mixed_structures, tiny_geodite
 
 from geodite_sim.accelerate import (
     MODES,
@@ -20,7 +21,6 @@ from geodite_sim.accelerate import (
 from geodite_sim.batch import Batch
 from geodite_sim.md import run_md
 from geodite_sim.neighbors import neighbor_list
-from conftest import mixed_structures, tiny_geodite
 
 KEYS = ("energy", "forces", "stress")
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from geodite_sim.workflows.sse_campaign import SpecError, load_spec, run_campaign, run_states
 
 REPO = Path(__file__).resolve().parents[1]

@@ -65,7 +65,7 @@ def test_attention_matches_eager_and_gradcheck(seed):
     # only one of the two outputs used: the other gradient arrives as None
     for part in range(3):
         assert torch.autograd.gradcheck(
-            lambda *a: edge_ops.attention(*a, src, dst, heads, scale, fused=True)[part], args)
+            lambda *a, part=part: edge_ops.attention(*a, src, dst, heads, scale, fused=True)[part], args)
 
 
 def test_gated_residual_matches_eager_and_gradcheck():

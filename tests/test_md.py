@@ -16,13 +16,13 @@ import pytest
 import torch
 from ase import Atoms
 from ase.build import bulk
+from conftest import mixed_structures
 
 from geodite_sim import run_md
 from geodite_sim.dynamics.velocities import maxwell_boltzmann
 from geodite_sim.monitors import Monitors
 from geodite_sim.pair_potential import MorsePotential
 from geodite_sim.trajectory import read_trajectory, trajectory_systems
-from conftest import mixed_structures
 
 MORSE = dict(epsilon=0.35, rho0=4.5, r0=2.55, rcut1=1.6, rcut2=2.2)
 

@@ -124,7 +124,7 @@ def test_nhc_torch_path_equals_numpy_path():
 def free_gas(n=64, spacing=8.0) -> Atoms:
     """Argon atoms on a wide grid: no two within the Morse cutoff, so forces vanish (pure Ornstein–Uhlenbeck)."""
     k = int(np.ceil(n ** (1 / 3)))
-    grid = np.array([(i, j, l) for i in range(k) for j in range(k) for l in range(k)][:n], dtype=float) * spacing
+    grid = np.array([(i, j, h) for i in range(k) for j in range(k) for h in range(k)][:n], dtype=float) * spacing
     return Atoms("Ar" * n, positions=grid, cell=[k * spacing] * 3, pbc=True)
 
 

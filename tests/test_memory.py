@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from ase.build import bulk
+from conftest import tiny_geodite
 
 from geodite_sim.batch import Batch
 from geodite_sim.md import _default_max_atoms, run_md
@@ -27,8 +28,6 @@ from geodite_sim.model.geodite import Edges
 from geodite_sim.model.strain import edge_vectors
 from geodite_sim.neighbors import neighbor_list
 from geodite_sim.relax import estimate_capacity
-
-from conftest import tiny_geodite
 
 DTYPES = [torch.float32, torch.float64]
 

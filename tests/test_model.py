@@ -28,7 +28,7 @@ def _check(out: dict, k: int, a: int, b: int, ref: dict, tol: dict) -> None:
 def test_reference_outputs_one_by_one(precision, reference_outputs, reference_model_fp64, reference_model_fp32):
     model = reference_model_fp64 if precision == "fp64" else reference_model_fp32
     tol = TOL_FP64 if precision == "fp64" else TOL_FP32
-    for name, entry in reference_outputs.items():
+    for _name, entry in reference_outputs.items():
         batch = Batch.from_atoms([reference_atoms(entry)], dtype=model.dtype)
         out = model(batch)
         _check(out, 0, 0, batch.n_atoms, entry[precision], tol)

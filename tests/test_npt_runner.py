@@ -8,7 +8,7 @@ import pytest
 import torch
 from ase import units
 from ase.build import bulk
-from ase.md.nose_hoover_chain import IsotropicMTKNPT, MTKNPT
+from ase.md.nose_hoover_chain import MTKNPT, IsotropicMTKNPT
 
 import geodite_sim as gs
 from geodite_sim.pair_potential import MorsePotential

@@ -19,6 +19,7 @@ import torch
 from ase import Atoms
 from ase.build import bulk
 from conftest import tiny_geodite
+from geodite_sim.workflows import stability as st
 from monty.serialization import dumpfn
 from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
 from pymatgen.core import Composition, Lattice, Structure
@@ -27,7 +28,6 @@ from pymatgen.io.ase import AseAtomsAdaptor
 
 from geodite_sim.executors import LocalExecutor
 from geodite_sim.store import read_records
-from geodite_sim.workflows import stability as st
 
 REPO = Path(__file__).resolve().parents[1]
 

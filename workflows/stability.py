@@ -922,12 +922,9 @@ def _settings(model: Any, fmax: float, max_steps: int, relax_cell: bool, relax_k
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from geodite_sim.store import write_atomic
+
+    write_atomic(path, text)
 
 
 def _csv_text(rows: Sequence[Mapping], columns: Sequence[str]) -> str:

@@ -52,7 +52,8 @@ def add_parser(subparsers) -> None:
     r.add_argument("--pdamp", type=positive_float, default=None, help="NPT barostat damping, fs (default 1000 x dt)")
     r.add_argument("--preset", default=None,
                    help="a named protocol (geodite_sim.md_presets: sse_nvt, sse_npt, ms25_npt, ms25_npt_iso); "
-                        "sets ensemble, timestep, damping and chains (over --ensemble/--timestep/--tdamp/--chain-length)")
+                        "sets ensemble, timestep, damping and chains "
+                        "(over --ensemble/--timestep/--tdamp/--chain-length)")
     r.add_argument("--friction", type=nonnegative_float, default=0.01,
                    help="Langevin friction, 1/fs (default 0.01)")
     r.add_argument("--seed", type=int, default=0)

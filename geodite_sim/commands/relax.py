@@ -178,12 +178,9 @@ def write_table(store: ResultStore[RelaxRecord]) -> list[dict]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from geodite_sim.store import write_atomic
+
+    write_atomic(path, text)
 
 
 def make_record(result, key: str, path: str, frame: int, ordinal: int) -> tuple[RelaxRecord, object]:
@@ -327,4 +324,6 @@ def run(args: argparse.Namespace) -> int:
     print(summarize(rows))
     print(f"results: {store.directory / 'results.csv'}, {store.directory / 'results.json'}, "
           f"structures: {store.structures_path}")
-    return 0
+    from geodite_sim.commands import exit_code
+
+    return exit_code(r["status"] for r in rows)  # 0: every input fine; 1: some failed (the others ran)

@@ -56,12 +56,6 @@ from geodite_sim.state import system_field
 #: ``force_fn(batch) -> (energy [S] eV, forces [N, 3] eV/Å, stress [S, 3, 3] eV/Å³)``.
 ForceStressFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
-#: Fourth-order Suzuki–Yoshida weights, as in ASE.
-FOURTH_ORDER_COEFFS = (
-    1 / (2 - 2 ** (1 / 3)),
-    -(2 ** (1 / 3)) / (2 - 2 ** (1 / 3)),
-    1 / (2 - 2 ** (1 / 3)),
-)
 
 
 def gpa_to_ev_per_a3(pressure_gpa):
@@ -212,34 +206,10 @@ def nhc_chain(k2: torch.Tensor, dof_kT: torch.Tensor, kT: torch.Tensor, Q: torch
     Returns:
         (p_eta [S, M], eta [S, M], scale [S]): the driven momenta are to be multiplied by ``scale``.
     """
-    M = Q.shape[1]
-    Qs = safe_denominator(Q)
-    q = list(Qs.unbind(1))
-    pe = list(p_eta.unbind(1))
-    scale = torch.ones_like(k2)
+    from geodite_sim.dynamics.nhc_chain import chain_sweeps_fused
 
-    def update(j: int, d2: float, d4: float) -> None:
-        if j < M - 1:
-            a = torch.exp(-d4 * pe[j + 1] / q[j + 1])
-            pe[j] = pe[j] * a
-        g = k2 - dof_kT if j == 0 else pe[j - 1] ** 2 / q[j - 1] - kT
-        pe[j] = pe[j] + d2 * g
-        if j < M - 1:
-            pe[j] = pe[j] * a
-
-    for _ in range(loops):
-        for coeff in FOURTH_ORDER_COEFFS:
-            d = coeff * delta / loops
-            d2, d4 = d / 2, d / 4
-            for j in range(M - 1, -1, -1):
-                update(j, d2, d4)
-            eta = eta + d * torch.stack(pe, 1) / Qs
-            f = torch.exp(-d * pe[0] / q[0])
-            scale = scale * f
-            k2 = k2 * f * f
-            for j in range(M):
-                update(j, d2, d4)
-    return torch.stack(pe, 1), eta, scale
+    # the same recursion as NoseHooverChainNVT's (one operator, geodite_sim::nhc_chain); Q = 0 (empty slots) -> 1
+    return chain_sweeps_fused(k2, dof_kT, kT, safe_denominator(Q), p_eta, eta, delta, loops)
 
 
 def _chain_masses(dof0: torch.Tensor, kT: torch.Tensor, tau: torch.Tensor, length: int) -> torch.Tensor:

@@ -19,7 +19,6 @@ from geodite_sim.model.edge_ops import L1, L2, degree_blocks
 from geodite_sim.model.radial import BesselBasis, DistanceWeighting, polynomial_cutoff
 
 
-
 def dense(n_in: int, n_out: int) -> nn.Linear:
     """Bias-free linear map (every Dense in Geodite is bias-free)."""
     return nn.Linear(n_in, n_out, bias=False)

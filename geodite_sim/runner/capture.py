@@ -15,6 +15,8 @@ from dataclasses import fields, is_dataclass
 
 import torch
 
+from geodite_sim.accelerate import CapturedStep
+
 
 def _tensors(obj) -> list[torch.Tensor]:
     """Every tensor reachable through dataclass fields (state, batch, slots, edges), in a fixed order."""
@@ -32,32 +34,13 @@ def _signature(objs) -> tuple:
     return tuple((tuple(t.shape), t.dtype) for o in objs for t in _tensors(o))
 
 
-class CudaGraph:
-    """Capture ``fn()`` in a ``torch.cuda.CUDAGraph`` after two warm-up runs on a side stream."""
-
-    def __init__(self, fn, device: torch.device):
-        stream = torch.cuda.Stream(device=device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        torch.cuda.synchronize(device)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            fn()
-
-    def replay(self) -> None:
-        self.graph.replay()
-
-
 class GraphStep:
     """Replays a captured step over static buffers; same call signature as ``Runner.step_fn``.
 
     Warm-up runs happen on copies of the inputs, so capturing never advances the real state.
     """
 
-    graph_factory = CudaGraph
+    graph_factory = CapturedStep  # warm-up on a side stream, then capture (geodite_sim.accelerate)
 
     def __init__(self, fn):
         self.fn = fn

@@ -33,7 +33,6 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
 
 import numpy as np
 import torch
@@ -360,8 +359,8 @@ class Runner:
             value = torch.where(bad, ratio, value)
         f = self.checks.min_distance_factor
         if f is not None and self.uses_edges:
-            vec = b.positions[edges.sender] + torch.einsum("ei,eij->ej", edges.shifts, b.cell[sys_idx[edges.receiver]]) \
-                - b.positions[edges.receiver]
+            shift_vec = torch.einsum("ei,eij->ej", edges.shifts, b.cell[sys_idx[edges.receiver]])
+            vec = b.positions[edges.sender] + shift_vec - b.positions[edges.receiver]
             ratio = torch.linalg.vector_norm(vec, dim=-1) / (self.radii[b.numbers[edges.sender]]
                                                               + self.radii[b.numbers[edges.receiver]])
             pad_atom = b.positions.shape[0] - 1  # padding edges start and end there (self-images are real edges)
@@ -816,8 +815,8 @@ class Runner:
         ref_pos = torch.zeros_like(batch.positions)
         ref_pos[: old_atoms.numel()] = old_edges.ref_positions[old_atoms]
         n_slots = batch.cell.shape[0]
-        from geodite_sim.neighbors import complete_cell
         from geodite_sim.dynamics.cell_filter import inv3
+        from geodite_sim.neighbors import complete_cell
 
         full = complete_cell(batch.cell.detach(), batch.pbc)
         ref_full = full.clone()

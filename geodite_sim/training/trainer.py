@@ -447,7 +447,8 @@ class Trainer:
         self = cls(samples, config=config, workdir=workdir or Path(path).parent, val_samples=val_samples,
                    preset=st.get("preset"), log=log, _state={"model_config": model_config, "norm": st["norm"]})
         if st["fingerprint"] != self.fingerprint:
-            log(f"warning: the data differ from those of {path} (fingerprint {st['fingerprint']} vs {self.fingerprint})")
+            log(f"warning: the data differ from those of {path} "
+                f"(fingerprint {st['fingerprint']} vs {self.fingerprint})")
         self.model.load_state_dict(st["model_state"])
         head = self.model.decoder
         head.e_scale, head.e_shift = st["head"]["e_scale"], st["head"]["e_shift"]

@@ -35,7 +35,7 @@ from prototypes import SIMPLE  # noqa: E402
 
 from geodite_sim.batch import Batch  # noqa: E402
 from geodite_sim.model import load_model  # noqa: E402
-from geodite_sim.training.data import collate, precompute_edges, read_samples  # noqa: E402
+from geodite_sim.training.data import collate, precompute_edges  # noqa: E402
 
 FIRE_FMAX = 0.02
 FIRE_STEPS = 300
@@ -49,7 +49,7 @@ def predict(model, samples, batch_size=16):
         data = collate(chunk, model.dtype)
         out = model(data.batch, edges=data.edges)
         off = data.batch.offsets.tolist()
-        for k, s in enumerate(chunk):
+        for k, _s in enumerate(chunk):
             rows.append({
                 "energy": float(out["energy"][k]),
                 "forces": out["forces"][off[k] : off[k + 1]].double().numpy(),
@@ -213,7 +213,7 @@ def speed(model, n_repeat=3):
         out[name] = {"parameters": sum(p.numel() for p in m.parameters()), "edges_per_atom": len(edges[0]) / batch.n_atoms,
                      "inference_us_per_atom": inf, "train_step_us_per_atom": tr}
         print(f"  {name}: {out[name]}", flush=True)
-    out["setup"] = "4 x 64-atom rattled NaCl, float32, CPU, torch threads = %d" % torch.get_num_threads()
+    out["setup"] = f"4 x 64-atom rattled NaCl, float32, CPU, torch threads = {torch.get_num_threads()}"
     return out
 
 

@@ -138,7 +138,7 @@ def random_strain(atoms, rng, amount: float):
 
 def static_samples(prim, lab, rng, n, info):
     out = []
-    for k in range(n):
+    for _k in range(n):
         a = choose_supercell(prim, rng, 8, 32)
         a = random_strain(a, rng, 0.05)
         sigma = float(np.exp(rng.uniform(np.log(0.02), np.log(0.15))))

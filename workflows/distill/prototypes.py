@@ -290,7 +290,7 @@ def heldout_split(all_combos, fraction: float = 0.18, seed: int = 2024) -> set[s
     train_proto = dict(per_proto)
     train_el: dict[str, int] = {}
     elemental: dict[str, int] = {}
-    for p, e in all_combos:
+    for _p, e in all_combos:
         for el in set(e):
             train_el[el] = train_el.get(el, 0) + 1
         if len(e) == 1:

@@ -44,9 +44,9 @@ def main() -> int:
     args = ap.parse_args()
 
     import torch
+    from geodite_sim.workflows.stability import SCREENED, screen
 
     import geodite_sim as gs
-    from geodite_sim.workflows.stability import SCREENED, screen
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
