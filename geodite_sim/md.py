@@ -270,7 +270,7 @@ class _MDJob:
         if monitors is True:
             monitors = Monitors()
         elif monitors is False or monitors is None:
-            monitors = Monitors(None, None, None)
+            monitors = Monitors(None, None, None, max_volume_ratio=None)
         if self.integrator.conserved is None:  # no conserved quantity (Langevin): no drift check
             monitors = replace(monitors, max_drift=None)
         self.monitors = monitors
@@ -301,6 +301,9 @@ class _MDJob:
         base = config or StepConfig()
         if skin is None:
             skin = 0.1 if self.device.type == "cpu" else 0.5
+        if float(skin) == 0.0:  # "rebuild the list every step" (e.g. the speed protocol): a check every step rebuilds
+            base = replace(base, rebuild_every_check=True)  # every system; the small skin covers the step itself
+            interval, skin = 1, 0.1
         self.config = replace(base, skin=float(skin), accelerate=accelerate, check_interval=interval)
         defaults = dict(self.integrator.defaults)
         if chain_length is None:
@@ -513,6 +516,16 @@ class _MDJob:
                 if code[s] != 0:
                     status = _monitor_status(int(code[s]))
                     failures[s] = (status, m.describe(int(code[s]), host, s, int(steps[s])))
+        if self.integrator.variable_cell and m.max_volume_ratio is not None:  # NPT: the volume per system
+            from geodite_sim.model.strain import cell_volumes
+
+            r = m.max_volume_ratio
+            ratio = (cell_volumes(state.cell) / runner.slots.volume0).cpu().numpy()
+            for s in occupied:
+                if s not in failures and not (1.0 / r <= ratio[s] <= r):
+                    failures[s] = (Status.VOLUME, f"stopped at step {int(steps[s])}: volume "
+                                   f"{'blow-up' if ratio[s] > 1 else 'collapse'}, V/V0 = {ratio[s]:.3g} outside "
+                                   f"[1/{r:g}, {r:g}]")
         return failures
 
     def _frames(self, runner: Runner, slots: list[int], obs: dict[str, torch.Tensor]) -> None:

@@ -45,12 +45,14 @@ class Monitors:
         min_distance_factor: stop when a distance < factor × (r_cov,i + r_cov,j).
         max_drift: stop when |ΔE_conserved| / N_atoms > this, eV/atom.
         check_every: steps between checks (the engine also checks when a system finishes).
+        max_volume_ratio: NPT ensembles: stop when V / V0 leaves [1/r, r] (V0: the volume at the start).
     """
 
     max_temperature_factor: float | None = 4.0
     min_distance_factor: float | None = 0.5
     max_drift: float | None = 0.5
     check_every: int = 10
+    max_volume_ratio: float | None = 3.0
 
     def check(self, positions: torch.Tensor, momenta: torch.Tensor, forces: torch.Tensor, energy: torch.Tensor,
               numbers: torch.Tensor, system_index: torch.Tensor, atoms_per_system: torch.Tensor,

@@ -92,6 +92,8 @@ class StepConfig:
             ``"compile"`` (``torch.compile(fullgraph=True)`` of the step) or ``"cuda_graph"``.
         fused_kernels: Geodite's fused CPU edge kernels: ``"auto"`` or False (compile needs False).
         compile_options: extra ``torch.compile`` arguments in ``"compile"`` mode (e.g. ``{"backend": "aot_eager"}``).
+        rebuild_every_check: rebuild every system's edges at every check (protocols that ask for a neighbour list
+            rebuilt every step use this with ``check_interval=1``).
     """
 
     neighbor_backend: str = "auto"
@@ -100,6 +102,7 @@ class StepConfig:
     accelerate: str = "auto"
     fused_kernels: bool | str = "auto"
     compile_options: dict = field(default_factory=dict)
+    rebuild_every_check: bool = False
 
 
 @dataclass
@@ -640,7 +643,11 @@ class Runner:
                 elif host["parked"][slot]:
                     parked.append(slot)
             grow = self._outrun(host, parked)
-            parked += [s for s in self._half_used() if s not in retire and s not in parked]
+            if self.config.rebuild_every_check:
+                parked += [s for s, it in enumerate(self.items) if it is not None and s not in retire
+                           and s not in parked]
+            else:
+                parked += [s for s in self._half_used() if s not in retire and s not in parked]
             for slot in list(grow):
                 if grow[slot] is None:  # cannot keep up even with the largest skin
                     parked.remove(slot)
@@ -720,7 +727,7 @@ class Runner:
         for slot in parked:
             index = self.items[slot].index
             if self._built_at.get(index) == int(host["steps"][slot]):
-                new = 2.0 * float(skins[slot])
+                new = max(2.0 * float(skins[slot]), 0.05)
                 out[slot] = new if new <= self.max_skin else None
         return out
 
