@@ -374,7 +374,12 @@ class _MDJob:
             kT.append(units.kB * float(T or 0.0))
             target.append(n_steps)
             seeds.append(system_seed(self.seed, it.index))
-            self.t_limit[it.index] = temperature_limit_factor(self.monitors, len(it.atoms))
+            # the runaway limit is relative to the target, or to the starting temperature when that is higher
+            # (momenta drawn hotter than the target, a strained start releasing energy: not a runaway)
+            p, m = momenta[-1], it.atoms.get_masses()
+            t0 = float((p * p / m[:, None]).sum() / (3 * len(m) * units.kB))
+            boost = max(1.0, t0 / float(T)) if T else 1.0
+            self.t_limit[it.index] = boost * temperature_limit_factor(self.monitors, len(it.atoms))
         t = dict(dtype=self.dtype, device=self.device)
         extra = {}
         for key, value in self.per_system_values.items():
@@ -598,6 +603,7 @@ class _MDJob:
             "next_index": self._next_index(runner), "results": list(self.result_data.values()),
             "frames": [[k, v] for k, v in (self.writer.written().items() if self.writer else [])],
             "last_frame": [[k, v] for k, v in self.last_frame.items()],
+            "t_limit": [[k, float(v)] for k, v in self.t_limit.items()],
         }
         save_checkpoint(self.checkpoint, payload)
 
@@ -622,6 +628,7 @@ class _MDJob:
             self.result_data[data["index"]] = data
             self.results[data["index"]] = self._make_result(seen[data["index"]], data)
         self.last_frame = {int(k): int(v) for k, v in ckpt.get("last_frame", [])}
+        self.t_limit.update({int(k): float(v) for k, v in ckpt.get("t_limit", [])})
         self.items = _CountedItems(stream, next_index)
         runner.iteration = int(ckpt["iteration"])
         if ckpt["state"] is not None:
