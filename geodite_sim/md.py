@@ -374,11 +374,11 @@ class _MDJob:
             kT.append(units.kB * float(T or 0.0))
             target.append(n_steps)
             seeds.append(system_seed(self.seed, it.index))
-            # the runaway limit is relative to the target, or to the starting temperature when that is higher
-            # (momenta drawn hotter than the target, a strained start releasing energy: not a runaway)
+            # the runaway limit is relative to the target, or to the starting temperature when that is higher (a
+            # start hotter than the target cools down: not a runaway), at most twice the target
             p, m = momenta[-1], it.atoms.get_masses()
             t0 = float((p * p / m[:, None]).sum() / (3 * len(m) * units.kB))
-            boost = max(1.0, t0 / float(T)) if T else 1.0
+            boost = min(2.0, max(1.0, t0 / float(T))) if T else 1.0
             self.t_limit[it.index] = boost * temperature_limit_factor(self.monitors, len(it.atoms))
         t = dict(dtype=self.dtype, device=self.device)
         extra = {}
