@@ -293,3 +293,23 @@ def test_killed_campaign_subprocess_resumes_to_identical_data(tmp_path):
     assert any(s.status != "done" for s in states)
     subprocess.run(cmd + [str(tmp_path / "b.toml"), "--no-report"], check=True, env=env, capture_output=True)
     assert_same_h5(tmp_path / "a" / "trajectories.h5", tmp_path / "b" / "trajectories.h5")
+
+
+def test_spec_md_preset(tmp_path):
+    """``[md] preset = "sse_nvt"`` fills the paper's integrator settings; conflicts and NPT presets are refused."""
+    from workflows.sse_campaign import SpecError, load_spec
+
+    def spec(**md):
+        d = tiny_spec(tmp_path)
+        d["md"] = {k: v for k, v in d["md"].items() if k != "steps"} | md
+        return load_spec(d, base=tmp_path, output=tmp_path / "out")
+
+    s = spec(preset="sse_nvt", steps=10)
+    assert (s.md.ensemble, s.md.timestep_fs, s.md.chain_length, s.md.steps) == ("nvt_nhc", 1.5, 10, 10)
+    assert s.md.tdamp_fs == pytest.approx(150.0)
+    with pytest.raises(SpecError, match="conflict"):
+        spec(preset="sse_nvt", timestep_fs=2.0)
+    with pytest.raises(SpecError, match="NPT"):
+        spec(preset="ms25_npt")
+    with pytest.raises(SpecError, match="preset"):
+        spec(preset="nope")

@@ -42,7 +42,7 @@ ANALYSIS = "analysis.json"
 
 _CAMPAIGN_KEYS = {"name", "output", "model", "model_options", "dtype", "device", "seed"}
 _MD_KEYS = {"ensemble", "timestep_fs", "steps", "chain_length", "tdamp_fs", "frame_every", "checkpoint_every",
-            "max_atoms", "skin", "monitors"}
+            "max_atoms", "skin", "monitors", "preset"}
 _ANALYSIS_KEYS = {"discard_fs", "rdf_bin_width", "rdf_stride", "msd_fit_fraction", "msd_fit_window_fs",
                   "reference_discard_fs", "device", "remove_com"}
 _MATERIAL_KEYS = {"name", "structure", "temperatures", "mobile", "references"}
@@ -202,7 +202,25 @@ def load_spec(path_or_dict: str | Path | dict, output: str | Path | None = None,
     _check_keys(camp, _CAMPAIGN_KEYS, "[campaign]")
     _check_keys(data.get("md", {}), _MD_KEYS, "[md]")
     _check_keys(data.get("analysis", {}), _ANALYSIS_KEYS, "[analysis]")
-    md = _fill(MDSettings, data.get("md", {}), "[md]")
+    md_table = dict(data.get("md", {}))
+    if "preset" in md_table:  # a named protocol (geodite_sim.md_presets) fills the integrator settings first
+        from geodite_sim.md_presets import get_preset
+
+        try:
+            preset = get_preset(md_table.pop("preset"))
+        except ValueError as exc:
+            raise SpecError(f"[md].preset: {exc}") from None
+        if preset.is_npt:
+            raise SpecError(f"[md].preset: {preset.name!r} is an NPT protocol; campaigns run NVT (equilibrate the "
+                            "cells with `geodite-sim md run --preset ...` first)")
+        given = {k: md_table[k] for k in ("ensemble", "timestep_fs", "chain_length", "tdamp_fs") if k in md_table}
+        if given:
+            raise SpecError(f"[md]: {sorted(given)} conflict with preset {preset.name!r}; give one or the other")
+        md_table.update(ensemble=preset.ensemble, timestep_fs=preset.timestep_fs, chain_length=preset.chain_length,
+                        tdamp_fs=preset.tdamp_fs)
+        if preset.steps is not None:
+            md_table.setdefault("steps", preset.steps)
+    md = _fill(MDSettings, md_table, "[md]")
     analysis = _fill(AnalysisSettings, data.get("analysis", {}), "[analysis]")
     if md.ensemble != "nvt_nhc" and md.ensemble not in ("nvt_langevin", "nve"):
         raise SpecError(f"[md].ensemble: unknown ensemble {md.ensemble!r}")
