@@ -36,9 +36,6 @@ _IMAGE_EPS = 1e-9
 #: Atom pairs per chunk and candidate (pair, image) triples per chunk in the torch backend.
 _PAIR_CHUNK = 1 << 20
 _CANDIDATE_CHUNK = 1 << 22
-#: On the CPU, ``"auto"`` uses the torch reference for batches of at most this many atoms (the same pairs; no
-#: Warp start-up for a one-structure command).
-SMALL_CPU_BATCH_ATOMS = 32
 #: Above this many atoms in its largest system a batch goes to nvalchemiops' cell list instead of naive.
 _CELL_LIST_ATOMS = 256
 
@@ -342,10 +339,7 @@ def neighbor_list(batch: Batch, cutoff: float, backend: str = "auto") -> Edges:
         raise ValueError(f"unknown neighbour-list backend {backend!r}; choose from {('auto',) + BACKENDS}")
     if not cutoff > 0:
         raise ValueError(f"cutoff must be positive, got {cutoff}")
-    if backend == "auto" and batch.device.type == "cpu" and batch.n_atoms <= SMALL_CPU_BATCH_ATOMS:
-        name = "torch"  # a few atoms: brute force is as fast, and saves importing nvalchemiops/Warp (2-4 s)
-    else:
-        name = resolve_backend(backend, batch.device)
+    name = resolve_backend(backend, batch.device)
     if batch.n_atoms == 0:
         return _empty_edges(batch.device)
     geo = wrap_batch(batch, cutoff)
