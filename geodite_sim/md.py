@@ -178,6 +178,9 @@ def run_md(
         structures: ASE Atoms, pymatgen structures, file paths, or any iterable of them (streamed).
             Initial momenta are taken from the input when it has them (ASE ``momenta``), otherwise drawn
             from Maxwell–Boltzmann at ``temperature`` with zero total momentum, seeded by (``seed``, index).
+            An input Atoms' ``FixAtoms``/``FixCartesian`` constraints are honoured in NVE/NVT (fixed
+            components do not move, temperatures count the free degrees of freedom; docs/constraints.md);
+            constraints MD cannot honour (NPT, FixSymmetry, other classes) are that input's error.
         model: any model of the contract (docs/model-contract.md); None loads the packaged default.
             The model's dtype and device are used.
         ensemble: a registered MD integrator: ``"nve"`` (velocity Verlet), ``"nvt_nhc"`` (Nosé–Hoover chain,
@@ -343,13 +346,10 @@ class _MDJob:
     # ------------------------------------------------------------------ runner hooks
     def per_system(self, items: list[InputItem]) -> dict:
         """Per-structure MD settings of newly admitted systems (ValueError names the bad one)."""
-        momenta, kT, target, seeds = [], [], [], []
+        momenta, kT, target, seeds, constraints = [], [], [], [], []
         for it in items:
-            if it.atoms.constraints:
-                names = ", ".join(type(c).__name__ for c in it.atoms.constraints)
-                raise AdmissionError(Status.INVALID_STRUCTURE, f"constraints ({names}) are not supported by run_md "
-                                     "yet (relax_many honours FixAtoms/FixCartesian/FixSymmetry); remove them to "
-                                     "run MD without")
+            c = self._constraints(it)
+            constraints.append(c)
             T = _per_structure(self.temperature, it.index, "temperature")
             n_steps = int(_per_structure(self.steps, it.index, "steps"))
             if n_steps < 0:
@@ -362,7 +362,7 @@ class _MDJob:
                 p = it.atoms.get_momenta()
                 if not np.isfinite(p).all():
                     raise ValueError("non-finite momenta")
-                momenta.append(p)
+                momenta.append(np.where(c.fixed_pre | c.fixed_post, 0.0, p) if c is not None else p)
             else:
                 momenta.append(maxwell_boltzmann(it.atoms, float(T or 0.0), self.seed, it.index))
             if self.integrator.variable_cell and not it.atoms.pbc.all():
@@ -377,9 +377,10 @@ class _MDJob:
             # the runaway limit is relative to the target, or to the starting temperature when that is higher (a
             # start hotter than the target cools down: not a runaway), at most twice the target
             p, m = momenta[-1], it.atoms.get_masses()
-            t0 = float((p * p / m[:, None]).sum() / (3 * len(m) * units.kB))
+            dof = 3 * len(m) - (c.removed_dof if c is not None else 0)
+            t0 = float((p * p / m[:, None]).sum() / (max(dof, 1) * units.kB))
             boost = min(2.0, max(1.0, t0 / float(T))) if T else 1.0
-            self.t_limit[it.index] = boost * temperature_limit_factor(self.monitors, len(it.atoms))
+            self.t_limit[it.index] = boost * temperature_limit_factor(self.monitors, len(it.atoms), dof)
         t = dict(dtype=self.dtype, device=self.device)
         extra = {}
         for key, value in self.per_system_values.items():
@@ -387,10 +388,36 @@ class _MDJob:
             if any(v is None or not math.isfinite(float(v)) for v in values):
                 raise ValueError(f"invalid {key} {values}")
             extra[key] = torch.as_tensor([float(v) for v in values], **t)
+        if any(c is not None for c in constraints):
+            from geodite_sim.dynamics.constraints import AtomConstraints, BatchConstraints
+
+            extra["constraints"] = BatchConstraints.from_list(
+                [c if c is not None else AtomConstraints.none(len(it.atoms)) for c, it in zip(constraints, items)],
+                self.dtype, self.device)
         return {**extra, "momenta": torch.as_tensor(np.concatenate(momenta), **t), "kT": torch.as_tensor(kT, **t),
                 "step": torch.zeros(len(items), dtype=torch.long, device=self.device),
                 "target_steps": torch.as_tensor(target, dtype=torch.long, device=self.device),
                 "seed": torch.as_tensor(seeds, dtype=torch.long, device=self.device)}
+
+    def _constraints(self, it: InputItem):
+        """The input's FixAtoms/FixCartesian as an AtomConstraints (None: unconstrained); AdmissionError names
+        a constraint MD cannot honour."""
+        if not it.atoms.constraints:
+            return None
+        from geodite_sim.dynamics.constraints import constraints_from_atoms
+
+        names = ", ".join(type(c).__name__ for c in it.atoms.constraints)
+        if self.integrator.variable_cell:
+            raise AdmissionError(Status.INVALID_STRUCTURE, f"constraints ({names}) are not supported by "
+                                 f"{self.ensemble} (ASE's MTK NPT refuses them too); remove them or use an NVT "
+                                 "ensemble")
+        c = constraints_from_atoms(it.atoms)
+        if isinstance(c, str):
+            raise AdmissionError(Status.INVALID_STRUCTURE, c.replace("relax this structure", "run this structure"))
+        if c.has_symmetry:
+            raise AdmissionError(Status.INVALID_STRUCTURE, "FixSymmetry is honoured in relaxations only "
+                                 "(relax_many); remove it to run MD")
+        return c
 
     def horizon(self, runner: Runner, horizon: torch.Tensor, new_slots: list[int]) -> torch.Tensor:
         """Steps each slot may reach before the next check: its next frame boundary or its target."""

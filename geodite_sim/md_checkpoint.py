@@ -8,7 +8,7 @@ A checkpoint (``torch.save`` of plain containers and CPU tensors, loaded with
 - ``state``: the packed integrator state — positions, cell, pbc, numbers, masses, momenta,
   energy and forces at the current positions, target kT, step counters, target steps,
   per-system seeds (the Langevin noise is counter-based, so (seed, step) *is* the RNG
-  state), the Nosé–Hoover chains (η, p_η, Q) or the Langevin friction;
+  state), the Nosé–Hoover chains (η, p_η, Q) or the Langevin friction, the constraints;
 - ``active``/``labels``: input indices of the systems in the batch, in slot order;
   ``next_index``: the first input not yet started (the queue position);
 - ``results``: finished systems (final positions, momenta, forces, energy, error) and
@@ -38,6 +38,7 @@ from geodite_sim.batch import Batch
 from geodite_sim.dynamics.langevin import LangevinState  # noqa: F401  (registers the state class)
 from geodite_sim.dynamics.nose_hoover import NHCState  # noqa: F401
 from geodite_sim.dynamics.verlet import MDState
+from geodite_sim.state import PER
 
 FORMAT = "geodite_sim.md_checkpoint/1"
 
@@ -66,8 +67,24 @@ def state_to_dict(state: MDState | None) -> dict | None:
         if f.name == "batch":
             continue
         v = getattr(state, f.name)
-        values[f.name] = None if v is None else v.detach().cpu().clone()
+        values[f.name] = None if v is None else _packed_to_dict(v) if f.metadata.get(PER) == "packed" \
+            else v.detach().cpu().clone()
     return {"type": type(state).__name__, "batch": batch, "fields": values}
+
+
+def _packed_to_dict(value) -> dict:
+    """A packed field (a dataclass of tensors and host flags, e.g. the constraints) as plain containers."""
+    return {"packed": type(value).__name__,
+            "fields": {f.name: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v)
+                       for f in fields(value) for v in [getattr(value, f.name)]}}
+
+
+def _packed_from_dict(d: dict, device):
+    from geodite_sim.dynamics.constraints import BatchConstraints
+
+    kinds = {"BatchConstraints": BatchConstraints}
+    values = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in d["fields"].items()}
+    return kinds[d["packed"]](**values)
 
 
 def state_from_dict(d: dict | None, device: str | torch.device = "cpu") -> MDState | None:
@@ -77,7 +94,8 @@ def state_from_dict(d: dict | None, device: str | torch.device = "cpu") -> MDSta
     cls = _state_types()[d["type"]]
     batch = Batch(**{k: v.to(device) for k, v in d["batch"].items()})
     batch.atom_count = int(batch.offsets[-1])
-    values = {k: (None if v is None else v.to(device)) for k, v in d["fields"].items()}
+    values = {k: (None if v is None else _packed_from_dict(v, device) if isinstance(v, dict) else v.to(device))
+              for k, v in d["fields"].items()}
     return cls(batch=batch, **values)
 
 

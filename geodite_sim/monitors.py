@@ -110,12 +110,13 @@ class Monitors:
         return f"stopped at step {step}: " + "; ".join(parts)
 
 
-def temperature_limit_factor(monitors: Monitors, n_atoms: int) -> float:
+def temperature_limit_factor(monitors: Monitors, n_atoms: int, dof: int | None = None) -> float:
     """T/T0 above which a system of ``n_atoms`` atoms counts as running away: the larger of the monitors'
-    ``max_temperature_factor`` and χ²_{3N}.isf(p) / (3N) with p = :data:`RUNAWAY_TAIL_PROBABILITY` (host)."""
+    ``max_temperature_factor`` and χ²_f.isf(p) / f with p = :data:`RUNAWAY_TAIL_PROBABILITY` and f = ``dof``
+    degrees of freedom (default 3N; fewer under constraints) (host)."""
     if monitors.max_temperature_factor is None:
         return math.inf
     from scipy.stats import chi2
 
-    dof = 3 * max(int(n_atoms), 1)
+    dof = 3 * max(int(n_atoms), 1) if dof is None else max(int(dof), 1)
     return max(float(monitors.max_temperature_factor), float(chi2.isf(RUNAWAY_TAIL_PROBABILITY, dof)) / dof)

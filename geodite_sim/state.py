@@ -106,11 +106,15 @@ def concat_states[S: SimState](states: Sequence[S]) -> S:
         if f.name == "batch" or _per(f) is None:
             continue
         values = [getattr(s, f.name) for s in states]
+        if _per(f) == "packed" and any(v is not None for v in values):
+            # a state without the field gets the type's neutral value (e.g. no constraints) for its systems
+            kind = type(next(v for v in values if v is not None))
+            values = [v if v is not None else kind.padding(s.batch.atoms_per_system.tolist(), s.batch.dtype,
+                                                           s.batch.device) for v, s in zip(values, states)]
+            changes[f.name] = kind.concat(values)
+            continue
         if any(v is None for v in values):
             changes[f.name] = None
-            continue
-        if _per(f) == "packed":
-            changes[f.name] = type(values[0]).concat(values)
             continue
         if _per(f) == "atom":
             values = [v[: s.n_atoms] for v, s in zip(values, states)]

@@ -168,13 +168,13 @@ def test_driver_sigkill_and_rerun_give_the_same_table(cluster, executor, tmp_pat
     save_checkpoint(tiny_geodite(torch.float32), ckpt)
     inputs = tmp_path / "in"
     inputs.mkdir()
-    structs = [s for s in structures(12) if isinstance(s, Atoms)]
+    structs = [s for s in structures(40) if isinstance(s, Atoms)]  # 39 one-structure shards: seconds of work
     for k, a in enumerate(structs):
         write(inputs / f"s{k:02d}.extxyz", a)
     (inputs / "zz_bad.cif").write_text("garbage\n")
     out = tmp_path / "out"
-    args = [inputs, "--out", out, "--model", ckpt, "--dtype", "float64", "--max-steps", "30", "--max-atoms", "8",
-            "--no-progress", "--ray", cluster, "--workers", "2", "--shard-size", "2"]
+    args = [inputs, "--out", out, "--model", ckpt, "--dtype", "float64", "--max-steps", "60", "--max-atoms", "8",
+            "--no-progress", "--ray", cluster, "--workers", "2", "--shard-size", "1"]
     proc = _cli(args)
     records = out / "results.jsonl"
     deadline = time.time() + 120
@@ -186,14 +186,14 @@ def test_driver_sigkill_and_rerun_give_the_same_table(cluster, executor, tmp_pat
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     n_first = records.read_text().count("\n")
-    assert 3 <= n_first < len(structs) + 1
+    assert 2 <= n_first < len(structs) + 1
     stdout, _ = _cli(args).communicate(timeout=300)
     assert f"skipped {n_first} already done" in stdout, stdout
     table = json.loads((out / "results.json").read_text())
     assert [r["input"] for r in table] == list(range(len(structs) + 1))
     assert table[-1]["error"] and "zz_bad.cif" in table[-1]["error"]  # the unreadable file, by name
     ref = gs.relax_many([read(inputs / f"s{k:02d}.extxyz") for k in range(len(structs))],
-                        gs.load_model(str(ckpt), dtype=torch.float64), max_steps=30, max_atoms=8, progress=False)
+                        gs.load_model(str(ckpt), dtype=torch.float64), max_steps=60, max_atoms=8, progress=False)
     for row, r in zip(table[:-1], ref, strict=True):  # the same table as one process relaxing the same inputs
         assert (row["error"] is None) == (r.error is None) and row["n_steps"] == r.n_steps
         if r.error is None:  # Geodite is batch-invariant only to ~1e-12 relative at present (see docs/ray.md)

@@ -1,8 +1,9 @@
 """Bussi stochastic velocity rescaling (``"nvt_bussi"``), batched: ASE 3.29's ``ase.md.bussi.Bussi``.
 
 Each step (Bussi, Donadio, Parrinello, J. Chem. Phys. 126, 014101 (2007), eq. A7), per system
-with Nf = 3N degrees of freedom (ASE's ``get_number_of_degrees_of_freedom`` without
-constraints), K the kinetic energy, K̄ = Nf kT / 2 and c = exp(-dt/taut)::
+with Nf = 3N - removed degrees of freedom (ASE's ``get_number_of_degrees_of_freedom``; FixAtoms
+and FixCartesian remove theirs, and their components of p stay zero), K the kinetic energy,
+K̄ = Nf kT / 2 and c = exp(-dt/taut)::
 
     α² = c + (1 - c) K̄/(K Nf) (S + R1²) + 2 R1 sqrt(c (1 - c) K̄/(K Nf))
     p <- α p;   transferred += (α² - 1) K
@@ -28,7 +29,7 @@ import torch
 
 from geodite_sim.dynamics.langevin import counter_normals, local_atom_index
 from geodite_sim.dynamics.mtk import AtomView, ForceStressFn, kinetic_energy, per_system_param, safe_denominator
-from geodite_sim.dynamics.verlet import MDState
+from geodite_sim.dynamics.verlet import MDState, degrees_of_freedom, fixed_atoms
 from geodite_sim.state import system_field
 
 #: Mixed into the seed so Bussi's stream differs from Langevin's for the same seed.
@@ -69,21 +70,27 @@ def zero_kinetic_energy(state: MDState) -> torch.Tensor:
 
 
 def bussi_noise(state: MDState, at: AtomView | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """([S] R1 ~ N(0, 1), [S] S ~ χ²(3N - 1)) for every system at its current step."""
+    """([S] R1 ~ N(0, 1), [S] S ~ χ²(N_dof - 1)) for every system at its current step.
+
+    Entry k = 3 · local atom + column of the system's normals: R1 is entry 0, S the sum of the squares
+    of entries 1 .. N_dof - 1 (all 3N - 1 without constraints).
+    """
     at = AtomView(state) if at is None else at
     b = state.batch
     local = local_atom_index(b.offsets, at.sys)
     z = counter_normals(state.seed ^ _STREAM_TAG, state.step, at.sys, local, 4, b.dtype)[:, :3]
-    first = (local == 0)[:, None] & (torch.arange(3, device=b.device) == 0)[None, :]
+    k = 3 * local[:, None] + torch.arange(3, device=b.device)[None, :]
+    first = k == 0
+    used = (k >= 1) & (k < degrees_of_freedom(state).to(torch.long)[at.sys][:, None])
     r1 = at.sum(torch.where(first, z, torch.zeros_like(z)).sum(-1))
-    chi2 = at.sum(torch.where(first, torch.zeros_like(z), z * z).sum(-1))
+    chi2 = at.sum(torch.where(used, z * z, torch.zeros_like(z)).sum(-1))
     return r1, chi2
 
 
 def bussi_alpha(state: BussiState, ke: torch.Tensor, dt: float, at: AtomView | None = None) -> torch.Tensor:
     """[S] ASE's ``calculate_alpha`` with the counter-based noise."""
     at = AtomView(state) if at is None else at
-    ndof = 3 * at.n
+    ndof = degrees_of_freedom(state)
     c = torch.exp(-dt / safe_denominator(state.taut))
     target = 0.5 * state.kT * ndof
     e = (1 - c) * target / safe_denominator(ke) / safe_denominator(ndof)
@@ -101,12 +108,17 @@ def bussi_step(state: BussiState, force_fn: ForceStressFn, dt: float) -> BussiSt
     ke = kinetic_energy(state)
     alpha = bussi_alpha(state, ke, dt, at)
     transferred = state.transferred + (alpha**2 - 1.0) * ke
+    c = fixed_atoms(state)
     p = state.momenta * alpha[at.sys][:, None]
     p = p + 0.5 * dt * state.forces
+    if c is not None:  # ASE: fixed positions stay and p = m Δr / dt (zero on fixed components)
+        p = c.adjust_momenta(p, state.batch)
     r0 = state.batch.positions
     batch = state.batch.with_positions(at.keep(r0 + dt * p / at.m, r0))
     energy, forces, stress = force_fn(batch)
     p = at.keep(p + 0.5 * dt * forces, state.momenta)
+    if c is not None:
+        p = c.adjust_momenta(p, batch)
     return replace(state, batch=batch, energy=energy, forces=forces, stress=stress, momenta=p,
                    transferred=transferred, step=state.step + 1)
 

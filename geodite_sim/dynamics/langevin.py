@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from geodite_sim.dynamics.verlet import ForceFn, MDState, per_system_sum
+from geodite_sim.dynamics.verlet import ForceFn, MDState, constrain_momenta, constrain_positions, per_system_sum
 from geodite_sim.state import system_field
 
 _M32 = 0xFFFFFFFF
@@ -123,8 +123,10 @@ def langevin_step(state: LangevinState, force_fn: ForceFn, dt: float, fix_com: b
     v = state.momenta / m
     v = v + (c1 * state.forces / m - c2 * v + rnd_vel)
     state.batch = b.with_positions(b.positions + dt * v + rnd_pos)
+    constrain_positions(state, b.positions)  # fixed components stay (ASE: set_positions)
     state.energy, state.forces = force_fn(state.batch)
     v = v + (c1 * state.forces / m - c2 * v + rnd_vel)
     state.momenta = v * m
+    constrain_momenta(state)  # ASE: set_momenta with the constraints
     state.step = state.step + 1
     return state

@@ -14,6 +14,12 @@ Tuckerman 1992; Tuckerman et al. 2006)::
     Q_0 = 3N kT τ²,  Q_j = kT τ²  (τ = tdamp; N = atoms of the system, 3N degrees of freedom as in ASE)
     conserved: E_pot + E_kin + 3N kT η0 + kT Σ_{j≥1} ηj + Σ p_ηj² / 2Qj
 
+With constraints (FixAtoms/FixCartesian) 3N is replaced by N_dof = 3N - removed and the fixed
+momenta stay zero (:mod:`geodite_sim.dynamics.verlet`). ASE 3.29's ``NoseHooverChainNVT`` differs
+there: it keeps its own copy of the momenta, so a fixed atom's momentum grows under its force
+and feeds the thermostat although the atom never moves (docs/constraints.md); without
+constraints the two are the same.
+
 Differences from ASE are in rounding only: inside NHC(δ) the atoms' momenta are scaled once
 at the end by the product of the per-sub-step factors, and Σ p²/m is carried along as
 ``K2 · f²`` instead of being re-summed (mathematically identical). Unlike torch-sim's
@@ -29,7 +35,15 @@ from dataclasses import dataclass
 
 import torch
 
-from geodite_sim.dynamics.verlet import ForceFn, MDState, drift, evaluate, half_kick, kinetic_energy
+from geodite_sim.dynamics.verlet import (
+    ForceFn,
+    MDState,
+    degrees_of_freedom,
+    drift,
+    evaluate,
+    half_kick,
+    kinetic_energy,
+)
 from geodite_sim.state import system_field
 
 #: Fourth-order Suzuki–Yoshida weights, as in ASE.
@@ -55,12 +69,13 @@ class NHCState(MDState):
     Q: torch.Tensor = system_field(default=None)
 
 
-def chain_masses(kT: torch.Tensor, n_atoms: torch.Tensor, tdamp: float, chain_length: int) -> torch.Tensor:
-    """[S, M] masses Q_0 = 3N kT tdamp², Q_j = kT tdamp² (``tdamp`` in ASE time units), as ASE."""
+def chain_masses(kT: torch.Tensor, dof: torch.Tensor, tdamp: float, chain_length: int) -> torch.Tensor:
+    """[S, M] masses Q_0 = N_dof kT tdamp², Q_j = kT tdamp² (``tdamp`` in ASE time units; N_dof [S] = 3N
+    without constraints), as ASE."""
     if chain_length < 1:
         raise ValueError("chain_length must be at least 1")
     q = (kT * tdamp**2)[:, None].repeat(1, chain_length)
-    q[:, 0] = (3 * n_atoms).to(kT.dtype) * kT * tdamp**2
+    q[:, 0] = dof.to(kT.dtype) * kT * tdamp**2
     return q
 
 
@@ -71,12 +86,12 @@ def init_chain(state: MDState, tdamp: float, chain_length: int) -> NHCState:
     zeros = kT.new_zeros(n_sys, chain_length)
     fields = {f: getattr(state, f) for f in state.__dataclass_fields__}
     return NHCState(**fields, eta=zeros, p_eta=zeros.clone(),
-                    Q=chain_masses(kT, state.batch.atoms_per_system, tdamp, chain_length))
+                    Q=chain_masses(kT, degrees_of_freedom(state), tdamp, chain_length))
 
 
 def thermostat_energy(state: NHCState) -> torch.Tensor:
-    """[S] 3N kT η0 + kT Σ_{j≥1} ηj + Σ p_ηj²/(2Qj), eV (ASE's ``get_thermostat_energy``)."""
-    n3 = (3 * state.batch.atoms_per_system).to(state.kT.dtype)
+    """[S] N_dof kT η0 + kT Σ_{j≥1} ηj + Σ p_ηj²/(2Qj), eV (ASE's ``get_thermostat_energy``)."""
+    n3 = degrees_of_freedom(state)
     return (n3 * state.kT * state.eta[:, 0] + state.kT * state.eta[:, 1:].sum(1)
             + (0.5 * state.p_eta**2 / state.Q).sum(1))
 
@@ -131,7 +146,7 @@ def nhc_propagate(state: NHCState, delta: float, tloop: int = 1) -> None:
     m = state.batch.masses[:n]
     p = state.momenta[:n]
     k2 = torch.zeros_like(state.kT).index_add_(0, sys_idx, (p * p / m[:, None]).sum(-1))
-    n3kT = (3 * state.batch.atoms_per_system).to(state.kT.dtype) * state.kT
+    n3kT = degrees_of_freedom(state) * state.kT
     from geodite_sim.dynamics.nhc_chain import chain_sweeps_fused
 
     pe, eta, scale = chain_sweeps_fused(k2, n3kT, state.kT, state.Q, state.p_eta, state.eta, delta, tloop)

@@ -27,12 +27,17 @@ def system_seed(seed: int, index: int, stream: int = 1) -> int:
 def maxwell_boltzmann(atoms: Atoms, temperature_K: float, seed: int, index: int) -> np.ndarray:
     """[N, 3] ASE momenta (amu·Å/t) drawn at ``temperature_K`` with zero total momentum.
 
-    The atoms object is not modified. A temperature of 0 (or a single atom) gives zeros.
+    The atoms object is not modified. A temperature of 0 (or a single atom) gives zeros. Its
+    constraints (FixAtoms, FixCartesian) act as in ASE: fixed components get zero momenta and the
+    temperature is that of the remaining degrees of freedom.
     """
     n = len(atoms)
     if temperature_K <= 0 or n < 2:
         return np.zeros((n, 3))
     tmp = Atoms(numbers=atoms.numbers, positions=atoms.positions, masses=atoms.get_masses())
+    tmp.set_constraint([c.copy() for c in atoms.constraints])
+    if tmp.get_number_of_degrees_of_freedom() <= 0:  # everything fixed
+        return np.zeros((n, 3))
     thermalize_momenta(tmp, temperature_K, rng=structure_rng(seed, index))
     Stationary(tmp, preserve_temperature=True)
     return tmp.get_momenta()

@@ -26,7 +26,7 @@ import torch
 from ase import units
 
 from geodite_sim.batch import Batch
-from geodite_sim.dynamics.fire import FireParams, FireState, fire_init, fire_step
+from geodite_sim.dynamics.fire import FireParams, FireState, fire_converged, fire_init, fire_move
 from geodite_sim.dynamics.langevin import LangevinState, langevin_step
 from geodite_sim.dynamics.nose_hoover import init_chain, nhc_conserved, nhc_step
 from geodite_sim.dynamics.verlet import MDState, kinetic_energy, nve_conserved, verlet_step
@@ -99,26 +99,35 @@ def _constrained(c, batch: Batch, ev: Evaluation) -> Evaluation:
     return Evaluation(ev.energy, c.adjust_forces(ev.forces, batch), c.adjust_stress(ev.stress, batch))
 
 
-def _fire_init(batch: Batch, ev: Evaluation, per_system: dict, settings: dict) -> RelaxState:
-    from geodite_sim.model.strain import cell_volumes
+def _fire_init(cell: bool):
+    def init(batch: Batch, ev: Evaluation, per_system: dict, settings: dict) -> RelaxState:
+        from geodite_sim.model.strain import cell_volumes
 
-    c = per_system.get("constraints")
-    state = fire_init(batch, per_system["relax_cell"], settings["fire"], settings.get("cell_factor"),
-                      state_cls=RelaxState, volume0=cell_volumes(batch.cell), constraints=c)
-    ev = _constrained(c, batch, ev)
-    return replace(state, energy=ev.energy, forces=ev.forces, stress=ev.stress)
+        c = per_system.get("constraints")
+        state = fire_init(batch, per_system["relax_cell"], settings["fire"], settings.get("cell_factor"),
+                          state_cls=RelaxState, volume0=cell_volumes(batch.cell), constraints=c)
+        ev = _constrained(c, batch, ev)
+        state = replace(state, energy=ev.energy, forces=ev.forces, stress=ev.stress)
+        # converged (or max_steps = 0) at the start: done now, retired without a step
+        return fire_converged(state, settings["fmax"], settings["max_steps"], cell=cell)
+
+    return init
 
 
 def _fire_step(cell: bool):
+    """Move, evaluate, then ASE's convergence test at the new evaluation (so a system that converged is done
+    right after the step that got it there and leaves at the next check without another model call)."""
+
     def step(state: RelaxState, force_fn, settings: dict) -> RelaxState:
         c = state.constraints
-        new = fire_step(state, settings["fmax"], settings["max_steps"], settings["fire"], cell=cell)
+        new = fire_move(state, settings["fire"], cell=cell)
         if c is not None and not c.is_empty:  # FixSymmetry/FixAtoms when the filter sets cell and positions
             new_cell, _ = c.adjust_cell(state.batch.cell, new.batch.cell)
             pos = c.adjust_positions(state.batch, new.batch.positions, new_cell)
             new = replace(new, batch=new.batch.with_positions(pos, new_cell))
         ev = _constrained(c, new.batch, force_fn(new.batch))
-        return replace(new, energy=ev.energy, forces=ev.forces, stress=ev.stress)
+        new = replace(new, energy=ev.energy, forces=ev.forces, stress=ev.stress)
+        return fire_converged(new, settings["fmax"], settings["max_steps"], cell=cell)
 
     return step
 
@@ -131,18 +140,20 @@ def _fire_done(state) -> torch.Tensor:
     return state.done
 
 
-register(Integrator("fire", "relax", _fire_init, _fire_step(False), _n_steps, _fire_done, needs_stress=True,
+register(Integrator("fire", "relax", _fire_init(False), _fire_step(False), _n_steps, _fire_done, needs_stress=True,
                     description="FIRE on the atoms (ase.optimize.FIRE)"))
-register(Integrator("fire_frechet", "relax", _fire_init, _fire_step(True), _n_steps, _fire_done, needs_stress=True,
+register(Integrator("fire_frechet", "relax", _fire_init(True), _fire_step(True), _n_steps, _fire_done,
+                    needs_stress=True,
                     description="FIRE on atoms + cell (ase.optimize.FIRE on ase.filters.FrechetCellFilter)"))
 
 
 # ---------------------------------------------------------------------------------------------- MD
 def md_base_state(batch: Batch, ev: Evaluation, per_system: dict) -> MDState:
-    """The fields every MD state has: momenta, kT, step counters, seeds, energy/forces/stress at step 0."""
+    """The fields every MD state has: momenta, kT, step counters, seeds, energy/forces/stress at step 0, and
+    the constraints (FixAtoms/FixCartesian; None when the admitted systems have none)."""
     return MDState(batch=batch, energy=ev.energy, forces=ev.forces, stress=ev.stress, momenta=per_system["momenta"],
                    kT=per_system["kT"], step=per_system["step"], target_steps=per_system["target_steps"],
-                   seed=per_system["seed"])
+                   seed=per_system["seed"], constraints=per_system.get("constraints"))
 
 
 def _as(cls, state: MDState, **extra):
