@@ -10,7 +10,7 @@ Layout (h5py)::
         cell           [T, 3, 3]  Å, rows = lattice vectors
         energy         [T]        potential energy, eV
         kinetic_energy [T]        eV
-        temperature    [T]        2 KE / (3 N k_B), K
+        temperature    [T]        2 KE / (N_dof k_B), K (N_dof = 3N minus what constraints remove)
         conserved      [T]        NHC conserved quantity, or total energy (NVE, Langevin), eV
         step           [T]        int64 step of the frame (0 = initial structure)
         momenta        [T, N, 3]  amu·Å/t (ASE units), only when requested
@@ -253,6 +253,18 @@ def read_trajectory(path: str | Path, system: int | None = None, index: slice | 
         a.calc = SinglePointCalculator(a, energy=float(data["energy"][t]))
         frames.append(a)
     return frames
+
+
+def read_series(path: str | Path, name: str, system: int | None = None) -> np.ndarray:
+    """One per-frame dataset of one system (``temperature``, ``energy``, ``conserved``, ``step``, ``cell`` ...)
+    as an array [T, ...] — without building an Atoms per frame (:func:`read_trajectory` does that)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        g, system = system_group(f, system, path)
+        if name not in g:
+            raise KeyError(f"{path}: system {system} has no dataset {name!r} (has {sorted(g.keys())})")
+        return g[name][()]
 
 
 def export_extxyz(path: str | Path, out: str | Path, system: int | None = None) -> int:

@@ -10,12 +10,25 @@ import pytest
 import torch
 from ase import Atoms
 from ase.build import bulk, molecule
+from threadpoolctl import threadpool_limits
 
 from geodite_sim.model import Geodite, GeoditeConfig, load_model
 from geodite_sim.model.checkpoint import prepare_for_inference
 from geodite_sim.pair_potential import MorsePotential
 
 DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread (torch and BLAS) for a module of small problems, restored afterwards: on a shared
+    2-core machine tiny matrices run fastest on one thread, with no spin contention. Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(n)
 
 
 def tiny_geodite(dtype: torch.dtype = torch.float64, seed: int = 0, channels: int = 16, layers: int = 2) -> Geodite:

@@ -145,12 +145,16 @@ def test_canonical_kinetic_energy_free_gas():
 
 @pytest.mark.slow
 def test_canonical_kinetic_energy_free_gas_long():
-    _canonical_check(64, 10, 40000, 20)
+    """320 systems x 10,000 steps instead of 64 x 40,000: as many samples of K (3.2e6 vs 2.6e6; measured
+    standard errors 0.0009 and 0.0041 against 0.0009 and 0.0042, so the same tolerance and power) in ~40 % of the
+    time (a step of 320 systems costs ~1.6x one of 64). The finite-run bias of each system's variance estimate,
+    ~2 taut/steps = 0.4 %, stays well inside the 1 % margin."""
+    _canonical_check(320, 10, 10000, 20)
 
 
-def _crystal(steps, n_copies, T=500.0):
+def _crystal(steps, n_copies, T=500.0, backend="auto"):
     model = morse()
-    force_fn = make_force_fn(model)
+    force_fn = make_force_fn(model, backend)
     systems = []
     for i in range(n_copies):
         a = cu((2, 2, 2), seed=i)

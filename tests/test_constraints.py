@@ -22,7 +22,6 @@ from ase.filters import FrechetCellFilter
 from ase.optimize import FIRE
 from ase.spacegroup import crystal
 from ase.stress import full_3x3_to_voigt_6_stress, voigt_6_to_full_3x3_stress
-from threadpoolctl import threadpool_limits
 
 from geodite_sim.batch import Batch
 from geodite_sim.dynamics.constraints import (
@@ -38,13 +37,7 @@ from geodite_sim.pair_potential import MorsePotential
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def symmetric_crystals() -> dict[str, Atoms]:

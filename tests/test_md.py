@@ -22,7 +22,7 @@ from geodite_sim import run_md
 from geodite_sim.dynamics.velocities import maxwell_boltzmann
 from geodite_sim.monitors import Monitors
 from geodite_sim.pair_potential import MorsePotential
-from geodite_sim.trajectory import read_trajectory, trajectory_systems
+from geodite_sim.trajectory import read_series, read_trajectory, trajectory_systems
 
 MORSE = dict(epsilon=0.35, rho0=4.5, r0=2.55, rcut1=1.6, rcut2=2.2)
 
@@ -64,7 +64,7 @@ def small_crystals(n: int, target: float) -> list[Atoms]:
 
 
 def canonical_check(path, n_systems: int, target: float, n_atoms: int, skip: float):
-    temps = np.array([[f.info["temperature"] for f in read_trajectory(path, system=s)] for s in range(n_systems)])
+    temps = np.array([read_series(path, "temperature", s) for s in range(n_systems)])
     temps = temps[:, int(skip * temps.shape[1]):]
     mean = temps.mean()
     rel_var = temps.var() / target**2
@@ -87,7 +87,7 @@ def test_nhc_canonical_light(morse, tmp_path):
     assert abs(mean - target) / target < 0.02
     assert abs(rel_var / expected - 1) < 0.25
     for s in range(32):
-        c = np.array([f.info["conserved"] for f in read_trajectory(path, system=s)])
+        c = read_series(path, "conserved", s)
         assert np.abs(c - c[0]).max() / 8 < 5e-3
 
 
@@ -106,7 +106,7 @@ def test_nhc_canonical(morse, tmp_path):
     assert abs(mean - target) / target < 0.02
     assert abs(rel_var / expected - 1) < 0.1
     for s in range(64):
-        c = np.array([f.info["conserved"] for f in read_trajectory(path, system=s)])
+        c = read_series(path, "conserved", s)
         assert np.abs(c - c[0]).max() / 8 < 5e-3
 
 
@@ -119,8 +119,7 @@ def test_langevin_crystal_temperature(morse, tmp_path):
                  steps=400, trajectory=path, frame_every=2, progress=False)
     assert all(r.error is None for r in res)
     for target in (300.0, 700.0):
-        t = np.concatenate([[f.info["temperature"] for f in read_trajectory(path, system=s)][50:]
-                            for s in range(16) if temps[s] == target])
+        t = np.concatenate([read_series(path, "temperature", s)[50:] for s in range(16) if temps[s] == target])
         print(f"Langevin: <T> = {t.mean():.1f} K (target {target})")
         assert abs(t.mean() - target) / target < 0.05
 

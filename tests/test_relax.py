@@ -18,7 +18,6 @@ from ase import Atoms
 from ase.build import bulk
 from ase.io import read, write
 from conftest import tiny_geodite
-from threadpoolctl import threadpool_limits
 
 import geodite_sim as gs
 from geodite_sim.pair_potential import MorsePotential
@@ -28,13 +27,7 @@ from geodite_sim.relax import estimate_capacity
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def copper_like(n: int, seed: int = 0) -> list[Atoms]:
@@ -279,12 +272,27 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 def _cli(*args, **kw) -> subprocess.Popen:
+    """``geodite-sim relax ARGS`` in a new process (for the tests that kill it)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "geodite_sim", "relax", *map(str, args)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def test_cli_duplicate_inputs_are_kept_and_a_rerun_is_a_noop(tmp_path, tiny_checkpoint):
+def _main(capsys, *args) -> tuple[int, str]:
+    """``geodite-sim relax ARGS`` through ``geodite_sim.cli.main`` in this process (no interpreter start-up):
+    the exit code and stdout + stderr."""
+    from geodite_sim.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main(["relax", *map(str, args)])
+    except SystemExit as exc:  # argparse usage errors
+        rc = exc.code
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+def test_cli_duplicate_inputs_are_kept_and_a_rerun_is_a_noop(tmp_path, tiny_checkpoint, capsys):
     """``relax a.cif a.cif b.cif``: three rows and three structures; the re-run keeps all of them and
     rewrites nothing (this used to lose a row and cut relaxed.extxyz from 3 structures to 1)."""
     a, b = tmp_path / "a.cif", tmp_path / "b.cif"
@@ -293,29 +301,28 @@ def test_cli_duplicate_inputs_are_kept_and_a_rerun_is_a_noop(tmp_path, tiny_chec
     out = tmp_path / "out"
     args = [a, a, b, "--out", out, "--model", tiny_checkpoint, "--dtype", "float64", "--max-steps", "3",
             "--no-progress"]
-    stdout, _ = _cli(*args).communicate(timeout=300)
-    assert "3 structures:" in stdout, stdout
+    rc, stdout = _main(capsys, *args)
+    assert rc == 0 and "3 structures:" in stdout, stdout
     table = json.loads((out / "results.json").read_text())
     assert [r["input"] for r in table] == [0, 1, 2] and [r["path"] for r in table] == [str(a), str(a), str(b)]
     assert len(read(out / "relaxed.extxyz", ":")) == 3
     assert table[0]["energy"] == table[1]["energy"]
     files = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir() if p.is_file()}
-    stdout, _ = _cli(*args).communicate(timeout=300)
-    assert "relaxed 0 new structure(s)" in stdout and "skipped 3 already done" in stdout, stdout
+    rc, stdout = _main(capsys, *args)
+    assert rc == 0 and "relaxed 0 new structure(s)" in stdout and "skipped 3 already done" in stdout, stdout
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir() if p.is_file()} == files
     assert len(read(out / "relaxed.extxyz", ":")) == 3
     # other settings or other inputs at a stored position are refused, and nothing is touched
-    proc = _cli(*args[:-1], "--fmax", "0.01", "--no-progress")
-    stdout, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 2 and "fmax: 0.05 -> 0.01" in stdout, stdout
-    proc = _cli(b, a, *args[2:])
-    stdout, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 2 and "inputs differ" in stdout, stdout
+    rc, stdout = _main(capsys, *args[:-1], "--fmax", "0.01", "--no-progress")
+    assert rc == 2 and "fmax: 0.05 -> 0.01" in stdout, stdout
+    rc, stdout = _main(capsys, b, a, *args[2:])
+    assert rc == 2 and "inputs differ" in stdout, stdout
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir() if p.is_file()} == files
 
 
-def test_cli_kill_and_resume(tmp_path, tiny_checkpoint):
-    """Kill the CLI mid-run (SIGKILL), run it again: every input exactly once, no duplicate structures."""
+def test_cli_kill_and_resume(tmp_path, tiny_checkpoint, capsys):
+    """Kill the CLI process mid-run (SIGKILL), run it again: every input exactly once, no duplicate structures.
+    (The resuming run goes through ``cli.main`` in this process: the same code, one start-up less.)"""
     inputs = tmp_path / "in"
     inputs.mkdir()
     n_expected = 0
@@ -347,9 +354,8 @@ def test_cli_kill_and_resume(tmp_path, tiny_checkpoint):
     done_first = records.read_text().count("\n")
     assert 4 <= done_first < n_expected
 
-    proc = _cli(*args)
-    stdout, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 1, stdout  # bad.cif failed (reported), the others ran: exit code 1
+    rc, stdout = _main(capsys, *args)
+    assert rc == 1, stdout  # bad.cif failed (reported), the others ran: exit code 1
     assert f"skipped {done_first} already done" in stdout
     table = json.loads((out / "results.json").read_text())
     keys = [r["key"] for r in table]
@@ -365,13 +371,13 @@ def test_cli_kill_and_resume(tmp_path, tiny_checkpoint):
     assert "converged" in stdout and "failed" in stdout
 
 
-def test_cli_example_structures(tmp_path, tiny_checkpoint):
+def test_cli_example_structures(tmp_path, tiny_checkpoint, capsys):
     """Every example structure reads and runs; the table lists them all."""
     files = sorted((REPO / "examples" / "structures").iterdir())
     assert 30 <= len(files) <= 60
-    proc = _cli(*files, "--out", tmp_path / "demo", "--model", tiny_checkpoint, "--max-steps", "2", "--no-progress")
-    stdout, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stdout
+    rc, stdout = _main(capsys, *files, "--out", tmp_path / "demo", "--model", tiny_checkpoint, "--max-steps", "2",
+                       "--no-progress")
+    assert rc == 0, stdout
     table = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert len(table) == len(files)
     assert all(r["error"] is None for r in table), [r["error"] for r in table if r["error"]]

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_geodite
 
 from geodite_sim.batch import Batch
 from geodite_sim.benchmarking import count_flops
 from geodite_sim.neighbors import neighbor_list
 from geodite_sim.speed_protocol import _layer_flops_counted, acceptance_checks, layer_flops_by_hand, main, silicon
-from tests.conftest import tiny_geodite
 
 
 @pytest.mark.parametrize("channels,layers", [(16, 2), (24, 3)])

@@ -32,13 +32,7 @@ from geodite_sim.store import read_records
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models on a shared 2-core machine: one intra-op thread is much faster (no spin contention)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -519,8 +513,11 @@ def test_cli_screen(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_cli_resume_after_sigkill(tmp_path):
-    """Kill a running ``geodite-sim screen`` with SIGKILL, re-run it: same table as an uninterrupted run."""
+def test_cli_resume_after_sigkill(tmp_path, capsys):
+    """Kill a running ``geodite-sim screen`` process with SIGKILL, re-run it: same table as an uninterrupted run.
+    (The uninterrupted and the resuming runs go through ``cli.main`` in this process: one start-up, not three.)"""
+    from geodite_sim.cli import main
+
     ckpt = _tiny_checkpoint(tmp_path / "tiny.ckpt")
     cdir, rdir = _write_inputs(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
@@ -530,7 +527,7 @@ def test_cli_resume_after_sigkill(tmp_path):
                 str(out), "--model", str(ckpt), "--max-steps", "25", "--max-atoms", "4", "--quiet", "--no-plots",
                 "--device", "cpu", "--dtype", "float64"]
 
-    subprocess.run(cmd(tmp_path / "full"), check=True, env=env, capture_output=True, cwd=REPO)
+    assert main(cmd(tmp_path / "full")[3:]) == 0
     log = tmp_path / "part" / st.RELAX_LOG
     proc = subprocess.Popen(cmd(tmp_path / "part"), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -544,6 +541,7 @@ def test_cli_resume_after_sigkill(tmp_path):
     proc.wait()
     n_before = len(read_records(log))  # complete records (a line cut by the kill is ignored)
     assert 4 <= n_before < 12
-    out = subprocess.run(cmd(tmp_path / "part"), check=True, env=env, capture_output=True, text=True, cwd=REPO)
-    assert f"({12 - n_before} relaxed, {n_before} resumed)" in out.stdout
+    capsys.readouterr()
+    assert main(cmd(tmp_path / "part")[3:]) == 0
+    assert f"({12 - n_before} relaxed, {n_before} resumed)" in capsys.readouterr().out
     _assert_same_table(_table(tmp_path / "full" / "results.csv"), _table(tmp_path / "part" / "results.csv"))

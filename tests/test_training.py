@@ -17,6 +17,16 @@ from geodite_sim.training import Sample, Trainer, fit_e0, get_preset, read_sampl
 from geodite_sim.training.data import composition_matrix
 
 
+def _strained_emt_sample(a, rng: np.random.Generator, rattle: float) -> Sample:
+    """``a`` under a random symmetric strain (up to 3 %), rattled by ``rattle`` Å, labelled with EMT."""
+    eps = np.eye(3) + rng.uniform(-0.03, 0.03, (3, 3))
+    a.set_cell(a.cell[:] @ (0.5 * (eps + eps.T)), scale_atoms=True)
+    a.rattle(rattle, seed=int(rng.integers(1000)))
+    a.calc = EMT()
+    a.calc = SinglePointCalculator(a, energy=a.get_potential_energy(), forces=a.get_forces(), stress=a.get_stress())
+    return sample_from_atoms(a)
+
+
 def emt_set(n: int, seed: int = 0) -> list[Sample]:
     """Cubic four-atom Cu/Ni/Al cells (one atom substituted in every other), strained and rattled, EMT labels."""
     rng = np.random.default_rng(seed)
@@ -26,13 +36,7 @@ def emt_set(n: int, seed: int = 0) -> list[Sample]:
         a = bulk(el, "fcc", a={"Cu": 3.61, "Ni": 3.52, "Al": 4.05}[el], cubic=True)
         if k % 2:
             a[0].symbol = "Ni" if el != "Ni" else "Cu"
-        eps = np.eye(3) + rng.uniform(-0.03, 0.03, (3, 3))
-        a.set_cell(a.cell[:] @ (0.5 * (eps + eps.T)), scale_atoms=True)
-        a.rattle(0.05, seed=int(rng.integers(1000)))
-        a.calc = EMT()
-        a.calc = SinglePointCalculator(a, energy=a.get_potential_energy(), forces=a.get_forces(),
-                                       stress=a.get_stress())
-        out.append(sample_from_atoms(a))
+        out.append(_strained_emt_sample(a, rng, rattle=0.05))
     return out
 
 
@@ -54,13 +58,7 @@ def small_cells(n: int, seed: int = 0) -> list[Sample]:
         a = bulk(el, "fcc", a={"Cu": 3.61, "Ni": 3.52, "Al": 4.05}[el]).repeat((2, 1, 1))
         if k >= 3:
             a[0].symbol = "Al"
-        eps = np.eye(3) + rng.uniform(-0.03, 0.03, (3, 3))
-        a.set_cell(a.cell[:] @ (0.5 * (eps + eps.T)), scale_atoms=True)
-        a.rattle(0.08, seed=int(rng.integers(1000)))
-        a.calc = EMT()
-        a.calc = SinglePointCalculator(a, energy=a.get_potential_energy(), forces=a.get_forces(),
-                                       stress=a.get_stress())
-        out.append(sample_from_atoms(a))
+        out.append(_strained_emt_sample(a, rng, rattle=0.08))
     return out
 
 

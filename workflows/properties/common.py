@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -242,6 +242,45 @@ def write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
+def save_record(record: PropertyRecord, out: Path, stem: str,
+                extra: Callable[[Any, Path, str], None] | None = None) -> None:
+    """Write ``out/<stem>.json`` (listed first in ``record.files``); ``extra(record, out, stem)`` writes the
+    workflow's other files (plots, phonopy YAML) and lists them in ``record.files`` before the JSON is written."""
+    out.mkdir(parents=True, exist_ok=True)
+    record.files["json"] = str(out / f"{stem}.json")
+    if extra is not None:
+        extra(record, out, stem)
+    write_json(out / f"{stem}.json", record.to_dict())
+
+
+def finish_stage(materials: list[Material], errors: dict[int, str], make_record: Callable[[Material], Any], *,
+                 desc: str, out_dir: str | Path | None = None, names: Sequence[str] | None = None,
+                 extra: Callable[[Any, Path, str], None] | None = None, progress: bool = False) -> list:
+    """The last stage of every per-material workflow: one record per material, in input order.
+
+    A material with an entry in ``errors`` is failed first; ``make_record(material)`` builds its record (and
+    records its own failures); with ``out_dir`` each record is saved by :func:`save_record` under its file stem.
+    """
+    from geodite_sim.progress import Progress
+
+    out = Path(out_dir) if out_dir is not None else None
+    stems = file_stems(materials, names)
+    results = []
+    bar = Progress(total=len(materials), desc=desc, unit="material", enabled=progress)
+    try:
+        for m in materials:
+            if m.ok and m.index in errors:
+                m.fail(errors[m.index])
+            r = make_record(m)
+            if out is not None:
+                save_record(r, out, stems[m.index], extra)
+            results.append(r)
+            bar.finish("done" if r.status == DONE else "failed")
+    finally:
+        bar.close()
+    return results
+
+
 def formula_of(atoms: Atoms | None) -> str:
     return atoms.get_chemical_formula() if atoms is not None else ""
 
@@ -261,3 +300,14 @@ def matplotlib_pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> str:
+    """Lay out, save (creating the folder) and close ``fig``; returns the path as a string."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return str(path)

@@ -36,7 +36,14 @@ from typing import Any
 
 import numpy as np
 from ase import Atoms
-from geodite_sim.workflows.properties.common import DONE, FAILED, jsonable, matplotlib_pyplot, write_json
+from geodite_sim.workflows.properties.common import (
+    DONE,
+    FAILED,
+    jsonable,
+    matplotlib_pyplot,
+    save_figure,
+    write_json,
+)
 
 #: Metric names, in table order.
 METRICS = (
@@ -325,10 +332,7 @@ def plot_grid(results: Sequence[DiatomicResult], path: Path, ncols: int = 8) -> 
         ax.tick_params(labelsize=6)
     fig.supxlabel("r (Å)")
     fig.supylabel("E − E(r_max) (eV)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path, dpi=100)
 
 
 __all__ = ["DiatomicResult", "DiatomicsReport", "diatomic_metrics", "model_elements", "run_diatomics"]

@@ -29,15 +29,15 @@ from geodite_sim.workflows.properties.common import (
     DONE,
     EV_PER_A3_TO_GPA,
     FAILED,
+    Material,
     PropertyRecord,
     admit,
     base_fields,
     check_finite,
-    file_stems,
+    finish_stage,
     ion_relax_stage,
     relax_stage,
     safe_evaluate,
-    write_json,
 )
 
 #: Voigt index -> tensor pair (xx, yy, zz, yz, xz, xy).
@@ -177,7 +177,6 @@ def run_elastic(
         One :class:`ElasticResult` per input, in input order.
     """
     import geodite_sim as gs
-    from geodite_sim.progress import Progress
 
     model = model if model is not None else gs.load_model()
     mags = np.asarray(strains if strains is not None else [-strain, -strain / 2, strain / 2, strain], dtype=float)
@@ -233,35 +232,24 @@ def run_elastic(
                 errors.setdefault(owners[k], bad)
             relaxed_stress[k] = None if r is None else r["stress"]
 
-    stems = file_stems(materials, names)
-    out_path = Path(out_dir) if out_dir is not None else None
-    results = []
-    bar = Progress(total=len(materials), desc="elastic", unit="material", enabled=progress)
     start = {}
     for k, owner in enumerate(owners):
         start.setdefault(owner, k)
-    try:
-        for m in materials:
-            if m.ok and m.index in errors:
-                m.fail(errors[m.index])
-            r = ElasticResult(**base_fields(m), strains=mags.tolist(), ions_relaxed=relax_ions,
-                              structure=m.atoms if m.ok else None)
-            if m.ok:
-                try:
-                    _fill(r, m.atoms, start[m.index], mags, clamped, relaxed_stress, relax_ions)
-                    r.ions_converged = converged.get(m.index) if relax_ions else None
-                    if r.ions_converged is False:
-                        r.warnings.append("some fixed-cell ionic relaxations did not converge")
-                except Exception as exc:  # noqa: BLE001 - this material's failure only
-                    r.status, r.error = FAILED, f"elastic fit failed: {type(exc).__name__}: {exc}"
-            if out_path is not None:
-                r.files["json"] = str(out_path / f"{stems[m.index]}.json")
-                write_json(out_path / f"{stems[m.index]}.json", r.to_dict())
-            results.append(r)
-            bar.finish("done" if r.status == DONE else "failed")
-    finally:
-        bar.close()
-    return results
+
+    def record(m: Material) -> ElasticResult:
+        r = ElasticResult(**base_fields(m), strains=mags.tolist(), ions_relaxed=relax_ions,
+                          structure=m.atoms if m.ok else None)
+        if m.ok:
+            try:
+                _fill(r, m.atoms, start[m.index], mags, clamped, relaxed_stress, relax_ions)
+                r.ions_converged = converged.get(m.index) if relax_ions else None
+                if r.ions_converged is False:
+                    r.warnings.append("some fixed-cell ionic relaxations did not converge")
+            except Exception as exc:  # noqa: BLE001 - this material's failure only
+                r.status, r.error = FAILED, f"elastic fit failed: {type(exc).__name__}: {exc}"
+        return r
+
+    return finish_stage(materials, errors, record, desc="elastic", out_dir=out_dir, names=names, progress=progress)
 
 
 def _fill(r: ElasticResult, atoms: Atoms, k0: int, mags: np.ndarray, clamped: list, relaxed: list,

@@ -25,16 +25,17 @@ from geodite_sim.workflows.properties.common import (
     DONE,
     EV_PER_A3_TO_GPA,
     FAILED,
+    Material,
     PropertyRecord,
     admit,
     base_fields,
     check_finite,
-    file_stems,
+    finish_stage,
     ion_relax_stage,
     matplotlib_pyplot,
     relax_stage,
     safe_evaluate,
-    write_json,
+    save_figure,
 )
 
 
@@ -123,7 +124,6 @@ def run_eos(
         One :class:`EOSResult` per input, in input order.
     """
     import geodite_sim as gs
-    from geodite_sim.progress import Progress
 
     model = model if model is not None else gs.load_model()
     eps = np.asarray(strains if strains is not None else volume_points(volume_range, n_points), dtype=float)
@@ -165,41 +165,32 @@ def run_eos(
             energies.setdefault(owner, []).append(r["energy"] if r is not None else math.nan)
             volumes.setdefault(owner, []).append(cell.get_volume())
 
-    out = Path(out_dir) if out_dir is not None else None
-    stems = file_stems(materials, names)
-    results = []
-    bar = Progress(total=len(materials), desc="eos", unit="material", enabled=progress)
-    try:
-        for m in materials:
-            if m.ok and m.index in errors:
-                m.fail(errors[m.index])
-            r = EOSResult(**base_fields(m), eos=eos, volume_strains=eps.tolist(), ions_relaxed=relax_ions,
-                          structure=m.atoms if m.ok else None)
-            if m.ok:
-                r.volumes_A3, r.energies_eV = volumes[m.index], energies[m.index]
-                r.ions_converged = converged.get(m.index) if relax_ions else None
-                try:
-                    for k, v in fit_eos(r.volumes_A3, r.energies_eV, eos).items():
-                        setattr(r, k, v)
-                    if not (min(r.volumes_A3) <= r.v0_A3 <= max(r.volumes_A3)):
-                        r.warnings.append("fitted V0 lies outside the sampled volumes")
-                except Exception as exc:  # noqa: BLE001 - a failed fit is this material's error
-                    r.status, r.error = FAILED, f"EOS fit failed: {type(exc).__name__}: {exc}"
-                if r.ions_converged is False:
-                    r.warnings.append("some fixed-cell ionic relaxations did not converge")
-            if out is not None:
-                r.files["json"] = str(out / f"{stems[m.index]}.json")
-                if plots and r.status == DONE:
-                    try:
-                        r.files["eos_png"] = plot_eos(r, out / f"{stems[m.index]}_eos.png")
-                    except Exception as exc:  # noqa: BLE001
-                        r.warnings.append(f"EOS plot failed: {exc}")
-                write_json(out / f"{stems[m.index]}.json", r.to_dict())
-            results.append(r)
-            bar.finish("done" if r.status == DONE else "failed")
-    finally:
-        bar.close()
-    return results
+    def record(m: Material) -> EOSResult:
+        r = EOSResult(**base_fields(m), eos=eos, volume_strains=eps.tolist(), ions_relaxed=relax_ions,
+                      structure=m.atoms if m.ok else None)
+        if m.ok:
+            r.volumes_A3, r.energies_eV = volumes[m.index], energies[m.index]
+            r.ions_converged = converged.get(m.index) if relax_ions else None
+            try:
+                for k, v in fit_eos(r.volumes_A3, r.energies_eV, eos).items():
+                    setattr(r, k, v)
+                if not (min(r.volumes_A3) <= r.v0_A3 <= max(r.volumes_A3)):
+                    r.warnings.append("fitted V0 lies outside the sampled volumes")
+            except Exception as exc:  # noqa: BLE001 - a failed fit is this material's error
+                r.status, r.error = FAILED, f"EOS fit failed: {type(exc).__name__}: {exc}"
+            if r.ions_converged is False:
+                r.warnings.append("some fixed-cell ionic relaxations did not converge")
+        return r
+
+    def write_plot(r: EOSResult, out: Path, stem: str) -> None:
+        if plots and r.status == DONE:
+            try:
+                r.files["eos_png"] = plot_eos(r, out / f"{stem}_eos.png")
+            except Exception as exc:  # noqa: BLE001
+                r.warnings.append(f"EOS plot failed: {exc}")
+
+    return finish_stage(materials, errors, record, desc="eos", out_dir=out_dir, names=names, extra=write_plot,
+                        progress=progress)
 
 
 def plot_eos(r: EOSResult, path: Path) -> str:
@@ -207,7 +198,6 @@ def plot_eos(r: EOSResult, path: Path) -> str:
     from ase.eos import birchmurnaghan, murnaghan, vinet
 
     plt = matplotlib_pyplot()
-    path.parent.mkdir(parents=True, exist_ok=True)
     v = np.asarray(r.volumes_A3)
     fig, ax = plt.subplots(figsize=(4.8, 3.6))
     ax.plot(v, r.energies_eV, "o", label="model")
@@ -220,10 +210,7 @@ def plot_eos(r: EOSResult, path: Path) -> str:
     ax.set_ylabel("energy (eV)")
     ax.set_title(f"{r.formula}: V0 {r.v0_A3:.3f} Å³")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path)
 
 
 __all__ = ["EOSResult", "fit_eos", "run_eos", "scaled_copy", "volume_points"]

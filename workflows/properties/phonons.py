@@ -34,11 +34,11 @@ from geodite_sim.workflows.properties.common import (
     admit,
     base_fields,
     check_finite,
-    file_stems,
+    finish_stage,
     matplotlib_pyplot,
     relax_stage,
     safe_evaluate,
-    write_json,
+    save_figure,
 )
 
 
@@ -172,7 +172,6 @@ def run_phonons(
         One :class:`PhononResult` per input, in input order.
     """
     import geodite_sim as gs
-    from geodite_sim.progress import Progress
 
     model = model if model is not None else gs.load_model()
     materials = admit(structures, labels)
@@ -213,28 +212,21 @@ def run_phonons(
             per_material.setdefault(owner, []).append(res["forces"])
 
     # 3. phonopy post-processing, per material
-    out = Path(out_dir) if out_dir is not None else None
-    stems = file_stems(materials, names)
-    results = []
-    bar = Progress(total=len(materials), desc="phonons", unit="material", enabled=progress)
-    try:
-        for m in materials:
-            if m.ok and m.index in errors:
-                m.fail(errors[m.index])
-            res = PhononResult(**base_fields(m), displacement_A=displacement, temperature_K=temperature,
-                               structure=m.atoms if m.ok else None)
-            if m.ok:
-                try:
-                    _postprocess(res, m, phonons[m.index], per_material[m.index], mesh, temperature, imaginary_tol)
-                except Exception as exc:  # noqa: BLE001 - one material's phonopy failure stays its own
-                    res.status, res.error = FAILED, f"phonopy post-processing failed: {type(exc).__name__}: {exc}"
-            if out is not None:
-                _write(res, out, stems[m.index], plots and res.status == DONE, band_points)
-            results.append(res)
-            bar.finish("done" if res.status == DONE else "failed")
-    finally:
-        bar.close()
-    return results
+    def record(m: Material) -> PhononResult:
+        res = PhononResult(**base_fields(m), displacement_A=displacement, temperature_K=temperature,
+                           structure=m.atoms if m.ok else None)
+        if m.ok:
+            try:
+                _postprocess(res, m, phonons[m.index], per_material[m.index], mesh, temperature, imaginary_tol)
+            except Exception as exc:  # noqa: BLE001 - one material's phonopy failure stays its own
+                res.status, res.error = FAILED, f"phonopy post-processing failed: {type(exc).__name__}: {exc}"
+        return res
+
+    def write_files(res: PhononResult, out: Path, stem: str) -> None:
+        _write_files(res, out, stem, plots and res.status == DONE, band_points)
+
+    return finish_stage(materials, errors, record, desc="phonons", out_dir=out_dir, names=names, extra=write_files,
+                        progress=progress)
 
 
 def _postprocess(res: PhononResult, m: Material, ph, forces: list[np.ndarray], mesh, temperature: float,
@@ -282,9 +274,8 @@ def band_path(atoms: Atoms) -> tuple[list[list[np.ndarray]], list[list[str]]]:
     return points, segments
 
 
-def _write(res: PhononResult, out: Path, stem: str, plots: bool, band_points: int) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    res.files["json"] = str(out / f"{stem}.json")
+def _write_files(res: PhononResult, out: Path, stem: str, plots: bool, band_points: int) -> None:
+    """phonopy YAML (force sets and displacements) and the DOS / band plots, listed in ``res.files``."""
     if res.status == DONE and res.phonopy is not None:
         yaml = out / f"{stem}_phonopy.yaml"
         res.phonopy.save(filename=str(yaml), settings={"force_sets": True, "displacements": True})
@@ -298,7 +289,6 @@ def _write(res: PhononResult, out: Path, stem: str, plots: bool, band_points: in
             res.files["bands_png"] = _plot_bands(res, out / f"{stem}_bands.png", band_points)
         except Exception as exc:  # noqa: BLE001
             res.warnings.append(f"band-structure plot failed: {exc}")
-    write_json(out / f"{stem}.json", res.to_dict())
 
 
 def _plot_dos(res: PhononResult, path: Path) -> str:
@@ -310,10 +300,7 @@ def _plot_dos(res: PhononResult, path: Path) -> str:
     ax.set_xlabel("frequency (THz)")
     ax.set_ylabel("DOS (states/THz/cell)")
     ax.set_title(f"{res.formula}: ω_max {res.omega_max_THz:.2f} THz")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path)
 
 
 def _plot_bands(res: PhononResult, path: Path, band_points: int) -> str:
@@ -347,10 +334,7 @@ def _plot_bands(res: PhononResult, path: Path, band_points: int) -> str:
     ax.set_xlim(ticks[0], ticks[-1])
     ax.set_ylabel("frequency (THz)")
     ax.set_title(res.formula)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path)
 
 
 __all__ = ["PhononResult", "auto_supercell", "band_path", "make_phonopy", "run_phonons"]
