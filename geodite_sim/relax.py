@@ -1,12 +1,12 @@
 """``relax_many``: relax many structures with batched FIRE (+ Fréchet cell filter) and continuous batching.
 
-The engine pulls structures lazily from the input stream, packs as many as fit
-into the batch capacity, and loops::
+A front-end of the one runner (:mod:`geodite_sim.runner`, docs/runner.md): it pulls structures
+lazily from the input stream, packs as many as fit into the batch capacity, and loops::
 
+    fire_move                               -> every running system moves one FIRE step
     evaluate the model on the whole batch  -> energy, forces, stress (+ failure checks)
-    fire_step                               -> converged / out of steps / failed systems freeze,
-                                               the others move one FIRE step
-    every ``check_interval`` steps: read the done mask back, emit the finished systems'
+    fire_converged                          -> converged / out of steps systems are done (ASE's test)
+    every ``check_interval`` steps: read the status back, emit the finished systems'
     results and refill their places from the queue
 
 A frozen system keeps its state bit for bit until it is retired, so its result and
@@ -119,16 +119,20 @@ def _time_step(model, batch: Batch, repeats: int = 1) -> float:
 
 
 def _cpu_heuristic(model) -> int:
-    """Atoms per CPU batch from the model's width: keep per-layer edge activations cache-sized.
+    """Atoms per CPU batch from the model's width: as large as the per-layer edge activations stay cache-sized.
 
-    Measured on a 2-core CPU (float32, 1 thread): a 64-channel Geodite runs fastest per atom at
-    64-128 atoms a batch, the 192-channel Geodite-MP configuration at 32-64; pair potentials have
-    no such cliff.
+    A model call has a fixed cost (~12 ms of operator dispatch for the default model on one thread) that only
+    a large batch amortises, until its edge activations outgrow the caches. Measured on this project's 2-core
+    CPU (float32, 1 thread, energy + forces + stress, cells of 2-8 atoms, ~45 edges per atom): the 64-channel
+    geodite-mini costs 715 / 547 / 465 / 414 / 391 µs per atom at 34 / 65 / 135 / 259 / 518 atoms a batch
+    (no cliff up to 512); the 192-channel Geodite-MP architecture (6 Å, ~70 edges per atom) 6.1 / 5.7 / 5.4 /
+    7.4 ms per atom at 34 / 65 / 135 / 259 atoms (a cliff past ~130). Hence 24576 / channels atoms (384 and
+    128), within [32, 512]; pair potentials have no such cliff.
     """
     channels = identity_config(model).get("config", {}).get("hidden_channels")
     if not channels:
         return 256
-    return int(min(256, max(32, 8192 // channels)))
+    return int(min(512, max(32, 24576 // channels)))
 
 
 def _tune_cpu(model, probe: Sequence[Atoms], device, budget_s: float) -> int:
@@ -171,8 +175,8 @@ def estimate_capacity(
     first ones of its input stream); default a 256-atom fcc Cu cell (dense, so estimates err on the
     safe side).
 
-    - CPU: throughput, not memory, is the limit: a batch too large for the caches costs more per atom
-      (measured: +30 to +180 % per edge from 64 to 512 atoms for Geodite). Default: a rule on the
+    - CPU: throughput, not memory, is the limit: a batch too large for the caches costs more per atom,
+      one too small pays the fixed cost of a model call for few atoms (:func:`_cpu_heuristic`). Default: a rule on the
       model's width (:func:`_cpu_heuristic`, deterministic and free); ``tune=True`` times the model on
       probe batches instead (cached per model, dtype and device; at most ``tune_budget_s``).
     - CUDA: the memory model of :mod:`geodite_sim.memory` (peak bytes of one energy+forces+stress

@@ -193,3 +193,147 @@ def test_one_step_too_large_for_the_skin_grows_it():
     small = relax_many([a], model, fmax=0.01, progress=False, config=StepConfig(skin=0.01))[0]
     assert ref.converged and small.converged and ref.n_steps == small.n_steps
     np.testing.assert_allclose(small.structure.cell[:], ref.structure.cell[:], rtol=0, atol=1e-10)
+
+
+def _padded(structures, dtype=torch.float64):
+    from geodite_sim.batch import Batch
+    from geodite_sim.runner.edges import padding_cell
+    from geodite_sim.runner.engine import _Bare, _pad_state
+
+    b = Batch.from_atoms(structures, dtype=dtype)
+    return _pad_state(_Bare(batch=b), b.n_atoms + 1, b.n_systems, padding_cell(3.0, dtype, "cpu")).batch
+
+
+def _same_buffer(a, b):
+    assert a.n_valid == b.n_valid
+    for name in ("sender", "receiver", "shifts", "real", "ref_positions", "ref_full_cell", "ref_cell_inv", "skin"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_remap_and_drop_give_the_fresh_edge_list():
+    """``edges.remap`` (survivors keep their edges, indices remapped, no search) and ``edges.drop`` give exactly
+    the buffer a fresh build of the same systems at the same positions gives (canonical order, references)."""
+    from geodite_sim.runner.edges import drop, make_buffer, remap
+
+    structs = _cells(4)
+    old = _padded(structs)
+    skin = torch.full((5,), 0.5, dtype=torch.float64)
+    buf = make_buffer(old, torch.arange(4), 2.2, skin, "torch", static=False)
+    keep = [0, 2, 3]
+    new = _padded([structs[k] for k in keep])
+    fresh = make_buffer(new, torch.arange(3), 2.2, skin[:4], "torch", static=False)
+    for rebuilt in ([], [1], [0, 2]):  # survivors rebuilt at unchanged positions: the same edges again
+        out = remap(buf, old, torch.tensor(keep), new, torch.tensor(rebuilt, dtype=torch.long), skin[:4], "torch",
+                    static=False)
+        _same_buffer(out, fresh)
+    dropped = drop(buf, old, torch.tensor([1]), static=False)
+    only = make_buffer(old, torch.tensor([0, 2, 3]), 2.2, skin, "torch", static=False)
+    assert dropped.n_valid == only.n_valid
+    for name in ("sender", "receiver", "shifts", "real"):
+        assert torch.equal(getattr(dropped, name), getattr(only, name)), name
+
+
+class _Steps:
+    """Observer: engine steps run (sum over checks) and the runner."""
+
+    def __init__(self):
+        self.steps, self.runner, self.vacated = 0, None, 0
+
+    def on_start(self, runner):
+        self.runner = runner
+        original = runner._vacate
+
+        def vacate(slots, n_atoms):
+            self.vacated += len(slots)
+            return original(slots, n_atoms)
+
+        runner._vacate = vacate
+
+    def on_check(self, event):
+        self.steps += event.steps
+
+
+def test_a_relaxation_takes_one_model_call_per_step():
+    """Convergence is tested right after each evaluation (ASE's ``irun``): a structure alone takes exactly
+    ``n_steps`` engine steps (no extra step to find out it has converged), and one converged at the start
+    takes none."""
+    model = MorsePotential(epsilon=0.35, rho0=4.5, r0=2.55, rcut1=1.6, rcut2=2.2)
+    a = bulk("Cu", "fcc", 3.7) * (2, 1, 1)
+    a.rattle(0.05, seed=2)
+    cfg = StepConfig(skin=1.0, inner_skin=None)  # a skin that never parks: every engine step is a FIRE step
+    obs = _Steps()
+    res = relax_many([a], model, fmax=0.01, progress=False, observers=[obs], config=cfg)[0]
+    assert res.converged and res.n_steps > 5
+    assert obs.steps == res.n_steps
+    again = _Steps()
+    res2 = relax_many([res.structure], model, fmax=0.01, progress=False, observers=[again], config=cfg)[0]
+    assert res2.converged and res2.n_steps == 0 and again.steps == 0
+    assert res2.energy == pytest.approx(res.energy, abs=1e-12)
+
+
+def test_vacated_slots_and_deferred_refills_do_not_change_results():
+    """Retired systems that leave their atoms in the batch (vacated, edges dropped) and refills deferred until
+    enough atoms are free give every structure the result of an immediate re-pack and refill, bit for bit."""
+    model = MorsePotential(epsilon=0.35, rho0=4.5, r0=2.55, rcut1=1.6, rcut2=2.2)
+    structs = []
+    for k in range(12):
+        s = bulk("Cu", "fcc", 3.55 + 0.02 * k) * ((1, 1, 1), (2, 1, 1), (2, 2, 1))[k % 3]
+        s.rattle(0.03 + 0.01 * (k % 4), seed=k)
+        structs.append(s)
+    kw = dict(fmax=0.01, progress=False, max_atoms=16)
+    eager = relax_many(structs, model, config=StepConfig(vacant_fraction=0.0, refill_fraction=0.0), **kw)
+    obs = _Steps()
+    lazy = relax_many(structs, model, config=StepConfig(vacant_fraction=0.9, refill_fraction=0.5), observers=[obs],
+                      **kw)
+    assert obs.vacated > 0
+    for a, b in zip(eager, lazy, strict=True):
+        assert a.converged and a.n_steps == b.n_steps
+        np.testing.assert_array_equal(a.structure.positions, b.structure.positions)
+        np.testing.assert_array_equal(a.structure.cell[:], b.structure.cell[:])
+
+
+def test_inner_list_is_the_fresh_list_at_its_margin():
+    """``edges.inner`` (a filter of the outer list, no search) = a fresh build at ``cutoff + margin`` of the moved
+    atoms, edge for edge in canonical order, with references at the current positions, whenever the outer list can
+    supply the margin (its staleness bound + margin <= its skin)."""
+    from geodite_sim.runner.edges import inner, make_buffer
+
+    structs = _cells(3)
+    b0 = _padded(structs)
+    outer = make_buffer(b0, torch.arange(3), 2.2, 0.5, "torch", static=False)
+    moved = [s.copy() for s in structs]
+    for k, s in enumerate(moved):
+        s.rattle(0.02, seed=10 + k)
+        s.set_cell(s.cell[:] * 1.005, scale_atoms=True)
+    b1 = _padded(moved)
+    margin = torch.tensor([0.1, 0.15, 0.2, 0.0], dtype=torch.float64)
+    bound = outer.stale_bound(b1.positions, b1.cell, b1.pbc, b1.system_index)
+    assert bool((bound[:3] + margin[:3] <= outer.skin[:3]).all())
+    got = inner(outer, b1, margin, static=False)
+    want = make_buffer(b1, torch.arange(3), 2.2, margin, "torch", static=False)
+    assert got.n_valid == want.n_valid < outer.n_valid
+    _same_buffer(got, want)
+
+
+def test_two_level_lists_do_not_change_relaxations():
+    """Relaxations with the inner list (the CPU default) equal those with the single Verlet list, bit for bit, and
+    the inner list holds fewer edges than the outer one."""
+    model = MorsePotential(epsilon=0.35, rho0=4.5, r0=2.55, rcut1=1.6, rcut2=2.2)
+    structs = _cells(6, seed=4)
+
+    class Sizes(_Steps):
+        sizes: list = []
+
+        def on_check(self, event):
+            r = self.runner
+            if r.state is not None and r._inner is not None:
+                self.sizes.append((r._inner.n_valid, r.edges.n_valid))
+
+    obs = Sizes()
+    two = relax_many(structs, model, fmax=0.01, progress=False, observers=[obs])
+    one = relax_many(structs, model, fmax=0.01, progress=False, config=StepConfig(inner_skin=None))
+    assert obs.runner.two_level and obs.sizes and all(i < o for i, o in obs.sizes)
+    for a, b in zip(one, two, strict=True):
+        assert a.n_steps == b.n_steps and a.converged
+        np.testing.assert_array_equal(a.structure.positions, b.structure.positions)
+        np.testing.assert_array_equal(a.structure.cell[:], b.structure.cell[:])

@@ -14,6 +14,11 @@ cell for systems that relax it)::
     v = v + dt g;  dr = dt v;  if |dr| > maxstep: dr = maxstep dr / |dr|   (|·| over the whole system)
     x = x + dr
 
+The step is two functions, so a caller can test convergence right after each evaluation (as
+ASE's ``irun`` does) instead of at the start of the next step: :func:`fire_converged` (the
+convergence test; caches the generalised forces) and :func:`fire_move` (the move);
+:func:`fire_step` is ``fire_move(fire_converged(state))``.
+
 Dot products and norms run over all of a system's degrees of freedom (3N atoms + 9
 cell), exactly as ASE's ``np.vdot`` over the filter's (N + 3) × 3 array. Per-system
 variables (dt, a, Nsteps, step counts, convergence) are tensors of the state; a
@@ -67,6 +72,8 @@ class FireState(SimState):
         converged: [S] bool, max generalised force norm < fmax at the last evaluation.
         done: [S] bool, converged, out of steps or frozen; a done system no longer moves.
         fmax: [S] max generalised force norm (atoms and cell rows) at the last evaluation, eV/Å.
+        g_atoms, g_cell: [N, 3], [S, 3, 3] generalised forces at the last evaluation (set by
+            :func:`fire_converged`, used by :func:`fire_move`; None: not computed yet).
     """
 
     velocities: torch.Tensor = atom_field(default=None)
@@ -84,6 +91,8 @@ class FireState(SimState):
     converged: torch.Tensor = system_field(default=None)
     done: torch.Tensor = system_field(default=None)
     fmax: torch.Tensor = system_field(default=None)
+    g_atoms: torch.Tensor = atom_field(default=None)
+    g_cell: torch.Tensor = system_field(default=None)
 
 
 def per_system_sum(values: torch.Tensor, system_index: torch.Tensor, n_systems: int) -> torch.Tensor:
@@ -160,6 +169,31 @@ def generalized_forces_of(state: FireState, cell: bool = True) -> tuple[torch.Te
     return g_a, g_c, torch.maximum(norm_a, norm_c)
 
 
+def fire_converged(
+    state: FireState,
+    fmax: float,
+    max_steps: int,
+    frozen: torch.Tensor | None = None,
+    cell: bool = True,
+) -> FireState:
+    """ASE's convergence test at the state's current evaluation (``optimizer.converged()``).
+
+    ``state.forces`` (and ``state.stress`` for cell systems) must hold the model's output at the
+    current positions. A system becomes done when converged (max generalised force norm < fmax, as
+    ASE's ``optimizer.run(fmax)``), when it has taken ``max_steps`` steps, or where ``frozen`` [S]
+    is True (the caller's failure mask); a system that was done keeps ``converged`` and ``fmax``.
+    The generalised forces are cached (``g_atoms``, ``g_cell``) for :func:`fire_move`.
+    """
+    g_a, g_c, fnorm = generalized_forces_of(state, cell)
+    conv_now = fnorm < fmax
+    was_done = state.done
+    done = was_done | conv_now | (state.n_steps >= max_steps)
+    if frozen is not None:
+        done = done | frozen
+    return replace(state, converged=torch.where(was_done, state.converged, conv_now), done=done,
+                   fmax=torch.where(was_done, state.fmax, fnorm), g_atoms=g_a, g_cell=g_c)
+
+
 def fire_step(
     state: FireState,
     fmax: float,
@@ -168,26 +202,24 @@ def fire_step(
     frozen: torch.Tensor | None = None,
     cell: bool = True,
 ) -> FireState:
-    """Check convergence at the current evaluation, then move every unfinished system by one FIRE step.
+    """Check convergence at the current evaluation, then move every unfinished system by one FIRE step
+    (:func:`fire_converged` then :func:`fire_move`; see them for the arguments). No host synchronisation."""
+    return fire_move(fire_converged(state, fmax, max_steps, frozen, cell), params, cell)
 
-    ``state.forces`` (and ``state.stress`` for cell systems) must hold the model's output at the
-    current positions. A system becomes done when converged (max generalised force norm < fmax, as
-    ASE's ``optimizer.run(fmax)``), when it has taken ``max_steps`` steps, or where ``frozen`` [S]
-    is True (the caller's failure mask); done systems are left untouched. ``cell=False`` promises that
-    no system relaxes its cell and skips the filter's arithmetic. No host synchronisation (on the CPU,
-    the matrix exponential reads its squaring count back).
-    """
+
+def fire_move(state: FireState, params: FireParams | None = None, cell: bool = True) -> FireState:
+    """Move every system that is not done by one FIRE step, with the generalised forces cached by
+    :func:`fire_converged` (computed here if absent); done systems are left untouched. ``cell=False``
+    promises that no system relaxes its cell and skips the filter's arithmetic. The new positions are not
+    evaluated (energy/forces/stress still describe the old ones). No host synchronisation."""
     p = params or FireParams()
     b = state.batch
     sys_idx, n_sys = b.system_index, b.n_systems
-    g_a, g_c, fnorm = generalized_forces_of(state, cell)
-    conv_now = fnorm < fmax
-    was_done = state.done
-    converged = torch.where(was_done, state.converged, conv_now)
-    done = was_done | conv_now | (state.n_steps >= max_steps)
-    if frozen is not None:
-        done = done | frozen
-    fnorm = torch.where(was_done, state.fmax, fnorm)
+    if state.g_atoms is None or state.g_cell is None:
+        g_a, g_c, _ = generalized_forces_of(state, cell)
+    else:
+        g_a, g_c = state.g_atoms, state.g_cell
+    done = state.done
     active = ~done
     act_a = active[sys_idx, None]
     act_c = active[:, None, None]
@@ -253,7 +285,4 @@ def fire_step(
         n_pos=torch.where(active, n_pos, state.n_pos),
         started=state.started | active,
         n_steps=state.n_steps + active.long(),
-        converged=converged,
-        done=done,
-        fmax=fnorm,
     )

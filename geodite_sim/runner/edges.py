@@ -27,7 +27,7 @@ never overflows between builds (nothing is added on the device) and is never tru
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -152,20 +152,28 @@ def edge_capacity(n_edges: int, current: int | None, headroom: float = 0.25, sta
 
 
 def build_edges(batch: Batch, systems: torch.Tensor, cutoff: float, skin: torch.Tensor | float, backend: str) -> Edges:
-    """Edges at ``cutoff + skin[s]`` of ``systems`` (global atom indices of ``batch``); ``skin`` [S] or a float."""
+    """Edges at ``cutoff + skin[s]`` of ``systems`` (global atom indices of ``batch``); ``skin`` [S] or a float.
+
+    One neighbour search at the largest radius, then each system's pairs beyond its own radius are dropped
+    (systems' skins differ once some have grown)."""
     if not isinstance(skin, torch.Tensor):
         skin = torch.full((batch.cell.shape[0],), float(skin), dtype=batch.dtype, device=batch.device)
-    parts = []
-    values = skin[systems].tolist()
-    for value in sorted(set(values)):
-        group = systems[torch.as_tensor([v == value for v in values], device=systems.device)]
-        sub = batch.select(group)
-        edges = neighbor_list(sub, cutoff + value, backend)
-        atoms = atom_indices(batch.offsets, group)
-        parts.append(Edges(atoms[edges.sender], atoms[edges.receiver], edges.shifts))
-    if len(parts) == 1:
-        return parts[0]
-    return Edges(*(torch.cat(t) for t in zip(*parts)))
+    if systems.numel() == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=batch.device)
+        return Edges(empty, empty, torch.zeros(0, 3, dtype=torch.long, device=batch.device))
+    values = skin[systems].to(batch.dtype)
+    lo, hi = (float(v) for v in torch.aminmax(values))
+    sub = batch.select(systems)
+    edges = neighbor_list(sub, cutoff + hi, backend)
+    if lo < hi:
+        shifts = edges.shifts.to(sub.dtype)
+        vec = (sub.positions[edges.sender] - sub.positions[edges.receiver]
+               + torch.einsum("ei,eij->ej", shifts, sub.cell[sub.system_index[edges.receiver]]))
+        radius = cutoff + values[sub.system_index[edges.receiver]]
+        keep = (vec * vec).sum(-1) < radius * radius
+        edges = Edges(edges.sender[keep], edges.receiver[keep], edges.shifts[keep])
+    atoms = atom_indices(batch.offsets, systems)
+    return Edges(atoms[edges.sender], atoms[edges.receiver], edges.shifts)
 
 
 def make_buffer(batch: Batch, real_systems: torch.Tensor, cutoff: float, skin: torch.Tensor | float, backend: str,
@@ -187,33 +195,135 @@ def make_buffer(batch: Batch, real_systems: torch.Tensor, cutoff: float, skin: t
                       skin.clone(), float(cutoff), pad_atom, int(edges.sender.shape[0]), int(real_systems.numel()))
 
 
+def _merge(kept: Edges, fresh: Edges, n_atoms: int, dtype: torch.dtype) -> Edges:
+    """``kept`` (canonical order, float shifts) and ``fresh`` edges of other systems, in canonical order.
+
+    Every receiver's edges come from one of the two lists (a system is kept or rebuilt whole), each already
+    ordered by (sender, shift) within a receiver, so a stable sort on the receiver alone merges them."""
+    fresh = canonical_order(fresh, n_atoms)
+    fresh = Edges(fresh.sender, fresh.receiver, fresh.shifts.to(dtype))
+    if fresh.sender.numel() == 0:
+        return kept
+    if kept.sender.numel() == 0:
+        return fresh
+    sender, receiver = torch.cat([kept.sender, fresh.sender]), torch.cat([kept.receiver, fresh.receiver])
+    shifts = torch.cat([kept.shifts, fresh.shifts])
+    order = torch.sort(receiver, stable=True).indices
+    return Edges(sender[order], receiver[order], shifts[order])
+
+
+def _assemble(buf: EdgeBuffer, batch: Batch, kept: Edges, systems: torch.Tensor, backend: str, static: bool,
+              ref_positions: torch.Tensor, ref_cell_inv: torch.Tensor, ref_full_cell: torch.Tensor,
+              skin: torch.Tensor, builds: int) -> EdgeBuffer:
+    """A buffer of ``kept`` edges plus fresh ones of ``systems`` (built now at ``cutoff + skin``), references of
+    ``systems`` reset to the current positions and cell."""
+    pad_atom = batch.positions.shape[0] - 1
+    if systems.numel():
+        fresh = build_edges(batch, systems, buf.cutoff, skin, backend)
+    else:
+        fresh = Edges(*(kept.sender[:0] for _ in range(2)), kept.shifts[:0])
+    edges = _merge(kept, fresh, batch.positions.shape[0], batch.dtype)
+    cap = edge_capacity(edges.sender.shape[0], buf.capacity, static=static)
+    sender, receiver, shifts, real = _pad_to(edges, cap, pad_atom, batch.dtype)
+    if systems.numel():
+        from geodite_sim.dynamics.cell_filter import inv3
+
+        atoms = atom_indices(batch.offsets, systems)
+        ref_positions = ref_positions.clone()
+        ref_positions[atoms] = batch.positions.detach()[atoms]
+        full = complete_cell(batch.cell.detach()[systems], batch.pbc[systems])
+        ref_cell_inv, ref_full_cell = ref_cell_inv.clone(), ref_full_cell.clone()
+        ref_cell_inv[systems] = inv3(full)
+        ref_full_cell[systems] = full
+    return EdgeBuffer(sender, receiver, shifts, real, ref_positions, ref_cell_inv, ref_full_cell, skin, buf.cutoff,
+                      pad_atom, int(edges.sender.shape[0]), builds + int(systems.numel()))
+
+
+def _without(buf: EdgeBuffer, batch: Batch, systems: torch.Tensor) -> Edges:
+    """The stored edges of every system but ``systems`` (canonical order kept)."""
+    n = buf.n_valid
+    gone = torch.zeros(batch.cell.shape[0], dtype=torch.bool, device=batch.device)
+    gone[systems] = True
+    keep = ~gone[batch.system_index[buf.receiver[:n]]]
+    return Edges(buf.sender[:n][keep], buf.receiver[:n][keep], buf.shifts[:n][keep])
+
+
 def rebuild(buf: EdgeBuffer, batch: Batch, systems: torch.Tensor, backend: str, static: bool = True) -> EdgeBuffer:
     """The buffer with ``systems`` rebuilt at their current positions (others' edges and references kept)."""
     if systems.numel() == 0:
         return buf
-    n = buf.n_valid
-    stale = torch.zeros(batch.cell.shape[0], dtype=torch.bool, device=batch.device)
-    stale[systems] = True
-    old = Edges(buf.sender[:n], buf.receiver[:n], buf.shifts[:n].long())
-    keep = ~stale[batch.system_index[old.receiver]]
-    kept = Edges(old.sender[keep], old.receiver[keep], old.shifts[keep])
-    fresh = build_edges(batch, systems, buf.cutoff, buf.skin, backend)
-    edges = canonical_order(Edges(torch.cat([kept.sender, fresh.sender]), torch.cat([kept.receiver, fresh.receiver]),
-                                  torch.cat([kept.shifts, fresh.shifts])), batch.positions.shape[0])
-    cap = edge_capacity(edges.sender.shape[0], buf.capacity, static=static)
-    sender, receiver, shifts, real = _pad_to(edges, cap, buf.pad_atom, batch.dtype)
-    atoms = atom_indices(batch.offsets, systems)
-    ref_pos = buf.ref_positions.clone()
-    ref_pos[atoms] = batch.positions.detach()[atoms]
-    full = complete_cell(batch.cell.detach()[systems], batch.pbc[systems])
+    return _assemble(buf, batch, _without(buf, batch, systems), systems, backend, static, buf.ref_positions,
+                     buf.ref_cell_inv, buf.ref_full_cell, buf.skin, buf.builds)
+
+
+def drop(buf: EdgeBuffer, batch: Batch, systems: torch.Tensor, static: bool = True) -> EdgeBuffer:
+    """The buffer without the edges of ``systems`` (vacated slots whose atoms stay in the batch until a re-pack:
+    they cost no edge work any more). No neighbour search."""
+    if systems.numel() == 0:
+        return buf
+    return _assemble(buf, batch, _without(buf, batch, systems), systems[:0], "torch", static, buf.ref_positions,
+                     buf.ref_cell_inv, buf.ref_full_cell, buf.skin, buf.builds)
+
+
+def inner(outer: EdgeBuffer, batch: Batch, margin: torch.Tensor, capacity: int | None = None,
+          static: bool = True) -> EdgeBuffer:
+    """A Verlet list built *now* from ``outer`` without a neighbour search (host side, at a check).
+
+    Keeps the stored pairs whose current length is below ``cutoff + margin[s]`` (canonical order kept), with
+    references at the current positions and cell and ``margin`` [S] as its skin. It is the complete list at that
+    radius for every system whose ``outer`` staleness bound plus ``margin`` is at most its ``outer`` skin (the
+    caller's promise: such an outer list holds every pair closer than ``cutoff + skin - bound``). Its own
+    :meth:`EdgeBuffer.stale` then guards the steps until the next check, like a fresh build's."""
+    n = outer.n_valid
+    pos, cell = batch.positions.detach(), batch.cell.detach()
+    sender, receiver, shifts = outer.sender[:n], outer.receiver[:n], outer.shifts[:n]
+    vec = pos[sender] + torch.einsum("ei,eij->ej", shifts, cell[batch.system_index[receiver]]) - pos[receiver]
+    radius = outer.cutoff + margin.to(pos.dtype)[batch.system_index[receiver]]
+    keep = (vec * vec).sum(-1) < radius * radius
+    edges = Edges(sender[keep], receiver[keep], shifts[keep])
+    pad_atom = batch.positions.shape[0] - 1
+    cap = edge_capacity(edges.sender.shape[0], capacity, static=static)
+    s_, r_, sh_, real = _pad_to(edges, cap, pad_atom, batch.dtype)
+    full = complete_cell(cell, batch.pbc)
     from geodite_sim.dynamics.cell_filter import inv3
 
-    ref_inv, ref_full = buf.ref_cell_inv.clone(), buf.ref_full_cell.clone()
-    ref_inv[systems] = inv3(full)
-    ref_full[systems] = full
-    return replace(buf, sender=sender, receiver=receiver, shifts=shifts, real=real, ref_positions=ref_pos,
-                   ref_cell_inv=ref_inv, ref_full_cell=ref_full, n_valid=int(edges.sender.shape[0]),
-                   builds=buf.builds + int(systems.numel()))
+    return EdgeBuffer(s_, r_, sh_, real, pos.clone(), inv3(full), full, margin.to(outer.skin.dtype).clone(),
+                      outer.cutoff, pad_atom, int(edges.sender.shape[0]), outer.builds)
 
 
-__all__ = ["EdgeBuffer", "build_edges", "canonical_order", "make_buffer", "padding_cell", "rebuild"]
+def remap(buf: EdgeBuffer, old_batch: Batch, keep: torch.Tensor, batch: Batch, systems: torch.Tensor,
+          skin: torch.Tensor, backend: str, static: bool = True) -> EdgeBuffer:
+    """The buffer of a re-packed batch (host side, at a check).
+
+    ``keep`` [K]: old slots (increasing) that survive as the new slots ``0..K-1`` with their atoms in the same
+    order; they keep their edges and build references (indices remapped, no neighbour search), except those
+    listed in ``systems`` (new slot indices, e.g. parked survivors and newly started systems), which are built
+    now. ``skin`` [S_new]: each new slot's skin, Å."""
+    dev = batch.device
+    old_atoms = atom_indices(old_batch.offsets, keep)
+    mapping = torch.full((old_batch.positions.shape[0],), -1, dtype=torch.long, device=dev)
+    mapping[old_atoms] = torch.arange(old_atoms.numel(), device=dev)
+    n = buf.n_valid
+    new_r = mapping[buf.receiver[:n]]  # -1: a retired system's edge (its senders are its own atoms)
+    ok = new_r >= 0
+    if systems.numel():
+        rebuilt = torch.zeros(batch.cell.shape[0] + 1, dtype=torch.bool, device=dev)
+        rebuilt[systems] = True
+        ok &= ~rebuilt[batch.system_index[new_r.clamp(min=0)]]
+    # the map is increasing on survivors' atoms, so the kept edges stay in canonical order
+    kept = Edges(mapping[buf.sender[:n][ok]], new_r[ok], buf.shifts[:n][ok])
+    from geodite_sim.dynamics.cell_filter import inv3
+
+    k = keep.numel()
+    ref_pos = torch.zeros_like(batch.positions)
+    ref_pos[: old_atoms.numel()] = buf.ref_positions[old_atoms]
+    ref_full = complete_cell(batch.cell.detach(), batch.pbc)
+    ref_inv = inv3(ref_full)
+    ref_full[:k] = buf.ref_full_cell[keep]
+    ref_inv[:k] = buf.ref_cell_inv[keep]
+    return _assemble(buf, batch, kept, systems, backend, static, ref_pos, ref_inv,
+                     ref_full, skin, buf.builds)
+
+
+__all__ = ["EdgeBuffer", "build_edges", "canonical_order", "drop", "inner", "make_buffer", "padding_cell", "rebuild",
+           "remap"]

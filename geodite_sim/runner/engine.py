@@ -43,7 +43,7 @@ from geodite_sim.io.structures import InputItem
 from geodite_sim.model.contract import uses_edges
 from geodite_sim.model.geodite import Edges
 from geodite_sim.model.strain import cell_volumes
-from geodite_sim.runner.edges import EdgeBuffer, make_buffer, padding_cell, rebuild
+from geodite_sim.runner.edges import EdgeBuffer, drop, inner, make_buffer, padding_cell, rebuild, remap
 from geodite_sim.runner.registry import Evaluation, Integrator
 from geodite_sim.state import PER, concat_states, select_systems
 from geodite_sim.status import Status
@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 PAD_Z = 1
 #: Smallest capacities (atoms incl. one padding atom, system slots).
 MIN_ATOMS, MIN_SLOTS = 16, 2
+#: Two-level edge lists: smallest inner margin (Å) and the multiple of a system's last step it gets.
+INNER_MIN_MARGIN, INNER_PACE_FACTOR = 0.05, 3.0
 
 
 class AdmissionError(ValueError):
@@ -94,6 +96,20 @@ class StepConfig:
         compile_options: extra ``torch.compile`` arguments in ``"compile"`` mode (e.g. ``{"backend": "aot_eager"}``).
         rebuild_every_check: rebuild every system's edges at every check (protocols that ask for a neighbour list
             rebuilt every step use this with ``check_interval=1``).
+        inner_skin: two-level edge lists (``"auto"``: on when the step is neither compiled nor captured, a check
+            comes every step and ``skin`` ≥ 0.3 Å, with 0.1 Å; a float: on, with that start margin, Å; None: off).
+            The edges built by a neighbour search at ``cutoff + skin`` (the outer list) are filtered at every
+            check, without a search, into the list the steps use: the pairs now within ``cutoff + m_s``, with a
+            per-system margin ``m_s`` of :data:`INNER_PACE_FACTOR` × the system's pace per step × the check
+            interval (at least :data:`INNER_MIN_MARGIN`; doubled for a parked one), so the model sees few shell
+            edges while the outer list is rebuilt only when it can no longer supply ``m_s``. Trajectories do not
+            depend on it (docs/runner.md).
+        refill_fraction: admit queued structures at a check only once the systems retired since the last
+            admission hold at least this fraction of the batch's atoms (or nothing runs): an admission is a model
+            evaluation of its own, whose fixed cost does not shrink with the number of structures it starts.
+        vacant_fraction: systems that retire at a check with nothing to admit leave their atoms in the batch
+            (their slots vacated, their edges dropped: no model work on edges) until such vacant atoms would
+            exceed this fraction of the batch's atoms; only then is the batch re-packed.
     """
 
     neighbor_backend: str = "auto"
@@ -103,6 +119,9 @@ class StepConfig:
     fused_kernels: bool | str = "auto"
     compile_options: dict = field(default_factory=dict)
     rebuild_every_check: bool = False
+    inner_skin: float | str | None = "auto"
+    refill_fraction: float = 0.125
+    vacant_fraction: float = 0.125
 
 
 @dataclass
@@ -270,6 +289,11 @@ class Runner:
         self._compiled = None
         self._grow_skin: dict[int, float] = {}  # new slot -> skin for the next build
         self._built_at: dict[int, int] = {}  # input index -> its steps at its last edge build
+        self._vacant = 0  # atoms of vacated slots still in the batch (until the next re-pack)
+        self._inner: EdgeBuffer | None = None  # two-level lists: the steps' list, filtered from self.edges
+        self._margin: dict[int, float] = {}  # input index -> its inner margin, Å
+        self._outer_bound: dict[int, tuple] = {}  # input index -> (outer staleness bound, steps) at the last check
+        self._freed = 0  # atoms retired since the last admission
         self.max_skin = 4.0 * self.cutoff
 
     # ------------------------------------------------------------------ model call
@@ -429,12 +453,27 @@ class Runner:
         mode = self.config.accelerate
         return mode in ("compile", "cuda_graph") or (mode == "auto" and self.device.type == "cuda")
 
+    @property
+    def two_level(self) -> bool:
+        """Whether the steps use an inner list filtered from the outer one at each check
+        (:attr:`StepConfig.inner_skin`)."""
+        c = self.config
+        if c.inner_skin is None or c.rebuild_every_check or not self.uses_edges:
+            return False
+        return c.inner_skin != "auto" or (c.skin >= 0.3 and c.check_interval == 1 and not self.static_shapes)
+
+    @property
+    def _start_margin(self) -> float:
+        value = self.config.inner_skin
+        return 0.1 if value == "auto" else float(value)
+
     def advance(self, n_steps: int) -> None:
         """``n_steps`` device steps of the whole batch (no host reads)."""
         step = self._stepper()
         state, slots = self.state, self.slots
+        edges = self._inner if self.two_level and self._inner is not None else self.edges
         for _ in range(n_steps):
-            state, slots = step(state, slots, self.edges)
+            state, slots = step(state, slots, edges)
         self.state, self.slots = state, slots
         self.iteration += n_steps
         self._since_check += n_steps
@@ -536,12 +575,16 @@ class Runner:
         state = self.entry.init(batch, ev, per_system, self.settings)
         code, value = self._initial_failures(state)
         code_h, value_h = code.cpu().numpy(), value.cpu().numpy()
+        # a relaxation converged at the start is finished before any step (MD writes its step-0 frame first)
+        done_h = self.entry.finished(state).cpu().numpy() & (self.entry.kind == "relax")
         started, states, failed = [], [], []
         for i, item in enumerate(items):
             if code_h[i] != 0:
                 one = select_systems(state, [i])
                 failed.append(self.job.result(item, one, Status.from_code(int(code_h[i])),
                                               self.describe(int(code_h[i]), float(value_h[i]), 0, one)))
+            elif done_h[i]:
+                failed.append(self.job.result(item, select_systems(state, [i]), None, None))
             else:
                 started.append(item)
                 states.append(i)
@@ -623,6 +666,7 @@ class Runner:
         results: list = []
         retire: dict[int, tuple[Status, str | None]] = {}
         parked: list[int] = []
+        inner_parked: set[int] = set()  # input indices (two-level lists)
         grow: dict[int, float | None] = {}
         if self.state is not None and self.items:
             host = self.read_status()
@@ -642,11 +686,21 @@ class Runner:
                     retire[slot] = (None, None)
                 elif host["parked"][slot]:
                     parked.append(slot)
+            if self.two_level:  # parked on the inner list: a wider margin at the refresh, no search here
+                for slot in parked:
+                    index = self.items[slot].index
+                    if 2.0 * self._margin.get(index, self._start_margin) > self.max_skin:
+                        retire[slot] = (Status.NON_FINITE, f"atoms move more than {self.max_skin:.3g} Å between "
+                                        f"two steps (at step {int(host['steps'][slot])}): the simulation has "
+                                        "blown up")
+                    else:
+                        inner_parked.add(index)
+                parked = []
             grow = self._outrun(host, parked)
             if self.config.rebuild_every_check:
                 parked += [s for s, it in enumerate(self.items) if it is not None and s not in retire
                            and s not in parked]
-            else:
+            elif not self.two_level:  # (two-level lists: the outer list's rebuilds are decided at the refresh)
                 parked += [s for s in self._half_used() if s not in retire and s not in parked]
             for slot in list(grow):
                 if grow[slot] is None:  # cannot keep up even with the largest skin
@@ -660,27 +714,44 @@ class Runner:
                 results.append(res)
         n_sys, n_atoms = self.n_active, self._atoms_in_use()
         keep = [s for s, it in enumerate(self.items) if it is not None and s not in retire]
-        self._grow_skin = {keep.index(s): v for s, v in grow.items()}
+        retired_atoms = sum(len(self.items[s].atoms) for s in retire)
+        self._freed += retired_atoms
         for slot in retire:
+            self._margin.pop(self.items[slot].index, None)
+            self._built_at.pop(self.items[slot].index, None)
             self.items[slot] = None
-        new_items, rejected = self._take_new()
-        results += rejected
-        started, new_states, failed = self._admit(new_items)
-        results += failed
-        # a failed admission frees its budget: take more from the queue until nothing new fits
-        while failed and not self.exhausted:
-            more, rejected = self._take_new()
+        started, new_states = [], []
+        in_use = n_atoms - retired_atoms
+        if not keep or self._freed >= self.config.refill_fraction * (in_use + self._freed):
+            new_items, rejected = self._take_new()
             results += rejected
-            if not more:
-                break
-            s2, st2, failed = self._admit(more)
-            started += s2
-            new_states += st2
+            started, new_states, failed = self._admit(new_items)
             results += failed
-        if retire or started or self.state is None:
+            # a failed admission frees its budget: take more from the queue until nothing new fits
+            while failed and not self.exhausted:
+                more, rejected = self._take_new()
+                results += rejected
+                if not more:
+                    break
+                s2, st2, failed = self._admit(more)
+                started += s2
+                new_states += st2
+                results += failed
+            if new_items:
+                self._freed = 0
+        vacant = self._vacant + retired_atoms
+        if started or self.state is None or not keep or (
+                retire and vacant > self.config.vacant_fraction * (vacant + in_use)):
+            self._grow_skin = {keep.index(s): v for s, v in grow.items()}
             self._repack(keep, started, new_states, parked)
-        elif parked:
-            self._rebuild_parked(parked)
+        else:
+            self._grow_skin = dict(grow)
+            if retire:
+                self._vacate(sorted(retire), retired_atoms)
+            if parked:
+                self._rebuild_parked(parked)
+        if self.two_level and self.state is not None:
+            self._refresh_inner(inner_parked)
         event = CheckEvent(self.iteration, self._since_check, n_sys, n_atoms, results)
         self._since_check = 0
         for obs in self.observers:
@@ -691,6 +762,63 @@ class Runner:
                 if hasattr(obs, "on_result"):
                     obs.on_result(res)
         return results
+
+    def _refresh_inner(self, parked: set[int]) -> None:
+        """Two-level lists (:attr:`StepConfig.inner_skin`): per-system margins, outer rebuilds where the outer list
+        cannot supply them, then the inner list the next steps use (``parked``: input indices whose last step was
+        undone)."""
+        b = self.state.batch
+        k = len(self.items)
+        bound = self.edges.stale_bound(b.positions, b.cell, b.pbc, b.system_index)
+        steps = self.entry.steps_taken(self.state)[:k].to(bound.dtype)
+        host = torch.stack([bound[:k], self.edges.skin[:k].to(bound.dtype), steps]).cpu().numpy()
+        lo, factor = INNER_MIN_MARGIN, INNER_PACE_FACTOR
+        margin = [0.0] * (b.cell.shape[0])
+        prev, self._outer_bound = self._outer_bound, {}
+        need, half, grow = [], [], {}
+        for slot, item in enumerate(self.items):
+            if item is None:
+                continue
+            index = item.index
+            o, skin, n = float(host[0, slot]), float(host[1, slot]), float(host[2, slot])
+            if index in parked:
+                m = 2.0 * self._margin.get(index, self._start_margin)
+            elif index in prev and math.isfinite(o) and n > prev[index][1]:
+                # a multiple of the growth of the bound per step since the last check, for the steps to the next
+                m = max(factor * (o - prev[index][0]) / (n - prev[index][1]) * self.config.check_interval, lo)
+            else:  # new, or made no step since (MD at a frame boundary): keep its margin
+                m = self._margin.get(index, self._start_margin)
+            if not math.isfinite(o):
+                m = lo  # blown up: the failure checks stop it; nothing to protect
+            elif m + o > skin:
+                need.append(slot)
+                if m > 0.5 * skin:
+                    grow[slot] = 2.0 * m
+            elif o > 0.5 * skin:
+                half.append(slot)
+            margin[slot] = m
+            self._margin[index] = m
+            self._outer_bound[index] = (o, n)
+        if need:  # outer rebuilds (one search for all; the half-used join it)
+            need += half
+            self._grow_skin = grow
+            self._rebuild_parked(need)
+            for slot in need:
+                index = self.items[slot].index
+                self._outer_bound[index] = (0.0, self._outer_bound[index][1])
+        self.slots = replace(self.slots, parked=torch.zeros_like(self.slots.parked))
+        margin_t = torch.as_tensor(margin, dtype=self.dtype, device=self.device)
+        self._inner = inner(self.edges, b, margin_t, self._inner.capacity if self._inner is not None else None,
+                            static=self.static_shapes)
+
+    def _vacate(self, slots: list[int], n_atoms: int) -> None:
+        """Retired ``slots`` leave without a re-pack: not occupied any more, edges dropped, atoms kept (vacant)."""
+        idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
+        occupied = self.slots.occupied.clone()
+        occupied[idx] = False
+        self.slots = replace(self.slots, occupied=occupied)
+        self.edges = drop(self.edges, self.state.batch, idx, self.static_shapes)
+        self._vacant += n_atoms
 
     def _rebuild_parked(self, parked: list[int]) -> None:
         """Rebuild the edges of parked systems in place (no re-pack) and let them run again."""
@@ -741,7 +869,7 @@ class Runner:
         parts += new_states
         items = [self.items[s] for s in keep] + started
         if not parts:
-            self.state, self.slots, self.edges, self.items = None, None, None, []
+            self.state, self.slots, self.edges, self.items, self._inner = None, None, None, [], None
             return
         compact = concat_states(parts) if len(parts) > 1 else parts[0]
         compact.batch = replace(compact.batch, atom_count=int(compact.batch.offsets[-1]))
@@ -750,8 +878,11 @@ class Runner:
 
         cur = self.state.batch.positions.shape[0] if self.state is not None else None
         cur_s = len(self.items) if self.items else None
-        a_cap = next_capacity(n + 1, cur, MIN_ATOMS, 1.0 / 16.0, 0.5)
-        s_cap = next_capacity(k, cur_s, MIN_SLOTS, 1.0 / 16.0, 0.5)
+        if self.static_shapes:  # compiled / captured step: bucketed capacities, so shapes rarely change
+            a_cap = next_capacity(n + 1, cur, MIN_ATOMS, 1.0 / 16.0, 0.5)
+            s_cap = next_capacity(k, cur_s, MIN_SLOTS, 1.0 / 16.0, 0.5)
+        else:  # eager: every padding atom is model work for nothing; shapes may change at any check
+            a_cap, s_cap = n + 1, k
         old_slots = self.slots
         old_state, old_edges = self.state, self.edges
         state = _pad_state(compact, a_cap, s_cap, self._pad_cell)
@@ -781,6 +912,7 @@ class Runner:
                                 carry(old_slots.fail_value if old_slots else None, 0.0, self.dtype),
                                 horizon, volume0)
         self.state = state
+        self._vacant = 0
         # edges: survivors that were not parked keep theirs (remapped); parked and new are rebuilt
         rebuild_slots = [i for i, s in enumerate(keep) if s in set(parked)] + list(range(k_old, k))
         self.edges = self._remap_edges(old_state, old_edges, keep, state, rebuild_slots)
@@ -796,52 +928,24 @@ class Runner:
 
     def _remap_edges(self, old_state, old_edges: EdgeBuffer | None, keep: list[int], state,
                      rebuild_slots: list[int]) -> EdgeBuffer:
+        """The edge buffer after a re-pack (:func:`~geodite_sim.runner.edges.remap`; a fresh one when no
+        survivor has edges to keep)."""
         batch = state.batch
         dev = self.device
-        backend = self.config.neighbor_backend
-        everything = torch.arange(len(self.items), device=dev)[torch.as_tensor(
-            [it is not None for it in self.items], device=dev)]
-        if old_edges is None or not keep or old_edges.n_valid == 0:
-            skin = torch.full((batch.cell.shape[0],), self.config.skin, dtype=self.dtype, device=dev)
-            for slot, value in self._grow_skin.items():
-                skin[slot] = value
-            return make_buffer(batch, everything, self.cutoff, skin, backend, static=self.static_shapes)
-        from geodite_sim.batch import atom_indices
-
-        old_b = old_state.batch
-        keep_t = torch.as_tensor(keep, dtype=torch.long, device=dev)
-        old_atoms = atom_indices(old_b.offsets, keep_t)
-        mapping = torch.full((old_b.positions.shape[0],), -1, dtype=torch.long, device=dev)
-        mapping[old_atoms] = torch.arange(old_atoms.numel(), device=dev)
-        nv = old_edges.n_valid
-        s_old, r_old = old_edges.sender[:nv], old_edges.receiver[:nv]
-        ok = mapping[r_old] >= 0
-        edges = Edges(mapping[s_old[ok]], mapping[r_old[ok]], old_edges.shifts[:nv][ok].round().long())
-        slot_map = torch.full((old_b.cell.shape[0],), -1, dtype=torch.long, device=dev)
-        slot_map[keep_t] = torch.arange(len(keep), device=dev)
-        ref_pos = torch.zeros_like(batch.positions)
-        ref_pos[: old_atoms.numel()] = old_edges.ref_positions[old_atoms]
         n_slots = batch.cell.shape[0]
-        from geodite_sim.dynamics.cell_filter import inv3
-        from geodite_sim.neighbors import complete_cell
-
-        full = complete_cell(batch.cell.detach(), batch.pbc)
-        ref_full = full.clone()
-        ref_full[: len(keep)] = old_edges.ref_full_cell[keep_t]
-        from geodite_sim.runner.edges import _pad_to, canonical_order, edge_capacity
-
-        edges = canonical_order(edges, batch.positions.shape[0])
-        cap = edge_capacity(edges.sender.shape[0], old_edges.capacity, static=self.static_shapes)
-        pad_atom = batch.positions.shape[0] - 1
-        sender, receiver, shifts, real = _pad_to(edges, cap, pad_atom, self.dtype)
         skin = torch.full((n_slots,), self.config.skin, dtype=self.dtype, device=dev)
-        skin[: len(keep)] = old_edges.skin[keep_t]
+        keep_t = torch.as_tensor(keep, dtype=torch.long, device=dev)
+        if old_edges is not None and keep:
+            skin[: len(keep)] = old_edges.skin[keep_t]
         for slot, value in self._grow_skin.items():
             skin[slot] = value
-        buf = EdgeBuffer(sender, receiver, shifts, real, ref_pos, inv3(ref_full), ref_full, skin, self.cutoff,
-                         pad_atom, int(edges.sender.shape[0]), old_edges.builds)
-        return rebuild(buf, batch, torch.as_tensor(rebuild_slots, dtype=torch.long, device=dev), backend,
-                       self.static_shapes)
+        if old_edges is None or not keep or old_edges.n_valid == 0:
+            everything = torch.as_tensor([s for s, it in enumerate(self.items) if it is not None], dtype=torch.long,
+                                         device=dev)
+            return make_buffer(batch, everything, self.cutoff, skin, self.config.neighbor_backend,
+                               static=self.static_shapes)
+        return remap(old_edges, old_state.batch, keep_t, batch, torch.as_tensor(rebuild_slots, dtype=torch.long,
+                     device=dev), skin, self.config.neighbor_backend, self.static_shapes)
 
     # ------------------------------------------------------------------ the loop
     def run(self, items: Iterator[InputItem]) -> Iterator:
