@@ -201,9 +201,10 @@ def run_md(
         max_atoms: atom budget of the packed batch (systems beyond it wait in the queue). Default:
             on the CPU :data:`DEFAULT_MAX_ATOMS`; on CUDA the memory model (docs/memory-model.md)
             at 80 % of the free device memory; a restart reuses the checkpointed run's value.
-        skin: Verlet neighbour-list skin, Å (default 0.1 on the CPU, where a check every step rebuilds a
-            system's list before it outruns the skin, and every stored edge beyond the cutoff costs model time;
-            0.5 elsewhere, where checks are every ``check_every`` steps). Results do not depend on it.
+        skin: Verlet neighbour-list skin, Å (default 0.5). On the CPU a check every step filters the list
+            searched at this skin into a tight one (two-level lists, docs/runner.md: every stored edge beyond the
+            cutoff costs model time there); elsewhere checks are every ``check_every`` steps. Results do not
+            depend on it.
         monitors: :class:`~geodite_sim.monitors.Monitors` thresholds; True for the defaults, False/None for
             the NaN/Inf check only. ``monitors.check_every`` is the check interval (host reads).
         checkpoint: checkpoint file (default ``<trajectory>.ckpt`` when ``checkpoint_every`` is set).
@@ -302,8 +303,8 @@ class _MDJob:
         else:
             interval = max(1, min(self.monitor_every, self.frame_every if self.trajectory else 10**9))
         base = config or StepConfig()
-        if skin is None:
-            skin = 0.1 if self.device.type == "cpu" else 0.5
+        if skin is None:  # on the CPU the two-level lists (on for skin >= 0.3 there) keep the step's list tight
+            skin = 0.5
         if float(skin) == 0.0:  # "rebuild the list every step" (e.g. the speed protocol): a check every step rebuilds
             base = replace(base, rebuild_every_check=True)  # every system; the small skin covers the step itself
             interval, skin = 1, 0.1
