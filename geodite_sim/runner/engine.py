@@ -414,6 +414,12 @@ class Runner:
                 if "fused" in self._model_call_kwargs(self.model, StepConfig()) or self._has_fused_param():
                     self._model_kwargs["fused"] = False  # the fused C++ kernels are opaque to the compiler
                 torch._dynamo.config.trace_autograd_ops = True
+                # one compiled entry per runner and per capacity bucket: the step's code object is shared by every
+                # Runner of the process, so dynamo's default limit (8) would end the 9th run with fullgraph=True
+                cfg = torch._dynamo.config
+                cfg.recompile_limit = max(int(cfg.recompile_limit), 256)
+                if hasattr(cfg, "accumulated_recompile_limit"):
+                    cfg.accumulated_recompile_limit = max(int(cfg.accumulated_recompile_limit), 4096)
                 self._compiled = torch.compile(self.step_fn, **{"fullgraph": True, "dynamic": False,
                                                                 **self.config.compile_options})
             return self._compiled
