@@ -56,6 +56,13 @@ def padding_cell(cutoff: float, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.eye(3, dtype=dtype, device=device) * (float(cutoff) + 1.0)
 
 
+def edge_vectors(positions: torch.Tensor, cell: torch.Tensor, system_index: torch.Tensor, sender: torch.Tensor,
+                 receiver: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """[E, 3] r_sender + shifts @ cell[system of receiver] - r_receiver, Å (``shifts`` [E, 3] in float)."""
+    shift_vec = torch.einsum("ei,eij->ej", shifts, cell[system_index[receiver]])
+    return positions[sender] + shift_vec - positions[receiver]
+
+
 @dataclass
 class EdgeBuffer:
     """A padded Verlet edge list over a padded batch (A atoms, S systems incl. the padding system).
@@ -91,8 +98,7 @@ class EdgeBuffer:
 
     # ------------------------------------------------------------------ device side (inside a step)
     def _vectors(self, positions: torch.Tensor, cell: torch.Tensor, system_index: torch.Tensor) -> torch.Tensor:
-        shift_vec = torch.einsum("ei,eij->ej", self.shifts, cell[system_index[self.receiver]])
-        return positions[self.sender] + shift_vec - positions[self.receiver]
+        return edge_vectors(positions, cell, system_index, self.sender, self.receiver, self.shifts)
 
     def masked(self, positions: torch.Tensor, cell: torch.Tensor, system_index: torch.Tensor) -> Edges:
         """Edges within ``cutoff`` at the given positions/cell; the others become padding edges (static shape)."""
@@ -166,9 +172,8 @@ def build_edges(batch: Batch, systems: torch.Tensor, cutoff: float, skin: torch.
     sub = batch.select(systems)
     edges = neighbor_list(sub, cutoff + hi, backend)
     if lo < hi:
-        shifts = edges.shifts.to(sub.dtype)
-        vec = (sub.positions[edges.sender] - sub.positions[edges.receiver]
-               + torch.einsum("ei,eij->ej", shifts, sub.cell[sub.system_index[edges.receiver]]))
+        vec = edge_vectors(sub.positions, sub.cell, sub.system_index, edges.sender, edges.receiver,
+                           edges.shifts.to(sub.dtype))
         radius = cutoff + values[sub.system_index[edges.receiver]]
         keep = (vec * vec).sum(-1) < radius * radius
         edges = Edges(edges.sender[keep], edges.receiver[keep], edges.shifts[keep])
@@ -277,7 +282,7 @@ def inner(outer: EdgeBuffer, batch: Batch, margin: torch.Tensor, capacity: int |
     n = outer.n_valid
     pos, cell = batch.positions.detach(), batch.cell.detach()
     sender, receiver, shifts = outer.sender[:n], outer.receiver[:n], outer.shifts[:n]
-    vec = pos[sender] + torch.einsum("ei,eij->ej", shifts, cell[batch.system_index[receiver]]) - pos[receiver]
+    vec = edge_vectors(pos, cell, batch.system_index, sender, receiver, shifts)
     radius = outer.cutoff + margin.to(pos.dtype)[batch.system_index[receiver]]
     keep = (vec * vec).sum(-1) < radius * radius
     edges = Edges(sender[keep], receiver[keep], shifts[keep])
