@@ -27,6 +27,7 @@ from ase import Atoms, units
 
 from geodite_sim.dynamics.velocities import maxwell_boltzmann, system_seed
 from geodite_sim.dynamics.verlet import kinetic_energy, temperature
+from geodite_sim.io.runs import match_runs
 from geodite_sim.io.structures import MAX_SUPPORTED_Z, InputItem, iter_inputs, like_input
 from geodite_sim.md_checkpoint import check_compatible, load_checkpoint, save_checkpoint, state_from_dict, state_to_dict
 from geodite_sim.model.contract import model_fingerprint, model_name, supported_elements
@@ -186,8 +187,11 @@ def run_md(
         ensemble: a registered MD integrator: ``"nve"`` (velocity Verlet), ``"nvt_nhc"`` (Nosé–Hoover chain,
             ASE's ``NoseHooverChainNVT``), ``"nvt_langevin"`` (ASE's ``Langevin``), and any others registered
             (:data:`geodite_sim.runner.REGISTRY`).
-        temperature: target temperature, K — a float or one value per input (indexed by input index).
-            Required for NVT; for NVE it only sets the initial velocities.
+        temperature: target temperature, K — a float, one value per input (indexed by input index), or N
+            values for a single structure (a sweep: N runs of it). Lists of another length are refused before
+            anything runs (:func:`geodite_sim.io.runs.match_runs`; ``steps`` and per-structure ensemble
+            parameters such as ``pressure`` follow the same rule). Required for NVT; for NVE it only sets the
+            initial velocities.
         timestep: fs.
         steps: steps per structure (an int or one per input).
         trajectory: HDF5 file for frames (``/systems/<index>/...``); None writes none.
@@ -229,6 +233,7 @@ def run_md(
         from geodite_sim.model import load_model
 
         model = load_model()
+    structures, _ = match_runs(structures, {"temperature": temperature, "steps": steps, **ensemble_params})
     if executor is not None:
         return executor.run_md(structures, model, ensemble=ensemble, temperature=temperature, timestep=timestep,
                                steps=steps, trajectory=trajectory, frame_every=frame_every, tdamp=tdamp,
@@ -743,6 +748,7 @@ def md_job(structures, model=None, ensemble: str = "nvt_nhc", temperature=None, 
                     progress=False, save_momenta=False, memory_budget_bytes=None, accelerate="auto", config=None,
                     observers=[], allow_unsupported_elements=False)
     extra = {k: kwargs.pop(k) for k in list(kwargs) if k not in defaults}
+    structures, _ = match_runs(structures, {"temperature": temperature, "steps": steps, **extra})
     defaults.update(kwargs)
     d = defaults
     return _MDJob(structures, model, ensemble, temperature, timestep, steps, trajectory, d["frame_every"], d["tdamp"],

@@ -37,7 +37,8 @@ def add_parser(subparsers) -> None:
     r.set_defaults(subparser=r)
     r.add_argument("inputs", nargs="+", help="structure files (every frame of each file is one structure)")
     r.add_argument("--temperature", type=nonnegative_float, nargs="+", default=None,
-                   help="K; one value for all, or one per structure (in input order); required for NVT")
+                   help="K; one value for all, one per structure (in input order), or several for one structure "
+                        "(a sweep: N values x 1 structure = N runs); required for NVT")
     r.add_argument("--steps", type=positive_int, required=True, help="steps per structure")
     r.add_argument("--timestep", type=positive_float, default=1.5, help="fs (default 1.5)")
     r.add_argument("--ensemble", choices=("nvt_nhc", "nve", "nvt_langevin", "nvt_bussi", "npt_mtk_iso", "npt_mtk"),
@@ -82,27 +83,28 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
-def _frames(paths: list[str], labels: list[str]):
-    """Every frame of every file, lazily; a file that cannot be read (or holds no frame) yields its path,
-    so that the engine's admission reports it as this input's failure. ``labels`` receives one
-    ``path`` / ``path@frame`` per yielded input."""
+def _frames(paths: list[str]):
+    """Every frame of every file, lazily, labelled ``path`` / ``path@frame`` (the names messages and results
+    carry); a file that cannot be read (or holds no frame) yields its path, so that the engine's admission
+    reports it as this input's failure."""
     from ase.io import iread
+
+    from geodite_sim.io.structures import Labeled
 
     for path in paths:
         frame = 0
         if os.path.isfile(path) and os.access(path, os.R_OK) and os.path.getsize(path) > 0:
             try:
                 for atoms in iread(path, index=":"):
-                    labels.append(path if frame == 0 else f"{path}@{frame}")
+                    label = path if frame == 0 else f"{path}@{frame}"
                     frame += 1
-                    yield atoms
+                    yield Labeled(atoms, label)
             except Exception as exc:  # noqa: BLE001 - reported per input
                 if frame:
                     print(f"warning: {path}: unreadable after frame {frame - 1} ({type(exc).__name__}: {exc})",
                           file=sys.stderr)
                     continue
         if frame == 0:
-            labels.append(path)
             yield path
 
 
@@ -146,18 +148,22 @@ def run_command(args) -> int:
     import torch
 
     from geodite_sim.commands import exit_code
+    from geodite_sim.io.runs import match_runs
     from geodite_sim.md import run_md
     from geodite_sim.model import load_model
 
-    dtype = torch.float64 if args.dtype == "float64" else torch.float32
-    model = load_model(args.model, device=resolve_device(args.device), dtype=dtype)
     temperature = args.temperature
     if temperature is not None and len(temperature) == 1:
         temperature = temperature[0]
-    labels: list[str] = []
+    try:  # per-run lists match the structures one to one, or sweep one structure; refused before anything runs
+        structures, _ = match_runs(_frames(args.inputs), {"temperature": temperature, **extra})
+    except ValueError as exc:
+        parser.error(str(exc))
+    dtype = torch.float64 if args.dtype == "float64" else torch.float32
+    model = load_model(args.model, device=resolve_device(args.device), dtype=dtype)
     try:
         results = run_md(
-            _frames(args.inputs, labels), model, ensemble=args.ensemble, temperature=temperature,
+            structures, model, ensemble=args.ensemble, temperature=temperature,
             timestep=args.timestep, steps=args.steps, trajectory=args.trajectory, frame_every=args.frame_every,
             tdamp=args.tdamp, chain_length=args.chain_length, friction=args.friction, seed=args.seed,
             max_atoms=args.max_atoms, monitors=not args.no_monitors, checkpoint=args.checkpoint,
@@ -169,7 +175,7 @@ def run_command(args) -> int:
     for r in results:
         status = getattr(r, "status", None) or ("done" if r.error is None else "failed")
         statuses.append(status)
-        label = labels[r.index] if r.index < len(labels) else r.label
+        label = r.label
         temp = "" if r.temperature is None else f" T={r.temperature:.1f} K"
         detail = "" if r.error is None else f"\t{r.error}"
         print(f"{r.index}\t{label}\t{r.n_steps} steps{temp}\t{status}{detail}")

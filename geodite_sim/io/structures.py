@@ -49,6 +49,15 @@ class InputItem:
     warnings: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Labeled:
+    """A structure with the name its messages and results carry instead of ``index:formula`` (e.g. the file
+    and frame it was read from: ``Labeled(atoms, "CuI.extxyz@2")``); results come back as ``structure``'s type."""
+
+    structure: Any
+    label: str
+
+
 def _is_pymatgen(obj: Any) -> bool:
     mod = type(obj).__module__
     return mod.startswith("pymatgen")
@@ -130,20 +139,24 @@ def iter_inputs(
     """Lazily convert and admit an input stream, one :class:`InputItem` per input.
 
     ``structures`` may be a single structure/path or any iterable of them; it is
-    consumed one element at a time, so generators of any length work. A bad input
+    consumed one element at a time, so generators of any length work; a :class:`Labeled` input carries its
+    own label (the file a command line read it from). A bad input
     yields an item with ``atoms=None``, ``status`` and ``error`` ("<label>: <problem>") set;
     it never stops the stream. The keyword arguments go to :func:`~geodite_sim.io.admission.admit`
     (pass ``model_elements(model)`` for a model's own elements).
     """
     from geodite_sim.io.admission import admit
 
-    if isinstance(structures, (Atoms, str, os.PathLike)) or _is_pymatgen(structures):
+    if isinstance(structures, (Atoms, str, os.PathLike, Labeled)) or _is_pymatgen(structures):
         structures = [structures]
     if not isinstance(structures, Iterable):
         raise TypeError(f"expected a structure or an iterable of structures, got {type(structures).__name__}")
     for index, obj in enumerate(structures):
+        label = None
+        if isinstance(obj, Labeled):
+            obj, label = obj.structure, obj.label
         adm = admit(obj, supported_elements=supported_elements, allow_unsupported_elements=allow_unsupported_elements,
-                    min_distance_factor=min_distance_factor, index=index, model_name=model_name)
+                    min_distance_factor=min_distance_factor, index=index, model_name=model_name, label=label)
         if adm.ok:
             yield InputItem(index, adm.label, obj, adm.atoms, None, None, adm.warnings)
         else:
