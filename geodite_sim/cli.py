@@ -40,7 +40,7 @@ COMMON_CHECKS = {
 
 def _subparser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
     """The parser of the sub-command that was run (for its usage line in error messages)."""
-    own = getattr(args, "subparser", None)
+    own = getattr(args, "subparser", None) or getattr(args, "_leaf_parser", None)
     if own is not None:
         return own
     sub = getattr(parser, "_geodite_sub", None)
@@ -64,12 +64,33 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
             sp.error(f"argument --device: {exc}")
 
 
+THREADS_HELP = ("CPU threads (default: OMP_NUM_THREADS when set, else one per core; 1 is often much faster on a "
+                "machine where other work runs; a warning says when the machine is oversubscribed)")
+
+
+def _finish_parsers(parser: argparse.ArgumentParser) -> None:
+    """Shared conventions of every (sub-)parser: no abbreviated options (``--temp`` is not ``--temperature``);
+    every leaf sub-command takes ``--threads`` and knows its own parser (for usage messages)."""
+    parser.allow_abbrev = False
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for action in subs:
+        for child in dict.fromkeys(action.choices.values()):
+            _finish_parsers(child)
+    if not subs and parser.prog != "geodite-sim":
+        if "--threads" not in parser._option_string_actions:
+            from geodite_sim.commands import positive_int
+
+            parser.add_argument("--threads", type=positive_int, default=None, metavar="N", help=THREADS_HELP)
+        parser.set_defaults(_leaf_parser=parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="geodite-sim",
         description="Batched simulation engine for the Geodite interatomic potential.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     parser._geodite_sub = sub  # type: ignore[attr-defined]  # for check_common_arguments
@@ -81,16 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # sub-command not part of this build
             raise
         module.add_parser(sub)
+    _finish_parsers(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # a typo such as --fmx: the sub-command's own usage, not the top-level one
+        _subparser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     check_common_arguments(parser, args)
+    from geodite_sim.threads import set_threads
+
+    if getattr(args, "_leaf_parser", None) is not None and args.command != "train":  # train applies its own
+        set_threads(getattr(args, "threads", None))
     try:
         return int(args.func(args) or 0)
     except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:  # e.g. --model pointing nowhere

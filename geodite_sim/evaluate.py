@@ -12,7 +12,9 @@ from geodite_sim.batch import Batch
 from geodite_sim.io.admission import model_elements
 from geodite_sim.io.structures import InputItem, StructureError, iter_inputs
 from geodite_sim.model import Geodite, load_model
+from geodite_sim.progress import Progress
 from geodite_sim.status import Status
+from geodite_sim.threads import check_threads, thread_limit
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,8 @@ def evaluate(
     on_error: str = "record",
     min_distance_factor: float | None = 0.5,
     allow_unsupported_elements: bool = False,
+    threads: int | None = None,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Energy, forces and stress of each structure (ASE units and sign conventions).
 
@@ -93,6 +97,9 @@ def evaluate(
             (None: no check).
         allow_unsupported_elements: evaluate elements outside the model's ``supported_elements``
             (with a logged warning) instead of rejecting them.
+        threads: CPU threads of this call (None: torch's setting, i.e. ``OMP_NUM_THREADS`` or one per core;
+            :mod:`geodite_sim.threads`; warns once when the machine is oversubscribed).
+        progress: show a progress bar (structures done of all, rate, ETA) on stderr.
     Returns:
         One dict per input, in input order: ``index``, ``label`` (file path or ``"index:formula"``),
         ``status`` (:class:`~geodite_sim.status.Status`: ``DONE`` or why it failed), ``error`` (None,
@@ -102,6 +109,7 @@ def evaluate(
     """
     if on_error not in ("record", "raise"):
         raise ValueError(f"on_error must be 'record' or 'raise', got {on_error!r}")
+    threads = check_threads(threads)
     model = model if model is not None else load_model()
     allowed, name = model_elements(model)
     items = list(iter_inputs(structures, supported_elements=allowed, model_name=name,
@@ -120,23 +128,27 @@ def evaluate(
         if it.atoms is None:
             results[it.index] = _failure(it, it.status or Status.INVALID_STRUCTURE, it.error or "", compute_stress,
                                          per_atom_energies)
-    for group in _chunks([it.atoms for it in good], max_atoms):
-        members = [good[i] for i in group]
-        try:
-            outs = _run_group(model, members, compute_stress, per_atom_energies)
-        except Exception:
-            if on_error == "raise":
-                raise
-            outs = []
-            for it in members:  # isolate the system the model raises on
-                try:
-                    outs.extend(_run_group(model, [it], compute_stress, per_atom_energies))
-                except Exception as exc:  # noqa: BLE001 - recorded in this input's result
-                    outs.append(_failure(it, Status.MODEL_ERROR,
-                                         f"{it.label}: the model raised {type(exc).__name__}: {exc}",
-                                         compute_stress, per_atom_energies))
-        for r in outs:
-            results[r["index"]] = r
+    with thread_limit(threads), Progress(total=len(items), desc="evaluate", unit="structure", enabled=progress,
+                                         outcomes=("done", "failed")) as bar:
+        bar.finish("failed", len(items) - len(good))
+        for group in _chunks([it.atoms for it in good], max_atoms):
+            members = [good[i] for i in group]
+            try:
+                outs = _run_group(model, members, compute_stress, per_atom_energies)
+            except Exception:
+                if on_error == "raise":
+                    raise
+                outs = []
+                for it in members:  # isolate the system the model raises on
+                    try:
+                        outs.extend(_run_group(model, [it], compute_stress, per_atom_energies))
+                    except Exception as exc:  # noqa: BLE001 - recorded in this input's result
+                        outs.append(_failure(it, Status.MODEL_ERROR,
+                                             f"{it.label}: the model raised {type(exc).__name__}: {exc}",
+                                             compute_stress, per_atom_energies))
+            for r in outs:
+                results[r["index"]] = r
+                bar.finish("done" if r["error"] is None else "failed")
     return results  # type: ignore[return-value]
 
 

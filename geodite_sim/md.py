@@ -44,6 +44,7 @@ from geodite_sim.runner import (
 )
 from geodite_sim.runner.engine import AdmissionError, _unpad
 from geodite_sim.status import Status
+from geodite_sim.threads import thread_limit
 
 #: Admission refuses two atoms closer than this × their covalent-radius sum (whatever the monitors say).
 ADMISSION_MIN_DISTANCE_FACTOR = 0.5
@@ -171,6 +172,7 @@ def run_md(
     observers: Sequence = (),
     executor=None,
     allow_unsupported_elements: bool = False,
+    threads: int | None = None,
     **ensemble_params,
 ) -> list[MDResult]:
     """Run molecular dynamics on many structures at once; one :class:`MDResult` per input, in input order.
@@ -225,6 +227,8 @@ def run_md(
             (:class:`~geodite_sim.runner.CheckEvent`: steps, iteration, n_systems, n_atoms).
         executor: run elsewhere (e.g. :class:`geodite_sim.executors.RayExecutor`); None runs in this process.
         allow_unsupported_elements: run structures with elements outside the model's set (warning recorded).
+        threads: CPU threads of this call (None: torch's setting, i.e. ``OMP_NUM_THREADS`` or one per core;
+            :mod:`geodite_sim.threads`; warns once when the machine is oversubscribed). Ray workers use their own.
         ensemble_params: parameters of other registered ensembles. NPT (``npt_mtk_iso`` = ASE's
             ``IsotropicMTKNPT``, ``npt_mtk`` = ``MTKNPT``): ``pressure`` (GPa, one value or one per input; default 0),
             ``pdamp`` (fs, default 1000 × timestep, ASE's suggestion), ``barostat_chain_length`` (3), ``ploop`` (1).
@@ -246,7 +250,8 @@ def run_md(
                  chain_length, tloop, friction, fix_com, seed, max_atoms, skin, monitors, checkpoint,
                  checkpoint_every, restart, progress, save_momenta, memory_budget_bytes, accelerate, config,
                  list(observers), allow_unsupported_elements, ensemble_params)
-    return job.run()
+    with thread_limit(threads):
+        return job.run()
 
 
 class _MDJob:

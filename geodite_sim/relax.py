@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 
 
+from geodite_sim.threads import check_threads, thread_limit
 @dataclass
 class RelaxResult:
     """Outcome of one structure's relaxation.
@@ -356,6 +357,7 @@ def relax_many(
         executor: run elsewhere (e.g. :class:`geodite_sim.executors.RayExecutor`); None runs in this process.
         allow_unsupported_elements: run structures with elements outside the model's supported set
             (recorded as a warning on the result) instead of rejecting them.
+    threads: int | None = None,
         fix_symmetry: keep each structure's space group (ASE's ``FixSymmetry`` semantics, found once with spglib
             at admission with tolerance ``symprec``; the refined structure is relaxed). Constraints on input
             Atoms (``FixAtoms``, ``FixCartesian``, ``FixSymmetry``) are always honoured; any other constraint
@@ -396,6 +398,8 @@ def relax_many(
     job = _RelaxJob(relax_cell, max_steps, fix_symmetry, symprec, model.dtype, model.device)
     if total is None and hasattr(structures, "__len__") and not isinstance(structures, (str, Atoms)):
         try:
+        threads: CPU threads of this call (None: torch's setting, i.e. ``OMP_NUM_THREADS`` or one per core;
+            :mod:`geodite_sim.threads`; warns once when the machine is oversubscribed). Ray workers use their own.
             total = len(structures)
         except TypeError:
             total = None
@@ -433,7 +437,13 @@ def relax_many(
         return generate()
     results = list(generate())
     results.sort(key=lambda r: r.index)
+    threads = check_threads(threads)
+
     return results
+        with thread_limit(threads):
+            yield from _generate()
+
+    def _generate() -> Iterator[RelaxResult]:
 
 
 __all__ = ["Capacity", "FailureChecks", "RelaxResult", "estimate_capacity", "relax_many"]

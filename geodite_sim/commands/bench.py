@@ -24,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
     from geodite_sim.speed_protocol import main
 
     rest = list(args.rest)
+    if getattr(args, "threads", None) and not any(a == "--threads" or a.startswith("--threads=") for a in rest):
+        rest += ["--threads", str(args.threads)]
     given = [a for a in rest if a == "--device" or a.startswith("--device=")]
     if not given:  # the shared default: CUDA when available, else CPU
         rest += ["--device", resolve_device("auto")]

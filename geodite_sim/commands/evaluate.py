@@ -25,6 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_device_argument(p)
     p.add_argument("--max-atoms", type=positive_int, default=4096, help="atoms per batch (default 4096)")
     p.add_argument("--json", default=None, help="write results to this JSON file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from geodite_sim.commands import exit_code
 
     model = gs.load_model(args.model, device=resolve_device(args.device), dtype=getattr(torch, args.dtype))
-    results = gs.evaluate(args.inputs, model, max_atoms=args.max_atoms)
+    results = gs.evaluate(args.inputs, model, max_atoms=args.max_atoms, progress=not args.no_progress)
     rows = []
     print(f"{'structure':40s} {'atoms':>5s} {'E (eV)':>14s} {'E/atom':>10s} {'max|F|':>9s} {'P (GPa)':>9s}  status")
     for path, r in zip(args.inputs, results):

@@ -58,8 +58,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, default=500, help="FIRE steps per structure at most (default 500)")
     p.add_argument("--no-relax-cell", dest="relax_cell", action="store_false", help="keep cells fixed")
     p.add_argument("--max-atoms", type=int, default=None, help="atoms per batch (default: engine's choice)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op CPU threads (default: torch's choice; 1 is faster on a busy machine)")
     p.add_argument("--threshold", type=float, default=0.0,
                    help="stable <=> E_above_hull <= threshold + tolerance, eV/atom (default 0)")
     p.add_argument("--stable-tolerance", type=float, default=1e-5,
@@ -80,7 +78,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-plots", dest="plots", action="store_false", help="do not draw hull plots")
     p.add_argument("--max-plots", type=int, default=50, help="hull plots at most (default 50)")
     p.add_argument("--restart", action="store_true", help="discard earlier relaxations in --out and start over")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", dest="no_progress", action="store_true", help=argparse.SUPPRESS)  # the old name
     from geodite_sim.executors import add_executor_arguments
 
     add_executor_arguments(p)
@@ -93,8 +92,6 @@ def run(args: argparse.Namespace) -> int:
     import geodite_sim as gs
     from geodite_sim.workflows.stability import SCREENED, ScreenError, screen
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = gs.load_model(args.model, device=device, dtype=getattr(torch, args.dtype))
     relax_kwargs = {"max_atoms": args.max_atoms} if args.max_atoms else {}
@@ -111,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
             relax_cell=args.relax_cell, threshold=args.threshold, stable_tolerance=args.stable_tolerance,
             executor=executor, mp2020=args.mp2020, labels=args.labels,
             dft_structures=args.dft_structures, require_converged=args.require_converged, plots=args.plots,
-            max_plots=args.max_plots, restart=args.restart, progress=not args.quiet, relax_kwargs=relax_kwargs,
+            max_plots=args.max_plots, restart=args.restart, progress=not args.no_progress, relax_kwargs=relax_kwargs,
         )
     except ScreenError as exc:
         print(f"error: {exc}")
