@@ -40,6 +40,7 @@ from geodite_sim.analysis.rdf import (
 __all__ = [
     "DiffusionFit", "Frames", "MSDResult", "RDFComparison", "RDFResult", "compare_rdfs", "compute_msd",
     "compute_rdf", "diffusion_coefficients", "fit_diffusion", "load_frames", "max_rdf_radius", "overlap_score",
+    "sample_frames",
     "shortest_lattice_vector", "unwrap_positions",
 ]
 
@@ -142,6 +143,26 @@ def _from_atoms(images: Sequence[Atoms], label: str, discard_fs: float, stride: 
     positions = np.stack([images[i].positions for i in idx])
     cells = np.stack([np.asarray(images[i].cell[:], dtype=float) for i in idx])
     return Frames(positions, cells, numbers.astype(int), images[0].get_masses(), times[idx], label)
+
+
+def sample_frames(path: str | Path, system: int | None = None, discard_fs: float = 0.0,
+                  max_frames: int = 200) -> Frames:
+    """At most ``max_frames`` evenly spaced frames of an HDF5 trajectory after ``discard_fs``, reading only those
+    frames from the file (for RDFs of long runs; :func:`load_frames` reads the whole analysed range)."""
+    import h5py
+
+    from geodite_sim.trajectory import system_group
+
+    with h5py.File(path, "r") as f:
+        g, system = system_group(f, system, path)
+        dt = float(f.attrs.get("timestep_fs", 0.0))
+        if dt <= 0:
+            raise ValueError(f"{path}: no timestep_fs attribute")
+        times = g["step"][()].astype(float) * dt
+        idx = _select(times, discard_fs, 1)
+        idx = np.unique(idx[np.linspace(0, len(idx) - 1, min(len(idx), max(1, int(max_frames)))).round().astype(int)])
+        return Frames(g["positions"][idx], g["cell"][idx].astype(float), g["numbers"][()].astype(int),
+                      g["masses"][()].astype(float), times[idx], f"{path}#{system}")
 
 
 def load_frames(source, system: int | None = None, discard_fs: float = 0.0, stride: int = 1,

@@ -64,6 +64,11 @@ def unwrap_positions(positions, cells, device: str | torch.device = "cpu",
 
 def _msd_fft(x: torch.Tensor, n_lags: int) -> torch.Tensor:
     """Sum over rows of the all-origins MSD of 1-D series ``x`` [C, T], lags 0..n_lags-1 -> [n_lags]."""
+    return msd_fft_rows(x, n_lags).sum(0)
+
+
+def msd_fft_rows(x: torch.Tensor, n_lags: int) -> torch.Tensor:
+    """All-origins MSD of each row of ``x`` [C, T] (1-D series), lags 0..n_lags-1 -> [C, n_lags]."""
     n_t = x.shape[1]
     sq = x * x
     prefix = torch.cat([torch.zeros_like(sq[:, :1]), torch.cumsum(sq, dim=1)], dim=1)  # [C, T+1]
@@ -71,7 +76,7 @@ def _msd_fft(x: torch.Tensor, n_lags: int) -> torch.Tensor:
     s1 = (prefix[:, -1:] - prefix[:, lags]) + prefix[:, n_t - lags]
     spec = torch.fft.rfft(x, n=2 * n_t, dim=1)
     acf = torch.fft.irfft(spec * spec.conj(), n=2 * n_t, dim=1)[:, :n_lags]
-    return (s1 - 2.0 * acf).sum(0) / (n_t - lags).to(x.dtype)
+    return (s1 - 2.0 * acf) / (n_t - lags).to(x.dtype)
 
 
 @dataclass

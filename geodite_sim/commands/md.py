@@ -1,4 +1,4 @@
-"""``geodite-sim md``: run batched MD (``md run``), inspect and export its HDF5 trajectories."""
+"""``geodite-sim md``: run batched MD (``md run``); inspect, export and analyse (``md analyse``) trajectories."""
 
 from __future__ import annotations
 
@@ -22,13 +22,14 @@ EXAMPLES = """examples:
       --checkpoint-every 5000 --restart          # re-run the same command to continue after a crash
   geodite-sim md info run.h5
   geodite-sim md export run.h5 --format extxyz --system 2 -o system2.extxyz
+  geodite-sim md analyse run.h5 --species Li --discard-fs 5000    # RDF, MSD, D per species, conductivity
 
 md run prints one line per input structure (a missing or bad file gets its own failed line; the
 others run). """ + EXIT_HELP + "\n"
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("md", help="molecular dynamics (run, info, export)", epilog=EXAMPLES,
+    p = subparsers.add_parser("md", help="molecular dynamics (run, info, export, analyse)", epilog=EXAMPLES,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="md_command", metavar="ACTION")
 
@@ -67,7 +68,7 @@ def add_parser(subparsers) -> None:
     r.add_argument("--restart", action="store_true", help="continue from the checkpoint if it exists")
     r.add_argument("--no-monitors", action="store_true", help="disable the stability monitors")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    r.set_defaults(func=run_command)
+    r.set_defaults(func=run_command, interrupt_hint=_interrupt_hint)
 
     i = sub.add_parser("info", help="list the systems of a trajectory file")
     i.add_argument("trajectory")
@@ -80,7 +81,21 @@ def add_parser(subparsers) -> None:
     e.add_argument("-o", "--output", default=None, help="output file (default <trajectory>[.<system>].extxyz)")
     e.set_defaults(func=export_command)
 
+    from geodite_sim.commands.md_analyse import add_analyse_parser
+
+    add_analyse_parser(sub)
+
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _interrupt_hint(args) -> str:
+    """What to do after Ctrl-C: resume from the checkpoint (written on Ctrl-C too) or, without one, nothing."""
+    if args.checkpoint_every is None:
+        kept = f" (frames so far are in {args.trajectory})" if args.trajectory else ""
+        return f"this run had no checkpoint (--checkpoint-every N) and cannot be resumed{kept}"
+    if args.restart:
+        return "re-run the same command to resume from the checkpoint"
+    return "re-run the same command with --restart to resume from the checkpoint"
 
 
 def _frames(paths: list[str]):
@@ -155,8 +170,10 @@ def run_command(args) -> int:
     temperature = args.temperature
     if temperature is not None and len(temperature) == 1:
         temperature = temperature[0]
-    try:  # per-run lists match the structures one to one, or sweep one structure; refused before anything runs
-        structures, _ = match_runs(_frames(args.inputs), {"temperature": temperature, **extra})
+    # every frame read first (the progress bar's total, systems x steps); per-run lists match the structures one to
+    # one, or sweep one structure, else they are refused before anything runs
+    try:
+        structures, _ = match_runs(list(_frames(args.inputs)), {"temperature": temperature, **extra})
     except ValueError as exc:
         parser.error(str(exc))
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
@@ -191,8 +208,13 @@ def info_command(args) -> int:
     print(f"{args.trajectory}: ensemble {meta.get('ensemble')}, timestep {meta.get('timestep_fs')} fs, "
           f"model {meta.get('model_name')} {meta.get('model_checksum')}")
     for d in trajectory_systems(args.trajectory):
-        print(f"{d['index']}\t{d.get('label', '')}\t{d['frames']} frames\t{d.get('n_steps', 0)} steps"
-              f"\t{d.get('temperature_K', 0):.1f} K\t{d.get('status', '')}\t{d.get('error', '')}")
+        status, steps = d.get("status", ""), int(d.get("n_steps", 0) or 0)
+        if status in ("running", "interrupted"):  # not finished: its last step, at least that of its last frame
+            steps = max(steps, d["last_step"])
+            if status == "running":
+                status = "running (or killed)"
+        print(f"{d['index']}\t{d.get('label', '')}\t{d['frames']} frames\t{steps} steps"
+              f"\t{d.get('temperature_K', 0):.1f} K\t{status}\t{d.get('error', '')}")
     return 0
 
 
