@@ -11,7 +11,8 @@ import math
 import sys
 
 #: Sub-command modules, in the order ``--help`` lists them.
-COMMAND_MODULES = ["evaluate", "relax", "md", "screen", "campaign", "properties", "train", "bench", "demo"]
+COMMAND_MODULES = ["evaluate", "relax", "md", "screen", "campaign", "properties", "train", "distill", "models", "bench",
+                   "demo"]
 
 EPILOG = """examples:
   geodite-sim evaluate examples/structures/Si_diamond.cif examples/structures/NaCl_rocksalt.cif
@@ -119,8 +120,20 @@ def main(argv: list[str] | None = None) -> int:
 
     if getattr(args, "_leaf_parser", None) is not None and args.command != "train":  # train applies its own
         set_threads(getattr(args, "threads", None))
+    from geodite_sim.progress import Progress
+
+    Progress.latest = None
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # one line, no traceback; results stored so far stay (store, checkpoint, JSON files)
+        from geodite_sim.interrupt import EXIT_INTERRUPTED, interrupt_message
+
+        hint = getattr(args, "interrupt_hint", None)
+        hint = hint(args) if callable(hint) else hint
+        bar = Progress.latest
+        print(interrupt_message(*(bar.position() if bar is not None else (None, None, "")), hint=hint),
+              file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:  # e.g. --model pointing nowhere
         _subparser(parser, args).error(str(exc))
     except Exception as exc:

@@ -349,7 +349,12 @@ class RayExecutor:
             return _relabel(res, pos)
 
         def fail(pos, obj, msg):
-            label = str(obj) if isinstance(obj, (str, os.PathLike)) else f"{pos}:{type(obj).__name__}"
+            from geodite_sim.io.structures import Labeled
+
+            if isinstance(obj, Labeled):
+                obj, label = obj.structure, obj.label
+            else:
+                label = str(obj) if isinstance(obj, (str, os.PathLike)) else f"{pos}:{type(obj).__name__}"
             res = RelaxResult(structure=obj, energy=math.nan, energy_per_atom=math.nan, forces=None, stress=None,
                               n_steps=0, converged=False, error=f"{label}: {msg}", index=pos, label=label)
             return _model_error(res)

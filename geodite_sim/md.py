@@ -27,6 +27,7 @@ from ase import Atoms, units
 
 from geodite_sim.dynamics.velocities import maxwell_boltzmann, system_seed
 from geodite_sim.dynamics.verlet import kinetic_energy, temperature
+from geodite_sim.interrupt import Interrupted, deferred_interrupt
 from geodite_sim.io.runs import match_runs
 from geodite_sim.io.structures import MAX_SUPPORTED_Z, InputItem, iter_inputs, like_input
 from geodite_sim.md_checkpoint import check_compatible, load_checkpoint, save_checkpoint, state_from_dict, state_to_dict
@@ -708,6 +709,23 @@ class _MDJob:
         return runner
 
     def run(self) -> list[MDResult]:
+        with deferred_interrupt() as stop:
+            return self._run(stop)
+
+    def _interrupt(self, runner: Runner) -> None:
+        """Ctrl-C at a check: checkpoint (when the run has one), mark running systems ``interrupted`` at their
+        step, then stop (:class:`~geodite_sim.interrupt.Interrupted`)."""
+        if self.checkpoint is not None and self.checkpoint_every is not None:
+            self.save_checkpoint(runner)
+        if self.writer is not None and runner.state is not None:
+            steps = runner.state.step.cpu().numpy()
+            for s, item in enumerate(runner.items):
+                if item is not None and self._has_group(item.index):
+                    self.writer.set_attrs(item.index, status="interrupted", n_steps=int(steps[s]),
+                                          error="interrupted (Ctrl-C)")
+        raise Interrupted("md run interrupted")
+
+    def _run(self, stop) -> list[MDResult]:
         runner = None
         try:
             runner = self.prepare()
@@ -721,6 +739,8 @@ class _MDJob:
                     self.save_checkpoint(runner)
                     while self.next_checkpoint <= runner.iteration:
                         self.next_checkpoint += self.checkpoint_every
+                if stop.requested:
+                    self._interrupt(runner)
                 if runner.state is None:
                     if runner.exhausted:
                         break
@@ -836,6 +856,10 @@ class _MDProgress(Progress):
         if self._bar is not None:
             self._bar.update(new_steps)
             self._postfix()
+
+    def position(self) -> tuple[int, int | None, str]:
+        """(system-steps done in this run, all inputs' steps when known, "step")."""
+        return self.system_steps, self.total, "step"
 
     def rates(self) -> dict[str, float]:
         elapsed = max(self.elapsed, 1e-9)

@@ -50,6 +50,10 @@ class Progress:
         self.end: float | None = None
         self._bar = tqdm(total=total, desc=desc or None, unit=unit, disable=not enabled, dynamic_ncols=True,
                          smoothing=0.1) if enabled else None
+        Progress.latest = self
+
+    #: The bar created last in this process (the command line names its counts when a run is interrupted).
+    latest: Progress | None = None
 
     # ------------------------------------------------------------------ updates
     def finish(self, outcome: str, n: int = 1) -> None:
@@ -102,6 +106,10 @@ class Progress:
         head = f"{self.desc}: " if self.desc else ""
         tail = f": {parts}" if parts else ""
         return f"{head}{self.done} {units} in {self.elapsed:.1f} s ({self.rate:.2f}/s){tail}"
+
+    def position(self) -> tuple[int, int | None, str]:
+        """(items done, items expected or None, unit) of the bar."""
+        return self.done, self.total, self.unit
 
     def as_dict(self) -> dict:
         """Counts, elapsed seconds and rate (for JSON reports)."""

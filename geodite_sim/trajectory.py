@@ -198,7 +198,8 @@ def _decode(v):
 
 
 def trajectory_systems(path: str | Path) -> list[dict]:
-    """One dict per system group: index, frames and the group's attributes, sorted by index."""
+    """One dict per system group: index, frames, ``last_step`` (step of its last stored frame, 0 without one) and
+    the group's attributes, sorted by index."""
     import h5py
 
     out = []
@@ -207,6 +208,7 @@ def trajectory_systems(path: str | Path) -> list[dict]:
             d = {k: _decode(v) for k, v in g.attrs.items()}
             d["index"] = int(name)
             d["frames"] = int(g["step"].shape[0])
+            d["last_step"] = int(g["step"][-1]) if d["frames"] else 0
             out.append(d)
     return sorted(out, key=lambda d: d["index"])
 

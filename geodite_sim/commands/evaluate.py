@@ -26,7 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-atoms", type=positive_int, default=4096, help="atoms per batch (default 4096)")
     p.add_argument("--json", default=None, help="write results to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, interrupt_hint="evaluate keeps nothing of an interrupted run (--json is written at "
+                                            "the end): re-run it")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from geodite_sim.commands import EXIT_HELP, add_device_argument, positive_float, positive_int, resolve_device
+from geodite_sim.interrupt import RESUME_HINT
 
 EXAMPLES = {
     "phonons": """examples:
@@ -91,7 +92,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--no-relax-ions", action="store_true", help="do not relax ions in strained cells")
         if name in ("phonons", "eos", "diatomics"):
             p.add_argument("--no-plots", action="store_true", help="no PNG plots")
-        p.set_defaults(func=run, workflow=name)
+        p.set_defaults(func=run, workflow=name, interrupt_hint=RESUME_HINT)
 
 
 # ---------------------------------------------------------------------------------------------- inputs

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from geodite_sim.interrupt import RESUME_HINT
+
 EPILOG = """examples:
   # self-consistent references (elements + known phases relaxed with the same model)
   geodite-sim screen candidates/ --references refs/ --out screen_out
@@ -83,7 +85,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from geodite_sim.executors import add_executor_arguments
 
     add_executor_arguments(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, interrupt_hint=RESUME_HINT)
 
 
 def run(args: argparse.Namespace) -> int:

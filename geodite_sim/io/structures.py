@@ -71,6 +71,8 @@ def to_atoms(obj: Any) -> Atoms:
     """
     if isinstance(obj, Atoms):
         return obj.copy()
+    if isinstance(obj, Labeled):
+        return to_atoms(obj.structure)
     if isinstance(obj, (str, os.PathLike)):
         from ase.io import read
 
