@@ -12,6 +12,7 @@ from geodite_sim.batch import Batch
 from geodite_sim.io.admission import model_elements
 from geodite_sim.io.structures import InputItem, StructureError, iter_inputs
 from geodite_sim.model import Geodite, load_model
+from geodite_sim.model.torchsim_adapter import as_engine_model
 from geodite_sim.progress import Progress
 from geodite_sim.status import Status
 from geodite_sim.threads import check_threads, thread_limit
@@ -110,7 +111,7 @@ def evaluate(
     if on_error not in ("record", "raise"):
         raise ValueError(f"on_error must be 'record' or 'raise', got {on_error!r}")
     threads = check_threads(threads)
-    model = model if model is not None else load_model()
+    model = as_engine_model(model) if model is not None else load_model()
     allowed, name = model_elements(model)
     items = list(iter_inputs(structures, supported_elements=allowed, model_name=name,
                              allow_unsupported_elements=allow_unsupported_elements,

@@ -33,6 +33,7 @@ from geodite_sim.io.structures import MAX_SUPPORTED_Z, InputItem, iter_inputs, l
 from geodite_sim.md_checkpoint import check_compatible, load_checkpoint, save_checkpoint, state_from_dict, state_to_dict
 from geodite_sim.model.contract import model_fingerprint, model_name, supported_elements
 from geodite_sim.model.strain import edge_vectors
+from geodite_sim.model.torchsim_adapter import as_engine_model
 from geodite_sim.monitors import Monitors, temperature_limit_factor
 from geodite_sim.progress import Progress
 from geodite_sim.runner import (
@@ -238,6 +239,7 @@ def run_md(
         from geodite_sim.model import load_model
 
         model = load_model()
+    model = as_engine_model(model)  # a torch-sim ModelInterface runs behind TorchSimAdapter
     structures, _ = match_runs(structures, {"temperature": temperature, "steps": steps, **ensemble_params})
     if executor is not None:
         return executor.run_md(structures, model, ensemble=ensemble, temperature=temperature, timestep=timestep,

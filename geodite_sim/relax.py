@@ -41,6 +41,7 @@ from geodite_sim.progress import Progress
 from geodite_sim.runner import Capacity, FailureChecks, Runner, StepConfig, get_integrator
 from geodite_sim.runner.engine import AdmissionError
 from geodite_sim.status import Status
+from geodite_sim.model.torchsim_adapter import as_engine_model
 
 log = logging.getLogger(__name__)
 
@@ -407,6 +408,7 @@ def relax_many(
     def generate() -> Iterator[RelaxResult]:
         bar = Progress(total=total, desc="relax", unit="structure", enabled=progress,
                        outcomes=("converged", "not_converged", "failed"))
+    model = as_engine_model(model)  # a torch-sim ModelInterface runs behind TorchSimAdapter
         items = iter_inputs(structures, supported_elements=supported_elements(model) or range(1, MAX_SUPPORTED_Z + 1),
                             allow_unsupported_elements=allow_unsupported_elements,
                             min_distance_factor=min_distance_factor, model_name=model_name(model))

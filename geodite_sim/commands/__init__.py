@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 from collections.abc import Iterable, Sequence
 
@@ -27,8 +26,6 @@ EXIT_CODES = {"ok": 0, "some_failed": 1, "usage": 2}
 
 EXIT_HELP = ("exit status: 0 every input succeeded; 1 at least one input failed (the others ran and are "
              "reported, one status line per input); 2 bad arguments (nothing ran)")
-
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
 
 def positive_int(text: str) -> int:
@@ -80,20 +77,14 @@ def nonnegative_float(text: str) -> float:
 
 
 def device_arg(text: str) -> str:
-    """argparse type: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; a CUDA device must exist."""
-    value = text.strip().lower()
-    if not _DEVICE.match(value):
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use auto, cpu, cuda, cuda:N or mps")
-    if value.startswith("cuda"):
-        import torch
+    """argparse type: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; a CUDA device must exist
+    (:func:`geodite_sim.devices.check_device`, the Python API's rule too)."""
+    from geodite_sim.devices import DeviceError, check_device
 
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"device {text!r} requested but CUDA is not available on this machine "
-                                             "(use --device cpu or auto)")
-        if ":" in value and int(value.split(":")[1]) >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(f"device {text!r} does not exist: this machine has "
-                                             f"{torch.cuda.device_count()} CUDA device(s)")
-    return value
+    try:
+        return check_device(text)
+    except DeviceError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("(use cpu or auto)", "(use --device cpu or auto)")) from None
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
@@ -104,11 +95,9 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
 
 def resolve_device(device: str | None) -> str:
     """The device to run on: ``"auto"``/None -> ``"cuda"`` when torch sees a GPU, else ``"cpu"``."""
-    if device is None or device == "auto":
-        import torch
+    from geodite_sim.devices import resolve_device as resolve
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    return resolve(device)
 
 
 def exit_code(statuses: Iterable) -> int:

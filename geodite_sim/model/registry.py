@@ -54,12 +54,16 @@ def load_model(
 
     ``use_ema`` takes the EMA copy of the weights when the file holds one (the packaged
     geodite-mini already stores its EMA weights as its weights). The model is returned in eval
-    mode with frozen weights, on ``device`` in ``dtype``.
+    mode with frozen weights, on ``device`` in ``dtype``; ``device="auto"`` is CUDA when available, else the CPU
+    (as on the command line), and a CUDA device this machine lacks raises
+    :class:`~geodite_sim.devices.DeviceError` saying so.
     """
     if path_or_name is None:
         path_or_name = DEFAULT_MODEL
+    from geodite_sim.devices import resolve_device
     from geodite_sim.model.torchsim_adapter import SEVENNET_NAMES
 
+    device = resolve_device(device)  # "auto": CUDA when available; a missing CUDA device: DeviceError saying so
     if isinstance(path_or_name, str) and path_or_name.lower() in SEVENNET_NAMES:
         from geodite_sim.model.torchsim_adapter import load_sevennet
 

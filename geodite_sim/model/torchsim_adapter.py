@@ -14,6 +14,7 @@ real systems only and no ``edges``. torch-sim and the model's package are import
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -196,4 +197,28 @@ def load_sevennet(name: str = "7net-0", device: str | torch.device = "cpu",
     return TorchSimAdapter(ts_model, name="sevennet-0", supported_elements=type_map.keys(), cutoff=cutoff)
 
 
-__all__ = ["SEVENNET_NAMES", "TorchSimAdapter", "load_sevennet"]
+__all__ = ["SEVENNET_NAMES", "TorchSimAdapter", "as_engine_model", "is_torchsim_model", "load_sevennet"]
+
+
+def is_torchsim_model(model: Any) -> bool:
+    """Whether ``model`` is a torch-sim ``ModelInterface`` (SevenNet's ``SevenNetModel``, MACE's ``MaceModel``, ...)
+    not yet behind the contract (checked on the class names, so torch-sim is not imported)."""
+    if isinstance(model, TorchSimAdapter):
+        return False
+    return any(c.__name__ == "ModelInterface" and c.__module__.startswith("torch_sim") for c in type(model).__mro__)
+
+
+_ADAPTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def as_engine_model(model: Any) -> Any:
+    """``model`` as the engine takes it: a torch-sim ``ModelInterface`` is wrapped in :class:`TorchSimAdapter` (the
+    same adapter for the same model object), anything else is returned unchanged. Every entry point calls this, so
+    ``relax_many(structures, SevenNetModel(...))`` works as ``relax_many(structures, TorchSimAdapter(...))``."""
+    if not is_torchsim_model(model):
+        return model
+    adapter = _ADAPTED.get(model)
+    if adapter is None:
+        adapter = TorchSimAdapter(model)
+        _ADAPTED[model] = adapter
+    return adapter
