@@ -1,17 +1,20 @@
-"""``relax_many``: relax many structures with batched FIRE (+ Fréchet cell filter) and continuous batching.
+"""``relax_many``: relax many structures with batched FIRE, L-BFGS or BFGS (+ Fréchet cell filter) and continuous
+batching.
 
 A front-end of the one runner (:mod:`geodite_sim.runner`, docs/runner.md): it pulls structures
 lazily from the input stream, packs as many as fit into the batch capacity, and loops::
 
-    fire_move                               -> every running system moves one FIRE step
+    move                                    -> every running system moves one FIRE / L-BFGS / BFGS step
     evaluate the model on the whole batch  -> energy, forces, stress (+ failure checks)
-    fire_converged                          -> converged / out of steps systems are done (ASE's test)
+    relax_converged                         -> converged / out of steps systems are done (ASE's test)
+    (L-BFGS, BFGS: learn from the step)     -> history pair / Hessian update
     every ``check_interval`` steps: read the status back, emit the finished systems'
     results and refill their places from the queue
 
 A frozen system keeps its state bit for bit until it is retired, so its result and
-step count are those of a single-structure run (and of ASE's ``FIRE``, see
-:mod:`geodite_sim.dynamics.fire`). A structure that cannot be read, fails a check
+step count are those of a single-structure run (and of ASE's ``FIRE``, ``LBFGS`` or ``BFGS``,
+see :mod:`geodite_sim.dynamics.fire`, :mod:`~geodite_sim.dynamics.lbfgs`, :mod:`~geodite_sim.dynamics.bfgs`;
+docs/optimizers.md). A structure that cannot be read, fails a check
 (non-finite output, atoms too close, volume blow-up or collapse) or makes the model
 raise gets a result whose ``error`` says why; the others go on. Every input yields
 exactly one :class:`RelaxResult`.
@@ -32,22 +35,24 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from geodite_sim.batch import Batch
+from geodite_sim.dynamics.bfgs import BFGSParams
 from geodite_sim.dynamics.fire import FireParams
+from geodite_sim.dynamics.lbfgs import LBFGSParams
 from geodite_sim.evaluate import stress_to_voigt
 from geodite_sim.io.structures import MAX_SUPPORTED_Z, InputItem, iter_inputs, like_input
 from geodite_sim.model.contract import identity_config, model_name, supported_elements
+from geodite_sim.model.torchsim_adapter import as_engine_model
 from geodite_sim.neighbors import neighbor_list
 from geodite_sim.progress import Progress
 from geodite_sim.runner import Capacity, FailureChecks, Runner, StepConfig, get_integrator
 from geodite_sim.runner.engine import AdmissionError
 from geodite_sim.status import Status
-from geodite_sim.model.torchsim_adapter import as_engine_model
+from geodite_sim.threads import check_threads, thread_limit
 
 log = logging.getLogger(__name__)
 
 
 
-from geodite_sim.threads import check_threads, thread_limit
 @dataclass
 class RelaxResult:
     """Outcome of one structure's relaxation.
@@ -58,7 +63,7 @@ class RelaxResult:
         energy: final energy, eV (NaN when there is none). energy_per_atom: eV/atom.
         forces: [n, 3] final forces, eV/Å (None when there are none).
         stress: [3, 3] final stress, eV/Å³, ASE sign (zeros unless fully periodic; None when there is none).
-        n_steps: FIRE steps taken. converged: max generalised force norm < fmax.
+        n_steps: optimiser steps taken. converged: max generalised force norm < fmax.
         error: None, or why this structure failed. index: position in the input stream.
         label: file path or ``index:formula``. fmax: final max generalised force norm (atoms and cell), eV/Å.
         relax_cell: whether the cell was relaxed.
@@ -236,7 +241,8 @@ class _RelaxJob:
     results."""
 
     def __init__(self, relax_cell, max_steps: int, fix_symmetry: bool = False, symprec: float = 0.01,
-                 dtype: torch.dtype = torch.float64, device="cpu"):
+                 dtype: torch.dtype = torch.float64, device="cpu", refusal: Callable[[int], str | None] | None = None):
+        self.refusal = refusal  # n_atoms -> why the optimiser refuses a structure of that size (None: accepted)
         self.relax_cell = relax_cell
         self.max_steps = int(max_steps)
         self.fix_symmetry = bool(fix_symmetry)
@@ -257,6 +263,9 @@ class _RelaxJob:
 
         constraints = []
         for it in items:
+            too_large = self.refusal(len(it.atoms)) if self.refusal is not None else None
+            if too_large:
+                raise AdmissionError(Status.INVALID_SETTINGS, too_large)
             c = constraints_from_atoms(it.atoms, fix_symmetry=self.fix_symmetry, symprec=self.symprec)
             if isinstance(c, str):
                 raise AdmissionError(Status.INVALID_STRUCTURE, c)
@@ -268,7 +277,7 @@ class _RelaxJob:
                 "constraints": BatchConstraints.from_list(constraints, self.dtype, self.device)}
 
     def horizon(self, runner, horizon: torch.Tensor, new_slots: list[int]) -> torch.Tensor:
-        return torch.full_like(horizon, self.max_steps + 1)  # FIRE stops itself at max_steps
+        return torch.full_like(horizon, self.max_steps + 1)  # the optimiser stops itself at max_steps
 
     def result(self, item: InputItem, one, status: Status | None, message: str | None) -> RelaxResult:
         """The result of a retired one-system state (``status`` None: finished normally)."""
@@ -307,6 +316,21 @@ class _RelaxJob:
         )
 
 
+_PARAMS = {"fire": FireParams, "lbfgs": LBFGSParams, "bfgs": BFGSParams}
+
+
+def optimizer_settings(optimizer: str, **given) -> dict:
+    """``{optimizer: its parameters}`` from ``relax_many``'s ``fire=``/``lbfgs=``/``bfgs=`` (a params object, a dict
+    of its fields or None for ASE's defaults); ValueError for an unknown optimiser or another one's parameters."""
+    if optimizer not in _PARAMS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose from {', '.join(_PARAMS)}")
+    other = sorted(k for k, v in given.items() if v is not None and k != optimizer)
+    if other:
+        raise ValueError(f"{', '.join(o + '=' for o in other)} given but optimizer={optimizer!r}")
+    cls, value = _PARAMS[optimizer], given.get(optimizer)
+    return {optimizer: value if isinstance(value, cls) else cls(**(value or {}))}
+
+
 def relax_many(
     structures: Any,
     model=None,
@@ -319,7 +343,10 @@ def relax_many(
     max_systems: int | None = None,
     memory_budget_bytes: float | None = None,
     check_interval: int | None = None,
+    optimizer: str = "fire",
     fire: FireParams | dict | None = None,
+    lbfgs: LBFGSParams | dict | None = None,
+    bfgs: BFGSParams | dict | None = None,
     cell_factor: float | None = None,
     min_distance_factor: float | None = 0.5,
     max_volume_ratio: float | None = 3.0,
@@ -331,8 +358,10 @@ def relax_many(
     allow_unsupported_elements: bool = False,
     fix_symmetry: bool = False,
     symprec: float = 0.01,
+    threads: int | None = None,
 ) -> list[RelaxResult] | Iterator[RelaxResult]:
-    """Relax many structures with batched FIRE (ASE's algorithm), optionally with the cell (Fréchet filter).
+    """Relax many structures with batched FIRE, L-BFGS or BFGS (ASE's algorithms), optionally with the cell
+    (Fréchet filter).
 
     Args:
         structures: ASE Atoms, pymatgen Structures/Molecules, file paths (anything ``ase.io.read``
@@ -341,7 +370,7 @@ def relax_many(
             (``model(batch, edges=..., compute_forces=..., compute_stress=...)``, ``cutoff``, ``dtype``, ``device``).
         fmax: convergence threshold on the max norm of the generalised forces (atoms, and cell rows
             of the Fréchet filter for cell relaxations), eV/Å; converged when below it, as ASE.
-        max_steps: FIRE steps per structure at most (ASE's ``run(steps=...)``).
+        max_steps: optimiser steps per structure at most (ASE's ``run(steps=...)``).
         relax_cell: bool for all, a sequence indexed by input position, or ``callable(atoms) -> bool``.
             Only fully periodic structures relax their cell.
         stream: return a generator of results in completion order (each with ``.index``)
@@ -358,16 +387,20 @@ def relax_many(
         executor: run elsewhere (e.g. :class:`geodite_sim.executors.RayExecutor`); None runs in this process.
         allow_unsupported_elements: run structures with elements outside the model's supported set
             (recorded as a warning on the result) instead of rejecting them.
-    threads: int | None = None,
         fix_symmetry: keep each structure's space group (ASE's ``FixSymmetry`` semantics, found once with spglib
             at admission with tolerance ``symprec``; the refined structure is relaxed). Constraints on input
             Atoms (``FixAtoms``, ``FixCartesian``, ``FixSymmetry``) are always honoured; any other constraint
             gives that structure an ``invalid_structure`` error.
-        fire: FIRE parameters (:class:`FireParams` or a dict of its fields), ASE's defaults.
+        optimizer: ``"fire"`` (default; ASE's ``FIRE``), ``"lbfgs"`` (ASE's ``LBFGS``) or ``"bfgs"`` (ASE's ``BFGS``;
+            structures above ``BFGSParams.max_atoms`` get an ``invalid_settings`` error); docs/optimizers.md.
+        fire, lbfgs, bfgs: parameters of that optimiser (:class:`FireParams`, :class:`LBFGSParams`,
+            :class:`BFGSParams`, or a dict of their fields), ASE's defaults; only the chosen optimiser's may be given.
         cell_factor: ASE's ``exp_cell_factor`` (default: number of atoms of each structure).
         min_distance_factor, max_volume_ratio: failure thresholds (:class:`FailureChecks`; None = off).
         progress: show a progress bar (the summary is logged either way).
         total: number of inputs for the bar when ``structures`` has no ``len``.
+        threads: CPU threads of this call (None: torch's setting, i.e. ``OMP_NUM_THREADS`` or one per core;
+            :mod:`geodite_sim.threads`; warns once when the machine is oversubscribed). Ray workers use their own.
     Returns:
         One :class:`RelaxResult` per input (list in input order, or a generator with ``stream=True``).
     """
@@ -375,10 +408,12 @@ def relax_many(
         from geodite_sim.model import load_model
 
         model = load_model()
+    model = as_engine_model(model)  # a torch-sim ModelInterface runs behind TorchSimAdapter
     if executor is not None:
         return executor.relax_many(structures, model, fmax=fmax, max_steps=max_steps, relax_cell=relax_cell,
                                    stream=stream, max_atoms=max_atoms, max_systems=max_systems,
-                                   check_interval=check_interval, fire=fire, cell_factor=cell_factor,
+                                   check_interval=check_interval, optimizer=optimizer, fire=fire, lbfgs=lbfgs,
+                                   bfgs=bfgs, cell_factor=cell_factor,
                                    min_distance_factor=min_distance_factor, max_volume_ratio=max_volume_ratio,
                                    progress=progress, total=total, config=config,
                                    allow_unsupported_elements=allow_unsupported_elements)
@@ -386,7 +421,7 @@ def relax_many(
         raise ValueError(f"fmax must be positive, got {fmax}")
     if int(max_steps) < 0:
         raise ValueError(f"max_steps must be >= 0, got {max_steps}")
-    params = fire if isinstance(fire, FireParams) else FireParams(**(fire or {}))
+    params = optimizer_settings(optimizer, fire=fire, lbfgs=lbfgs, bfgs=bfgs)
     config = config or StepConfig()
     if check_interval is None:
         check_interval = config.check_interval if config.check_interval != 1 else (
@@ -394,21 +429,25 @@ def relax_many(
     config = replace(config, check_interval=max(1, int(check_interval)))
     checks = FailureChecks(min_distance_factor=min_distance_factor, max_volume_ratio=max_volume_ratio)
     any_cell = relax_cell is not False and not (isinstance(relax_cell, (bool, np.bool_)) and not relax_cell)
-    integrator = get_integrator("fire_frechet" if any_cell else "fire")
-    settings = {"fmax": float(fmax), "max_steps": int(max_steps), "fire": params, "cell_factor": cell_factor}
-    job = _RelaxJob(relax_cell, max_steps, fix_symmetry, symprec, model.dtype, model.device)
+    integrator = get_integrator(optimizer + ("_frechet" if any_cell else ""))
+    settings = {"fmax": float(fmax), "max_steps": int(max_steps), **params, "cell_factor": cell_factor}
+    refusal = params["bfgs"].refusal if optimizer == "bfgs" else None
+    job = _RelaxJob(relax_cell, max_steps, fix_symmetry, symprec, model.dtype, model.device, refusal=refusal)
     if total is None and hasattr(structures, "__len__") and not isinstance(structures, (str, Atoms)):
         try:
-        threads: CPU threads of this call (None: torch's setting, i.e. ``OMP_NUM_THREADS`` or one per core;
-            :mod:`geodite_sim.threads`; warns once when the machine is oversubscribed). Ray workers use their own.
             total = len(structures)
         except TypeError:
             total = None
 
+    threads = check_threads(threads)
+
     def generate() -> Iterator[RelaxResult]:
+        with thread_limit(threads):
+            yield from _generate()
+
+    def _generate() -> Iterator[RelaxResult]:
         bar = Progress(total=total, desc="relax", unit="structure", enabled=progress,
                        outcomes=("converged", "not_converged", "failed"))
-    model = as_engine_model(model)  # a torch-sim ModelInterface runs behind TorchSimAdapter
         items = iter_inputs(structures, supported_elements=supported_elements(model) or range(1, MAX_SUPPORTED_Z + 1),
                             allow_unsupported_elements=allow_unsupported_elements,
                             min_distance_factor=min_distance_factor, model_name=model_name(model))
@@ -439,13 +478,8 @@ def relax_many(
         return generate()
     results = list(generate())
     results.sort(key=lambda r: r.index)
-    threads = check_threads(threads)
-
     return results
-        with thread_limit(threads):
-            yield from _generate()
-
-    def _generate() -> Iterator[RelaxResult]:
 
 
-__all__ = ["Capacity", "FailureChecks", "RelaxResult", "estimate_capacity", "relax_many"]
+__all__ = ["BFGSParams", "Capacity", "FailureChecks", "FireParams", "LBFGSParams", "RelaxResult", "estimate_capacity",
+           "optimizer_settings", "relax_many"]

@@ -18,6 +18,8 @@ import torch
 from geodite_sim.batch import Batch, atom_indices
 
 PER = "per"
+#: Metadata key of a per-system field sized by its largest system (:func:`sized_field`).
+SIZE = "size"
 
 
 def atom_field(**kw):
@@ -28,6 +30,13 @@ def atom_field(**kw):
 def system_field(**kw):
     """Declare a dataclass field whose leading dimension is the system index."""
     return field(metadata={PER: "system"}, **kw)
+
+
+def sized_field(size, **kw):
+    """Declare a per-system field [S, D, ..., D] whose trailing dims D = ``size(n)`` follow the largest system
+    (n atoms) of the batch (e.g. BFGS's dense Hessian, D = 3 n + 9). :func:`select_systems` trims it to the
+    selected systems' largest ``size``, :func:`concat_states` zero-pads the parts to the largest."""
+    return field(metadata={PER: "system", SIZE: size}, **kw)
 
 
 def packed_field(**kw):
@@ -88,9 +97,26 @@ def select_systems[S: SimState](state: S, systems: Sequence[int] | torch.Tensor)
             changes[f.name] = value[atoms]
         elif _per(f) == "system":
             changes[f.name] = value[idx]
+            size = f.metadata.get(SIZE)
+            if size is not None and idx.numel():
+                d = int(size(int(state.batch.atoms_per_system[idx].max())))
+                changes[f.name] = changes[f.name][(slice(None),) + (slice(0, d),) * (value.dim() - 1)]
         elif _per(f) == "packed":
             changes[f.name] = value.select(idx)
     return replace(state, **changes)
+
+
+def _zero_pad(values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Zero-pad the trailing dims of ``values`` to the largest of each (leading dim unchanged)."""
+    shape = [max(v.shape[k] for v in values) for k in range(1, values[0].dim())]
+    out = []
+    for v in values:
+        if list(v.shape[1:]) != shape:
+            padded = v.new_zeros((v.shape[0], *shape))
+            padded[(slice(None),) + tuple(slice(0, n) for n in v.shape[1:])] = v
+            v = padded
+        out.append(v)
+    return out
 
 
 def concat_states[S: SimState](states: Sequence[S]) -> S:
@@ -118,5 +144,7 @@ def concat_states[S: SimState](states: Sequence[S]) -> S:
             continue
         if _per(f) == "atom":
             values = [v[: s.n_atoms] for v, s in zip(values, states)]
+        if f.metadata.get(SIZE) is not None:
+            values = _zero_pad(values)
         changes[f.name] = torch.cat(values)
     return replace(first, **changes)

@@ -15,9 +15,10 @@ cell for systems that relax it)::
     x = x + dr
 
 The step is two functions, so a caller can test convergence right after each evaluation (as
-ASE's ``irun`` does) instead of at the start of the next step: :func:`fire_converged` (the
-convergence test; caches the generalised forces) and :func:`fire_move` (the move);
-:func:`fire_step` is ``fire_move(fire_converged(state))``.
+ASE's ``irun`` does) instead of at the start of the next step:
+:func:`~geodite_sim.dynamics.optimizer.relax_converged` (the convergence test shared by every
+optimiser; caches the generalised forces) and :func:`fire_move` (the move); :func:`fire_step` is
+``fire_move(relax_converged(state))``.
 
 Dot products and norms run over all of a system's degrees of freedom (3N atoms + 9
 cell), exactly as ASE's ``np.vdot`` over the filter's (N + 3) × 3 array. Per-system
@@ -34,8 +35,15 @@ from dataclasses import dataclass, replace
 import torch
 
 from geodite_sim.batch import Batch
-from geodite_sim.dynamics.cell_filter import apply_displacement, generalized_forces
-from geodite_sim.state import SimState, atom_field, system_field
+from geodite_sim.dynamics.optimizer import (
+    OptimizerState,
+    cached_forces,
+    displace,
+    optimizer_fields,
+    relax_converged,
+    system_dot,
+)
+from geodite_sim.state import atom_field, system_field
 
 
 @dataclass(frozen=True)
@@ -54,56 +62,24 @@ class FireParams:
 
 
 @dataclass
-class FireState(SimState):
+class FireState(OptimizerState):
     """FIRE state of a packed batch (N atoms, S systems; no padding rows).
 
-    Attributes (besides :class:`SimState`'s batch, energy [S], forces [N, 3], stress [S, 3, 3]):
+    Attributes (besides :class:`~.optimizer.OptimizerState`'s batch, energy, forces, stress, Fréchet-filter
+    variables, step counter, convergence flags and cached generalised forces):
         velocities: [N, 3] FIRE velocities of the atoms' generalised coordinates.
         cell_velocities: [S, 3, 3] FIRE velocities of the cell coordinates (zero without the cell).
-        orig_cell: [S, 3, 3] reference cell C0 of the Fréchet filter (cell at the start), Å.
-        cell_log: [S, 3, 3] X = log F, the logarithm of the deformation gradient.
-        deform: [S, 3, 3] F = exp X, the deformation gradient (C = C0 Fᵀ).
-        cell_factor: [S] ASE's ``exp_cell_factor`` (number of atoms by default).
-        relax_cell: [S] bool, whether the cell is a degree of freedom.
         dt, alpha: [S] current FIRE time step and mixing parameter.
         n_pos: [S] int64, ASE's ``Nsteps`` (consecutive steps with v·g > 0).
         started: [S] bool, False before the first step (ASE's ``vel is None``).
-        n_steps: [S] int64 optimiser steps taken (ASE's ``opt.nsteps``).
-        converged: [S] bool, max generalised force norm < fmax at the last evaluation.
-        done: [S] bool, converged, out of steps or frozen; a done system no longer moves.
-        fmax: [S] max generalised force norm (atoms and cell rows) at the last evaluation, eV/Å.
-        g_atoms, g_cell: [N, 3], [S, 3, 3] generalised forces at the last evaluation (set by
-            :func:`fire_converged`, used by :func:`fire_move`; None: not computed yet).
     """
 
     velocities: torch.Tensor = atom_field(default=None)
     cell_velocities: torch.Tensor = system_field(default=None)
-    orig_cell: torch.Tensor = system_field(default=None)
-    cell_log: torch.Tensor = system_field(default=None)
-    deform: torch.Tensor = system_field(default=None)
-    cell_factor: torch.Tensor = system_field(default=None)
-    relax_cell: torch.Tensor = system_field(default=None)
     dt: torch.Tensor = system_field(default=None)
     alpha: torch.Tensor = system_field(default=None)
     n_pos: torch.Tensor = system_field(default=None)
     started: torch.Tensor = system_field(default=None)
-    n_steps: torch.Tensor = system_field(default=None)
-    converged: torch.Tensor = system_field(default=None)
-    done: torch.Tensor = system_field(default=None)
-    fmax: torch.Tensor = system_field(default=None)
-    g_atoms: torch.Tensor = atom_field(default=None)
-    g_cell: torch.Tensor = system_field(default=None)
-
-
-def per_system_sum(values: torch.Tensor, system_index: torch.Tensor, n_systems: int) -> torch.Tensor:
-    """Sum ``values`` [N, ...] over the atoms of each system -> [S, ...]."""
-    return values.new_zeros((n_systems,) + values.shape[1:]).index_add_(0, system_index, values)
-
-
-def per_system_max(values: torch.Tensor, system_index: torch.Tensor, n_systems: int) -> torch.Tensor:
-    """Max of non-negative ``values`` [N] over the atoms of each system -> [S] (0 for no atoms; NaN propagates)."""
-    out = values.new_zeros(n_systems)
-    return out.scatter_reduce_(0, system_index, values, reduce="amax", include_self=True)
 
 
 def fire_init(
@@ -122,76 +98,18 @@ def fire_init(
     p = params or FireParams()
     state_cls = fields.pop("state_cls", FireState)
     s, dev, dtype = batch.n_systems, batch.device, batch.dtype
-    relax = torch.as_tensor(relax_cell, dtype=torch.bool, device=dev).expand(s).clone()
-    relax &= batch.fully_periodic
-    if cell_factor is None:
-        factor = batch.atoms_per_system.to(dtype)
-    else:
-        factor = torch.as_tensor(cell_factor, dtype=dtype, device=dev).expand(s).clone()
     zeros_s = torch.zeros(s, dtype=dtype, device=dev)
     return state_cls(
         batch=batch,
         velocities=torch.zeros_like(batch.positions),
         cell_velocities=torch.zeros_like(batch.cell),
-        orig_cell=batch.cell.clone(),
-        cell_log=torch.zeros_like(batch.cell),
-        deform=torch.eye(3, dtype=dtype, device=dev).expand(s, 3, 3).clone(),
-        cell_factor=factor,
-        relax_cell=relax,
         dt=zeros_s + p.dt,
         alpha=zeros_s + p.a,
         n_pos=torch.zeros(s, dtype=torch.long, device=dev),
         started=torch.zeros(s, dtype=torch.bool, device=dev),
-        n_steps=torch.zeros(s, dtype=torch.long, device=dev),
-        converged=torch.zeros(s, dtype=torch.bool, device=dev),
-        done=torch.zeros(s, dtype=torch.bool, device=dev),
-        fmax=torch.full((s,), float("nan"), dtype=dtype, device=dev),
+        **optimizer_fields(batch, relax_cell, cell_factor),
         **fields,
     )
-
-
-def generalized_forces_of(state: FireState, cell: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(g_atoms [N, 3], g_cell [S, 3, 3], max row norm [S]) of the filter at the state's last evaluation.
-
-    ``cell=False`` promises that no system relaxes its cell (skips the filter: g_atoms = forces, g_cell = 0).
-    """
-    b = state.batch
-    if cell:
-        stress = state.stress if state.stress is not None else torch.zeros_like(b.cell)
-        g_a, g_c = generalized_forces(
-            state.forces, stress, b.cell, state.cell_log, state.deform, state.cell_factor, state.relax_cell,
-            b.system_index,
-        )
-    else:
-        g_a, g_c = state.forces, torch.zeros_like(b.cell)
-    norm_a = per_system_max(torch.linalg.vector_norm(g_a, dim=1), b.system_index, b.n_systems)
-    norm_c = torch.linalg.vector_norm(g_c, dim=2).amax(dim=1)
-    return g_a, g_c, torch.maximum(norm_a, norm_c)
-
-
-def fire_converged(
-    state: FireState,
-    fmax: float,
-    max_steps: int,
-    frozen: torch.Tensor | None = None,
-    cell: bool = True,
-) -> FireState:
-    """ASE's convergence test at the state's current evaluation (``optimizer.converged()``).
-
-    ``state.forces`` (and ``state.stress`` for cell systems) must hold the model's output at the
-    current positions. A system becomes done when converged (max generalised force norm < fmax, as
-    ASE's ``optimizer.run(fmax)``), when it has taken ``max_steps`` steps, or where ``frozen`` [S]
-    is True (the caller's failure mask); a system that was done keeps ``converged`` and ``fmax``.
-    The generalised forces are cached (``g_atoms``, ``g_cell``) for :func:`fire_move`.
-    """
-    g_a, g_c, fnorm = generalized_forces_of(state, cell)
-    conv_now = fnorm < fmax
-    was_done = state.done
-    done = was_done | conv_now | (state.n_steps >= max_steps)
-    if frozen is not None:
-        done = done | frozen
-    return replace(state, converged=torch.where(was_done, state.converged, conv_now), done=done,
-                   fmax=torch.where(was_done, state.fmax, fnorm), g_atoms=g_a, g_cell=g_c)
 
 
 def fire_step(
@@ -203,31 +121,28 @@ def fire_step(
     cell: bool = True,
 ) -> FireState:
     """Check convergence at the current evaluation, then move every unfinished system by one FIRE step
-    (:func:`fire_converged` then :func:`fire_move`; see them for the arguments). No host synchronisation."""
-    return fire_move(fire_converged(state, fmax, max_steps, frozen, cell), params, cell)
+    (:func:`~.optimizer.relax_converged` then :func:`fire_move`; see them for the arguments). No host
+    synchronisation."""
+    return fire_move(relax_converged(state, fmax, max_steps, frozen, cell), params, cell)
 
 
 def fire_move(state: FireState, params: FireParams | None = None, cell: bool = True) -> FireState:
     """Move every system that is not done by one FIRE step, with the generalised forces cached by
-    :func:`fire_converged` (computed here if absent); done systems are left untouched. ``cell=False``
+    :func:`~.optimizer.relax_converged` (computed here if absent); done systems are left untouched. ``cell=False``
     promises that no system relaxes its cell and skips the filter's arithmetic. The new positions are not
     evaluated (energy/forces/stress still describe the old ones). No host synchronisation."""
     p = params or FireParams()
     b = state.batch
-    sys_idx, n_sys = b.system_index, b.n_systems
-    if state.g_atoms is None or state.g_cell is None:
-        g_a, g_c, _ = generalized_forces_of(state, cell)
-    else:
-        g_a, g_c = state.g_atoms, state.g_cell
-    done = state.done
-    active = ~done
+    sys_idx = b.system_index
+    g_a, g_c = cached_forces(state, cell)
+    active = ~state.done
     act_a = active[sys_idx, None]
     act_c = active[:, None, None]
 
     v_a, v_c = state.velocities, state.cell_velocities
 
     def dot(x_a, y_a, x_c, y_c):
-        return per_system_sum((x_a * y_a).sum(1), sys_idx, n_sys) + (x_c * y_c).sum((1, 2))
+        return system_dot(x_a, y_a, x_c, y_c, sys_idx)
 
     vf = dot(g_a, v_a, g_c, v_c)
     grad2 = dot(g_a, g_a, g_c, g_c)
@@ -262,27 +177,13 @@ def fire_move(state: FireState, params: FireParams | None = None, cell: bool = T
     dr_a = torch.where(big[per_a], p.maxstep * dr_a / safe_norm[per_a], dr_a)
     dr_c = torch.where(big[per_c], p.maxstep * dr_c / safe_norm[per_c], dr_c)
 
-    if cell:
-        pos, new_cell, cell_log, deform = apply_displacement(
-            b.positions, b.cell, state.orig_cell, state.cell_log, state.deform, state.cell_factor,
-            state.relax_cell, sys_idx, dr_a, dr_c,
-        )
-        new_cell = torch.where(act_c, new_cell, b.cell)
-        cell_log = torch.where(act_c, cell_log, state.cell_log)
-        deform = torch.where(act_c, deform, state.deform)
-    else:
-        pos, new_cell, cell_log, deform = b.positions + dr_a, b.cell, state.cell_log, state.deform
-    batch = b.with_positions(torch.where(act_a, pos, b.positions), new_cell)
+    moved = displace(state, dr_a, dr_c, cell)
     return replace(
-        state,
-        batch=batch,
+        moved,
         velocities=torch.where(act_a, new_v_a, v_a),
         cell_velocities=torch.where(act_c, new_v_c, v_c),
-        cell_log=cell_log,
-        deform=deform,
         dt=torch.where(active, dt, state.dt),
         alpha=torch.where(active, alpha, state.alpha),
         n_pos=torch.where(active, n_pos, state.n_pos),
         started=state.started | active,
-        n_steps=state.n_steps + active.long(),
     )

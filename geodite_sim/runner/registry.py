@@ -26,11 +26,12 @@ import torch
 from ase import units
 
 from geodite_sim.batch import Batch
-from geodite_sim.dynamics.fire import FireParams, FireState, fire_converged, fire_init, fire_move
+from geodite_sim.dynamics.fire import FireParams, FireState, fire_init, fire_move
 from geodite_sim.dynamics.langevin import LangevinState, langevin_step
 from geodite_sim.dynamics.nose_hoover import init_chain, nhc_conserved, nhc_step
+from geodite_sim.dynamics.optimizer import relax_converged
 from geodite_sim.dynamics.verlet import MDState, kinetic_energy, nve_conserved, verlet_step
-from geodite_sim.state import packed_field, system_field
+from geodite_sim.state import system_field
 
 
 class Evaluation(NamedTuple):
@@ -84,12 +85,11 @@ def get_integrator(name: str) -> Integrator:
 # ---------------------------------------------------------------------------------------------- relaxation
 @dataclass
 class RelaxState(FireState):
-    """FIRE state plus ``volume0`` [S], the cell volume at the start (Å³; reference of the volume check), and
-    ``constraints`` (:class:`~geodite_sim.dynamics.constraints.BatchConstraints`: FixAtoms, FixCartesian,
-    FixSymmetry per system, applied where ASE applies them; None: unconstrained)."""
+    """FIRE state plus ``volume0`` [S], the cell volume at the start (Å³; reference of the volume check). The
+    ``constraints`` (FixAtoms, FixCartesian, FixSymmetry per system) of every relaxation state are applied where
+    ASE applies them (:func:`_relax_step`)."""
 
     volume0: torch.Tensor = system_field(default=None)
-    constraints: Any = packed_field(default=None)
 
 
 def _constrained(c, batch: Batch, ev: Evaluation) -> Evaluation:
@@ -99,52 +99,105 @@ def _constrained(c, batch: Batch, ev: Evaluation) -> Evaluation:
     return Evaluation(ev.energy, c.adjust_forces(ev.forces, batch), c.adjust_stress(ev.stress, batch))
 
 
-def _fire_init(cell: bool):
-    def init(batch: Batch, ev: Evaluation, per_system: dict, settings: dict) -> RelaxState:
-        from geodite_sim.model.strain import cell_volumes
+def _fire_state(batch: Batch, per_system: dict, settings: dict) -> RelaxState:
+    from geodite_sim.model.strain import cell_volumes
 
-        c = per_system.get("constraints")
-        state = fire_init(batch, per_system["relax_cell"], settings["fire"], settings.get("cell_factor"),
-                          state_cls=RelaxState, volume0=cell_volumes(batch.cell), constraints=c)
-        ev = _constrained(c, batch, ev)
+    return fire_init(batch, per_system["relax_cell"], settings["fire"], settings.get("cell_factor"),
+                     state_cls=RelaxState, volume0=cell_volumes(batch.cell), constraints=per_system.get("constraints"))
+
+
+def _lbfgs_state(batch: Batch, per_system: dict, settings: dict):
+    from geodite_sim.dynamics.lbfgs import lbfgs_init
+
+    return lbfgs_init(batch, per_system["relax_cell"], settings["lbfgs"], settings.get("cell_factor"),
+                      constraints=per_system.get("constraints"))
+
+
+def _bfgs_state(batch: Batch, per_system: dict, settings: dict):
+    from geodite_sim.dynamics.bfgs import bfgs_init
+
+    return bfgs_init(batch, per_system["relax_cell"], settings["bfgs"], settings.get("cell_factor"),
+                     constraints=per_system.get("constraints"))
+
+
+def _relax_init(make_state, cell: bool):
+    """``init`` of a relaxation entry: the optimiser's fresh state at the constrained initial evaluation, and ASE's
+    convergence test there (a structure converged at the start, or with max_steps = 0, is done without a step)."""
+
+    def init(batch: Batch, ev: Evaluation, per_system: dict, settings: dict):
+        state = make_state(batch, per_system, settings)
+        ev = _constrained(state.constraints, batch, ev)
         state = replace(state, energy=ev.energy, forces=ev.forces, stress=ev.stress)
-        # converged (or max_steps = 0) at the start: done now, retired without a step
-        return fire_converged(state, settings["fmax"], settings["max_steps"], cell=cell)
+        return relax_converged(state, settings["fmax"], settings["max_steps"], cell=cell)
 
     return init
 
 
-def _fire_step(cell: bool):
-    """Move, evaluate, then ASE's convergence test at the new evaluation (so a system that converged is done
-    right after the step that got it there and leaves at the next check without another model call)."""
+def _relax_step(move, cell: bool, learn=None):
+    """``step`` of a relaxation entry: move (``move(state, settings, cell)``), constrain the new cell and positions,
+    evaluate, then ASE's convergence test at the new evaluation (so a system that converged is done right after the
+    step that got it there and leaves at the next check without another model call); quasi-Newton methods then
+    ``learn(old, new, cell)`` from the step (their history or Hessian update)."""
 
-    def step(state: RelaxState, force_fn, settings: dict) -> RelaxState:
+    def step(state, force_fn, settings: dict):
         c = state.constraints
-        new = fire_move(state, settings["fire"], cell=cell)
+        new = move(state, settings, cell)
         if c is not None and not c.is_empty:  # FixSymmetry/FixAtoms when the filter sets cell and positions
             new_cell, _ = c.adjust_cell(state.batch.cell, new.batch.cell)
             pos = c.adjust_positions(state.batch, new.batch.positions, new_cell)
             new = replace(new, batch=new.batch.with_positions(pos, new_cell))
         ev = _constrained(c, new.batch, force_fn(new.batch))
         new = replace(new, energy=ev.energy, forces=ev.forces, stress=ev.stress)
-        return fire_converged(new, settings["fmax"], settings["max_steps"], cell=cell)
+        new = relax_converged(new, settings["fmax"], settings["max_steps"], cell=cell)
+        return new if learn is None else learn(state, new, cell)
 
     return step
+
+
+def _fire_move(state, settings, cell):
+    return fire_move(state, settings["fire"], cell=cell)
+
+
+def _lbfgs_move(state, settings, cell):
+    from geodite_sim.dynamics.lbfgs import lbfgs_move
+
+    return lbfgs_move(state, settings["lbfgs"], cell=cell)
+
+
+def _bfgs_move(state, settings, cell):
+    from geodite_sim.dynamics.bfgs import bfgs_move
+
+    return bfgs_move(state, settings["bfgs"], cell=cell)
 
 
 def _n_steps(state) -> torch.Tensor:
     return state.n_steps
 
 
-def _fire_done(state) -> torch.Tensor:
+def _relax_done(state) -> torch.Tensor:
     return state.done
 
 
-register(Integrator("fire", "relax", _fire_init(False), _fire_step(False), _n_steps, _fire_done, needs_stress=True,
-                    description="FIRE on the atoms (ase.optimize.FIRE)"))
-register(Integrator("fire_frechet", "relax", _fire_init(True), _fire_step(True), _n_steps, _fire_done,
-                    needs_stress=True,
-                    description="FIRE on atoms + cell (ase.optimize.FIRE on ase.filters.FrechetCellFilter)"))
+def _register_relax() -> None:
+    from geodite_sim.dynamics.bfgs import bfgs_learn
+    from geodite_sim.dynamics.lbfgs import lbfgs_learn
+
+    methods = {"fire": (_fire_state, _fire_move, None, "ase.optimize.FIRE"),
+               "lbfgs": (_lbfgs_state, _lbfgs_move, lbfgs_learn, "ase.optimize.LBFGS"),
+               "bfgs": (_bfgs_state, _bfgs_move, bfgs_learn, "ase.optimize.BFGS")}
+    for name, (make_state, move, learn, ase_name) in methods.items():
+        for cell in (False, True):
+            where = f"atoms + cell ({ase_name} on ase.filters.FrechetCellFilter)" if cell else f"the atoms ({ase_name})"
+            register(Integrator(name + ("_frechet" if cell else ""), "relax", _relax_init(make_state, cell),
+                                _relax_step(move, cell, learn), _n_steps, _relax_done, needs_stress=True,
+                                description=f"{name.upper() if name != 'lbfgs' else 'L-BFGS'} on {where}"))
+
+
+_register_relax()
+
+#: Relaxation methods of :func:`geodite_sim.relax_many` (``optimizer=``): registry entries ``name`` (atoms only)
+#: and ``name_frechet`` (atoms + cell).
+OPTIMIZERS = ("fire", "lbfgs", "bfgs")
 
 
 # ---------------------------------------------------------------------------------------------- MD
@@ -225,8 +278,8 @@ register(Integrator("nvt_nhc", "md", _nhc_init, _nhc_step, _md_steps, _md_finish
 register(Integrator("nvt_langevin", "md", _langevin_init, _langevin_step, _md_steps, _md_finished,
                     conserved=None, description="Langevin NVT (ase.md.langevin.Langevin)"))
 
-__all__ = ["Evaluation", "FireParams", "Integrator", "REGISTRY", "RelaxState", "get_integrator", "md_base_state",
-           "register"]
+__all__ = ["Evaluation", "FireParams", "Integrator", "OPTIMIZERS", "REGISTRY", "RelaxState", "get_integrator",
+           "md_base_state", "register"]
 
 
 # ---------------------------------------------------------------------------------------------- NPT, Bussi
