@@ -142,6 +142,11 @@ def test_short_example_end_to_end_with_report(tmp_path):
             assert r["n_frames"] >= 3 and r["rdf"]["g"]
     report = (out / "report.md").read_text()
     assert "## Runs" in report and "no reference trajectories" in report
+    assert "## Transport" in report and "σ Nernst–Einstein" in report
+    for r in result.results:  # every species: a D with its interval, or "not determined" with the reason
+        for sp, d in ((r.get("transport") or {}).get("tracer") or {}).items():
+            assert (f"{sp}: not determined ({d['reason']})" if d["D_cm2_per_s"] is None
+                    else f"{sp}: {d['D_cm2_per_s']:.3e}") in report
     for s in result.states:
         if s.status == "failed":
             assert s.error in report

@@ -204,3 +204,54 @@ def test_interval_coverage_50_seeds():
     assert (hits / 50 >= 0.9).all(), hits
     assert ea_hits / 50 >= 0.9, ea_hits
     assert not math.isnan(hits.sum())
+
+
+# ---------------------------------------------------------------------------------------------- campaign
+def test_campaign_transport_tables_and_arrhenius_plot(tmp_path):
+    """The campaign's per-material step on three synthetic runs: Arrhenius fit, D and σ at 300 K with intervals,
+    the runs' table, "not determined" runs left out with their reason, and the PNG."""
+    from geodite_sim.workflows.sse_campaign import AnalysisSettings, _figure
+    from geodite_sim.workflows.sse_transport import material_transport, plot_arrhenius, report_tables
+
+    analysis = AnalysisSettings(discard_fs=0.0, charges={"Li": 1, "I": -1})
+    results = []
+    for k, temperature in enumerate((800.0, 1000.0, 1200.0)):
+        wrapped, _, numbers, masses = brownian(d_true(temperature), seed=200 + k, n_frames=1000)
+        write_h5(tmp_path / f"{k}.h5", wrapped, numbers, masses, 10.0, temperature_K=temperature)
+        tr = analyse_transport(tmp_path / f"{k}.h5", settings=LI).to_dict()
+        results.append({"id": f"X-{temperature:g}K", "material": "X", "temperature": temperature, "mobile": "Li",
+                        "status": "done", "transport": tr})
+    stalled = json.loads(json.dumps(results[0]))
+    stalled.update(id="X-700K", temperature=700.0)
+    stalled["transport"]["tracer"]["Li"].update(D_cm2_per_s=None, reason="MSD slope is not positive")
+    results.insert(0, stalled)
+    entry = material_transport(results, analysis)["X"]
+    fit = entry["fit"]
+    assert fit["temperatures_K"] == [800.0, 1000.0, 1200.0] and entry["excluded"] == [
+        "X-700K: MSD slope is not positive"]
+    assert abs(fit["Ea_eV"] - EA_EV) < 3 * fit["Ea_se_eV"]
+    lo, hi = entry["D_ci_cm2_per_s"]
+    assert lo < entry["D_cm2_per_s"] < hi
+    factor = conversion_factor(np.array([3] * 32 + [53] * 32), abs(np.linalg.det(CELL)), "Li", 1, 300.0)
+    assert entry["sigma_mS_per_cm"] == pytest.approx(entry["D_cm2_per_s"] * factor, rel=1e-12)
+    png = plot_arrhenius("X", entry, results, tmp_path / "arrhenius.png", _figure)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    items = report_tables(results, {"X": entry}, 0.95)
+    runs_table = next(i for i in items if i[0] == "table" and i[1][0] == "run")
+    assert [row[0] for row in runs_table[2]] == ["X-700K", "X-800K", "X-1000K", "X-1200K"]
+    assert runs_table[2][0][2] == "not determined: MSD slope is not positive"
+    material_table = next(i for i in items if i[0] == "table" and i[1][0] == "material")
+    assert material_table[2][0][3].startswith(f"{fit['Ea_eV']:.3f} ± ")
+
+
+def test_campaign_spec_transport_keys(tmp_path):
+    from geodite_sim.workflows.sse_campaign import SpecError, load_spec
+
+    spec = {"campaign": {"name": "t", "model": "morse"}, "analysis": {"charges": {"Li": 1}, "extrapolate_to_K": 350.0},
+            "material": [{"name": "CuI", "structure": "workflows/sse/structures/CuI_64.extxyz",
+                          "temperatures": [600], "mobile": "Cu"}]}
+    s = load_spec(spec, base=".")
+    assert s.analysis.charges == {"Li": 1} and s.analysis.extrapolate_to_K == 350.0
+    spec["analysis"]["charges"] = {"Lx": 1}
+    with pytest.raises(SpecError, match=r"\[analysis\].charges: Lx = 1"):
+        load_spec(spec, base=".")

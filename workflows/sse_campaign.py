@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from geodite_sim.workflows.sse_transport import TRANSPORT_KEYS
 
 #: Names of the files a campaign writes into its output folder.
 TRAJECTORY = "trajectories.h5"
@@ -44,7 +45,7 @@ _CAMPAIGN_KEYS = {"name", "output", "model", "model_options", "dtype", "device",
 _MD_KEYS = {"ensemble", "timestep_fs", "steps", "chain_length", "tdamp_fs", "frame_every", "checkpoint_every",
             "max_atoms", "skin", "monitors", "preset"}
 _ANALYSIS_KEYS = {"discard_fs", "rdf_bin_width", "rdf_stride", "msd_fit_fraction", "msd_fit_window_fs",
-                  "reference_discard_fs", "device", "remove_com"}
+                  "reference_discard_fs", "device", "remove_com"} | TRANSPORT_KEYS
 _MATERIAL_KEYS = {"name", "structure", "temperatures", "mobile", "references"}
 _REFERENCE_KEYS = {"file", "discard_fs", "frame_interval_fs", "system", "stride"}
 
@@ -82,6 +83,13 @@ class AnalysisSettings:
     reference_discard_fs: float = 30000.0
     remove_com: bool = True
     device: str | None = None  # None: the campaign's device
+    # transport (geodite_sim.workflows.sse_transport): charges {"Li": 1, ...} (default: pymatgen's guess),
+    # extrapolation temperature, R² below which D is "not determined", interval level, frames kept for the MSD
+    charges: dict | None = None
+    extrapolate_to_K: float = 300.0
+    r2_min: float = 0.5
+    confidence: float = 0.95
+    msd_max_frames: int = 2000
 
 
 @dataclass
@@ -222,6 +230,12 @@ def load_spec(path_or_dict: str | Path | dict, output: str | Path | None = None,
             md_table.setdefault("steps", preset.steps)
     md = _fill(MDSettings, md_table, "[md]")
     analysis = _fill(AnalysisSettings, data.get("analysis", {}), "[analysis]")
+    try:
+        from geodite_sim.workflows.sse_transport import transport_settings
+
+        transport_settings(analysis, None)
+    except ValueError as exc:
+        raise SpecError(str(exc) if str(exc).startswith("[analysis]") else f"[analysis]: {exc}") from None
     if md.ensemble != "nvt_nhc" and md.ensemble not in ("nvt_langevin", "nve"):
         raise SpecError(f"[md].ensemble: unknown ensemble {md.ensemble!r}")
     if md.steps < 1 or md.frame_every < 1 or md.checkpoint_every < 1:
@@ -673,6 +687,12 @@ def analyse_run(spec: CampaignSpec, run: Run, device: str | None = None,
             out["diffusion"] = {k: v.to_dict() for k, v in fits.items()}
         except ValueError as exc:
             out["analysis_error"] = f"diffusion fit: {exc}"
+    try:
+        from geodite_sim.workflows.sse_transport import run_transport
+
+        out["transport"] = run_transport(a, run.mobile, file, group, run.temperature, device)
+    except (ValueError, KeyError) as exc:
+        out["transport_error"] = f"transport: {exc}"
     if run.reference is not None:
         ref = run.reference
         try:
@@ -896,16 +916,16 @@ def plot_msd(results: list[dict], material: str, path: Path) -> Path | None:
             t_ps = msd.t_fs / 1000.0
             ax.plot(t_ps, msd.msd[sp], color=color, lw=1.2,
                     label=f"{r['temperature']:g} K" + (f" {sp}" if len(species) > 1 else ""))
-            fit = (r.get("diffusion") or {}).get(sp)
-            if fit:
+            fit = ((r.get("transport") or {}).get("tracer") or {}).get(sp)  # the transport table's fit
+            if fit and math.isfinite(fit["slope_D_cm2_per_s"]):
                 t0, t1 = fit["window_fs"]
                 tt = np.linspace(t0, t1, 20)
-                ax.plot(tt / 1000.0, 6.0 * fit["D_A2_per_ps"] * tt / 1000.0 + fit["intercept"], "--", color=color,
-                        lw=0.9)
+                ax.plot(tt / 1000.0, 6.0 * fit["slope_D_cm2_per_s"] * 1e4 * tt / 1000.0 + fit["intercept_A2"], "--",
+                        color=color, lw=0.9)
     mobile = runs[0].get("mobile")
     ax.set_xlabel("lag time (ps)")
     ax.set_ylabel(f"MSD{' of ' + mobile if mobile else ''} (Å²)")
-    ax.set_title(f"{material}: MSD (dashed: 6Dt + b fit)", fontsize=9)
+    ax.set_title(f"{material}: MSD (dashed: 6Dt + b, weighted 1/t, over the fit window)", fontsize=9)
     ax.legend(fontsize=7, frameon=False)
     fig.savefig(path)
     return path
@@ -949,6 +969,14 @@ def write_report(spec: CampaignSpec, results: list[dict], summary: dict, states:
         p = plot_rdf(r, plots_dir / f"rdf_{_slug(r['id'])}.png")
         if p:
             plots[f"rdf:{r['id']}"] = p
+    from geodite_sim.workflows import sse_transport
+
+    transport = sse_transport.material_transport(results, spec.analysis)
+    for material, entry in transport.items():
+        p = sse_transport.plot_arrhenius(material, entry, results, plots_dir / f"arrhenius_{_slug(material)}.png",
+                                         _figure)
+        if p:
+            plots[f"arrhenius:{material}"] = p
 
     md_parts: list[str] = []
     html_parts: list[str] = []
@@ -1000,7 +1028,9 @@ def write_report(spec: CampaignSpec, results: list[dict], summary: dict, states:
     rows = []
     for r in results:
         st = state_of.get(r["id"])
-        d = (r.get("diffusion") or {}).get(r.get("mobile") or "")
+        d = ((r.get("transport") or {}).get("tracer") or {}).get(r.get("mobile") or "")
+        d = {"D_cm2_per_s": d["D_cm2_per_s"], "D_A2_per_ps": d["D_cm2_per_s"] * 1e4} \
+            if d and d["D_cm2_per_s"] is not None else None
         comp = r.get("comparison") or {}
         rows.append([
             r["id"], r["material"], f"{r['temperature']:g}", str(st.n_atoms if st else r.get("n_atoms", "")),
@@ -1015,24 +1045,36 @@ def write_report(spec: CampaignSpec, results: list[dict], summary: dict, states:
     text("## Diffusion coefficients, all species (cm²/s)", "<h2>Diffusion coefficients, all species (cm²/s)</h2>")
     rows = []
     for r in results:
-        diff = r.get("diffusion") or {}
-        if diff:
-            rows.append([r["id"], ", ".join(f"{sp}: {v['D_cm2_per_s']:.3e} (R² {v['r2']:.2f})"
-                                            for sp, v in diff.items())])
+        tracer = (r.get("transport") or {}).get("tracer") or {}
+        if tracer:
+            rows.append([r["id"], "; ".join(
+                f"{sp}: {v['D_cm2_per_s']:.3e} [{v['ci_cm2_per_s'][0]:.2e}, {v['ci_cm2_per_s'][1]:.2e}] "
+                f"(R² {v['r2']:.2f})" if v["D_cm2_per_s"] is not None and v["ci_cm2_per_s"]
+                else f"{sp}: {v['D_cm2_per_s']:.3e} (R² {v['r2']:.2f})" if v["D_cm2_per_s"] is not None
+                else f"{sp}: not determined ({v['reason']})" for sp, v in tracer.items())])
     if rows:
-        table(["run", "D per species"], rows)
+        table(["run", f"D per species [{100 * a.confidence:g} % interval]"], rows)
     else:
         text("No run has enough frames after the discarded time for an MSD yet.")
 
-    problems = [r for r in results if r.get("error") or r.get("analysis_error") or r.get("reference_error")]
+    for item in sse_transport.report_tables(results, transport, a.confidence):
+        if item[0] == "heading":
+            text(f"## {item[1]}", f"<h2>{escape(item[1])}</h2>")
+        elif item[0] == "text":
+            text(item[1])
+        else:
+            table(item[1], item[2])
+
+    keys = ("error", "analysis_error", "reference_error", "transport_error")
+    problems = [r for r in results if any(r.get(k) for k in keys)]
     if problems:
         text("## Problems", "<h2>Problems</h2>")
-        table(["run", "message"], [[r["id"], "; ".join(str(r[k]) for k in ("error", "analysis_error", "reference_error")
-                                                       if r.get(k))] for r in problems])
+        table(["run", "message"], [[r["id"], "; ".join(str(r[k]) for k in keys if r.get(k))] for r in problems])
 
     text("## Plots", "<h2>Plots</h2>")
     image("scores", "RDF overlap score per run, by mobile ion")
     for material in dict.fromkeys(r["material"] for r in results):
+        image(f"arrhenius:{material}", f"{material}: Arrhenius plot of the mobile ion's tracer D")
         image(f"msd:{material}", f"{material}: mean-squared displacement")
     for r in results:
         image(f"rdf:{r['id']}", f"{r['id']}: partial RDFs, model (solid) vs reference (dashed)")

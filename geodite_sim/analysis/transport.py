@@ -425,7 +425,11 @@ def nernst_einstein(tracer: TracerDiffusion, numbers: np.ndarray, volume_A3: flo
     if not charge:
         return Conductivity(sp, charge, temperature_K, None, None,
                             f"no charge for {sp}: give charges (pymatgen found no oxidation-state guess)")
-    factor = conversion_factor(numbers, volume_A3, sp, charge, temperature_K)
+    try:
+        factor = conversion_factor(numbers, volume_A3, sp, charge, temperature_K)
+    except ImportError:
+        return Conductivity(sp, charge, temperature_K, None, None, "pymatgen-analysis-diffusion is not installed "
+                            "(pip install 'geodite-sim[transport]')")
     return Conductivity(sp, charge, temperature_K, D * factor,
                         None if ci is None else (ci[0] * factor, ci[1] * factor))
 
