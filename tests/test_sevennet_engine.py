@@ -80,3 +80,18 @@ def test_run_md_nve_equals_ase_velocity_verlet(sevennet, calc):
         assert np.abs(r.final.positions - ref.positions).max() < 1e-5  # measured <= 5e-7 Å
         assert np.abs(r.final.get_momenta() - ref.get_momenta()).max() < 1e-4  # measured <= 5e-6
         assert abs(r.energy - ref.get_potential_energy()) < 1e-5
+
+
+def test_dense_small_cells_do_not_overflow(sevennet, calc):
+    """SevenNet behind the engine uses the engine's neighbour list (buffers grow), so a compressed 2-atom hcp cell
+    with ~270 neighbours per atom evaluates (torch-sim's default nvalchemiops list estimated 112 and raised
+    NeighborOverflowError), and a normal cell still equals SevenNetCalculator."""
+    dense = bulk("N", "hcp", a=1.5, c=2.4)
+    normal = bulk("Si", "diamond", 5.43) * (2, 1, 1)
+    normal.rattle(0.05, seed=3)
+    out = gs.evaluate([dense, normal], sevennet)
+    assert out[0]["error"] is None and np.isfinite(out[0]["energy"])
+    ref = normal.copy()
+    ref.calc = calc
+    assert abs(out[1]["energy"] - ref.get_potential_energy()) < 1e-4
+    np.testing.assert_allclose(out[1]["forces"], ref.get_forces(), atol=1e-4)

@@ -169,6 +169,8 @@ def load_checkpoint(
     if "SnapshotDecoder.context" in sd:
         head.context = _blob_to_object(sd["SnapshotDecoder.context"])
     model.supported_elements = checkpoint_elements(ckpt, c["e0"], config.max_z)
+    meta = ckpt.get(METADATA_KEY)
+    model.card = meta.get("card") if isinstance(meta, dict) and isinstance(meta.get("card"), dict) else None
     model.source = str(path)
     model.checksum = file_checksum(path)
     return prepare_for_inference(model, device, dtype)
@@ -254,8 +256,13 @@ def save_checkpoint(
         "global_step": 0,
     }
     elements = model.supported_elements
+    meta: dict = {}
     if elements is not None:
-        ckpt[METADATA_KEY] = {"supported_elements": sorted(int(z) for z in elements)}
+        meta["supported_elements"] = sorted(int(z) for z in elements)
+    if getattr(model, "card", None):
+        meta["card"] = model.card
+    if meta:
+        ckpt[METADATA_KEY] = meta
     if extra:
         ckpt.update(extra)
     torch.save(ckpt, str(path))

@@ -38,7 +38,7 @@ CONTRACT_ATTRIBUTES = ("cutoff", "dtype", "device", "supported_elements", "imple
                        "conservative", "uses_edges")
 
 #: Attributes that never enter a fingerprint: names, file provenance and engine settings.
-_NOT_IDENTITY = {"name", "source", "checksum", "neighbor_backend", "fused_kernels", "training",
+_NOT_IDENTITY = {"name", "source", "checksum", "card", "neighbor_backend", "fused_kernels", "training",
                  "supported_elements", "implemented_properties", "conservative", "uses_edges"}
 
 

@@ -51,6 +51,8 @@ class Geodite(nn.Module):
         self.decoder = EnergyHead(self.config.hidden_channels, self.config.num_layers)
         self._elements_cache: tuple | None = None
         self.supported_elements = supported_elements
+        #: Model card (dict: teacher, energy convention, data hash, metrics) from the checkpoint, or None.
+        self.card: dict | None = None
         #: Deprecated engine settings, kept for backward compatibility: pass ``neighbor_backend=`` and
         #: ``fused=`` to :meth:`forward` instead (the runner does, from its step configuration).
         self.neighbor_backend = "auto"

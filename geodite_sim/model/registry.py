@@ -81,3 +81,44 @@ def load_model(
     model = load_checkpoint(path_or_name, device=device, dtype=dtype, use_ema=use_ema)
     model.name = Path(path_or_name).stem
     return model
+
+
+def resolve_model(spec: str, options: dict | None = None, dtype: str | torch.dtype = "float32",
+                  device: str | torch.device = "cpu"):
+    """A model named the way specs and the CLI name them.
+
+    ``spec``: ``"default"`` (the packaged default), a packaged name, ``"sevennet-0"``, a checkpoint path,
+    ``"morse"`` (:class:`~geodite_sim.pair_potential.MorsePotential` with ``options``) or
+    ``"package.module:factory"`` (called with ``options``, ``dtype`` and ``device``; a torch-sim
+    ``ModelInterface`` it returns is wrapped in :class:`TorchSimAdapter`).
+    """
+    import importlib
+    import json
+
+    options = dict(options or {})
+    if isinstance(dtype, str):
+        if dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+        dtype = torch.float32 if dtype == "float32" else torch.float64
+    if spec == "morse":
+        from geodite_sim.pair_potential import MorsePotential
+
+        model = MorsePotential(**options, dtype=dtype, device=device)
+        model.name = "morse:" + json.dumps(options, sort_keys=True)
+        return model
+    if ":" in spec and not Path(spec).exists() and not spec.startswith(("/", ".")):
+        module, _, attr = spec.partition(":")
+        factory = getattr(importlib.import_module(module), attr)
+        model = factory(**options, dtype=dtype, device=device)
+        try:
+            from torch_sim.models.interface import ModelInterface
+        except ImportError:  # pragma: no cover - torch-sim is a dependency
+            ModelInterface = ()  # noqa: N806
+        if ModelInterface and isinstance(model, ModelInterface) and not isinstance(model, TorchSimAdapter):
+            model = TorchSimAdapter(model, name=spec)
+        if getattr(model, "name", None) is None:
+            model.name = spec
+        return model
+    if options:
+        raise ValueError(f"options {sorted(options)} are only for 'morse' or a 'package.module:factory' model")
+    return load_model(None if spec == "default" else spec, device=device, dtype=dtype)

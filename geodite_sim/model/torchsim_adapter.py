@@ -170,6 +170,30 @@ class TorchSimAdapter(nn.Module):
                 "dtype": str(self.dtype), "config": identity_config(self.model)}
 
 
+def engine_neighbor_list_fn(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, cutoff: float,
+                            system_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch-sim's neighbour-list signature on the engine's exact list (:func:`geodite_sim.neighbors.neighbor_list`).
+
+    Returns ``mapping`` [2, E] (i = receiver, j = sender: ``r_j + shift @ cell - r_i``), ``system_mapping`` [E] and
+    float ``shifts`` [E, 3], as torch-sim's ``torchsim_nl``; unlike nvalchemiops' estimated neighbour capacity it
+    never overflows on small dense cells (the engine grows its buffers).
+    """
+    from geodite_sim.batch import Batch
+    from geodite_sim.neighbors import neighbor_list
+
+    n_systems = cell.shape[0] if cell.dim() == 3 else 1
+    cell = cell.reshape(-1, 3, 3).expand(n_systems, 3, 3)
+    pbc = pbc.reshape(-1, 3).expand(n_systems, 3).to(torch.bool)
+    sys_idx = system_idx.to(torch.long)
+    counts = torch.bincount(sys_idx, minlength=n_systems)
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    batch = Batch(positions=positions, numbers=torch.zeros_like(sys_idx), cell=cell, pbc=pbc, system_index=sys_idx,
+                  offsets=offsets, masses=torch.ones_like(positions[:, 0]))
+    edges = neighbor_list(batch, float(cutoff), backend="auto")
+    mapping = torch.stack([edges.receiver, edges.sender])
+    return mapping, sys_idx[edges.receiver], edges.shifts.to(cell.dtype)
+
+
 def load_sevennet(name: str = "7net-0", device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32) -> TorchSimAdapter:
     """SevenNet-0 (MIT, weights shipped inside the ``sevenn`` wheel; loaded offline) behind the contract.
@@ -186,7 +210,8 @@ def load_sevennet(name: str = "7net-0", device: str | torch.device = "cpu",
             from sevenn.torchsim import Float64Wrapper, SevenNetModel
     except ImportError as exc:
         raise ImportError("SevenNet needs the optional dependency sevenn: pip install 'geodite-sim[sevenn]'") from exc
-    inner = SevenNetModel(SEVENNET_NAMES[key], device=device, dtype=torch.float32)
+    inner = SevenNetModel(SEVENNET_NAMES[key], device=device, dtype=torch.float32,
+                          neighbor_list_fn=engine_neighbor_list_fn)
     type_map = dict(inner.type_map)
     cutoff = float(inner.cutoff)
     ts_model = inner

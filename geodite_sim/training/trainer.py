@@ -139,6 +139,8 @@ class Trainer:
             e_scale are kept unless ``refit_e0``.
         val_samples: an explicit validation set.
         preset: name recorded in the checkpoint.
+        e0: fixed per-element reference energies [119] (eV), e.g. a teacher's isolated atoms, instead of the
+            least-squares fit (fresh models, or ``refit_e0`` with ``init``).
     """
 
     def __init__(
@@ -151,6 +153,7 @@ class Trainer:
         val_samples: Sequence[Sample] | None = None,
         refit_e0: bool = False,
         preset: str | None = None,
+        e0: np.ndarray | None = None,
         log: Callable[[str], None] = _print,
         _state: dict | None = None,
     ):
@@ -206,7 +209,7 @@ class Trainer:
             e0 = head.e0.detach().double().cpu().numpy()
             self.norm = dataset_statistics(self.train_samples, e0)
         else:
-            e0 = fit_e0(self.train_samples)
+            e0 = fit_e0(self.train_samples) if e0 is None else np.asarray(e0, dtype=np.float64).reshape(-1)
             self.norm = dataset_statistics(self.train_samples, e0)
             with torch.no_grad():
                 head.e0.copy_(torch.as_tensor(e0, dtype=head.e0.dtype))
@@ -309,13 +312,20 @@ class Trainer:
         bs = self.config.batch_size
         return [perm[i : i + bs].tolist() for i in range(0, len(perm), bs)]
 
-    def fit(self, until_step: int | None = None) -> list[dict]:
-        """Train to ``config.epochs`` (or stop after global step ``until_step``, checkpointing there)."""
+    @property
+    def finished(self) -> bool:
+        """Whether every epoch of the configuration has run."""
+        return self.epoch >= self.config.epochs
+
+    def fit(self, until_step: int | None = None, deadline: float | None = None) -> list[dict]:
+        """Train to ``config.epochs``; stop early (checkpointed, resumable bit for bit) after global step
+        ``until_step`` or once ``time.time()`` passes ``deadline`` (Unix seconds)."""
         c = self.config
         header = (f"{'epoch':>5} {'step':>7} {'lr':>9} {'train_loss':>10} {'val_loss':>9} "
                   f"{'E_MAE meV/at':>12} {'F_MAE meV/Å':>11} {'S_MAE eV/Å³':>11} {'time s':>7}")
         if self.epoch < c.epochs:
             self.log(header)
+        run_start, steps_at_start = time.time(), self.global_step
         while self.epoch < c.epochs:
             t0 = time.time()
             batches = self._batches_of_epoch(self.epoch)
@@ -330,12 +340,17 @@ class Trainer:
                 run["atoms"] += sum(s.n_atoms for s in chunk)
                 if c.log_every and self.global_step % c.log_every == 0:
                     dt = time.time() - t0
-                    self.log(f"  step {self.global_step:>7} epoch {self.epoch} [{self.step_in_epoch}/{len(batches)}] "
+                    per_step = (time.time() - run_start) / max(self.global_step - steps_at_start, 1)
+                    left = per_step * (self.total_steps - self.global_step)
+                    self.log(f"  step {self.global_step:>7}/{self.total_steps} epoch {self.epoch} "
+                             f"[{self.step_in_epoch}/{len(batches)}] "
                              f"loss {r['loss']:.5f} (E {r['energy']:.4f} F {r['forces']:.4f} S {r['stress']:.4f}) "
-                             f"lr {self.scheduler.get_last_lr()[0]:.2e} {dt * 1e6 / max(run['atoms'], 1):.0f} µs/atom")
+                             f"lr {self.scheduler.get_last_lr()[0]:.2e} {dt * 1e6 / max(run['atoms'], 1):.0f} µs/atom "
+                             f"ETA {int(left // 3600)}h{int(left % 3600 // 60):02d}m")
                 if c.checkpoint_every and self.global_step % c.checkpoint_every == 0:
                     self.save(self.workdir / "last.ckpt")
-                if until_step is not None and self.global_step >= until_step:
+                if (until_step is not None and self.global_step >= until_step) or (
+                        deadline is not None and time.time() >= deadline):
                     self.save(self.workdir / "last.ckpt")
                     return self.history
             val = self.evaluate(self.val_samples)

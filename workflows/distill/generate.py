@@ -1,277 +1,283 @@
-"""Generate and label the CHGNet distillation set (train / held-out test).
+"""Generate: the plan of base structures, and one candidate shard from its bases (teacher work batched).
 
-For every prototype x element combination of ``prototypes.py``:
+The plan is a deterministic list of :class:`Base` items made from the spec alone (no teacher call),
+shuffled with the spec's seed so every prefix of shards samples all sources and elements. A shard is a
+run of consecutive bases worth ``structures_per_shard`` candidates; generating it relaxes its bases
+with the teacher in **one** ``relax_many`` call and runs its MD bases in **one** ``run_md`` call, then
+cuts variants (volume scans, strained + rattled supercells, expanded cells, MD frames) with a random
+generator seeded by (spec seed, base key) — so a shard is the same whichever process makes it.
 
-1. build the primitive cell at a radius-based size, scan the volume (CHGNet), relax it
-   (ASE FIRE + FrechetCellFilter, fmax 0.1 eV/Å, <= 40 steps);
-2. sample supercells (8-32 atoms), random symmetric strain (+-5 %), rattle
-   (per-component std log-uniform in 0.02-0.15 Å), label with CHGNet;
-3. for a subset, run a short Langevin MD with CHGNet (300-1500 K, 50 steps of 2 fs,
-   1 fs with H) on a 12-24-atom strained supercell and keep 4 snapshots (steps 20-50).
-
-Held-out test set: all samples of ~18 % of the combinations (stratified per prototype,
-never trained on) plus samples of the training combinations drawn with different seeds.
-Labels come from CHGNet's ASE calculator (energy eV, forces eV/Å, stress eV/Å^3 with
-ASE's sign, checked against finite differences of the energy). Work is stored per
-combination under ``data/shards`` so an interrupted run resumes where it stopped.
-
-    OMP_NUM_THREADS=1 python workflows/distill/generate.py --out workflows/distill/data
+Held-out split, by composition (never by frame): universal mode holds out a composition when
+``sha256(seed, formula)`` falls below ``heldout_fraction``; elemental compositions and isolated atoms
+are always trained on. Domain mode holds out, per seed, the composition of its mobile-ion-vacancy
+supercell of one size (chosen by hash); the seed's own composition is always trained on.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
-import os
-import sys
-import time
-import warnings
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from ase import Atoms
+from ase.data import atomic_numbers, covalent_radii
+from geodite_sim.workflows.distill import sources
+from geodite_sim.workflows.distill.shards import ShardData
+from geodite_sim.workflows.distill.spec import DistillSpec
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prototypes import build, combo_id, combos, heldout_split  # noqa: E402
-
-warnings.filterwarnings("ignore")
-
-N_STATIC_TRAIN = 10
-N_STATIC_TEST_SEEN = 1  # new-seed test samples of each training combination
-N_STATIC_TEST_HELD = 5
-P_MD_TRAIN = 0.2
-P_MD_TEST_SEEN = 0.05
-P_MD_TEST_HELD = 0.4
-MD_STEPS = 50
-MD_SNAPSHOTS = (20, 30, 40, 50)
-MD_TEMPS = (300, 600, 900, 1200, 1500)
+MOBILE_IONS = ("Li", "Na", "K", "Ag", "Cu", "Mg", "H", "F", "O")
+#: Candidates made from one base, per kind.
+PER_BASE = {"isolated": 1, "elemental": 8, "expanded": 3, "prototype": 6, "pyxtal": 6, "dimer": 8,
+            "seed_static": 5}
+VOLUME_SCAN_COMPOUND = (0.9, 1.12)
+EXPANSIONS = (1.8, 2.6, 3.5)
+DIMER_RANGE = (0.65, 2.8)  # x the covalent-radius sum
 
 
-def seed_of(*parts) -> int:
-    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "little")
+@dataclass(frozen=True)
+class Base:
+    """One base of the plan: a kind and the key that determines it (and its random stream)."""
+
+    kind: str
+    key: tuple
+
+    @property
+    def n_candidates(self) -> int:
+        if self.kind == "seed_md":
+            return self.key[-1]
+        return PER_BASE[self.kind]
+
+    def rng(self, seed: int) -> np.random.Generator:
+        digest = hashlib.sha256(repr((seed, self.kind, self.key)).encode()).digest()
+        return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-class Labeller:
-    """CHGNet through its ASE calculator; returns labelled copies with a SinglePointCalculator."""
-
-    def __init__(self):
-        import torch
-
-        torch.set_num_threads(1)
-        from chgnet.model import CHGNet
-        from chgnet.model.dynamics import CHGNetCalculator
-
-        self.calc = CHGNetCalculator(model=CHGNet.load(verbose=False), use_device="cpu")
-        self.n_calls = 0
-
-    def label(self, atoms, **info):
-        from ase.calculators.singlepoint import SinglePointCalculator
-
-        a = atoms.copy()
-        a.calc = self.calc
-        e = a.get_potential_energy()
-        f = a.get_forces()
-        s = a.get_stress(voigt=True)
-        self.n_calls += 1
-        out = atoms.copy()
-        out.info.update(info)
-        out.calc = SinglePointCalculator(out, energy=float(e), forces=f.copy(), stress=s.copy())
-        return out
+def composition_hash(seed: int, formula: str) -> float:
+    """A number in [0, 1) fixed by (seed, formula)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{formula}".encode()).digest()[:8], "little") / 2**64
 
 
-def min_distance(atoms) -> float:
-    from ase.neighborlist import neighbor_list
+def reduced_formula(atoms: Atoms) -> str:
+    from pymatgen.core import Composition
 
-    d = neighbor_list("d", atoms, 2.0)
-    return float(d.min()) if len(d) else 2.0
-
-
-def relax_prim(proto, els, calc):
-    """Volume scan + short FIRE/FrechetCellFilter relaxation with CHGNet. Returns (atoms, info)."""
-    from ase.filters import FrechetCellFilter
-    from ase.optimize import FIRE
-
-    best = None
-    for s in (0.84, 0.90, 0.96, 1.02, 1.08, 1.15):
-        a = build(proto, els, scale=s)
-        a.calc = calc
-        e = a.get_potential_energy() / len(a)
-        if best is None or e < best[0]:
-            best = (e, s)
-    a = build(proto, els, scale=best[1])
-    a.calc = calc
-    opt = FIRE(FrechetCellFilter(a), logfile=None)
-    opt.run(fmax=0.1, steps=40)
-    a.calc = None
-    return a, {"scan_scale": best[1], "relax_steps": opt.nsteps}
+    return Composition(atoms.get_chemical_formula()).reduced_formula
 
 
-def choose_supercell(prim, rng, lo: int, hi: int):
-    """Diagonal supercell with a random target size in [lo, hi] atoms (closest achievable, widest cell)."""
-    n = len(prim)
-    target = rng.integers(max(lo, n), max(hi, n) + 1)
-    best = None
-    for r1 in range(1, 5):
-        for r2 in range(1, 5):
-            for r3 in range(1, 5):
-                m = n * r1 * r2 * r3
-                if m > max(hi, n):
+# ---------------------------------------------------------------------------------------------- plan
+def plan(spec: DistillSpec) -> list[Base]:
+    """Every base of the data set, in generation order."""
+    bases: list[Base] = []
+    if spec.domain.elements:
+        bases += _universal_plan(spec)
+    if spec.domain.seeds:
+        bases += _domain_plan(spec)
+    return bases
+
+
+def _universal_plan(spec: DistillSpec) -> list[Base]:
+    els = spec.domain.elements
+    rng = np.random.default_rng([spec.seed, 1])
+    budget = spec.data.structures
+    share = spec.data.sources
+    out: list[Base] = []
+
+    def take(kind: str, candidates: list[tuple]) -> None:
+        n = math.ceil(budget * share.get(kind, 0.0) / PER_BASE[kind]) if candidates else 0
+        if n <= 0:
+            return
+        order = rng.permutation(len(candidates))
+        picks = [candidates[order[i % len(order)]] + ((i // len(order),) if i >= len(order) else ())
+                 for i in range(n)]
+        out.extend(Base(kind, k) for k in picks)
+
+    take("elemental", [(el, lat) for el in els for lat in sources.LATTICES])
+    take("expanded", [(el, lat) for el in els for lat in ("fcc", "bcc", "sc")])
+    protos = sources.prototype_names(spec.data.max_atoms) if len(els) >= 2 and share.get("prototype") else []
+    take("prototype", [(p,) for p in protos])
+    allowed = set(els)
+    comps = [i for i, c in enumerate(sources.experimental_compositions())
+             if set(c) <= allowed and len(c) >= 2] if share.get("pyxtal") else []
+    take("pyxtal", [(i,) for i in comps])
+    take("dimer", [(a, b) for i, a in enumerate(els) for b in els[i:]])
+    order = np.random.default_rng([spec.seed, 2]).permutation(len(out))
+    shuffled = [out[i] for i in order]
+    return [Base("isolated", (el,)) for el in els] + shuffled
+
+
+def mobile_ion(atoms: Atoms, preferred: str = "") -> str:
+    """The mobile ion of a seed: ``preferred`` when present, else the first of :data:`MOBILE_IONS` it holds."""
+    symbols = set(atoms.get_chemical_symbols())
+    if preferred in symbols:
+        return preferred
+    for el in MOBILE_IONS:
+        if el in symbols:
+            return el
+    return max(symbols, key=atoms.get_chemical_symbols().count)
+
+
+def supercell_repeats(atoms: Atoms, lo: int, hi: int, limit: int = 4) -> list[tuple[int, int, int]]:
+    """Up to ``limit`` near-cubic diagonal repeats with lo <= atoms <= hi, distinct sizes, small to large."""
+    n = len(atoms)
+    lengths = atoms.cell.lengths()
+    found: dict[int, tuple[int, int, int]] = {}
+    for total in range(1, hi // n + 1):
+        if n * total < lo:
+            continue
+        best = None
+        for a in range(1, total + 1):
+            for b in range(1, total // a + 1):
+                if total % (a * b):
                     continue
-                cell = prim.cell[:] * np.array([r1, r2, r3])[:, None]
-                vol = abs(np.linalg.det(cell))
-                heights = [vol / np.linalg.norm(np.cross(cell[(i + 1) % 3], cell[(i + 2) % 3])) for i in range(3)]
-                key = (abs(m - target), -min(heights))
-                if best is None or key < best[0]:
-                    best = (key, (r1, r2, r3))
-    return prim.repeat(best[1])
+                c = total // (a * b)
+                ls = lengths * (a, b, c)
+                score = ls.max() / ls.min()
+                if best is None or score < best[0]:
+                    best = (score, (a, b, c))
+        if best is not None and best[0] < 2.0:
+            found[n * total] = best[1]
+    sizes = sorted(found)
+    if len(sizes) > limit:
+        sizes = [sizes[round(i * (len(sizes) - 1) / (limit - 1))] for i in range(limit)]
+    return [found[s] for s in sizes] or [(1, 1, 1)]
 
 
-def random_strain(atoms, rng, amount: float):
-    eps = rng.uniform(-amount, amount, (3, 3))
-    eps = 0.5 * (eps + eps.T)
-    eps[np.triu_indices(3, 1)] *= 0.6
-    eps[np.tril_indices(3, -1)] *= 0.6
+def _domain_plan(spec: DistillSpec) -> list[Base]:
+    d = spec.data
+    frames = max(1, d.md_steps // d.md_frame_every)
+    n_seeds, temps = len(spec.domain.seeds), spec.domain.temperatures
+    n_md = math.ceil(d.structures * 0.5 / frames)
+    n_static = math.ceil(d.structures * 0.5 / PER_BASE["seed_static"])
+    out: list[Base] = []
+    # variant v: 0 = the seed's composition, 1.. = one mobile-ion vacancy in supercell size v-1
+    for i in range(n_md):
+        seed_i = i % n_seeds
+        t = temps[(i // n_seeds) % len(temps)]
+        variant = (i // (n_seeds * len(temps))) % 5
+        out.append(Base("seed_md", (seed_i, float(t), variant, i, frames)))
+    for i in range(n_static):
+        out.append(Base("seed_static", (i % n_seeds, (i // n_seeds) % 5, i)))
+    order = np.random.default_rng([spec.seed, 3]).permutation(len(out))
+    return [out[i] for i in order]
+
+
+def shards_of(bases: list[Base], per_shard: int) -> list[list[Base]]:
+    """Consecutive runs of bases worth about ``per_shard`` candidates each."""
+    out, cur, n = [], [], 0
+    for b in bases:
+        cur.append(b)
+        n += b.n_candidates
+        if n >= per_shard:
+            out.append(cur)
+            cur, n = [], 0
+    if cur:
+        out.append(cur)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- variants
+def strain_rattle(atoms: Atoms, rng: np.random.Generator, strain: float, rattle: tuple[float, float]) -> Atoms:
+    """A copy under a random symmetric strain (each component uniform in ±strain) and a Gaussian rattle
+    of log-uniform standard deviation in ``rattle`` (Å)."""
     a = atoms.copy()
-    a.set_cell(a.cell[:] @ (np.eye(3) + eps), scale_atoms=True)
+    if a.pbc.all():
+        eps = rng.uniform(-strain, strain, (3, 3))
+        eps = 0.5 * (eps + eps.T)
+        a.set_cell(a.cell.array @ (np.eye(3) + eps), scale_atoms=True)
+    sigma = math.exp(rng.uniform(math.log(rattle[0]), math.log(rattle[1])))
+    a.positions = a.positions + rng.normal(0.0, sigma, a.positions.shape)
     return a
 
 
-def static_samples(prim, lab, rng, n, info):
-    out = []
-    for _k in range(n):
-        a = choose_supercell(prim, rng, 8, 32)
-        a = random_strain(a, rng, 0.05)
-        sigma = float(np.exp(rng.uniform(np.log(0.02), np.log(0.15))))
-        a.rattle(stdev=sigma, seed=int(rng.integers(2**31)))
-        if min_distance(a) < 0.6:
-            continue
-        out.append(lab.label(a, kind="static", rattle=sigma, **info))
-    return out
+def scaled(atoms: Atoms, volume_factor: float) -> Atoms:
+    a = atoms.copy()
+    a.set_cell(a.cell.array * volume_factor ** (1 / 3), scale_atoms=True)
+    return a
 
 
-def md_samples(prim, lab, rng, info):
-    from ase import units
-    from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
-
-    a = choose_supercell(prim, rng, 12, 24)
-    a = random_strain(a, rng, 0.03)
-    a.rattle(stdev=0.05, seed=int(rng.integers(2**31)))
-    temp = float(rng.choice(MD_TEMPS))
-    dt = 1.0 if "H" in a.get_chemical_symbols() else 2.0
-    MaxwellBoltzmannDistribution(a, temperature_K=temp, rng=np.random.default_rng(int(rng.integers(2**31))))
-    a.calc = lab.calc
-    dyn = Langevin(a, timestep=dt * units.fs, temperature_K=temp, friction=0.02 / units.fs,
-                   rng=np.random.default_rng(int(rng.integers(2**31))))
-    out = []
-    for step in range(1, MD_STEPS + 1):
-        dyn.run(1)
-        lab.n_calls += 1
-        if step in MD_SNAPSHOTS:
-            snap = a.copy()
-            snap.calc = None
-            if min_distance(snap) < 0.6 or not np.isfinite(a.get_positions()).all():
-                break
-            out.append(lab.label(snap, kind="md", temperature=temp, md_step=step, **info))
-    return out
+def supercell_within(atoms: Atoms, max_atoms: int, rng: np.random.Generator) -> Atoms:
+    """A random diagonal supercell with at most ``max_atoms`` atoms (the cell itself if none fits)."""
+    reps = [r for r in supercell_repeats(atoms, len(atoms), max_atoms, limit=8)]
+    return atoms.repeat(reps[int(rng.integers(len(reps)))])
 
 
-def process_combo(proto, els, held: bool, lab, shard_dir: Path, relaxed_dir: Path):
-    from ase.io import write
+def too_close(atoms: Atoms, factor: float = 0.6) -> bool:
+    """Whether two atoms sit closer than ``factor`` x their covalent-radius sum (such a candidate is dropped)."""
+    from ase.neighborlist import neighbor_list
 
-    cid = combo_id(proto, els)
-    shard = shard_dir / f"{cid}.extxyz"
-    if shard.exists():
-        return "cached"
-    t0 = time.time()
-    prim, rinfo = relax_prim(proto, els, lab.calc)
-    vpa = prim.get_volume() / len(prim)
-    if not (4.0 < vpa < 120.0) or min_distance(prim) < 0.9:
-        (shard_dir / f"{cid}.failed").write_text(json.dumps({"vpa": vpa, **rinfo}))
-        return "failed"
-    relaxed = lab.label(prim, combo=cid, prototype=proto, heldout_combo=held, **rinfo)
-    write(relaxed_dir / f"{cid}.extxyz", relaxed, format="extxyz")
-    base = dict(combo=cid, prototype=proto, heldout_combo=held)
-    frames = []
-    if held:
-        rng = np.random.default_rng(seed_of(cid, "test"))
-        frames += static_samples(prim, lab, rng, N_STATIC_TEST_HELD, dict(split="test", **base))
-        if rng.random() < P_MD_TEST_HELD:
-            frames += md_samples(prim, lab, rng, dict(split="test", **base))
-    else:
-        rng = np.random.default_rng(seed_of(cid, "train"))
-        frames += static_samples(prim, lab, rng, N_STATIC_TRAIN, dict(split="train", **base))
-        if rng.random() < P_MD_TRAIN:
-            frames += md_samples(prim, lab, rng, dict(split="train", **base))
-        rng = np.random.default_rng(seed_of(cid, "test"))
-        frames += static_samples(prim, lab, rng, N_STATIC_TEST_SEEN, dict(split="test", **base))
-        if rng.random() < P_MD_TEST_SEEN:
-            frames += md_samples(prim, lab, rng, dict(split="test", **base))
-    tmp = shard.with_suffix(".tmp")
-    write(tmp, frames, format="extxyz")
-    os.replace(tmp, shard)
-    return f"{len(frames)} frames, {time.time() - t0:.0f} s"
+    if len(atoms) < 2:
+        return False
+    i, j, d = neighbor_list("ijd", atoms, 3.5)
+    z = atoms.numbers
+    return bool(len(d) and np.any(d < factor * (covalent_radii[z[i]] + covalent_radii[z[j]])))
 
 
-def merge(out: Path, all_combos, held):
-    from ase.io import read, write
-
-    frames = {"train": [], "test": []}
-    failed = []
-    for proto, els in all_combos:
-        cid = combo_id(proto, els)
-        shard = out / "shards" / f"{cid}.extxyz"
-        if not shard.exists():
-            failed.append(cid)
-            continue
-        for a in read(shard, ":"):
-            frames[a.info["split"]].append(a)
-    for split, fr in frames.items():
-        write(out / f"{split}.extxyz", fr, format="extxyz")
-    summary = {
-        split: {
-            "structures": len(fr),
-            "atoms": int(sum(len(a) for a in fr)),
-            "md_snapshots": int(sum(a.info.get("kind") == "md" for a in fr)),
-            "heldout_combo_structures": int(sum(bool(a.info.get("heldout_combo")) for a in fr)),
-        }
-        for split, fr in frames.items()
-    }
-    summary["combinations"] = len(all_combos)
-    summary["heldout_combinations"] = sorted(held)
-    summary["failed_combinations"] = failed
-    return summary
+def vacancy(atoms: Atoms, element: str, rng: np.random.Generator) -> Atoms:
+    """``atoms`` without one randomly chosen ``element`` atom."""
+    idx = [i for i, s in enumerate(atoms.get_chemical_symbols()) if s == element]
+    a = atoms.copy()
+    del a[int(idx[int(rng.integers(len(idx)))])]
+    return a
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "data"))
-    ap.add_argument("--limit", type=int, default=None, help="only the first N combinations (smoke test)")
-    args = ap.parse_args(argv)
-    out = Path(args.out)
-    (out / "shards").mkdir(parents=True, exist_ok=True)
-    (out / "relaxed").mkdir(parents=True, exist_ok=True)
-    all_combos = combos()
-    held = heldout_split(all_combos)
-    if args.limit:
-        all_combos = all_combos[: args.limit]
-    lab = Labeller()
-    t0 = time.time()
-    for i, (proto, els) in enumerate(all_combos):
-        cid = combo_id(proto, els)
-        try:
-            status = process_combo(proto, els, cid in held, lab, out / "shards", out / "relaxed")
-        except Exception as exc:  # one bad combination must not stop the set
-            status = f"error: {type(exc).__name__}: {exc}"
-            (out / "shards" / f"{cid}.failed").write_text(status)
-        print(f"[{i + 1}/{len(all_combos)} {time.time() - t0:7.0f} s] {cid}{' (held out)' if cid in held else ''}: "
-              f"{status}", flush=True)
-    summary = merge(out, all_combos, held)
-    summary["generation_wall_s_this_run"] = round(time.time() - t0, 1)
-    summary["chgnet_calls_this_run"] = lab.n_calls
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps({k: v for k, v in summary.items() if k != "heldout_combinations"}, indent=1))
+# ---------------------------------------------------------------------------------------------- split
+class Split:
+    """Held-out compositions (see the module docstring)."""
+
+    def __init__(self, spec: DistillSpec, relaxed_seeds: list[Atoms] | None = None):
+        self.seed = spec.seed
+        self.fraction = spec.data.heldout_fraction
+        self.protected: set[str] = set()
+        self.domain_heldout: set[str] = set()
+        for atoms in relaxed_seeds or []:
+            self.protected.add(reduced_formula(atoms))
+            if self.fraction <= 0:
+                continue
+            reps = supercell_repeats(atoms, *spec.data.supercell_atoms)
+            el = mobile_ion(atoms, spec.domain.mobile)
+            comps = [reduced_formula(vacancy(atoms.repeat(r), el, np.random.default_rng(0))) for r in reps]
+            comps = [c for c in comps if c not in self.protected]
+            if comps:
+                self.domain_heldout.add(min(comps, key=lambda c: composition_hash(self.seed, c)))
+        self.domain = relaxed_seeds is not None and len(relaxed_seeds) > 0
+
+    def heldout(self, formula: str, n_elements: int) -> bool:
+        if formula in self.protected or n_elements < 2:
+            return False
+        if formula in self.domain_heldout:
+            return True
+        if self.domain:
+            return False
+        return composition_hash(self.seed, formula) < self.fraction
 
 
-if __name__ == "__main__":
-    main()
+def make_shard_data(atoms: list[Atoms], tags: list[str], split: Split, failures: list[dict]) -> ShardData:
+    comps = [reduced_formula(a) for a in atoms]
+    held = [split.heldout(c, len(set(a.numbers))) for a, c in zip(atoms, comps)]
+    return ShardData(atoms, tags, comps, held, failures=failures)
+
+
+def base_structure(base: Base, spec: DistillSpec, relaxed_seeds: list[Atoms]) -> Atoms | None:
+    """The unrelaxed structure of a base (None when the library cannot make one)."""
+    rng = base.rng(spec.seed)
+    if base.kind in ("elemental", "expanded"):
+        return sources.elemental(base.key[0], base.key[1])
+    if base.kind == "prototype":
+        return sources.decorate_prototype(base.key[0], spec.domain.elements, rng)
+    if base.kind == "pyxtal":
+        comp = sources.experimental_compositions()[base.key[0]]
+        return sources.pyxtal_crystal(comp, spec.data.max_atoms, rng)
+    if base.kind in ("seed_static", "seed_md"):
+        return relaxed_seeds[base.key[0]]
+    return None
+
+
+def atomic_number(symbol: str) -> int:
+    return atomic_numbers[symbol]
+
+
+def output_path(workdir: Path, index: int) -> Path:
+    from geodite_sim.workflows.distill.shards import shard_name
+
+    return workdir / "candidates" / shard_name(index)

@@ -1,67 +1,150 @@
-"""Train geodite-mini on the CHGNet-labelled set made by generate.py.
+"""Train: the student on the labelled shards, E0 fixed to the teacher's isolated atoms, in two stages.
 
-    OMP_NUM_THREADS=1 python workflows/distill/train.py                 # config.json next to this file
-    OMP_NUM_THREADS=1 python workflows/distill/train.py --resume        # continue an interrupted run
-    OMP_NUM_THREADS=1 python workflows/distill/train.py --epochs 30     # override the epoch count
-
-It is the same trainer as ``geodite-sim train`` (geodite_sim.training); this script only
-reads config.json, trains on data/train.extxyz (5 % held back for validation by a fixed
-seed) and exports the EMA weights to data/run/geodite-mini.ckpt. Copy that file to
-geodite_sim/models_data/ after evaluate.py has checked it.
+Stage 1 weights forces (``[train] stage1_weights``), stage 2 continues from stage 1's EMA weights with
+energies weighted at a low learning rate. Each stage is a :class:`geodite_sim.training.Trainer` run in
+``train/stage{1,2}/`` with mid-epoch checkpoints (``last.ckpt``, resumable bit for bit) and the
+wall-clock guard; a finished stage writes ``done.json`` with the hash of its exported weights.
+Training uses the training compositions only; the held-out ones (a fixed subset of at most
+``VAL_PER_EPOCH`` structures) give the per-epoch validation line.
 """
 
 from __future__ import annotations
 
-import argparse
+import hashlib
 import json
-import os
-import time
-from dataclasses import replace
+import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
+from geodite_sim.workflows.distill.shards import read_shard
 
-from geodite_sim.training import Trainer, get_preset, read_samples
-from geodite_sim.training.configs import TrainConfig
+from geodite_sim.training.data import Sample
 
-HERE = Path(__file__).resolve().parent
+VAL_PER_EPOCH = 256
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(HERE / "config.json"))
-    ap.add_argument("--data", default=str(HERE / "data" / "train.extxyz"))
-    ap.add_argument("--workdir", default=str(HERE / "data" / "run"))
-    ap.add_argument("--out", default=None, help="default: <workdir>/geodite-mini.ckpt")
-    ap.add_argument("--epochs", type=int, default=None)
-    ap.add_argument("--resume", action="store_true", help="continue from <workdir>/last.ckpt")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    cfg = json.loads(Path(args.config).read_text())
-    t0 = time.time()
-    samples = read_samples(args.data)
-    print(f"read {len(samples)} structures ({sum(s.n_atoms for s in samples)} atoms) in {time.time() - t0:.0f} s",
-          flush=True)
-    workdir = Path(args.workdir)
-    if args.resume:
-        trainer = Trainer.resume(workdir / "last.ckpt", samples, workdir=workdir, epochs=args.epochs)
+def load_samples(workdir: Path) -> tuple[list[Sample], list[Sample]]:
+    """(training, held-out) samples of every labelled shard, in shard order."""
+    train, held = [], []
+    for path in sorted((workdir / "labels").glob("shard-*.h5")):
+        d = read_shard(path)
+        for i, atoms in enumerate(d.atoms):
+            stress = d.stress[i]
+            s = Sample(atoms=atoms, energy=float(d.energy[i]), forces=d.forces[i],
+                       stress=None if not np.isfinite(stress).all() else stress)
+            atoms.info["tag"] = d.tags[i]
+            (held if d.heldout[i] else train).append(s)
+    return train, held
+
+
+def weights_hash(path: Path) -> str:
+    """sha256 (16 hex) of a checkpoint's weights (state_dict tensors by name), independent of its metadata."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    h = hashlib.sha256()
+    for name in sorted(ck["state_dict"]):
+        t = ck["state_dict"][name]
+        if isinstance(t, torch.Tensor) and not name.startswith("SnapshotDecoder."):
+            h.update(name.encode())
+            h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _e0_array(manifest: dict) -> np.ndarray:
+    e0 = np.zeros(119)
+    for z, e in manifest["e0"].items():
+        e0[int(z)] = e
+    return e0
+
+
+def _config(job, stage: int):
+    from geodite_sim.training.configs import TrainConfig
+
+    t = job.spec.train
+    epochs, lr, w = ((t.stage1_epochs, t.stage1_lr, t.stage1_weights) if stage == 1
+                     else (t.stage2_epochs, t.stage2_lr, t.stage2_weights))
+    return TrainConfig(epochs=epochs, batch_size=t.batch_size, lr=lr, warmup_steps=100 if stage == 1 else 0,
+                       ema_decay=t.ema_decay, energy_weight=w[0], forces_weight=w[1], stress_weight=w[2],
+                       seed=job.spec.seed, dtype=t.dtype, checkpoint_every=t.checkpoint_every,
+                       log_every=max(1, t.checkpoint_every // 2), lr_min_factor=0.05 if stage == 1 else 0.1)
+
+
+def _run_stage(job, stage: int, train: list[Sample], val: list[Sample], init: Path | None) -> Path:
+    from geodite_sim.workflows.distill.pipeline import BudgetExhausted
+
+    from geodite_sim.model.config import GeoditeConfig
+    from geodite_sim.training.trainer import Trainer
+
+    folder = job.workdir / "train" / f"stage{stage}"
+    export = folder / "student.ckpt"
+    if (folder / "done.json").exists():
+        return export
+    folder.mkdir(parents=True, exist_ok=True)
+    config = _config(job, stage)
+    if (folder / "last.ckpt").exists():
+        trainer = Trainer.resume(folder / "last.ckpt", train, workdir=folder, val_samples=val, log=job.log)
+    elif stage == 1:
+        st = job.spec.student
+        model_config = GeoditeConfig(hidden_channels=st.hidden_channels, num_layers=st.num_layers,
+                                     num_heads=st.num_heads, n_rbf=st.n_rbf, cutoff=st.cutoff, attn_dropout=0.0)
+        trainer = Trainer(train, model_config=model_config, config=config, workdir=folder, val_samples=val,
+                          e0=_e0_array(job.manifest()), preset=f"distill:{job.spec.name}", log=job.log)
     else:
-        model_cfg, _ = get_preset(cfg["preset"], cfg.get("model"))
-        train_cfg = TrainConfig.from_dict(cfg["train"])
-        if args.epochs:
-            train_cfg = replace(train_cfg, epochs=args.epochs)
-        trainer = Trainer(samples, model_cfg, train_cfg, workdir=workdir, preset=cfg["preset"])
-    trainer.fit()
-    out = Path(args.out) if args.out else workdir / "geodite-mini.ckpt"
-    trainer.export(out)
-    wall = time.time() - t0
-    (workdir / "train_summary.json").write_text(json.dumps({
-        "wall_s_this_run": wall, "epochs": trainer.epoch, "steps": trainer.global_step,
-        "n_train": len(trainer.train_samples), "n_val": len(trainer.val_samples),
-        "n_parameters": trainer.model.n_parameters(), "final_val": trainer.history[-1] if trainer.history else None,
-    }, indent=1))
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB); {wall / 3600:.2f} h this run", flush=True)
+        trainer = Trainer(train, config=config, workdir=folder, init=init, val_samples=val,
+                          preset=f"distill:{job.spec.name}", log=job.log)
+    job.log(f"train: stage {stage} ({'forces' if stage == 1 else 'energies'} weighted), epoch {trainer.epoch}/"
+            f"{config.epochs}")
+    trainer.fit(deadline=job.deadline)
+    if not trainer.finished:
+        raise BudgetExhausted(f"train: stage {stage} at epoch {trainer.epoch}, step {trainer.global_step}")
+    trainer.export(export)
+    (folder / "done.json").write_text(json.dumps({"weights_hash": weights_hash(export), "epochs": trainer.epoch,
+                                                  "steps": trainer.global_step, "history": trainer.history},
+                                                 indent=1))
+    return export
 
 
-if __name__ == "__main__":
-    main()
+def run_training(job) -> Path:
+    """Both stages; returns ``student.ckpt`` (stage 2's EMA weights with a model card, metrics added later)."""
+    from geodite_sim.workflows.distill.card import write_card
+
+    from geodite_sim.model.checkpoint import load_checkpoint
+
+    train, held = load_samples(job.workdir)
+    if not train:
+        raise ValueError(f"{job.workdir}: no labelled training structures")
+    stride = max(1, len(held) // VAL_PER_EPOCH)
+    val = held[::stride][:VAL_PER_EPOCH]
+    job.log(f"train: {len(train)} structures ({sum(s.n_atoms for s in train)} atoms); "
+            f"{len(held)} held out ({len(val)} validated per epoch)")
+    stage1 = _run_stage(job, 1, train, val, None)
+    stage2 = _run_stage(job, 2, train, val, stage1) if job.spec.train.stage2_epochs > 0 else stage1
+    student = job.workdir / "student.ckpt"
+    if not student.exists():
+        tmp = student.with_name("student.ckpt.tmp")
+        shutil.copyfile(stage2, tmp)
+        model = load_checkpoint(tmp)
+        write_card(job, model, tmp, metrics=None)
+        tmp.replace(student)
+    return student
+
+
+def training_status(job) -> dict:
+    """Epochs done per stage (from ``done.json`` / ``history.json``)."""
+    out = {}
+    for stage in (1, 2):
+        folder = job.workdir / "train" / f"stage{stage}"
+        target = job.spec.train.stage1_epochs if stage == 1 else job.spec.train.stage2_epochs
+        if (folder / "done.json").exists():
+            info = json.loads((folder / "done.json").read_text())
+            out[f"stage{stage}"] = {"done": True, "epochs": info["epochs"], "of": target,
+                                    "weights_hash": info["weights_hash"]}
+        elif (folder / "history.json").exists():
+            hist = json.loads((folder / "history.json").read_text())
+            last = hist[-1] if hist else {}
+            out[f"stage{stage}"] = {"done": False, "epochs": len(hist), "of": target,
+                                    "val_energy_mae_meV": 1e3 * last.get("val_energy_mae", float("nan")),
+                                    "val_forces_mae_meV": 1e3 * last.get("val_forces_mae", float("nan"))}
+        else:
+            out[f"stage{stage}"] = {"done": False, "epochs": 0, "of": target}
+    return out

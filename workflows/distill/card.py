@@ -1,0 +1,54 @@
+"""The student's model card, stored in the checkpoint's metadata (``load_model(...).card`` reads it back).
+
+Keys: ``name``, ``teacher`` (name, version, energy convention, fingerprint), ``energy_convention`` (what
+a screening must add: for SevenNet-0, MPtrj's uncorrected energies, so MP2020 applies once),
+``data`` (manifest hash, structures, shards, held-out compositions), ``supported_elements``
+(symbols), ``student`` (architecture), ``training`` (epochs per stage), ``metrics`` (the validation
+report's headline numbers, or None before validation), ``weights_hash``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from ase.data import chemical_symbols
+
+from geodite_sim.model.checkpoint import METADATA_KEY
+
+
+def build_card(job, model, metrics: dict | None) -> dict:
+    from geodite_sim.workflows.distill.train import training_status, weights_hash
+
+    m = job.manifest()
+    elements = sorted(model.supported_elements or [])
+    shards = m.get("shards", {})
+    return {
+        "name": job.spec.name,
+        "teacher": m["teacher"],
+        "energy_convention": m["teacher"]["energy_convention"],
+        "data": {"manifest_hash": m.get("data_hash"), "structures": sum(s["structures"] for s in shards.values()),
+                 "heldout_structures": sum(s["heldout"] for s in shards.values()), "shards": len(shards),
+                 "seed": job.spec.seed, "mode": job.spec.domain.mode},
+        "supported_elements": [chemical_symbols[z] for z in elements],
+        "student": dataclasses.asdict(job.spec.student),
+        "training": training_status(job),
+        "metrics": metrics,
+        "weights_hash": weights_hash(job.workdir / "train" / "stage2" / "student.ckpt")
+        if (job.workdir / "train" / "stage2" / "student.ckpt").exists()
+        else weights_hash(job.workdir / "train" / "stage1" / "student.ckpt"),
+    }
+
+
+def write_card(job, model, path: Path, metrics: dict | None) -> dict:
+    """Put the card into the checkpoint file at ``path`` (everything else in the file unchanged)."""
+    card = build_card(job, model, metrics)
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    meta = dict(ck.get(METADATA_KEY) or {})
+    meta["card"] = card
+    ck[METADATA_KEY] = meta
+    tmp = Path(path).with_name(Path(path).name + ".card.tmp")
+    torch.save(ck, tmp)
+    tmp.replace(path)
+    return card

@@ -1,0 +1,264 @@
+"""The distillation workflow: data (generate → label, shard by shard) → train → validate → report.
+
+    from geodite_sim.workflows.distill import run_distill
+    result = run_distill("workflows/distill/specs/sse_li.toml")
+
+Re-running the same spec resumes: a shard present on disk is skipped, training continues from its last
+checkpoint bit for bit, a finished stage is not redone. A wall-clock budget (``[budget]`` or
+``deadline=``) stops the run cleanly between shards / training steps, checkpointed, with the stage
+recorded. Files in the work folder::
+
+    manifest.json          spec fingerprint, teacher, E0, shards with content hashes, split, data hash
+    candidates/shard-*.h5  generated structures (float64, not needed once labelled)
+    labels/shard-*.h5      labelled shards (float32, compressed, immutable)
+    train/stage{1,2}/      trainer checkpoints (last.ckpt) and history
+    student.ckpt           the exported student (EMA weights) with its model card
+    report/                report.md, report.json, *.png
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from geodite_sim.workflows.distill.generate import Split, plan, shards_of
+from geodite_sim.workflows.distill.shards import read_shard, shard_hash, shard_name, write_shard
+from geodite_sim.workflows.distill.spec import DistillSpec, SpecError, check_teacher_elements, load_spec
+
+MANIFEST = "manifest.json"
+
+
+class BudgetExhausted(Exception):
+    """The wall-clock budget ran out; everything done so far is on disk."""
+
+
+@dataclass
+class DistillResult:
+    """What a call of :func:`run_distill` achieved."""
+
+    workdir: Path
+    stage: str  # "data", "train", "validate" (where it stopped) or "done"
+    finished: bool
+    shards_done: int
+    shards_total: int
+    student: Path | None = None
+    report: Path | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    from geodite_sim.store import write_atomic
+
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True, default=str))
+
+
+def _eta(done: int, total: int, elapsed: float) -> str:
+    if done <= 0:
+        return "ETA unknown"
+    left = elapsed / done * (total - done)
+    return f"ETA {int(left // 3600)}h{int(left % 3600 // 60):02d}m"
+
+
+class Distillation:
+    """One spec's workflow state (the teacher is loaded on first use)."""
+
+    def __init__(self, spec: DistillSpec, log: Callable[[str], None] = print, deadline: float | None = None):
+        self.spec = spec
+        self.log = log
+        self.workdir = spec.workdir
+        self.deadline = deadline
+        self._teacher = None
+        self.bases = plan(spec)
+        self.shards = shards_of(self.bases, spec.data.structures_per_shard)
+
+    # ------------------------------------------------------------------ teacher and manifest
+    @property
+    def teacher(self):
+        if self._teacher is None:
+            from geodite_sim.workflows.distill.teacher import load_teacher
+
+            from geodite_sim.model.contract import supported_elements
+
+            self._teacher = load_teacher(self.spec.teacher)
+            check_teacher_elements(self.spec, supported_elements(self._teacher))
+        return self._teacher
+
+    def manifest(self) -> dict:
+        path = self.workdir / MANIFEST
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def _start_manifest(self) -> dict:
+        from ase.data import atomic_numbers
+        from geodite_sim.workflows.distill.teacher import isolated_atom_energies, teacher_info
+
+        m = self.manifest()
+        fp = self.spec.fingerprint("data")
+        if m and m.get("data_fingerprint") != fp:
+            raise SpecError(f"{self.workdir} holds data of another spec (fingerprint {m.get('data_fingerprint')} "
+                            f"vs {fp}): use a fresh work folder")
+        if not m:
+            teacher = self.teacher
+            numbers = sorted({atomic_numbers[e] for e in self.spec.domain.elements}
+                             | set(self._seed_numbers()))
+            m = {"name": self.spec.name, "data_fingerprint": fp, "seed": self.spec.seed,
+                 "teacher": teacher_info(teacher, self.spec.teacher).to_dict(),
+                 "e0": {str(z): e for z, e in isolated_atom_energies(teacher, numbers).items()},
+                 "shards_planned": len(self.shards), "structures_planned": sum(b.n_candidates for b in self.bases),
+                 "shards": {}, "seed_failures": []}
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            _write_json(self.workdir / MANIFEST, m)
+        return m
+
+    def _seed_numbers(self) -> list[int]:
+        from ase.io import read
+
+        out = set()
+        for path in self.spec.domain.seeds:
+            try:
+                out |= set(int(z) for z in read(path).numbers)
+            except Exception:  # noqa: BLE001 - a bad seed gets its own error in relax_seeds
+                continue
+        return sorted(out)
+
+    def relaxed_seeds(self) -> list:
+        """Teacher-relaxed seeds, cached in ``seeds/`` (a failed seed is recorded and left out)."""
+        from ase.io import read, write
+
+        if not self.spec.domain.seeds:
+            return []
+        folder = self.workdir / "seeds"
+        done = folder / "done.json"
+        if done.exists():
+            info = json.loads(done.read_text())
+            return [read(folder / f) if f else None for f in info["files"]]
+        from geodite_sim.workflows.distill.candidates import relax_seeds
+
+        relaxed, failures = relax_seeds(self.spec, self.teacher)
+        folder.mkdir(parents=True, exist_ok=True)
+        files = []
+        for i, a in enumerate(relaxed):
+            if a is None:
+                files.append(None)
+                continue
+            name = f"seed-{i:03d}.extxyz"
+            write(folder / name, a)
+            files.append(name)
+            relaxed[i] = read(folder / name)  # the file's (rounded) values, as every later run reads them
+        for f in failures:
+            self.log(f"seed {f['tag']}: {f['error']} (left out; the other seeds proceed)")
+        _write_json(done, {"files": files, "failures": failures})
+        if not any(a is not None for a in relaxed):
+            raise SpecError("no seed structure could be relaxed by the teacher: " +
+                            "; ".join(f["error"] for f in failures))
+        return relaxed
+
+    # ------------------------------------------------------------------ data
+    def _check_time(self, what: str) -> None:
+        if self.deadline is not None and time.time() >= self.deadline:
+            raise BudgetExhausted(what)
+
+    def data_done(self) -> int:
+        return sum((self.workdir / "labels" / shard_name(k)).exists() for k in range(len(self.shards)))
+
+    def run_data(self, max_shards: int | None = None) -> None:
+        """Generate and label every planned shard not yet on disk (in order)."""
+        from geodite_sim.workflows.distill.candidates import generate_shard
+        from geodite_sim.workflows.distill.label import label_shard
+
+        m = self._start_manifest()
+        seeds = self.relaxed_seeds()
+        kept = [a for a in seeds if a is not None]
+        split = Split(self.spec, kept if self.spec.domain.seeds else None)
+        # bases of failed seeds are dropped (their index points at None)
+        t0, done_here = time.time(), 0
+        todo = [k for k in range(len(self.shards)) if not (self.workdir / "labels" / shard_name(k)).exists()]
+        if todo:
+            self.log(f"data: {len(self.shards) - len(todo)}/{len(self.shards)} shards labelled; "
+                     f"{len(todo)} to go ({sum(b.n_candidates for k in todo for b in self.shards[k])} structures)")
+        for n, k in enumerate(todo):
+            if max_shards is not None and n >= max_shards:
+                break
+            self._check_time(f"data: before shard {k}")
+            cand_path = self.workdir / "candidates" / shard_name(k)
+            t_shard = time.time()
+            if not cand_path.exists():
+                bases = [b for b in self.shards[k]
+                         if not (b.kind.startswith("seed_") and seeds[b.key[0]] is None)]
+                cands = generate_shard(self.spec, self.teacher, bases, split, seeds, self.workdir, k)
+                write_shard(cand_path, cands, labelled=False)
+            t_gen = time.time() - t_shard
+            self._check_time(f"data: before labelling shard {k}")
+            labelled = label_shard(read_shard(cand_path), self.teacher, self.spec.teacher.batch_atoms)
+            digest = write_shard(self.workdir / "labels" / shard_name(k), labelled, labelled=True)
+            m["shards"][shard_name(k)] = {"hash": digest, "structures": len(labelled),
+                                          "atoms": int(sum(len(a) for a in labelled.atoms)),
+                                          "heldout": int(sum(labelled.heldout)), "failed": len(labelled.failures)}
+            m["data_hash"] = data_hash(m)
+            _write_json(self.workdir / MANIFEST, m)
+            done_here += 1
+            self.log(f"data: shard {k + 1}/{len(self.shards)} labelled ({len(labelled)} structures, "
+                     f"{len(labelled.failures)} failed; generated in {t_gen:.0f} s, labelled in "
+                     f"{time.time() - t_shard - t_gen:.0f} s); {time.time() - t0:.0f} s so far, "
+                     f"{_eta(done_here, len(todo), time.time() - t0)}")
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> dict:
+        m = self.manifest()
+        from geodite_sim.workflows.distill.train import training_status
+
+        return {"workdir": str(self.workdir), "shards_labelled": self.data_done(), "shards_planned": len(self.shards),
+                "structures_labelled": sum(s["structures"] for s in m.get("shards", {}).values()),
+                "data_hash": m.get("data_hash"), "train": training_status(self),
+                "student": str(self.workdir / "student.ckpt") if (self.workdir / "student.ckpt").exists() else None,
+                "report": str(self.workdir / "report" / "report.md")
+                if (self.workdir / "report" / "report.md").exists() else None}
+
+
+def data_hash(manifest: dict) -> str:
+    """sha256 (16 hex) of the labelled shards' names and content hashes."""
+    items = sorted((k, v["hash"]) for k, v in manifest.get("shards", {}).items())
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
+def verify_shards(workdir: Path) -> list[str]:
+    """Names of labelled shards whose content hash differs from the manifest's (empty when all agree)."""
+    m = json.loads((workdir / MANIFEST).read_text())
+    return [name for name, info in m.get("shards", {}).items()
+            if shard_hash(workdir / "labels" / name) != info["hash"]]
+
+
+def run_distill(spec_or_path, workdir: str | Path | None = None, deadline: float | None = None,
+                stages: tuple[str, ...] = ("data", "train", "validate"), log: Callable[[str], None] = print,
+                max_shards: int | None = None) -> DistillResult:
+    """Run (or resume) the workflow up to the end of ``stages``, within the spec's wall-clock budget."""
+    start = time.time()
+    spec = spec_or_path if isinstance(spec_or_path, DistillSpec) else load_spec(spec_or_path, workdir)
+    limits = [t for t in (deadline, spec.budget.deadline(start)) if t is not None]
+    job = Distillation(spec, log=log, deadline=min(limits) if limits else None)
+    stage = "data"
+    try:
+        if "data" in stages:
+            job.run_data(max_shards=max_shards)
+            if job.data_done() < len(job.shards):
+                return DistillResult(job.workdir, "data", False, job.data_done(), len(job.shards))
+        stage = "train"
+        if "train" in stages:
+            from geodite_sim.workflows.distill.train import run_training
+
+            run_training(job)
+        stage = "validate"
+        if "validate" in stages:
+            from geodite_sim.workflows.distill.report import run_validation
+
+            metrics = run_validation(job)
+            return DistillResult(job.workdir, "done", True, job.data_done(), len(job.shards),
+                                 job.workdir / "student.ckpt", job.workdir / "report" / "report.md", metrics)
+    except BudgetExhausted as exc:
+        log(f"wall-clock budget reached ({exc}); everything so far is saved — re-run the same command to continue")
+        return DistillResult(job.workdir, stage, False, job.data_done(), len(job.shards))
+    return DistillResult(job.workdir, stage, True, job.data_done(), len(job.shards),
+                         job.workdir / "student.ckpt" if (job.workdir / "student.ckpt").exists() else None)

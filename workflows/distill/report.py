@@ -1,0 +1,188 @@
+"""Validate → report: run the checks of :mod:`.validate`, write ``report/`` (Markdown, JSON, PNGs), update the card.
+
+Each check's result is cached in ``report/checks/<name>.json`` so a validation interrupted by the
+wall-clock guard resumes with the checks it has not done.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from geodite_sim.workflows.distill import validate as V
+
+
+def _cached(folder: Path, name: str, compute, job) -> dict:
+    from geodite_sim.workflows.distill.pipeline import _write_json
+
+    path = folder / "checks" / f"{name}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    job._check_time(f"validate: before {name}")
+    job.log(f"validate: {name} …")
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(path, result)
+    return result
+
+
+def _parity_png(path: Path, pairs: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    for ax, (name, unit) in zip(axes, (("energy", "eV/atom"), ("forces", "eV/Å"))):
+        t, s = (np.asarray(x) for x in pairs[name])
+        ax.scatter(t, s, s=3, alpha=0.4)
+        lo, hi = (float(min(t.min(), s.min())), float(max(t.max(), s.max()))) if len(t) else (0.0, 1.0)
+        ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
+        ax.set_xlabel(f"teacher {name} ({unit})")
+        ax.set_ylabel(f"student {name} ({unit})")
+        ax.set_title(f"held-out {name}: MAE {np.abs(t - s).mean() * 1e3:.1f} m{unit}" if len(t) else name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_validation(job) -> dict:
+    """All checks for the student at ``<workdir>/student.ckpt``; returns the headline metrics."""
+    from geodite_sim.workflows.distill.card import write_card
+    from geodite_sim.workflows.distill.pipeline import _write_json
+    from geodite_sim.workflows.distill.train import load_samples, weights_hash
+
+    from geodite_sim.model.checkpoint import load_checkpoint
+
+    spec, folder = job.spec, job.workdir / "report"
+    student_path = job.workdir / "student.ckpt"
+    student = load_checkpoint(student_path, dtype=torch.float64 if spec.train.dtype == "float64" else torch.float32)
+    student.name = f"student:{spec.name}"
+    teacher = job.teacher
+    tag = weights_hash(student_path)
+    stamp = folder / "checks" / "weights.json"
+    if stamp.exists() and json.loads(stamp.read_text()).get("weights_hash") != tag:
+        for f in (folder / "checks").glob("*.json"):
+            f.unlink()
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    if not stamp.exists():
+        _write_json(stamp, {"weights_hash": tag})
+    _, held = load_samples(job.workdir)
+
+    def heldout():
+        r = V.heldout_errors(student, held, spec.teacher.batch_atoms)
+        _parity_png(folder / "parity.png", r.pop("_parity"))
+        return r
+
+    checks = {"heldout": _cached(folder, "heldout", heldout, job)}
+    seeds = [a for a in job.relaxed_seeds() if a is not None]
+    crystals = V.pick_crystals(held, spec.validate.relax_crystals)
+    if crystals:
+        checks["volumes"] = _cached(folder, "volumes", lambda: V.relaxed_volume_errors(student, teacher, crystals),
+                                    job)
+    if spec.validate.dcdft:
+        checks["dcdft"] = _cached(folder, "dcdft", lambda: V.dcdft_volumes(student, teacher), job)
+    elements = V.element_symbols(student)
+    dia_elements = [e for e in elements if e in spec.domain.elements or any(
+        e in a.get_chemical_symbols() for a in seeds)][:24]
+    if dia_elements:
+        checks["diatomics"] = _cached(folder, "diatomics", lambda: V.diatomics(student, teacher, dia_elements,
+                                                                               folder / "diatomics"), job)
+    speed_set = (seeds or crystals or [s.atoms for s in held])[: spec.validate.speed_structures]
+    if speed_set:
+        checks["speed"] = _cached(folder, "speed", lambda: V.speed(student, teacher, speed_set), job)
+    if seeds and spec.validate.md_steps > 0:
+        from geodite_sim.workflows.distill.generate import supercell_repeats
+
+        cells = [a.repeat(supercell_repeats(a, *spec.data.supercell_atoms)[-1]) for a in seeds]
+        checks["md"] = _cached(folder, "md", lambda: V.md_comparison(
+            student, teacher, cells, spec.domain.temperatures[0], spec.validate.md_steps,
+            spec.validate.md_timestep, folder), job)
+    metrics = headline(checks)
+    _write_json(folder / "report.json", {"weights_hash": tag, "metrics": metrics, "checks": checks,
+                                         "manifest": job.manifest().get("data_hash")})
+    (folder / "report.md").write_text(markdown(job, checks, metrics))
+    write_card(job, student, student_path, metrics)
+    job.log(f"validate: report in {folder / 'report.md'}")
+    return metrics
+
+
+def headline(checks: dict) -> dict:
+    h = checks["heldout"]
+    out = {"heldout_structures": h["structures"], "heldout_elements": h["elements"],
+           "energy_mae_meV_per_atom": h["energy_mae_meV_per_atom"], "forces_mae_meV_per_A": h["forces_mae_meV_per_A"],
+           "stress_mae_eV_per_A3": h["stress_mae"]}
+    if "volumes" in checks:
+        v = checks["volumes"]
+        out["volume_within_3pct"] = f"{v['within_3pct']}/{v['compared']}"
+    if "dcdft" in checks:
+        d = checks["dcdft"]
+        out["dcdft_median_abs_pct"] = d["student"]["median_abs_pct"]
+        out["dcdft_within_5pct"] = f"{d['student']['within_5pct']}/{d['student']['accepted']}"
+        out["dcdft_teacher_median_abs_pct"] = d["teacher"]["median_abs_pct"]
+    if "speed" in checks:
+        out["speedup_vs_teacher"] = checks["speed"]["speedup"]
+    if "md" in checks:
+        out["md_rdf_min_score"] = min(r["rdf_min_score"] for r in checks["md"].values())
+    return out
+
+
+def _f(x, fmt=".3g") -> str:
+    return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, fmt)
+
+
+def markdown(job, checks: dict, metrics: dict) -> str:
+    m = job.manifest()
+    h = checks["heldout"]
+    lines = [f"# Distillation report: {job.spec.name}", "",
+             f"Teacher: {m['teacher']['version']} — energies: {m['teacher']['energy_convention']}.",
+             f"Data: {sum(s['structures'] for s in m['shards'].values())} labelled structures in {len(m['shards'])} "
+             f"shards (manifest hash {m.get('data_hash')}); split by composition.", "",
+             "## Held-out compositions (student vs teacher)", "",
+             "| structures | elements | energy MAE (meV/atom) | force MAE (meV/Å) | stress MAE (eV/Å³) |",
+             "|---|---|---|---|---|",
+             f"| {h['structures']} | {h['elements']} | {_f(h['energy_mae_meV_per_atom'])} | "
+             f"{_f(h['forces_mae_meV_per_A'])} | {_f(h['stress_mae'])} |", "",
+             "| element group | structures | energy MAE | force MAE | stress MAE |", "|---|---|---|---|---|"]
+    for g, r in h["per_group"].items():
+        lines.append(f"| {g} | {r['structures']} | {_f(r['energy_mae_meV_per_atom'])} | "
+                     f"{_f(r['forces_mae_meV_per_A'])} | {_f(r['stress_mae'])} |")
+    lines += ["", "![parity](parity.png)", ""]
+    if "volumes" in checks:
+        v = checks["volumes"]
+        lines += ["## Relaxed volume per atom, held-out crystals (fmax 0.01)", "",
+                  f"{v['within_3pct']} of {v['compared']} within 3 % of the teacher's; median |ΔV/V| "
+                  f"{_f(v['median_abs_pct'])} %.", ""]
+    if "dcdft" in checks:
+        d = checks["dcdft"]
+        lines += ["## Delta test (dcdft, WIEN2k PBE volumes)", "", "| model | accepted | median abs % | within 5 % |",
+                  "|---|---|---|---|"]
+        for who in ("student", "teacher"):
+            s = d[who]
+            lines.append(f"| {who} | {s['accepted']} | {_f(s['median_abs_pct'])} | {s['within_5pct']} |")
+        lines.append("")
+    if "diatomics" in checks:
+        dia = checks["diatomics"]
+        keys = sorted(set(dia["student"]) | set(dia["teacher"]))
+        lines += ["## Diatomics (means over " + ", ".join(dia["elements"]) + ")", "", "| metric | student | teacher |",
+                  "|---|---|---|"] + [f"| {k} | {_f(dia['student'].get(k))} | {_f(dia['teacher'].get(k))} |"
+                                      for k in keys] + [""]
+    if "speed" in checks:
+        s = checks["speed"]
+        lines += ["## Speed in the engine (NVE, same structures, same run)", "",
+                  f"student {s['atom_steps_per_s']['student']:.0f} vs teacher {s['atom_steps_per_s']['teacher']:.0f} "
+                  f"atom-steps/s: **{s['speedup']:.1f}x** ({s['structures']} structures, {s['atoms']} atoms).", ""]
+    if "md" in checks:
+        lines += ["## NVT MD, student vs teacher (RDF overlap with the teacher's trajectory)", "",
+                  "| system | T (K) | steps | min RDF score | pair scores | D student / teacher (cm²/s) |",
+                  "|---|---|---|---|---|---|"]
+        for name, r in checks["md"].items():
+            pairs = ", ".join(f"{k} {v:.3f}" for k, v in r["rdf_scores"].items())
+            ds = "; ".join(f"{el} {_f(v['student'])} / {_f(v['teacher'])}" for el, v in r["D_cm2_per_s"].items())
+            lines.append(f"| {name} | {r['temperature']:.0f} | {r['steps']} | {r['rdf_min_score']:.3f} | {pairs} | "
+                         f"{ds} |")
+        lines.append("")
+    lines += ["## Headline", "", "```json", json.dumps(metrics, indent=1), "```", ""]
+    return "\n".join(lines)
