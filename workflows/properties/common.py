@@ -61,6 +61,11 @@ class PropertyRecord:
 
     #: fields left out of ``to_dict`` (live objects)
     _skip_json: ClassVar[tuple[str, ...]] = ("structure", "phonopy")
+    #: fields held as float numpy arrays (given as lists, e.g. reloaded from JSON, they are converted)
+    _arrays: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        as_arrays(self, self._arrays)
 
     def to_dict(self) -> dict[str, Any]:
         out = {}
@@ -73,6 +78,14 @@ class PropertyRecord:
     @property
     def failed(self) -> bool:
         return self.error is not None
+
+
+def as_arrays(record: Any, names: Sequence[str]) -> None:
+    """Turn the fields ``names`` of ``record`` into float numpy arrays (None stays None; JSON nulls become NaN)."""
+    for name in names:
+        value = getattr(record, name)
+        if value is not None and not isinstance(value, np.ndarray):
+            setattr(record, name, np.array(value, dtype=float))
 
 
 def jsonable(value: Any) -> Any:
@@ -126,8 +139,11 @@ def relax_stage(materials: list[Material], model, *, fmax: float, max_steps: int
         cell_flags: bool | list[bool] = periodic
     else:
         cell_flags = False
-    results = gs.relax_many([m.atoms for m in todo], model, fmax=fmax, max_steps=max_steps, relax_cell=cell_flags,
-                            progress=progress)
+    from geodite_sim.io.structures import Labeled
+
+    # labelled with the material's own label, so a failure names the user's input (not its place among survivors)
+    results = gs.relax_many([Labeled(m.atoms, m.label) for m in todo], model, fmax=fmax, max_steps=max_steps,
+                            relax_cell=cell_flags, progress=progress)
     for m, r in zip(todo, results, strict=True):
         m.relax_steps = int(r.n_steps)
         if r.error is not None:
@@ -139,9 +155,10 @@ def relax_stage(materials: list[Material], model, *, fmax: float, max_steps: int
         m.atoms = atoms
 
 
-def ion_relax_stage(cells: list[Atoms], model, *, fmax: float, max_steps: int,
-                    progress: bool = False) -> list[tuple[Atoms | None, float, bool, str | None]]:
-    """Relax the ions of every cell at fixed cell (one ``relax_many`` call).
+def ion_relax_stage(cells: list[Atoms], model, *, fmax: float, max_steps: int, progress: bool = False,
+                    labels: Sequence[str] | None = None) -> list[tuple[Atoms | None, float, bool, str | None]]:
+    """Relax the ions of every cell at fixed cell (one ``relax_many`` call); ``labels`` name the cells in messages
+    (e.g. ``"Si.cif strained e4=+0.01"``).
 
     Returns one ``(relaxed atoms, energy eV, converged, error)`` per cell, in order. (Stresses are
     taken by the callers from one batched ``evaluate`` of the relaxed cells: ``relax_many`` need not
@@ -151,8 +168,11 @@ def ion_relax_stage(cells: list[Atoms], model, *, fmax: float, max_steps: int,
 
     if not cells:
         return []
+    from geodite_sim.io.structures import Labeled
+
+    inputs = cells if labels is None else [Labeled(c, name) for c, name in zip(cells, labels, strict=True)]
     out = []
-    for r in gs.relax_many(cells, model, fmax=fmax, max_steps=max_steps, relax_cell=False, progress=progress):
+    for r in gs.relax_many(inputs, model, fmax=fmax, max_steps=max_steps, relax_cell=False, progress=progress):
         if r.error is not None:
             out.append((None, math.nan, False, r.error))
         else:
@@ -163,11 +183,13 @@ def ion_relax_stage(cells: list[Atoms], model, *, fmax: float, max_steps: int,
 
 
 def safe_evaluate(cells: list[Atoms], owners: list[int], model, *, compute_stress: bool = True,
-                  max_atoms: int = 4096, **options: Any) -> tuple[list[dict | None], dict[int, str]]:
+                  max_atoms: int = 4096, labels: Sequence[str] | None = None,
+                  **options: Any) -> tuple[list[dict | None], dict[int, str]]:
     """``evaluate`` all cells in one call; a cell that fails marks its owner failed, the others are kept.
 
     Args:
         cells: the structures. owners: for each cell, the id of the material it belongs to.
+        labels: names of the cells in messages (e.g. ``"Au2 at r = 0.010 Å"``; default: their place in ``cells``).
         options: further ``evaluate`` keywords (passed only where this version of ``evaluate`` takes them).
     Returns:
         (one result dict or None per cell, {owner: error message} for owners with a failed cell).
@@ -181,9 +203,13 @@ def safe_evaluate(cells: list[Atoms], owners: list[int], model, *, compute_stres
     accepted = inspect.signature(gs.evaluate).parameters
     kw = {k: v for k, v in options.items() if k in accepted}
 
-    def run(subset: list[Atoms]) -> list[dict]:
+    from geodite_sim.io.structures import Labeled
+
+    def run(subset: list) -> list[dict]:
         return list(gs.evaluate(subset, model, max_atoms=max_atoms, compute_stress=compute_stress, **kw))
 
+    if labels is not None:
+        cells = [Labeled(c, name) for c, name in zip(cells, labels, strict=True)]
     results: list[dict | None] = [None] * len(cells)
     errors: dict[int, str] = {}
     try:

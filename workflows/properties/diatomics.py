@@ -39,6 +39,7 @@ from ase import Atoms
 from geodite_sim.workflows.properties.common import (
     DONE,
     FAILED,
+    as_arrays,
     jsonable,
     matplotlib_pyplot,
     save_figure,
@@ -61,10 +62,10 @@ class DiatomicResult:
     Z: int
     status: str = FAILED
     error: str | None = None
-    r_A: list[float] = field(default_factory=list)
+    r_A: np.ndarray = field(default_factory=lambda: np.zeros(0))
     #: eV; NaN where the model failed at that distance (``n_failed_points``)
-    energy_eV: list[float] = field(default_factory=list)
-    force_eV_per_A: list[float] = field(default_factory=list)
+    energy_eV: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    force_eV_per_A: np.ndarray = field(default_factory=lambda: np.zeros(0))
     n_failed_points: int = 0
     r_min_A: float = math.nan
     r_max_A: float = 6.0
@@ -83,6 +84,9 @@ class DiatomicResult:
     spearman_attraction_energy: float = math.nan
     spearman_descending_force: float = math.nan
     spearman_ascending_force: float = math.nan
+
+    def __post_init__(self) -> None:  # the curves as numpy arrays, also when reloaded from JSON lists
+        as_arrays(self, ("r_A", "energy_eV", "force_eV_per_A"))
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: jsonable(getattr(self, f.name)) for f in fields(self)}
@@ -232,7 +236,7 @@ def run_diatomics(
         int(e) if not isinstance(e, str) else atomic_numbers.get(e.strip().capitalize(), -1) for e in elements]
     rs = np.linspace(r_start, r_stop, n)
     results: list[DiatomicResult] = []
-    cells, owners = [], []
+    cells, owners, labels = [], [], []
     for k, z in enumerate(zs):
         name = chemical_symbols[z] if 0 < z < len(chemical_symbols) else str(z)
         if name in skip:
@@ -246,9 +250,10 @@ def run_diatomics(
         for r in rs:
             cells.append(dimer(z, float(r)))
             owners.append(len(results) - 1)
+            labels.append(f"{name}2 at r = {r:.3f} Å")
     from geodite_sim.workflows.properties.common import safe_evaluate
 
-    out, errors = safe_evaluate(cells, owners, model, compute_stress=False, max_atoms=max_atoms,
+    out, errors = safe_evaluate(cells, owners, model, compute_stress=False, max_atoms=max_atoms, labels=labels,
                                 min_distance_factor=None)
     curves: dict[int, tuple[list, list]] = {}
     for owner, cell, o in zip(owners, cells, out, strict=True):
@@ -266,7 +271,7 @@ def run_diatomics(
             if res.error is None:
                 # a distance the model fails on (e.g. non-finite at 0.01 Å) is a NaN point, not a failed element
                 e, f = curves[k]
-                res.r_A, res.energy_eV, res.force_eV_per_A = rs.tolist(), e, f
+                res.r_A, res.energy_eV, res.force_eV_per_A = rs.copy(), np.array(e), np.array(f)
                 res.n_failed_points = int(sum(not math.isfinite(v) for v in e))
                 if res.n_failed_points == len(e):
                     res.error = errors.get(k, "no distance could be evaluated")

@@ -11,17 +11,22 @@ the engineering strain ε_j, in GPa::
     r = run_elastic([bulk("Cu", "fcc", 3.6)], model)[0]
     r.C_GPa, r.C_clamped_GPa, r.bulk_hill_GPa, r.shear_hill_GPa, r.born_stable
 
-Voigt/Reuss/Hill moduli follow Hill (1952); Born stability is the positive definiteness of C
-(for cubic crystals it reduces to C11 − C12 > 0, C11 + 2 C12 > 0, C44 > 0, also reported).
+The tensors are reported in the standard (IEEE 1987) setting of the conventional cell, found with spglib through
+pymatgen (``Tensor.get_ieee_rotation``: for a cubic crystal x, y, z along its cubic axes, so C14 = 0 whatever the
+input cell's orientation); ``ieee_rotation`` maps the input's Cartesian frame to it. Voigt/Reuss/Hill moduli follow
+Hill (1952); Born stability is the positive definiteness of C (for cubic crystals it reduces to C11 − C12 > 0,
+C11 + 2 C12 > 0, C44 > 0, also reported, on the IEEE tensor). The moduli of a Born-unstable tensor are NaN, with a
+warning: averages of an unstable crystal mean nothing.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from ase import Atoms
@@ -46,19 +51,21 @@ VOIGT = [(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]
 
 @dataclass
 class ElasticResult(PropertyRecord):
-    """Elastic constants of one material (GPa).
+    """Elastic constants of one material (GPa), numpy arrays in the IEEE setting of the conventional cell.
 
     Attributes:
         C_GPa: 6x6 relaxed-ion tensor (symmetrised; the clamped-ion one when ``relax_ions=False``).
         C_clamped_GPa: 6x6 clamped-ion tensor (homogeneous strain, ions not relaxed).
+        ieee_rotation: 3x3 rotation R from the input's Cartesian frame to the IEEE frame (x_ieee = R x_input).
         asymmetry_GPa: max |C_ij − C_ji| / 2 before symmetrisation (a fit-quality indicator).
-        bulk_/shear_ voigt/reuss/hill _GPa: Hill's averages of the relaxed-ion tensor.
+        bulk_/shear_ voigt/reuss/hill _GPa: Hill's averages of the relaxed-ion tensor (NaN when it is Born-unstable).
         eigenvalues_GPa: of C_GPa; born_stable: all > 0. cubic_born: the cubic criteria (only for cubic cells).
         residual_stress_GPa: Voigt stress of the unstrained reference cell. strains: magnitudes applied.
     """
 
-    C_GPa: list[list[float]] | None = None
-    C_clamped_GPa: list[list[float]] | None = None
+    C_GPa: np.ndarray | None = None
+    C_clamped_GPa: np.ndarray | None = None
+    ieee_rotation: np.ndarray | None = None
     asymmetry_GPa: float = math.nan
     bulk_voigt_GPa: float = math.nan
     bulk_reuss_GPa: float = math.nan
@@ -68,17 +75,37 @@ class ElasticResult(PropertyRecord):
     shear_hill_GPa: float = math.nan
     bulk_hill_clamped_GPa: float = math.nan
     shear_hill_clamped_GPa: float = math.nan
-    eigenvalues_GPa: list[float] = field(default_factory=list)
+    eigenvalues_GPa: np.ndarray = field(default_factory=lambda: np.zeros(0))
     born_stable: bool | None = None
     born_stable_clamped: bool | None = None
     cubic_born: dict[str, bool] | None = None
-    residual_stress_GPa: list[float] = field(default_factory=list)
-    strains: list[float] = field(default_factory=list)
+    residual_stress_GPa: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    strains: np.ndarray = field(default_factory=lambda: np.zeros(0))
     ions_relaxed: bool = True
     ions_converged: bool | None = None
     warnings: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
     structure: Atoms | None = None
+
+    _arrays: ClassVar[tuple[str, ...]] = ("C_GPa", "C_clamped_GPa", "ieee_rotation", "eigenvalues_GPa",
+                                          "residual_stress_GPa", "strains")
+
+
+def ieee_rotation(atoms: Atoms) -> np.ndarray:
+    """The rotation R (3x3) from ``atoms``' Cartesian frame to the IEEE 1987 setting of its conventional cell
+    (pymatgen's ``Tensor.get_ieee_rotation``: spglib's conventional cell, symmetry tolerance 0.01 Å)."""
+    from pymatgen.core.tensors import Tensor
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    return np.asarray(Tensor.get_ieee_rotation(AseAtomsAdaptor.get_structure(atoms), refine_rotation=True),
+                      dtype=float)
+
+
+def rotate_voigt(c: np.ndarray, rotation: np.ndarray) -> np.ndarray:
+    """A 6x6 stiffness tensor (Voigt, engineering shear) in the frame rotated by ``rotation`` (pymatgen's rules)."""
+    from pymatgen.analysis.elasticity import ElasticTensor
+
+    return np.asarray(ElasticTensor.from_voigt(c).rotate(rotation, tol=1e-2).voigt, dtype=float)
 
 
 def strain_matrix(voigt: int, magnitude: float) -> np.ndarray:
@@ -186,21 +213,23 @@ def run_elastic(
     materials = admit(structures, labels)
     if relax:
         relax_stage(materials, model, fmax=fmax, max_steps=max_steps, relax_cell=True, progress=progress)
-    cells, owners = [], []
+    cells, owners, labels = [], [], []
     for m in materials:
         if m.ok and not m.atoms.pbc.all():
             m.fail("an elastic tensor needs a fully periodic structure")
         if m.ok:
             cells.append(m.atoms.copy())  # the reference cell (residual stress)
             owners.append(m.index)
+            labels.append(f"{m.label} (unstrained)")
             for j in range(6):
                 for e in mags:
                     cells.append(strained_copy(m.atoms, j, float(e)))
                     owners.append(m.index)
+                    labels.append(f"{m.label} strained e{j + 1} = {e:+g}")
     per = 1 + 6 * len(mags)
 
     # derived cells of admitted structures: no second closest-pair admission check
-    clamped, errors = safe_evaluate(cells, owners, model, compute_stress=True, max_atoms=max_atoms,
+    clamped, errors = safe_evaluate(cells, owners, model, compute_stress=True, max_atoms=max_atoms, labels=labels,
                                     min_distance_factor=None)
     for owner, r in zip(owners, clamped, strict=True):
         if r is not None and (bad := check_finite(r, ("energy", "stress"))):
@@ -211,7 +240,7 @@ def run_elastic(
         # the reference cell is already relaxed; only the strained ones need ionic relaxation
         strained = [k for k in range(len(cells)) if k % per != 0]
         out = ion_relax_stage([cells[k] for k in strained], model, fmax=ion_fmax, max_steps=max_steps,
-                              progress=progress)
+                              progress=progress, labels=[labels[k] for k in strained])
         relaxed_cells, relaxed_owners, relaxed_pos = [], [], []
         for k, (atoms, _, conv, err) in zip(strained, out, strict=True):
             owner = owners[k]
@@ -224,7 +253,8 @@ def run_elastic(
             relaxed_pos.append(k)
         # the stress of every relaxed strained cell, in one batched evaluation
         evaluated, eval_errors = safe_evaluate(relaxed_cells, relaxed_owners, model, compute_stress=True,
-                                               max_atoms=max_atoms, min_distance_factor=None)
+                                               max_atoms=max_atoms, labels=[labels[k] for k in relaxed_pos],
+                                               min_distance_factor=None)
         for owner, msg in eval_errors.items():
             errors.setdefault(owner, msg)
         for k, r in zip(relaxed_pos, evaluated, strict=True):
@@ -237,7 +267,7 @@ def run_elastic(
         start.setdefault(owner, k)
 
     def record(m: Material) -> ElasticResult:
-        r = ElasticResult(**base_fields(m), strains=mags.tolist(), ions_relaxed=relax_ions,
+        r = ElasticResult(**base_fields(m), strains=mags.copy(), ions_relaxed=relax_ions,
                           structure=m.atoms if m.ok else None)
         if m.ok:
             try:
@@ -255,7 +285,7 @@ def run_elastic(
 def _fill(r: ElasticResult, atoms: Atoms, k0: int, mags: np.ndarray, clamped: list, relaxed: list,
           relax_ions: bool) -> None:
     n = len(mags)
-    r.residual_stress_GPa = (to_voigt(clamped[k0]["stress"]) * EV_PER_A3_TO_GPA).tolist()
+    r.residual_stress_GPa = to_voigt(clamped[k0]["stress"]) * EV_PER_A3_TO_GPA
 
     def tensor(source) -> np.ndarray:
         stresses = np.array([[to_voigt(source(k0 + 1 + j * n + i)) for i in range(n)] for j in range(6)])
@@ -263,22 +293,30 @@ def _fill(r: ElasticResult, atoms: Atoms, k0: int, mags: np.ndarray, clamped: li
 
     c_clamped = tensor(lambda k: clamped[k]["stress"])
     c_raw = tensor(lambda k: relaxed[k]) if relax_ions else c_clamped
-    c = 0.5 * (c_raw + c_raw.T)
-    cc = 0.5 * (c_clamped + c_clamped.T)
-    r.C_GPa, r.C_clamped_GPa = c.tolist(), cc.tolist()
     r.asymmetry_GPa = float(np.max(np.abs(c_raw - c_raw.T)) / 2.0)
-    mod = moduli(c)
-    for key, value in mod.items():
-        setattr(r, f"{key}_GPa", float(value))
-    mc = moduli(cc)
-    r.bulk_hill_clamped_GPa, r.shear_hill_clamped_GPa = float(mc["bulk_hill"]), float(mc["shear_hill"])
+    rot = ieee_rotation(atoms)  # the Born tests and the table read C in the crystal's standard setting
+    c = rotate_voigt(0.5 * (c_raw + c_raw.T), rot)
+    cc = rotate_voigt(0.5 * (c_clamped + c_clamped.T), rot)
+    c, cc = 0.5 * (c + c.T), 0.5 * (cc + cc.T)
+    r.C_GPa, r.C_clamped_GPa, r.ieee_rotation = c, cc, rot
     eig = np.linalg.eigvalsh(c)
-    r.eigenvalues_GPa = eig.tolist()
+    r.eigenvalues_GPa = eig
     r.born_stable = bool(eig.min() > 0)
     r.born_stable_clamped = bool(np.linalg.eigvalsh(cc).min() > 0)
+    if r.born_stable:
+        for key, value in moduli(c).items():
+            setattr(r, f"{key}_GPa", float(value))
+    else:
+        r.warnings.append(f"Born-unstable tensor (smallest eigenvalue {eig.min():.3g} GPa): bulk and shear moduli "
+                          "are not reported (NaN)")
+        warnings.warn(f"{r.label}: {r.warnings[-1]}", RuntimeWarning, stacklevel=2)
+    if r.born_stable_clamped:
+        mc = moduli(cc)
+        r.bulk_hill_clamped_GPa, r.shear_hill_clamped_GPa = float(mc["bulk_hill"]), float(mc["shear_hill"])
     if is_cubic(atoms):
         r.cubic_born = cubic_born(c)
     r.status = DONE
 
 
-__all__ = ["ElasticResult", "cubic_born", "fit_tensor", "moduli", "run_elastic", "strain_matrix", "strained_copy"]
+__all__ = ["ElasticResult", "cubic_born", "fit_tensor", "ieee_rotation", "moduli", "rotate_voigt", "run_elastic",
+           "strain_matrix", "strained_copy"]

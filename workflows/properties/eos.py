@@ -17,7 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from ase import Atoms
@@ -44,16 +44,16 @@ class EOSResult(PropertyRecord):
     """Equation of state of one material.
 
     Attributes:
-        volumes_A3, energies_eV: the E(V) points (whole cell). volume_strains: V/V_ref − 1 of each point.
+        volumes_A3, energies_eV: the E(V) points (whole cell), numpy arrays. volume_strains: V/V_ref − 1 of each point.
         v0_A3, e0_eV, b0_GPa, b0_prime: fitted equilibrium volume, energy, bulk modulus and its pressure derivative.
         eos: the EOS form fitted. ions_relaxed: whether ions were relaxed at each volume;
         ions_converged: every fixed-cell relaxation converged.
     """
 
     eos: str = "birchmurnaghan"
-    volume_strains: list[float] = field(default_factory=list)
-    volumes_A3: list[float] = field(default_factory=list)
-    energies_eV: list[float] = field(default_factory=list)
+    volume_strains: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    volumes_A3: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    energies_eV: np.ndarray = field(default_factory=lambda: np.zeros(0))
     v0_A3: float = math.nan
     e0_eV: float = math.nan
     b0_GPa: float = math.nan
@@ -63,6 +63,8 @@ class EOSResult(PropertyRecord):
     warnings: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
     structure: Atoms | None = None
+
+    _arrays: ClassVar[tuple[str, ...]] = ("volume_strains", "volumes_A3", "energies_eV")
 
 
 def volume_points(volume_range: float = 0.08, n_points: int = 9) -> np.ndarray:
@@ -134,7 +136,7 @@ def run_eos(
     materials = admit(structures, labels)
     if relax:
         relax_stage(materials, model, fmax=fmax, max_steps=max_steps, relax_cell=True, progress=progress)
-    cells, owners = [], []
+    cells, owners, labels = [], [], []
     for m in materials:
         if m.ok and not m.atoms.pbc.all():
             m.fail("an equation of state needs a fully periodic structure")
@@ -142,6 +144,7 @@ def run_eos(
             for e in eps:
                 cells.append(scaled_copy(m.atoms, float(e)))
                 owners.append(m.index)
+                labels.append(f"{m.label} at V/V0 = {1 + e:.3f}")
 
     energies: dict[int, list[float]] = {}
     volumes: dict[int, list[float]] = {}
@@ -149,15 +152,15 @@ def run_eos(
     errors: dict[int, str] = {}
     if relax_ions:
         for owner, cell, (_, energy, conv, err) in zip(
-                owners, cells, ion_relax_stage(cells, model, fmax=fmax, max_steps=max_steps, progress=progress),
-                strict=True):
+                owners, cells, ion_relax_stage(cells, model, fmax=fmax, max_steps=max_steps, progress=progress,
+                                               labels=labels), strict=True):
             if err is not None:
                 errors.setdefault(owner, f"fixed-cell relaxation at V = {cell.get_volume():.3f} Å³ failed: {err}")
             energies.setdefault(owner, []).append(energy)
             volumes.setdefault(owner, []).append(cell.get_volume())
             converged[owner] = converged.get(owner, True) and conv
     else:
-        res, errors = safe_evaluate(cells, owners, model, compute_stress=False, max_atoms=max_atoms,
+        res, errors = safe_evaluate(cells, owners, model, compute_stress=False, max_atoms=max_atoms, labels=labels,
                                     min_distance_factor=None)
         for owner, cell, r in zip(owners, cells, res, strict=True):
             if r is not None and (bad := check_finite(r, ("energy",))):
@@ -166,10 +169,10 @@ def run_eos(
             volumes.setdefault(owner, []).append(cell.get_volume())
 
     def record(m: Material) -> EOSResult:
-        r = EOSResult(**base_fields(m), eos=eos, volume_strains=eps.tolist(), ions_relaxed=relax_ions,
+        r = EOSResult(**base_fields(m), eos=eos, volume_strains=eps.copy(), ions_relaxed=relax_ions,
                       structure=m.atoms if m.ok else None)
         if m.ok:
-            r.volumes_A3, r.energies_eV = volumes[m.index], energies[m.index]
+            r.volumes_A3, r.energies_eV = np.array(volumes[m.index]), np.array(energies[m.index])
             r.ions_converged = converged.get(m.index) if relax_ions else None
             try:
                 for k, v in fit_eos(r.volumes_A3, r.energies_eV, eos).items():

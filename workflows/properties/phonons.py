@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from ase import Atoms
@@ -50,8 +50,11 @@ class PhononResult(PropertyRecord):
         supercell: diagonal supercell multiples. n_displacements: displaced supercells evaluated.
         omega_max_THz: highest frequency on the mesh. min_frequency_THz: lowest (negative = imaginary).
         imaginary_modes: ``min_frequency_THz < -imaginary_tol``.
-        entropy_J_per_K_mol, free_energy_kJ_per_mol, cv_J_per_K_mol: at ``temperature_K``, per mole of the cell.
-        gamma_frequencies_THz: the 3N frequencies at Γ. mesh: the q-point mesh used.
+        entropy_J_per_K_mol, free_energy_kJ_per_mol, cv_J_per_K_mol: at ``temperature_K``, per mole of the cell,
+            without the three acoustic modes at Γ (zero in exact arithmetic; phonopy's ``exclude_gamma_acoustic``, so
+            their round-off sign cannot decide whether they enter the sums).
+        gamma_frequencies_THz: the 3N frequencies at Γ (numpy array). mesh: the q-point mesh used.
+        warnings: this material's notes, phonopy's own warnings among them.
         files: written files (``json``, ``dos_png``, ``bands_png``, ``phonopy_yaml``).
         structure: the (relaxed) cell used; phonopy: the ``phonopy.Phonopy`` object (force constants set).
     """
@@ -66,12 +69,14 @@ class PhononResult(PropertyRecord):
     entropy_J_per_K_mol: float = math.nan
     free_energy_kJ_per_mol: float = math.nan
     cv_J_per_K_mol: float = math.nan
-    gamma_frequencies_THz: list[float] = field(default_factory=list)
+    gamma_frequencies_THz: np.ndarray = field(default_factory=lambda: np.zeros(0))
     mesh: list[int] | None = None
     warnings: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
     structure: Atoms | None = None
     phonopy: Any = None
+
+    _arrays: ClassVar[tuple[str, ...]] = ("gamma_frequencies_THz",)
 
 
 def auto_supercell(atoms: Atoms, min_length: float) -> list[int]:
@@ -182,6 +187,7 @@ def run_phonons(
     phonons: dict[int, Any] = {}
     cells: list[Atoms] = []
     owners: list[int] = []
+    labels: list[str] = []
     for m in materials:
         if not m.ok:
             continue
@@ -195,14 +201,16 @@ def run_phonons(
             m.fail(f"phonopy set-up failed: {type(exc).__name__}: {exc}")
             continue
         phonons[m.index] = ph
-        for sc in ph.supercells_with_displacements:
+        supercells = ph.supercells_with_displacements
+        for k, sc in enumerate(supercells):
             cells.append(phonopy_to_ase(sc))
             owners.append(m.index)
+            labels.append(f"{m.label} displaced supercell {k + 1}/{len(supercells)}")
 
     # 2. every displaced supercell in one batched evaluation
     # (derived cells of admitted structures: no second closest-pair admission check)
     forces_out, errors = safe_evaluate(cells, owners, model, compute_stress=False, max_atoms=max_atoms,
-                                       min_distance_factor=None)
+                                       labels=labels, min_distance_factor=None)
     per_material: dict[int, list[np.ndarray]] = {}
     for owner, res in zip(owners, forces_out, strict=True):
         if res is not None:
@@ -243,11 +251,14 @@ def _postprocess(res: PhononResult, m: Material, ph, forces: list[np.ndarray], m
     res.min_frequency_THz = float(np.min(freqs))
     res.imaginary_modes = bool(res.min_frequency_THz < -imaginary_tol)
     ph.run_qpoints([[0.0, 0.0, 0.0]])
-    res.gamma_frequencies_THz = [float(v) for v in ph.qpoints.frequencies[0]]
+    res.gamma_frequencies_THz = np.array(ph.qpoints.frequencies[0], dtype=float)
     ph.run_total_dos()
-    with warnings.catch_warnings():  # phonopy notes that the (≈ 0) Γ acoustic modes enter the sums, as intended
-        warnings.simplefilter("ignore", UserWarning)
-        ph.run_thermal_properties(temperatures=[temperature])
+    with warnings.catch_warnings(record=True) as caught:  # phonopy's own warnings: kept with the result, re-shown
+        warnings.simplefilter("always")
+        ph.run_thermal_properties(temperatures=[temperature], exclude_gamma_acoustic=True)
+    for w in caught:
+        res.warnings.append(f"phonopy: {w.message}")
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     tp = ph.thermal_properties
     res.free_energy_kJ_per_mol = float(tp.free_energy[0])
     res.entropy_J_per_K_mol = float(tp.entropy[0])
