@@ -41,6 +41,7 @@ EXAMPLES = """examples:
   geodite-sim relax examples/structures/* --out out/demo
   geodite-sim relax big.extxyz --out out/big --fmax 0.02 --max-steps 1000 --dtype float64
   geodite-sim relax structures/ --out out/fixed --no-cell --model Geodite-MP.ckpt --device cuda
+  geodite-sim relax structures/ --out out/lbfgs --optimizer lbfgs   # ~half the force calls of FIRE (docs/optimizers.md)
   geodite-sim relax structures/ --out out/fixed            # again: resumes, skips finished inputs
 """
 
@@ -55,16 +56,18 @@ EV_PER_A3_TO_GPA = 160.21766208
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "relax",
-        help="relax structures (batched FIRE, with the cell), resumable",
-        description="Relax structures with batched FIRE (+ Fréchet cell filter) and write relaxed.extxyz "
-                    "and a results table (CSV + JSON) to --out. Re-running with the same --out resumes.",
+        help="relax structures (batched FIRE, L-BFGS or BFGS, with the cell), resumable",
+        description="Relax structures with batched FIRE, L-BFGS or BFGS (+ Fréchet cell filter) and write "
+                    "relaxed.extxyz and a results table (CSV + JSON) to --out. Re-running with the same --out resumes.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="structure files or directories (anything ASE reads)")
     p.add_argument("--out", required=True, help="output directory (created; reused to resume)")
     p.add_argument("--fmax", type=float, default=0.05, help="force convergence threshold, eV/Å (default 0.05)")
-    p.add_argument("--max-steps", type=int, default=500, help="FIRE steps per structure at most (default 500)")
+    p.add_argument("--max-steps", type=int, default=500, help="optimiser steps per structure at most (default 500)")
+    p.add_argument("--optimizer", choices=["fire", "lbfgs", "bfgs"], default="fire",
+                   help="ASE's FIRE (default), LBFGS or BFGS, with the Fréchet cell filter (docs/optimizers.md)")
     p.add_argument("--no-cell", action="store_true", help="keep every cell fixed (default: relax the cell)")
     p.add_argument("--model", default=None, help="checkpoint path or packaged model name (default: packaged default)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
@@ -288,6 +291,8 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = gs.load_model(args.model, device=device, dtype=getattr(torch, args.dtype))
     settings = {"fmax": args.fmax, "max_steps": args.max_steps, "relax_cell": not args.no_cell, "dtype": args.dtype}
+    if args.optimizer != "fire":  # FIRE keeps the settings of stores written before --optimizer existed (they resume)
+        settings["optimizer"] = args.optimizer
     try:
         store = open_store(args.out, settings, model)
     except StoreError as exc:
@@ -320,7 +325,8 @@ def run(args: argparse.Namespace) -> int:
     n_new = 0
     try:
         for result in executor.relax_many(stream(), model, fmax=args.fmax, max_steps=args.max_steps,
-                                          relax_cell=not args.no_cell, max_atoms=args.max_atoms, stream=True,
+                                          optimizer=args.optimizer, relax_cell=not args.no_cell,
+                                          max_atoms=args.max_atoms, stream=True,
                                           progress=not args.no_progress, total=total):
             key, path, frame, ordinal = pending.pop(result.index)
             record, atoms = make_record(result, key, path, frame, ordinal)
