@@ -1312,6 +1312,7 @@ def screen(
     fmax: float = 0.05,
     max_steps: int = 500,
     relax_cell: bool = True,
+    optimizer: str = "fire",
     threshold: float = STABILITY_THRESHOLD,
     stable_tolerance: float = STABLE_TOLERANCE,
     mp2020: bool | None = None,
@@ -1342,6 +1343,7 @@ def screen(
         model: a loaded model (default ``geodite_sim.load_model()``).
         fmax, max_steps, relax_cell: relaxation settings (:func:`geodite_sim.relax_many`);
             the same for candidates and self-consistent references.
+        optimizer: ``"fire"`` (default), ``"lbfgs"`` or ``"bfgs"`` (``relax_many``'s; docs/optimizers.md).
         threshold: stable <=> E_above_hull <= threshold + stable_tolerance (eV/atom).
         stable_tolerance: eV/atom added to the threshold so that float round-off of a candidate sitting
             on the hull (e.g. a known phase, E_hull ~ ±1e-7 in float32) cannot decide its call; recorded
@@ -1363,6 +1365,9 @@ def screen(
 
     t_start = time.perf_counter()
     relax_kwargs = dict(relax_kwargs or {})
+    if optimizer != "fire":  # a relax_many option (so in the resume settings); FIRE's settings stay as before
+        if relax_kwargs.setdefault("optimizer", optimizer) != optimizer:
+            raise ValueError(f"optimizer={optimizer!r} but relax_kwargs has optimizer={relax_kwargs['optimizer']!r}")
     if relax_fn is None:
         relax_fn = executor.relax_many if executor is not None else geodite_sim.relax_many
     if model is None:

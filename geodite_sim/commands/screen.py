@@ -57,7 +57,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--fmax", type=float, default=0.05, help="force convergence criterion, eV/Å (default 0.05)")
-    p.add_argument("--max-steps", type=int, default=500, help="FIRE steps per structure at most (default 500)")
+    p.add_argument("--max-steps", type=int, default=500, help="optimiser steps per structure at most (default 500)")
+    p.add_argument("--optimizer", choices=["fire", "lbfgs", "bfgs"], default="fire",
+                   help="ASE's FIRE (default), LBFGS or BFGS, with the Fréchet cell filter (docs/optimizers.md)")
     p.add_argument("--no-relax-cell", dest="relax_cell", action="store_false", help="keep cells fixed")
     p.add_argument("--max-atoms", type=int, default=None, help="atoms per batch (default: engine's choice)")
     p.add_argument("--threshold", type=float, default=0.0,
@@ -107,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         res = screen(
             args.candidates, args.references, out=args.out, model=model, fmax=args.fmax, max_steps=args.max_steps,
-            relax_cell=args.relax_cell, threshold=args.threshold, stable_tolerance=args.stable_tolerance,
+            relax_cell=args.relax_cell, optimizer=args.optimizer, threshold=args.threshold, stable_tolerance=args.stable_tolerance,
             executor=executor, mp2020=args.mp2020, labels=args.labels,
             dft_structures=args.dft_structures, require_converged=args.require_converged, plots=args.plots,
             max_plots=args.max_plots, restart=args.restart, progress=not args.no_progress, relax_kwargs=relax_kwargs,
