@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         res = screen(
             args.candidates, args.references, out=args.out, model=model, fmax=args.fmax, max_steps=args.max_steps,
-            relax_cell=args.relax_cell, optimizer=args.optimizer, threshold=args.threshold, stable_tolerance=args.stable_tolerance,
+            relax_cell=args.relax_cell, optimizer=args.optimizer, threshold=args.threshold,
+            stable_tolerance=args.stable_tolerance,
             executor=executor, mp2020=args.mp2020, labels=args.labels,
             dft_structures=args.dft_structures, require_converged=args.require_converged, plots=args.plots,
             max_plots=args.max_plots, restart=args.restart, progress=not args.no_progress, relax_kwargs=relax_kwargs,
