@@ -60,8 +60,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             p.add_argument("inputs", nargs="+", metavar="STRUCTURE",
                            help="structure files or directories (anything ASE reads)")
             p.add_argument("--fmax", type=positive_float, default=0.001 if name == "elastic" else 0.01,
-                           help="FIRE force threshold, eV/Å (default %(default)s)")
-            p.add_argument("--max-steps", type=positive_int, default=500, help="FIRE steps at most (default 500)")
+                           help="relaxation force threshold, eV/Å (default %(default)s)")
+            p.add_argument("--max-steps", type=positive_int, default=500, help="optimiser steps at most (default 500)")
+            p.add_argument("--optimizer", choices=["fire", "lbfgs", "bfgs"], default="fire",
+                           help="relaxation optimiser: ASE's FIRE (default), LBFGS or BFGS (docs/optimizers.md)")
             p.add_argument("--no-relax", action="store_true", help="use the structures as given (no relaxation)")
             p.add_argument("--retry-failed", action="store_true", help="re-run inputs whose stored result failed")
         p.add_argument("--out", required=True, help="output directory (created; reused to resume)")
@@ -162,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
     n_skipped = len(items) - len(todo)
     if todo:
         names = [t[0] for t in todo]
-        common = dict(model=model, relax=not args.no_relax, fmax=args.fmax, max_steps=args.max_steps, out_dir=out,
+        common = dict(model=model, relax=not args.no_relax, fmax=args.fmax, max_steps=args.max_steps,
+                      optimizer=args.optimizer, out_dir=out,
                       names=names, labels=[t[1] for t in todo], max_atoms=args.max_atoms, progress=progress)
         structures = [t[2] for t in todo]
         if args.workflow == "phonons":

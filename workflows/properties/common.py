@@ -123,8 +123,9 @@ def admit(structures: Any, labels: Sequence[str] | None = None) -> list[Material
 
 
 def relax_stage(materials: list[Material], model, *, fmax: float, max_steps: int, relax_cell: bool = True,
-                progress: bool = False) -> None:
-    """Relax every admitted material in one ``relax_many`` call; replace its structure by the relaxed one.
+                progress: bool = False, optimizer: str = "fire") -> None:
+    """Relax every admitted material in one ``relax_many`` call (``optimizer``: its ``optimizer=``); replace its
+    structure by the relaxed one.
 
     A failed relaxation marks the material failed; an unconverged one keeps going with
     ``relax_converged=False`` (reported in its result).
@@ -143,7 +144,7 @@ def relax_stage(materials: list[Material], model, *, fmax: float, max_steps: int
 
     # labelled with the material's own label, so a failure names the user's input (not its place among survivors)
     results = gs.relax_many([Labeled(m.atoms, m.label) for m in todo], model, fmax=fmax, max_steps=max_steps,
-                            relax_cell=cell_flags, progress=progress)
+                            relax_cell=cell_flags, progress=progress, optimizer=optimizer)
     for m, r in zip(todo, results, strict=True):
         m.relax_steps = int(r.n_steps)
         if r.error is not None:
@@ -156,9 +157,10 @@ def relax_stage(materials: list[Material], model, *, fmax: float, max_steps: int
 
 
 def ion_relax_stage(cells: list[Atoms], model, *, fmax: float, max_steps: int, progress: bool = False,
-                    labels: Sequence[str] | None = None) -> list[tuple[Atoms | None, float, bool, str | None]]:
-    """Relax the ions of every cell at fixed cell (one ``relax_many`` call); ``labels`` name the cells in messages
-    (e.g. ``"Si.cif strained e4=+0.01"``).
+                    labels: Sequence[str] | None = None,
+                    optimizer: str = "fire") -> list[tuple[Atoms | None, float, bool, str | None]]:
+    """Relax the ions of every cell at fixed cell (one ``relax_many`` call with ``optimizer``); ``labels`` name the
+    cells in messages (e.g. ``"Si.cif strained e4=+0.01"``).
 
     Returns one ``(relaxed atoms, energy eV, converged, error)`` per cell, in order. (Stresses are
     taken by the callers from one batched ``evaluate`` of the relaxed cells: ``relax_many`` need not
@@ -172,7 +174,8 @@ def ion_relax_stage(cells: list[Atoms], model, *, fmax: float, max_steps: int, p
 
     inputs = cells if labels is None else [Labeled(c, name) for c, name in zip(cells, labels, strict=True)]
     out = []
-    for r in gs.relax_many(inputs, model, fmax=fmax, max_steps=max_steps, relax_cell=False, progress=progress):
+    for r in gs.relax_many(inputs, model, fmax=fmax, max_steps=max_steps, relax_cell=False, progress=progress,
+                           optimizer=optimizer):
         if r.error is not None:
             out.append((None, math.nan, False, r.error))
         else:

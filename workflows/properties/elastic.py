@@ -185,6 +185,7 @@ def run_elastic(
     fmax: float = 0.001,
     ion_fmax: float | None = None,
     max_steps: int = 500,
+    optimizer: str = "fire",
     out_dir: str | Path | None = None,
     names: Sequence[str] | None = None,
     labels: Sequence[str] | None = None,
@@ -197,7 +198,8 @@ def run_elastic(
         structures: ASE Atoms, pymatgen Structures or file paths (fully periodic).
         model: Geodite (default ``load_model()``) or any model with its call signature.
         strain: largest engineering strain δ; ``strains`` (magnitudes, default (−δ, −δ/2, δ/2, δ)) overrides it.
-        relax: relax ions and cell first (FIRE to ``fmax`` eV/Å, ≤ ``max_steps``).
+        relax: relax ions and cell first (``optimizer`` to ``fmax`` eV/Å, ≤ ``max_steps``).
+        optimizer: ``"fire"`` (default), ``"lbfgs"`` or ``"bfgs"`` for every relaxation (docs/optimizers.md).
         relax_ions: relax the ions of each strained cell (fixed cell, to ``ion_fmax``, default ``fmax``).
         out_dir: write ``<name>.json`` here. names/labels: file stems / record labels.
     Returns:
@@ -212,7 +214,8 @@ def run_elastic(
     ion_fmax = fmax if ion_fmax is None else ion_fmax
     materials = admit(structures, labels)
     if relax:
-        relax_stage(materials, model, fmax=fmax, max_steps=max_steps, relax_cell=True, progress=progress)
+        relax_stage(materials, model, fmax=fmax, max_steps=max_steps, relax_cell=True, progress=progress,
+                    optimizer=optimizer)
     cells, owners, labels = [], [], []
     for m in materials:
         if m.ok and not m.atoms.pbc.all():
@@ -240,7 +243,7 @@ def run_elastic(
         # the reference cell is already relaxed; only the strained ones need ionic relaxation
         strained = [k for k in range(len(cells)) if k % per != 0]
         out = ion_relax_stage([cells[k] for k in strained], model, fmax=ion_fmax, max_steps=max_steps,
-                              progress=progress, labels=[labels[k] for k in strained])
+                              progress=progress, labels=[labels[k] for k in strained], optimizer=optimizer)
         relaxed_cells, relaxed_owners, relaxed_pos = [], [], []
         for k, (atoms, _, conv, err) in zip(strained, out, strict=True):
             owner = owners[k]

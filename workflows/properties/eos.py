@@ -104,6 +104,7 @@ def run_eos(
     relax_ions: bool = True,
     fmax: float = 0.01,
     max_steps: int = 500,
+    optimizer: str = "fire",
     eos: str = "birchmurnaghan",
     out_dir: str | Path | None = None,
     names: Sequence[str] | None = None,
@@ -118,8 +119,9 @@ def run_eos(
         structures: ASE Atoms, pymatgen Structures or file paths (fully periodic).
         model: Geodite (default ``load_model()``) or any model with its call signature.
         strains: volume strains V/V_ref − 1 (default ``n_points`` evenly in ±``volume_range``; at least 5 points).
-        relax: relax ions and cell first (FIRE, ``fmax`` eV/Å, ``max_steps``).
+        relax: relax ions and cell first (``optimizer``, ``fmax`` eV/Å, ``max_steps``).
         relax_ions: relax the ions in every strained cell (fixed cell) before taking its energy.
+        optimizer: ``"fire"`` (default), ``"lbfgs"`` or ``"bfgs"`` for every relaxation (docs/optimizers.md).
         eos: ASE EOS name (``birchmurnaghan``, ``vinet``, ``murnaghan``, …).
         out_dir: write ``<name>.json`` and ``<name>_eos.png`` here. names/labels: file stems / record labels.
     Returns:
@@ -135,7 +137,8 @@ def run_eos(
         raise ValueError("volume strains must be > -1")
     materials = admit(structures, labels)
     if relax:
-        relax_stage(materials, model, fmax=fmax, max_steps=max_steps, relax_cell=True, progress=progress)
+        relax_stage(materials, model, fmax=fmax, max_steps=max_steps, relax_cell=True, progress=progress,
+                    optimizer=optimizer)
     cells, owners, labels = [], [], []
     for m in materials:
         if m.ok and not m.atoms.pbc.all():
@@ -153,7 +156,7 @@ def run_eos(
     if relax_ions:
         for owner, cell, (_, energy, conv, err) in zip(
                 owners, cells, ion_relax_stage(cells, model, fmax=fmax, max_steps=max_steps, progress=progress,
-                                               labels=labels), strict=True):
+                                               labels=labels, optimizer=optimizer), strict=True):
             if err is not None:
                 errors.setdefault(owner, f"fixed-cell relaxation at V = {cell.get_volume():.3f} Å³ failed: {err}")
             energies.setdefault(owner, []).append(energy)

@@ -146,6 +146,7 @@ def run_phonons(
     relax: bool = True,
     fmax: float = 0.01,
     max_steps: int = 500,
+    optimizer: str = "fire",
     mesh: float | Sequence[int] = 40.0,
     temperature: float = 300.0,
     imaginary_tol: float = 0.1,
@@ -165,7 +166,8 @@ def run_phonons(
         structures: ASE Atoms, pymatgen Structures or file paths (one or many).
         model: Geodite (default ``load_model()``) or any model with its call signature.
         supercell: ``"auto"`` (every supercell width ≥ ``auto_min_length`` Å), an int, 3 ints or a 3x3 matrix.
-        displacement: finite displacement, Å. relax: relax ions and cell first (FIRE, ``fmax`` eV/Å, ``max_steps``).
+        displacement: finite displacement, Å. relax: relax ions and cell first (``optimizer``, ``fmax`` eV/Å, ``max_steps``).
+        optimizer: ``"fire"`` (default), ``"lbfgs"`` or ``"bfgs"`` for every relaxation (docs/optimizers.md).
         mesh: q-mesh for DOS/thermal properties: three ints, or a length (Å) for phonopy's length rule.
         primitive_matrix: phonopy's primitive matrix: ``"P"`` (default: the input cell), ``"auto"``, a 3x3 matrix.
         temperature: K, for S, F and C_v. imaginary_tol: THz; modes below ``-imaginary_tol`` flag ``imaginary_modes``.
@@ -181,7 +183,8 @@ def run_phonons(
     model = model if model is not None else gs.load_model()
     materials = admit(structures, labels)
     if relax:
-        relax_stage(materials, model, fmax=fmax, max_steps=max_steps, relax_cell=True, progress=progress)
+        relax_stage(materials, model, fmax=fmax, max_steps=max_steps, relax_cell=True, progress=progress,
+                    optimizer=optimizer)
 
     # 1. displacements of every material
     phonons: dict[int, Any] = {}
