@@ -166,7 +166,8 @@ def run_phonons(
         structures: ASE Atoms, pymatgen Structures or file paths (one or many).
         model: Geodite (default ``load_model()``) or any model with its call signature.
         supercell: ``"auto"`` (every supercell width ≥ ``auto_min_length`` Å), an int, 3 ints or a 3x3 matrix.
-        displacement: finite displacement, Å. relax: relax ions and cell first (``optimizer``, ``fmax`` eV/Å, ``max_steps``).
+        displacement: finite displacement, Å.
+        relax: relax ions and cell first (``optimizer``, ``fmax`` eV/Å, ``max_steps``).
         optimizer: ``"fire"`` (default), ``"lbfgs"`` or ``"bfgs"`` for every relaxation (docs/optimizers.md).
         mesh: q-mesh for DOS/thermal properties: three ints, or a length (Å) for phonopy's length rule.
         primitive_matrix: phonopy's primitive matrix: ``"P"`` (default: the input cell), ``"auto"``, a 3x3 matrix.
