@@ -60,9 +60,10 @@ log = logging.getLogger(__name__)
 
 #: Stable <=> E_above_hull <= threshold (eV/atom), as Matbench Discovery ...
 STABILITY_THRESHOLD = 0.0
-#: ... + this tolerance (eV/atom): 10 µeV/atom, ~10 float32 ulps of a per-atom energy of up to 10 eV and
-#: 100x below any physically meaningful hull distance, so round-off cannot flip a call on the hull.
-STABLE_TOLERANCE = 1e-5
+#: ... + a tolerance (eV/atom), by default tied to the relaxation's convergence: fmax² / (2 x 1 eV/Å²), at least
+#: 1e-5 (1.25 meV/atom at fmax 0.05; :func:`geodite_sim.workflows.known_phases.convergence_tolerance`), so that
+#: relaxation noise cannot flip a call on the hull. None = that default.
+STABLE_TOLERANCE = None
 
 #: ``Atoms.info`` / ``Structure.properties`` keys read as a candidate's id, in this order.
 ID_KEYS = ("id", "material_id", "entry_id", "candidate_id", "name")
@@ -85,7 +86,7 @@ HULL_ERROR = "hull_error"
 RESULT_COLUMNS = [
     "id", "formula", "reduced_formula", "chemsys", "n_atoms", "status", "error",
     "energy", "energy_per_atom", "correction_per_atom", "corrected_energy_per_atom",
-    "e_form_per_atom", "e_above_hull", "stable", "decomposition",
+    "e_form_per_atom", "e_above_hull", "stable", "matches_reference", "e_above_hull_raw", "decomposition",
     "converged", "n_steps", "fmax", "source",
     "e_above_hull_dft", "stable_dft",
 ]
@@ -1031,9 +1032,13 @@ class Relaxations:
 
 def relax_stage(jobs: Iterable[tuple[str, Item]], store: ResultStore | None, relax_fn: Callable[..., Iterable],
                 relax_args: Mapping[str, Any]) -> Relaxations:
-    """Relax every job ``(kind, item)`` not in the store, storing each result as it arrives; resume = skip."""
+    """Relax every job ``(kind, item)`` not in the store, storing each result as it arrives; resume = skip.
+
+    The inputs are read first, so that the progress bar knows its total (and shows an ETA)."""
     out = Relaxations()
     pending: dict[int, tuple[str, Item]] = {}
+    jobs = list(jobs)
+    total = sum(1 for kind, it in jobs if store is None or store.get(kind, it.order) is None)
 
     def stream() -> Iterator[Atoms]:
         for kind, it in jobs:
@@ -1052,7 +1057,7 @@ def relax_stage(jobs: Iterable[tuple[str, Item]], store: ResultStore | None, rel
             yield it.atoms
 
     t0 = time.perf_counter()
-    for res in relax_fn(stream(), stream=True, **relax_args):
+    for res in relax_fn(stream(), stream=True, total=total, **relax_args):
         kind, it = pending.pop(res.index)
         rec, atoms = _record_of(it, res)
         out.records[(kind, it.order)] = rec
@@ -1314,7 +1319,7 @@ def screen(
     relax_cell: bool = True,
     optimizer: str = "fire",
     threshold: float = STABILITY_THRESHOLD,
-    stable_tolerance: float = STABLE_TOLERANCE,
+    stable_tolerance: float | None = STABLE_TOLERANCE,
     mp2020: bool | None = None,
     labels: str | os.PathLike | Mapping[str, float] | None = None,
     dft_structures: str | os.PathLike | Mapping[str, Any] | None = None,
@@ -1345,9 +1350,11 @@ def screen(
             the same for candidates and self-consistent references.
         optimizer: ``"fire"`` (default), ``"lbfgs"`` or ``"bfgs"`` (``relax_many``'s; docs/optimizers.md).
         threshold: stable <=> E_above_hull <= threshold + stable_tolerance (eV/atom).
-        stable_tolerance: eV/atom added to the threshold so that float round-off of a candidate sitting
-            on the hull (e.g. a known phase, E_hull ~ ±1e-7 in float32) cannot decide its call; recorded
-            in ``run.json`` (default :data:`STABLE_TOLERANCE`).
+        stable_tolerance: eV/atom added to the threshold so that relaxation noise of a candidate sitting on the
+            hull cannot decide its call; None (default) ties it to ``fmax``:
+            :func:`~geodite_sim.workflows.known_phases.convergence_tolerance` (1.25 meV/atom at fmax 0.05).
+            Recorded in ``run.json``. A candidate whose relaxed structure matches a reference structure
+            (``StructureMatcher``) is placed on that reference (``matches_reference``; docs/screening.md).
         mp2020: apply MP2020 corrections; None = only when every reference entry carries
             MP-style ``parameters`` (``run_type``/``hubbards``).
         labels: DFT E_above_hull per candidate id (file for :func:`load_labels` or mapping).
@@ -1361,9 +1368,13 @@ def screen(
         relax_fn: replaces ``relax_many`` (same signature; for tests and other engines).
         executor: where the relaxations run (:mod:`geodite_sim.executors`; default this process).
     """
+    from geodite_sim.workflows.known_phases import convergence_tolerance, match_known_phases
+
     import geodite_sim
 
     t_start = time.perf_counter()
+    if stable_tolerance is None:
+        stable_tolerance = convergence_tolerance(fmax)
     relax_kwargs = dict(relax_kwargs or {})
     if optimizer != "fire":  # a relax_many option (so in the resume settings); FIRE's settings stay as before
         if relax_kwargs.setdefault("optimizer", optimizer) != optimizer:
@@ -1393,6 +1404,7 @@ def screen(
     refset = reference_stage(refs, relaxed, cands, mp2020, settings["model"], warn)
     rows = candidate_rows(cands, relaxed, require_converged)
     relaxed_atoms = hull_stage(rows, cands, relaxed, refset, threshold, stable_tolerance, settings["model"])
+    n_matched = match_known_phases(rows, relaxed_atoms, refset, threshold, stable_tolerance)
     ref_rows = reference_rows(refset, stable_tolerance)
     t_hull = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -1412,6 +1424,7 @@ def screen(
                 "require_converged": require_converged, "n_references": len(refset.entries),
                 "n_candidates": len(rows), "n_screened": sum(r["status"] == SCREENED for r in rows),
                 "n_stable": sum(bool(r.get("stable")) for r in rows if r["status"] == SCREENED),
+                "n_matching_references": n_matched,
                 "executor": executor.describe() if executor is not None else "local (one process)"}
     result = ScreenResult(rows=rows, references=ref_rows, metrics=metrics, settings=settings, timings=timings,
                           warnings=warn, out=out_dir)

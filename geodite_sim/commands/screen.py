@@ -64,9 +64,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-atoms", type=int, default=None, help="atoms per batch (default: engine's choice)")
     p.add_argument("--threshold", type=float, default=0.0,
                    help="stable <=> E_above_hull <= threshold + tolerance, eV/atom (default 0)")
-    p.add_argument("--stable-tolerance", type=float, default=1e-5,
-                   help="eV/atom added to the threshold so float round-off cannot decide a call on the hull "
-                        "(default 1e-5; recorded in run.json)")
+    p.add_argument("--stable-tolerance", type=float, default=None,
+                   help="eV/atom added to the threshold so that relaxation noise cannot decide a call on the hull "
+                        "(default: tied to --fmax, fmax^2 / (2 x 1 eV/Å^2), 1.25 meV/atom at 0.05; recorded in "
+                        "run.json). Candidates matching a reference structure are placed on it (docs/screening.md)")
     mp = p.add_mutually_exclusive_group()
     mp.add_argument("--mp2020", dest="mp2020", action="store_true", default=None,
                     help="apply MP2020 compatibility corrections to references and candidates")
@@ -124,22 +125,25 @@ def run(args: argparse.Namespace) -> int:
     def fmt(v, spec=".3f"):
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
-    print(f"{'id':28s} {'formula':12s} {'E/atom':>9s} {'E_form':>8s} {'E_hull':>8s} {'stable':>6s} "
+    print(f"{'id':28s} {'formula':12s} {'E/atom':>9s} {'E_form':>9s} {'E_hull':>9s} {'stable':>6s} "
           f"{'steps':>5s}  status")
     for r in res.rows:
         stable = "-" if r.get("stable") is None else ("yes" if r["stable"] else "no")
         status = r["status"] if r["status"] == SCREENED else f"{r['status']}: {r.get('error')}"
         if r["status"] == SCREENED and not r.get("converged", True):
             status += " (not converged)"
+        if r.get("matches_reference"):
+            status += f" (= reference {r['matches_reference']}; own E_hull {r['e_above_hull_raw']:+.5f})"
         formula = str(r.get("reduced_formula") or "")[:12]
         print(f"{r['id'][:28]:28s} {formula:12s} {fmt(r.get('energy_per_atom'), '.4f'):>9s} "
-              f"{fmt(r.get('e_form_per_atom')):>8s} {fmt(r.get('e_above_hull')):>8s} {stable:>6s} "
+              f"{fmt(r.get('e_form_per_atom'), '.5f'):>9s} {fmt(r.get('e_above_hull'), '.5f'):>9s} {stable:>6s} "
               f"{fmt(r.get('n_steps'), 'd'):>5s}  {status}")
     for w in res.warnings:
         print(f"warning: {w}")
     s, t = res.settings, res.timings
     print(f"\n{s['n_screened']}/{s['n_candidates']} candidates screened, {s['n_stable']} predicted stable "
-          f"(E_above_hull <= {s['threshold']:g} + {s['stable_tolerance']:g} eV/atom); "
+          f"(E_above_hull <= {s['threshold']:g} + {s['stable_tolerance']:.3g} eV/atom; "
+          f"{s.get('n_matching_references', 0)} matching a reference structure); "
           f"references: {s['reference_mode']} ({s['n_references']}), "
           f"MP2020: {'on' if s['mp2020'] else 'off'} ({s['mp2020_reason']})")
     print(f"time: relax {t['relax_s']:.1f} s ({t['n_relaxed_this_run']} relaxed, {t['n_resumed']} resumed), "
