@@ -30,7 +30,7 @@ def make_spec(mode: str, workdir: Path, seeds: list[str] | None = None) -> dict:
                  "md_frame_every": 10, "supercell_atoms": [4, 16], "heldout_fraction": 0.3},
         "student": {"hidden_channels": 8, "num_layers": 1, "num_heads": 2, "n_rbf": 4, "cutoff": 4.0},
         "train": {"stage1_epochs": 2, "stage2_epochs": 1, "batch_size": 4, "checkpoint_every": 3},
-        "validate": {"relax_crystals": 1, "md_steps": 20, "speed_structures": 1},
+        "validate": {"relax_crystals": 1, "md_steps": 20, "speed_structures": 1, "long_md_ps": 0.02},
     }
 
 

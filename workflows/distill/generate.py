@@ -147,8 +147,8 @@ def _domain_plan(spec: DistillSpec) -> list[Base]:
     d = spec.data
     frames = max(1, d.md_steps // d.md_frame_every)
     n_seeds, temps = len(spec.domain.seeds), spec.domain.temperatures
-    n_md = math.ceil(d.structures * 0.5 / frames)
-    n_static = math.ceil(d.structures * 0.5 / PER_BASE["seed_static"])
+    n_md = math.ceil(d.structures * d.md_fraction / frames)
+    n_static = math.ceil(d.structures * (1 - d.md_fraction) / PER_BASE["seed_static"])
     out: list[Base] = []
     # variant v: 0 = the seed's composition, 1.. = one mobile-ion vacancy in supercell size v-1
     for i in range(n_md):

@@ -100,6 +100,12 @@ def run_validation(job) -> dict:
         checks["md"] = _cached(folder, "md", lambda: V.md_comparison(
             student, teacher, cells, spec.domain.temperatures[0], spec.validate.md_steps,
             spec.validate.md_timestep, folder), job)
+    if seeds and spec.validate.long_md_ps > 0:
+        from geodite_sim.workflows.distill.generate import supercell_repeats
+
+        cells = [a.repeat(supercell_repeats(a, *spec.data.supercell_atoms)[-1]) for a in seeds]
+        checks["long_md"] = _cached(folder, "long_md", lambda: V.long_md(
+            student, cells, spec.domain.temperatures[0], spec.validate.long_md_ps, spec.validate.md_timestep), job)
     metrics = headline(checks)
     _write_json(folder / "report.json", {"weights_hash": tag, "metrics": metrics, "checks": checks,
                                          "manifest": job.manifest().get("data_hash")})
@@ -126,6 +132,9 @@ def headline(checks: dict) -> dict:
         out["speedup_vs_teacher"] = checks["speed"]["speedup"]
     if "md" in checks:
         out["md_rdf_min_score"] = min(r["rdf_min_score"] for r in checks["md"].values())
+    if "long_md" in checks:
+        runs = checks["long_md"]["runs"]
+        out["long_md_stopped"] = f"{sum(r['stopped'] for r in runs)}/{len(runs)}"
     return out
 
 
@@ -181,8 +190,16 @@ def markdown(job, checks: dict, metrics: dict) -> str:
         for name, r in checks["md"].items():
             pairs = ", ".join(f"{k} {v:.3f}" for k, v in r["rdf_scores"].items())
             ds = "; ".join(f"{el} {_f(v['student'])} / {_f(v['teacher'])}" for el, v in r["D_cm2_per_s"].items())
+            ds = ds or r.get("D_note", "—")
             lines.append(f"| {name} | {r['temperature']:.0f} | {r['steps']} | {r['rdf_min_score']:.3f} | {pairs} | "
                          f"{ds} |")
+        lines.append("")
+    if "long_md" in checks:
+        lm = checks["long_md"]
+        lines += [f"## Student alone: {lm['picoseconds']:g} ps NVT at {lm['temperature']:.0f} K, monitors on", "",
+                  "| system | atoms | steps done | stopped |", "|---|---|---|---|"]
+        lines += [f"| {r['system']} | {r['atoms']} | {r['steps_done']}/{lm['steps']} | "
+                  f"{'yes: ' + str(r['reason']) if r['stopped'] else 'no'} |" for r in lm["runs"]]
         lines.append("")
     lines += ["## Headline", "", "```json", json.dumps(metrics, indent=1), "```", ""]
     return "\n".join(lines)

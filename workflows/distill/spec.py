@@ -87,6 +87,7 @@ class DataSpec:
     md_steps: int = 400
     md_frame_every: int = 40
     md_timestep: float = 1.0  # fs
+    md_fraction: float = 0.5  # of the domain-mode budget spent on teacher MD frames (the rest: strained/rattled)
     sources: dict = field(default_factory=lambda: {"elemental": 0.15, "prototype": 0.45, "pyxtal": 0.25,
                                                    "dimer": 0.05, "expanded": 0.10})
 
@@ -143,6 +144,7 @@ class ValidateSpec:
     dcdft: bool = False  # Delta-test crystals within the domain's elements (WIEN2k volumes)
     md_steps: int = 2000  # domain mode: student vs teacher NVT per material
     md_timestep: float = 1.0
+    long_md_ps: float = 20.0  # domain mode: student-only NVT per material with the monitors on (0: skip)
     speed_structures: int = 8
 
 
@@ -162,13 +164,17 @@ class DistillSpec:
 
     def fingerprint(self, stage: str) -> str:
         """Identity of what a stage depends on (a changed spec is refused instead of mixing data)."""
-        parts: dict[str, Any] = {"seed": self.seed, "teacher": asdict(self.teacher), "domain": asdict(self.domain),
-                                 "data": asdict(self.data)}
-        parts["teacher"].pop("batch_atoms")
-        parts["teacher"].pop("device")
+        def given(section) -> dict:  # fields at their defaults are left out: a new option does not change it
+            default = type(section)()
+            return {k: v for k, v in asdict(section).items() if v != getattr(default, k)}
+
+        parts: dict[str, Any] = {"seed": self.seed, "teacher": given(self.teacher), "domain": given(self.domain),
+                                 "data": given(self.data)}
+        parts["teacher"].pop("batch_atoms", None)
+        parts["teacher"].pop("device", None)
         if stage == "train":
-            parts.update(student=asdict(self.student), train=asdict(self.train))
-            parts["train"].pop("checkpoint_every")
+            parts.update(student=given(self.student), train=given(self.train))
+            parts["train"].pop("checkpoint_every", None)
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

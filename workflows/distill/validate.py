@@ -177,6 +177,21 @@ def md_comparison(student, teacher, seeds: list[Atoms], temperature: float, step
     return out
 
 
+def long_md(student, seeds: list[Atoms], temperature: float, picoseconds: float, timestep: float) -> dict:
+    """The student alone: NVT (NHC) for ``picoseconds`` per seed supercell, the stability monitors on."""
+    from geodite_sim.md import run_md
+
+    steps = int(round(picoseconds * 1000 / timestep))
+    t0 = time.perf_counter()
+    res = run_md(seeds, student, ensemble="nvt_nhc", temperature=temperature, timestep=timestep, steps=steps,
+                 monitors=True, seed=2, progress=False)
+    wall = time.perf_counter() - t0
+    return {"picoseconds": picoseconds, "steps": steps, "temperature": temperature, "wall_s": wall,
+            "runs": [{"system": a.get_chemical_formula(), "atoms": len(a), "steps_done": r.n_steps,
+                      "stopped": r.error is not None, "reason": r.error, "final_temperature": r.temperature}
+                     for a, r in zip(seeds, res)]}
+
+
 def pick_crystals(held: list, n: int) -> list[Atoms]:
     """Up to ``n`` held-out periodic crystals, preferring teacher-relaxed bases, spread over compositions."""
     seen, picks = set(), []
