@@ -68,3 +68,80 @@ def test_build_cache_is_per_configuration(monkeypatch, tmp_path):
     assert other != name  # other flags: another build directory, neither evicts the other
     monkeypatch.setattr(edge_ops.torch, "__version__", "0.0.0")
     assert edge_ops.build_config()[0] not in (name, other)
+
+
+@pytest.fixture()
+def fake_builder(monkeypatch, tmp_path):
+    """torch's extension builder replaced by a recorder that 'builds' (writes the library) when it is missing and
+    appends to the linker flags it is given, as torch's does; the cache in tmp_path."""
+    import torch.utils.cpp_extension as cpp
+
+    from geodite_sim.model import edge_ops
+
+    calls = []
+
+    def load(name, sources, extra_cflags, extra_ldflags, build_directory, verbose):
+        calls.append({"name": name, "sources": list(sources), "dir": build_directory})
+        extra_ldflags.append("-L/torch/lib")  # what torch's _prepare_ldflags does to the caller's list
+        so = Path(build_directory) / f"{name}.so"
+        if not so.exists():
+            so.write_bytes(b"built")
+        return object()
+
+    monkeypatch.setenv("GEODITE_SIM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpp, "load", load)
+    monkeypatch.setattr(edge_ops, "_EXT", None)
+    monkeypatch.setattr(edge_ops, "_EXT_FAILED", False)
+    monkeypatch.delenv("GEODITE_FUSED", raising=False)
+    return calls
+
+
+def test_kernel_build_is_keyed_and_announced(fake_builder, monkeypatch, tmp_path, capsys):
+    """Issue 27 item 3: the build compiles a copy of the source inside its keyed cache folder (so another checkout
+    with the same source reuses it instead of rebuilding silently), says so every time it builds, and the flags
+    that key it do not change after a load."""
+    import shutil
+
+    from geodite_sim.model import edge_ops
+
+    name, build_dir = edge_ops.build_config()
+    assert edge_ops._load_extension() is not None
+    err = capsys.readouterr().err
+    assert f"building CPU kernels (once per configuration, ~1 min) in {build_dir}" in err and "built the CPU" in err
+    assert fake_builder[0]["sources"] == [str(build_dir / "edge_ops.cpp")]  # the cache's copy, not the checkout's
+    assert (build_dir / "edge_ops.cpp").read_bytes() == edge_ops._source().read_bytes()
+    assert edge_ops.build_config() == (name, build_dir)  # torch appended to a copy of LDFLAGS, not to ours
+
+    other = tmp_path / "other_checkout" / "csrc"  # the same source reached through another path
+    other.mkdir(parents=True)
+    shutil.copy(edge_ops._source(), other / "edge_ops.cpp")
+    monkeypatch.setattr(edge_ops, "_source", lambda: other / "edge_ops.cpp")
+    monkeypatch.setattr(edge_ops, "_EXT", None)
+    assert edge_ops.build_config() == (name, build_dir)
+    edge_ops._load_extension()
+    assert fake_builder[1]["sources"] == fake_builder[0]["sources"]  # same build file: nothing for ninja to redo
+    assert "building" not in capsys.readouterr().err  # the library exists: no build, no message
+
+    monkeypatch.setattr(edge_ops, "build_inputs", lambda: ["-I/another/venv/torch/include"])
+    assert edge_ops.build_config()[0] != name  # another environment's include paths: its own build
+
+
+def test_kernel_build_waits_for_another_process_and_says_so(fake_builder, tmp_path, capsys):
+    import fcntl
+    import threading
+
+    from geodite_sim.model import edge_ops
+
+    _, build_dir = edge_ops.build_config()
+    build_dir.mkdir(parents=True)
+    holder = open(build_dir / "geodite_build.lock", "a")  # another process's build in progress
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    timer = threading.Timer(0.5, lambda: (fcntl.flock(holder, fcntl.LOCK_UN), holder.close()))
+    timer.start()
+    try:
+        assert edge_ops._load_extension() is not None
+    finally:
+        timer.join()
+    err = capsys.readouterr().err
+    assert "waiting for another process building the CPU kernels" in err
+    assert err.index("waiting") < err.index("building CPU kernels")

@@ -9,7 +9,8 @@
 Eager versions (plain torch, differentiable to any order: training uses them) materialise
 [E, 8, C] tensors; on the CPU that memory traffic, not arithmetic, dominates a step. The
 fused versions (``csrc/edge_ops.cpp``, compiled with the system C++ compiler on first use —
-one line on stderr says so — and cached per build configuration, see :func:`build_config`)
+a line on stderr says so, every time a build runs — and cached per build configuration, see
+:func:`build_config`)
 loop over edges reading node tensors that stay in
 cache, never form an [E, 8, C] tensor, and have hand-written backward passes checked by
 ``torch.autograd.gradcheck`` in the tests. They are first-order only (forces and stress,
@@ -19,6 +20,7 @@ falls back to eager.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -40,6 +42,8 @@ _EXT_FAILED = False
 #: (tests/test_edge_ops.py).
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
 LDFLAGS = ["-fopenmp"]
+#: Seconds after which loading an existing build must have rebuilt it (a load of a built library takes < 1 s).
+REBUILD_SECONDS = 5.0
 
 
 def _cpu_model() -> str:
@@ -56,21 +60,50 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@contextlib.contextmanager
+def _quiet_torch_builder():
+    """torch's extension builder with its logger at ERROR ("No CUDA runtime is found" is expected on CPUs)."""
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        quiet.setLevel(level)
+
+
+def _source() -> Path:
+    """The kernel source shipped with the package."""
+    return Path(__file__).with_name("csrc") / "edge_ops.cpp"
+
+
+def build_inputs() -> list[str]:
+    """Everything besides the source text that enters torch's build file (build.ninja): compiler flags and
+    compiler, torch and Python versions, the CPU model (``-march=native``) and the include paths of torch and
+    Python (a second environment has other paths: its own build, never a silent rebuild of this one)."""
+    import sys
+    import sysconfig
+
+    with _quiet_torch_builder():
+        from torch.utils.cpp_extension import include_paths
+
+        includes = include_paths()
+    return [*CFLAGS, "|", *LDFLAGS, "|", os.environ.get("CXX", "c++"), torch.__version__, sys.version.split()[0],
+            _cpu_model(), "|", *includes, sysconfig.get_paths()["include"]]
+
+
 def build_config() -> tuple[str, Path]:
     """(extension name, build directory) for this build configuration.
 
-    The name holds a hash of the kernel source, the compiler flags and compiler, the torch and Python
-    versions and the CPU model, and the directory lives under the user's cache
-    (``$GEODITE_SIM_CACHE``, else ``$XDG_CACHE_HOME/geodite_sim``, else ``~/.cache/geodite_sim``),
-    so two checkouts or environments never evict each other's build, and an edited source rebuilds.
+    The name holds a hash of the kernel source text and :func:`build_inputs`, and the directory lives under
+    the user's cache (``$GEODITE_SIM_CACHE``, else ``$XDG_CACHE_HOME/geodite_sim``, else ``~/.cache/geodite_sim``).
+    The build compiles a copy of the source kept in that directory, so the checkout's path (a second checkout,
+    a symlinked venv, a Ray worker) never enters the build: one configuration, one build, reused by all.
     """
     import hashlib
-    import sys
 
-    src = Path(__file__).with_name("csrc") / "edge_ops.cpp"
-    h = hashlib.sha256(src.read_bytes())
-    for part in (*CFLAGS, "|", *LDFLAGS, "|", os.environ.get("CXX", "c++"), torch.__version__,
-                 sys.version.split()[0], _cpu_model()):
+    h = hashlib.sha256(_source().read_bytes())
+    for part in build_inputs():
         h.update(part.encode())
     name = f"geodite_edge_ops_{h.hexdigest()[:16]}"
     base = os.environ.get("GEODITE_SIM_CACHE") or os.path.join(
@@ -78,44 +111,75 @@ def build_config() -> tuple[str, Path]:
     return name, Path(base) / "torch_extensions" / name
 
 
+def _source_copy(build_dir: Path) -> Path:
+    """The source copy the build compiles (written once: its path and mtime stay those of the cache)."""
+    src, copy = _source(), build_dir / "edge_ops.cpp"
+    text = src.read_bytes()
+    if not copy.exists() or copy.read_bytes() != text:
+        tmp = copy.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(text)
+        tmp.replace(copy)
+    return copy
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """An OS lock on the build directory (released if its holder dies); says so while another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no fcntl (Windows): torch's own lock only
+        yield
+        return
+    import sys
+
+    with open(build_dir / "geodite_build.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            print(f"geodite_sim: waiting for another process building the CPU kernels (lock {f.name})…",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _load_extension():
-    """Compile (first use of this build configuration) and import the C++ kernels; None if disabled or failed."""
+    """Compile (first use of this build configuration) and import the C++ kernels; None if disabled or failed.
+
+    A build is announced on stderr when it starts (the library is missing) and, should torch's builder rebuild
+    an existing one, when it ends; a process waiting for another one's build says so.
+    """
     global _EXT, _EXT_FAILED
     if _EXT is not None or _EXT_FAILED:
         return _EXT
     if os.environ.get("GEODITE_FUSED", "1") == "0":
         _EXT_FAILED = True
         return None
-    try:
-        quiet = logging.getLogger("torch.utils.cpp_extension")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)  # "No CUDA runtime is found" is expected on CPU machines
-        try:
-            from torch.utils.cpp_extension import load
-        finally:
-            quiet.setLevel(level)
+    import sys
+    import time
 
-        src = Path(__file__).with_name("csrc") / "edge_ops.cpp"
+    try:
+        with _quiet_torch_builder():
+            from torch.utils.cpp_extension import load
+
         name, build_dir = build_config()
         build_dir.mkdir(parents=True, exist_ok=True)
-        if not (build_dir / f"{name}.so").exists():
-            import sys
-            import time
-
-            print("geodite_sim: building CPU kernels (once, ~1 min)…", file=sys.stderr, flush=True)
+        with _build_lock(build_dir):
+            src = _source_copy(build_dir)
+            announced = not (build_dir / f"{name}.so").exists()
+            if announced:
+                print(f"geodite_sim: building CPU kernels (once per configuration, ~1 min) in {build_dir}…",
+                      file=sys.stderr, flush=True)
             t0 = time.perf_counter()
-        else:
-            t0 = None
-        quiet.setLevel(logging.ERROR)
-        try:
-            _EXT = load(name=name, sources=[str(src)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
-                        build_directory=str(build_dir), verbose=False)
-        finally:
-            quiet.setLevel(level)
-        if t0 is not None:
-            import time
-
-            log.info("built the fused CPU kernels in %.1f s (%s)", time.perf_counter() - t0, build_dir)
+            with _quiet_torch_builder():  # copies: torch's builder appends to the lists it is given
+                _EXT = load(name=name, sources=[str(src)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+                            build_directory=str(build_dir), verbose=False)
+            seconds = time.perf_counter() - t0
+        if announced or seconds > REBUILD_SECONDS:
+            print(f"geodite_sim: {'built' if announced else 'rebuilt'} the CPU kernels in {seconds:.0f} s "
+                  f"({build_dir})", file=sys.stderr, flush=True)
     except Exception as exc:  # noqa: BLE001 - no compiler, headers missing, ...: eager still works
         _EXT_FAILED = True
         warnings.warn(f"geodite_sim: fused CPU edge kernels unavailable ({type(exc).__name__}: {exc}); "
