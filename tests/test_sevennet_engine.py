@@ -91,6 +91,9 @@ def test_dense_small_cells_do_not_overflow(sevennet, calc):
     normal.rattle(0.05, seed=3)
     out = gs.evaluate([dense, normal], sevennet)
     assert out[0]["error"] is None and np.isfinite(out[0]["energy"])
+    from geodite_sim.workflows.stability import model_energy_convention
+
+    assert model_energy_convention(sevennet) == "uncorrected"  # MPtrj raw energies: MP2020 applies once
     ref = normal.copy()
     ref.calc = calc
     assert abs(out[1]["energy"] - ref.get_potential_energy()) < 1e-4

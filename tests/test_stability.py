@@ -547,3 +547,39 @@ def test_cli_resume_after_sigkill(tmp_path, capsys):
     assert main(cmd(tmp_path / "part")[3:]) == 0
     assert f"({12 - n_before} relaxed, {n_before} resumed)" in capsys.readouterr().out
     _assert_same_table(_table(tmp_path / "full" / "results.csv"), _table(tmp_path / "part" / "results.csv"))
+
+
+@pytest.mark.parametrize("convention", ["MPtrj uncorrected (apply MP2020 corrections once)",
+                                        "MPtrj with MP2020 corrections included"])
+def test_mp2020_applied_exactly_once_by_model_card(tmp_path, tiny, convention):
+    """A model card saying the energies are uncorrected (SevenNet-0, the distilled default) gets MP2020 once;
+    one saying they already include it (CHGNet, geodite-mini) never gets it a second time, even when asked."""
+    import copy
+
+    model = copy.deepcopy(tiny)
+    model.card = {"energy_convention": convention}
+    params = {"run_type": "GGA", "hubbards": {}}
+    refs = [ComputedEntry("Li", -1.9, entry_id="mp-Li", parameters=params),
+            ComputedEntry("O2", -9.8, entry_id="mp-O2", parameters=params),
+            ComputedEntry("Li2O", -14.3, entry_id="mp-Li2O", parameters=params)]
+    dumpfn(refs, tmp_path / "refs.json.gz")
+    energies = {"Li2O": -4.9, "LiO": -4.6}
+    cands = {k: Atoms(k, cell=[4, 4, 4], pbc=True,
+                      scaled_positions=np.random.default_rng(0).random((len(Atoms(k)), 3))) for k in energies}
+    for mp2020 in (None, True):
+        res = st.screen(cands, tmp_path / "refs.json.gz", out=None, model=model, mp2020=mp2020, plots=False,
+                        progress=False, relax_fn=fake_relax(lambda a: energies[a.get_chemical_formula(mode="reduce")]))
+        row = res.row("Li2O")
+        if "uncorrected" in convention:
+            assert res.settings["mp2020"] is True
+            assert row["correction_per_atom"] == pytest.approx(-0.687 / 3)  # the oxide correction, once
+            assert row["corrected_energy_per_atom"] == pytest.approx(-4.9 - 0.687 / 3)
+        else:
+            assert res.settings["mp2020"] is False and "not applied twice" in res.settings["mp2020_reason"]
+            assert row["correction_per_atom"] == 0.0 and row["corrected_energy_per_atom"] == pytest.approx(-4.9)
+
+
+def test_packaged_default_declares_its_energy_convention():
+    import geodite_sim as gs
+
+    assert st.model_energy_convention(gs.load_model()) == "corrected"  # geodite-mini: CHGNet's corrected targets

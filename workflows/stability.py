@@ -1134,9 +1134,25 @@ def _given_reference_entries(refs: ReferenceInputs, cands: CandidateInputs) -> t
     return entries, rows
 
 
+def model_energy_convention(model) -> str | None:
+    """``"corrected"`` when the model's energies already include MP2020 corrections (e.g. CHGNet's targets),
+    ``"uncorrected"`` when they are raw MPtrj energies (e.g. SevenNet-0), None when its card does not say."""
+    card = getattr(model, "card", None)
+    text = str((card or {}).get("energy_convention", "")).lower()
+    if "uncorrected" in text:
+        return "uncorrected"
+    if "correction" in text:
+        return "corrected"
+    return None
+
+
 def reference_stage(refs: ReferenceInputs, relaxed: Relaxations, cands: CandidateInputs, mp2020: bool | None,
-                    model_label: str, warn: list[str]) -> ReferenceSet:
-    """Reference entries (relaxed or given), MP2020 on them when asked or automatic, and their hulls."""
+                    model_label: str, warn: list[str], energy_convention: str | None = None) -> ReferenceSet:
+    """Reference entries (relaxed or given), MP2020 on them when asked or automatic, and their hulls.
+
+    A model whose energies already include MP2020 corrections (``energy_convention == "corrected"``, from its
+    model card) never gets them a second time.
+    """
     import copy
 
     if refs.mode == "structures":
@@ -1150,6 +1166,9 @@ def reference_stage(refs: ReferenceInputs, relaxed: Relaxations, cands: Candidat
                   "auto: self-consistent references (model energies on both sides)")
     else:
         use, reason = bool(mp2020), "requested" if mp2020 else "disabled"
+    if use and energy_convention == "corrected":
+        use, reason = False, "the model's energies already include MP2020 corrections (model card): not applied twice"
+        warn.append(f"MP2020 not applied: {reason}")
     if not use and refs.mode == "entries" and any(abs(getattr(e, "correction", 0.0)) > 0 for e in entries):
         warn.append("reference entries carry energy corrections but MP2020 is off: candidates are not corrected, "
                     "so hull distances mix corrected references with uncorrected model energies (use --mp2020)")
@@ -1401,7 +1420,7 @@ def screen(
         if store is not None:
             store.close()
     t0 = time.perf_counter()
-    refset = reference_stage(refs, relaxed, cands, mp2020, settings["model"], warn)
+    refset = reference_stage(refs, relaxed, cands, mp2020, settings["model"], warn, model_energy_convention(model))
     rows = candidate_rows(cands, relaxed, require_converged)
     relaxed_atoms = hull_stage(rows, cands, relaxed, refset, threshold, stable_tolerance, settings["model"])
     n_matched = match_known_phases(rows, relaxed_atoms, refset, threshold, stable_tolerance)

@@ -47,6 +47,8 @@ class TorchSimAdapter(nn.Module):
             if hasattr(ts_model, flag):
                 setattr(ts_model, flag, True)
         self.name = name or type(ts_model).__name__
+        #: Model card (teacher-style facts: energy convention, …) or None.
+        self.card: dict | None = None
         if cutoff is None:
             cutoff = getattr(ts_model, "cutoff", None)
         if cutoff is None:
@@ -170,6 +172,10 @@ class TorchSimAdapter(nn.Module):
                 "dtype": str(self.dtype), "config": identity_config(self.model)}
 
 
+#: SevenNet-0's targets: MPtrj energies as computed (PBE/PBE+U), without the MP2020 corrections.
+SEVENNET_CONVENTION = "MPtrj uncorrected (PBE/PBE+U as computed; apply MP2020 corrections once)"
+
+
 def engine_neighbor_list_fn(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, cutoff: float,
                             system_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """torch-sim's neighbour-list signature on the engine's exact list (:func:`geodite_sim.neighbors.neighbor_list`).
@@ -219,7 +225,12 @@ def load_sevennet(name: str = "7net-0", device: str | torch.device = "cpu",
         ts_model = Float64Wrapper(inner)
     elif dtype != torch.float32:
         raise ValueError(f"SevenNet runs in float32 (or float64 around it), not {dtype}")
-    return TorchSimAdapter(ts_model, name="sevennet-0", supported_elements=type_map.keys(), cutoff=cutoff)
+    adapter = TorchSimAdapter(ts_model, name="sevennet-0", supported_elements=type_map.keys(), cutoff=cutoff)
+    import sevenn
+
+    adapter.card = {"name": "SevenNet-0 (7net-0)", "version": f"sevenn {sevenn.__version__}",
+                    "energy_convention": SEVENNET_CONVENTION}
+    return adapter
 
 
 __all__ = ["SEVENNET_NAMES", "TorchSimAdapter", "as_engine_model", "is_torchsim_model", "load_sevennet"]

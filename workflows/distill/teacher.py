@@ -28,11 +28,6 @@ class TeacherInfo:
                 "fingerprint": self.fingerprint}
 
 
-#: Known teachers' energy conventions (what a screening must add on top).
-CONVENTIONS = {
-    "sevennet-0": "MPtrj uncorrected (PBE/PBE+U as computed; apply MP2020 corrections once)",
-    "chgnet": "MPtrj with MP2020 corrections included",
-}
 
 
 def resolve_device(device: str) -> str:
@@ -64,7 +59,7 @@ def teacher_info(model, spec: TeacherSpec) -> TeacherInfo:
         import sevenn
 
         version = f"SevenNet-0 (7net-0) from sevenn {sevenn.__version__}"
-        convention = CONVENTIONS["sevennet-0"]
+        convention = model.card["energy_convention"]
     elif key == "morse":
         version = "geodite_sim MorsePotential " + json.dumps(spec.options, sort_keys=True)
         convention = "Morse pair energy (zero for isolated atoms)"
