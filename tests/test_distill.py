@@ -173,3 +173,39 @@ def test_bad_seed_gets_its_own_error(tmp_path, one_thread):
     reasons = " ".join(f["error"] for f in info["failures"])
     assert "broken.extxyz" in reasons and "too close" in reasons
     assert any("broken.extxyz" in line for line in logs)
+
+
+def test_cli_distill_status_and_models(tmp_path, capsys, one_thread):
+    from geodite_sim.cli import main
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f"""
+[distill]
+name = "cli"
+seed = 1
+workdir = "{tmp_path / 'w'}"
+[teacher]
+model = "morse"
+dtype = "float64"
+options = {{ epsilon = 0.3, rho0 = 4.0, r0 = 2.6, rcut1 = 1.6, rcut2 = 2.0 }}
+[domain]
+elements = ["Cu", "Ag"]
+[data]
+structures = 12
+structures_per_shard = 12
+relax_steps = 3
+sources = {{ elemental = 1.0 }}
+""")
+    assert main(["distill", str(spec), "--stages", "data"]) == 0
+    assert "stage" in capsys.readouterr().out
+    assert main(["distill", str(spec), "--status"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["shards_labelled"] == status["shards_planned"] >= 1 and status["structures_labelled"] > 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[domain]\nelements = ["Qq"]\n')
+    assert main(["distill", str(bad), "--status"]) == 2
+    assert "Qq" in capsys.readouterr().err
+    assert main(["models", "--json"]) == 0
+    cards = json.loads(capsys.readouterr().out)
+    assert cards["geodite-mini"]["default"] and "corrections included" in cards["geodite-mini"]["card"]["energy_convention"]
+    assert cards["geodite-reference-random"]["card"] is None

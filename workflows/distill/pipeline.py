@@ -41,7 +41,7 @@ class DistillResult:
     """What a call of :func:`run_distill` achieved."""
 
     workdir: Path
-    stage: str  # "data", "train", "validate" (where it stopped) or "done"
+    stage: str  # where it stopped ("data", "train", "validate"), "done", or "<last stage asked for> finished"
     finished: bool
     shards_done: int
     shards_total: int
@@ -260,5 +260,5 @@ def run_distill(spec_or_path, workdir: str | Path | None = None, deadline: float
     except BudgetExhausted as exc:
         log(f"wall-clock budget reached ({exc}); everything so far is saved — re-run the same command to continue")
         return DistillResult(job.workdir, stage, False, job.data_done(), len(job.shards))
-    return DistillResult(job.workdir, stage, True, job.data_done(), len(job.shards),
+    return DistillResult(job.workdir, f"{stages[-1]} finished", True, job.data_done(), len(job.shards),
                          job.workdir / "student.ckpt" if (job.workdir / "student.ckpt").exists() else None)
