@@ -207,5 +207,6 @@ sources = {{ elemental = 1.0 }}
     assert "Qq" in capsys.readouterr().err
     assert main(["models", "--json"]) == 0
     cards = json.loads(capsys.readouterr().out)
-    assert cards["geodite-mini"]["default"] and "corrections included" in cards["geodite-mini"]["card"]["energy_convention"]
+    mini = cards["geodite-mini"]
+    assert mini["default"] and "corrections included" in mini["card"]["energy_convention"]
     assert cards["geodite-reference-random"]["card"] is None
