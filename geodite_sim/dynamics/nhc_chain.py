@@ -6,7 +6,8 @@ written as tensor operations it costs ~20 · M small operations per half step (~
 for M = 10), each a kernel launch on a GPU. Here it is a custom operator
 ``geodite_sim::nhc_chain`` (one node in a traced/compiled graph, one launch on CUDA):
 
-* CUDA: a Triton kernel, one lane per system, loops over tloop × weights × chain in registers;
+* CUDA: the Triton kernel of ``kernels/nhc_chain.py``, one lane per system, loops over tloop × weights × chain in
+  registers (tested against the tensor recursion under Triton's interpreter);
 * CPU: the same recursion in C++ (one loop per system, in the fused-kernel extension of
   :mod:`geodite_sim.model.edge_ops`, built once per configuration); without a compiler, in numpy;
 * anything else, or no Triton: :func:`geodite_sim.dynamics.nose_hoover.chain_sweeps` on tensors.
@@ -61,10 +62,8 @@ def nhc_chain(k2: torch.Tensor, n3kT: torch.Tensor, kT: torch.Tensor, Q: torch.T
     if k2.device.type == "cpu":
         return _cpu(k2, n3kT, kT, Q, p_eta, eta, delta, tloop)
     if k2.device.type == "cuda":
-        try:
-            from geodite_sim.kernels.nhc_chain import triton_nhc_chain
-        except ImportError:
-            return _reference(k2, n3kT, kT, Q, p_eta, eta, delta, tloop)
+        from geodite_sim.kernels.nhc_chain import triton_nhc_chain  # kernels/nhc_chain.py
+
         return triton_nhc_chain(k2, n3kT, kT, Q, p_eta, eta, delta, tloop)
     return _reference(k2, n3kT, kT, Q, p_eta, eta, delta, tloop)
 
