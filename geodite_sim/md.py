@@ -627,7 +627,7 @@ class _MDJob:
                     "h5py": h5py.__version__, "ase": ase.__version__}
         return {**self.settings, "model_checksum": self.settings["model_fingerprint"], "versions": versions,
                 "created_by": "geodite_sim.run_md", "time_unit": "fs",
-                "conserved": "nhc" if self.ensemble == "nvt_nhc" else "total_energy"}
+                "conserved": self.integrator.conserved_label}
 
     def _next_index(self, runner: Runner) -> int:
         pending = runner._pending

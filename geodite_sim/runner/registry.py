@@ -54,6 +54,8 @@ class Integrator:
     finished: Callable[[Any], torch.Tensor]
     needs_stress: bool = False
     conserved: Callable[[Any], torch.Tensor] | None = None
+    #: what the trajectory's ``conserved`` series holds (HDF5 attribute ``conserved``).
+    conserved_label: str = "total_energy (E_pot + E_kin; not conserved by this ensemble)"
     description: str = ""
     #: run_md keyword arguments that may be one value per structure (given to ``init`` in ``per_system``).
     per_system_params: tuple[str, ...] = ()
@@ -272,8 +274,9 @@ def _langevin_step(state, force_fn, settings):
 
 
 register(Integrator("nve", "md", _nve_init, _nve_step, _md_steps, _md_finished, conserved=_nve_conserved,
-                    description="velocity Verlet (ase.md.verlet.VelocityVerlet)"))
+                    conserved_label="total_energy (E_pot + E_kin)", description="velocity Verlet (ase.md.verlet.VelocityVerlet)"))
 register(Integrator("nvt_nhc", "md", _nhc_init, _nhc_step, _md_steps, _md_finished, conserved=_nhc_conserved,
+                    conserved_label="nhc (E_pot + E_kin + chain energy; ASE's get_conserved_energy)",
                     description="Nosé–Hoover chain NVT (ase.md.nose_hoover_chain.NoseHooverChainNVT)"))
 register(Integrator("nvt_langevin", "md", _langevin_init, _langevin_step, _md_steps, _md_finished,
                     conserved=None, description="Langevin NVT (ase.md.langevin.Langevin)"))
@@ -331,13 +334,16 @@ def _register_npt() -> None:
                          "chain_length": 3})
     register(Integrator("npt_mtk_iso", "md", _mtk_init(mtk.mtk_iso_init), _mtk_step(mtk.mtk_iso_step), _md_steps,
                         _md_finished, conserved=mtk.mtk_iso_conserved,
+                        conserved_label="mtk (E_pot + E_kin + chains + barostat + P V; ASE's get_conserved_energy)",
                         description="isotropic MTK NPT (ase.md.nose_hoover_chain.IsotropicMTKNPT)", **npt))
     register(Integrator("npt_mtk", "md", _mtk_init(mtk.mtk_init), _mtk_step(mtk.mtk_step), _md_steps,
                         _md_finished, conserved=mtk.mtk_conserved,
+                        conserved_label="mtk (E_pot + E_kin + chains + barostat + P V; ASE's get_conserved_energy)",
                         description="full-cell MTK NPT (ase.md.nose_hoover_chain.MTKNPT)", **npt))
 
 
 _register_npt()
 register(Integrator("nvt_bussi", "md", _bussi_init, _bussi_step, _md_steps, _md_finished,
                     conserved=_lazy("geodite_sim.dynamics.bussi", "bussi_conserved"),
+                    conserved_label="bussi (E_pot + E_kin - energy transferred by the thermostat)",
                     description="stochastic velocity rescaling (ase.md.bussi.Bussi)"))
