@@ -274,7 +274,8 @@ def _langevin_step(state, force_fn, settings):
 
 
 register(Integrator("nve", "md", _nve_init, _nve_step, _md_steps, _md_finished, conserved=_nve_conserved,
-                    conserved_label="total_energy (E_pot + E_kin)", description="velocity Verlet (ase.md.verlet.VelocityVerlet)"))
+                    conserved_label="total_energy (E_pot + E_kin)",
+                    description="velocity Verlet (ase.md.verlet.VelocityVerlet)"))
 register(Integrator("nvt_nhc", "md", _nhc_init, _nhc_step, _md_steps, _md_finished, conserved=_nhc_conserved,
                     conserved_label="nhc (E_pot + E_kin + chain energy; ASE's get_conserved_energy)",
                     description="Nosé–Hoover chain NVT (ase.md.nose_hoover_chain.NoseHooverChainNVT)"))
