@@ -12,6 +12,8 @@ import torch
 from ase.build import bulk
 from conftest import tiny_geodite
 
+from geodite_sim.dynamics.bfgs import BFGSParams
+from geodite_sim.dynamics.lbfgs import LBFGSParams
 from geodite_sim.io.structures import iter_inputs
 from geodite_sim.md import md_job, run_md
 from geodite_sim.pair_potential import MorsePotential
@@ -22,7 +24,9 @@ from geodite_sim.runner.counting import OpCounter
 from geodite_sim.runner.registry import FireParams
 
 MD = ["nve", "nvt_nhc", "nvt_langevin"]
-RELAX = ["fire", "fire_frechet"]
+RELAX = ["fire", "fire_frechet", "lbfgs", "lbfgs_frechet", "bfgs", "bfgs_frechet"]
+#: BFGS's ``torch.linalg.eigh`` checks its error flag on the host (one sync per step on CUDA).
+EIGH = ["bfgs", "bfgs_frechet"]
 
 
 def _cells(n: int, seed: int = 0) -> list:
@@ -36,8 +40,9 @@ def _cells(n: int, seed: int = 0) -> list:
 
 
 def relax_runner(structures, model, name: str = "fire_frechet", check_interval: int = 1, skin: float = 0.5):
-    settings = {"fmax": 1e-6, "max_steps": 10_000, "fire": FireParams(), "cell_factor": None}
-    job = _RelaxJob(name == "fire_frechet", 10_000)
+    settings = {"fmax": 1e-6, "max_steps": 10_000, "fire": FireParams(), "lbfgs": LBFGSParams(), "bfgs": BFGSParams(),
+                "cell_factor": None}
+    job = _RelaxJob(name.endswith("_frechet"), 10_000)
     runner = Runner(model, get_integrator(name), settings, job, Capacity(100_000),
                     StepConfig(check_interval=check_interval, skin=skin, neighbor_backend="torch"),
                     FailureChecks(0.5, 3.0))
@@ -67,7 +72,7 @@ def _runner(kind: str, n: int, model):
     return relax_runner(structs, model, kind) if kind in RELAX else md_runner(structs, model, kind)
 
 
-@pytest.mark.parametrize("kind", RELAX + MD)
+@pytest.mark.parametrize("kind", [k for k in RELAX if k not in EIGH] + MD)
 def test_zero_host_syncs_per_step(kind):
     model = tiny_geodite()
     syncs, ops, names = per_step(_runner(kind, 4, model))
@@ -75,7 +80,14 @@ def test_zero_host_syncs_per_step(kind):
     assert ops > 0
 
 
-@pytest.mark.parametrize("kind", ["fire_frechet", "nvt_nhc"])
+@pytest.mark.parametrize("kind", EIGH)
+def test_bfgs_syncs_only_in_its_eigendecomposition(kind):
+    """BFGS's step (ASE's ``eigh`` of the dense Hessian) has one sync: ``torch.linalg.eigh``'s error check."""
+    syncs, ops, names = per_step(_runner(kind, 4, tiny_geodite()))
+    assert syncs == 1 and set(names) == {"_linalg_eigh"}, f"{kind}: {syncs} host syncs per step ({names})"
+
+
+@pytest.mark.parametrize("kind", ["fire_frechet", "lbfgs_frechet", "bfgs_frechet", "nvt_nhc"])
 def test_operations_per_step_do_not_depend_on_the_number_of_systems(kind):
     model = tiny_geodite()
     counts = {n: per_step(_runner(kind, n, model))[1] for n in (1, 8, 64)}

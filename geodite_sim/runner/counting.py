@@ -7,6 +7,7 @@ active, and separately those that, on CUDA, make the host wait for the device:
 * ``aten.nonzero``, ``aten.masked_select``, ``aten.unique*``, ``aten.bincount``, ``aten.equal``;
 * ``aten.index`` / ``aten.index_put`` with a boolean mask index (boolean-mask indexing);
 * ``aten.repeat_interleave`` without ``output_size``;
+* ``aten._linalg_eigh`` (``torch.linalg.eigh``: it checks LAPACK's / cuSOLVER's error flag on the host; BFGS's step);
 
 and, at the Python level, ``Tensor.numpy()``, ``Tensor.tolist()`` and ``Tensor.cpu()`` (patched while the
 counter is active). Used by tests/test_runner.py and benchmarks/gpu_check.py: the difference between a long
@@ -21,7 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 _SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "nonzero_static", "masked_select", "bincount", "equal",
-             "_unique", "_unique2", "unique_dim", "unique_consecutive", "argwhere"}
+             "_unique", "_unique2", "unique_dim", "unique_consecutive", "argwhere", "_linalg_eigh"}
 
 
 #: Metadata-only operations (no kernel launch on a GPU): counted in ``ops`` but not in ``kernels``.
