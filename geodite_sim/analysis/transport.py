@@ -469,7 +469,7 @@ def analyse_unwrapped(frames: Unwrapped, settings: TransportSettings | None = No
     symbols = np.array([chemical_symbols[z] for z in numbers])
     charges = _charges(numbers, settings)
     res = TransportResult(frames.label, frames.temperature_K, k, frames.stride, dt, span, frames.volume_A3,
-                          {s: int((symbols == s).sum()) for s in dict.fromkeys(symbols)}, {},
+                          {s: int((symbols == s).sum()) for s in dict.fromkeys(symbols.tolist())}, {},
                           t_fs=t[plot_idx].tolist())
     for sp in res.composition:
         atoms = np.nonzero(symbols == sp)[0]
