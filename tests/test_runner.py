@@ -136,7 +136,8 @@ def test_syncs_per_check_do_not_depend_on_the_number_of_systems():
     assert counts[0] == counts[1], counts
 
 
-@pytest.mark.parametrize("kind", ["fire_frechet", "nvt_langevin"])
+@pytest.mark.parametrize("kind", ["fire_frechet", "nvt_langevin", pytest.param("lbfgs_frechet", marks=pytest.mark.slow),
+                                  pytest.param("bfgs_frechet", marks=pytest.mark.slow)])
 def test_step_compiles_fullgraph(kind):
     """torch.compile(fullgraph=True) of the whole step (integrator, edge masking, model, checks): capturable."""
     model = tiny_geodite(channels=8, layers=1)
