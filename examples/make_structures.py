@@ -6,6 +6,11 @@ work: rock salt, zinc blende, wurtzite, fluorite/antifluorite, perovskite, rutil
 fcc, hcp, CsCl, diamond, cuprite, Li3N, supercells and a few triclinic distortions.
 
     python examples/make_structures.py            # rewrites examples/structures/
+    python examples/make_structures.py --properties   # rewrites examples/properties/ only
+
+``examples/properties/`` holds ideal (not rattled, not strained) primitive cells for the property workflows'
+examples (phonons, EOS, elastic tensors): their symmetry is exact, so spglib and ASE find their lattice (the
+phonon band path of an fcc cell is the fcc one) and the workflows' relaxation keeps it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,14 @@ from ase.io import write
 from ase.spacegroup import crystal
 
 OUT = Path(__file__).parent / "structures"
+PROPERTIES = Path(__file__).parent / "properties"
 SEED = 20261121
+
+
+def property_examples() -> dict[str, Atoms]:
+    """name -> ideal primitive cell (examples/properties/)."""
+    return {"Si_diamond": bulk("Si", "diamond", 5.43), "NaCl_rocksalt": bulk("NaCl", "rocksalt", 5.64),
+            "MgO_rocksalt": bulk("MgO", "rocksalt", 4.21), "Cu_fcc": bulk("Cu", "fcc", 3.61)}
 
 
 def perovskite(a_site: str, b_site: str, x: str, a: float) -> Atoms:
@@ -101,7 +113,19 @@ TRICLINIC = {"Al_fcc", "NaCl_rocksalt", "TiO2_rutile", "Cu2O_cuprite", "Mg_hcp"}
 EXTXYZ = {"Cu_fcc_2x2x2", "Fe_bcc_2x2x2", "Li3N", "KNiF3_perovskite_2x2x2", "ZnO_wurtzite_2x2x1", "Zn_hcp"}
 
 
+def write_property_examples() -> None:
+    PROPERTIES.mkdir(parents=True, exist_ok=True)
+    for name, atoms in property_examples().items():
+        write(PROPERTIES / f"{name}.cif", atoms, format="cif")
+    print(f"wrote {len(property_examples())} structures to {PROPERTIES}")
+
+
 def main() -> None:
+    import sys
+
+    if "--properties" in sys.argv[1:]:
+        write_property_examples()
+        return
     rng = np.random.default_rng(SEED)
     OUT.mkdir(parents=True, exist_ok=True)
     for old in OUT.iterdir():

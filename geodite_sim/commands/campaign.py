@@ -64,6 +64,12 @@ def run(args: argparse.Namespace) -> int:
             if args.steps < 1:
                 raise SpecError("--steps must be >= 1")
             spec.md.steps = args.steps
+            run_fs = spec.md.steps * spec.md.timestep_fs
+            if spec.analysis.discard_fs >= run_fs:  # a quick look: keep frames to analyse
+                log(f"note: --steps {args.steps} runs {run_fs:g} fs, no more than [analysis] discard_fs = "
+                    f"{spec.analysis.discard_fs:g} fs: the analysis discards the first {0.1 * run_fs:g} fs "
+                    "(10 %) instead")
+                spec.analysis.discard_fs = 0.1 * run_fs
         if args.model is not None:
             spec.model = args.model
         if args.status:

@@ -21,16 +21,16 @@ from geodite_sim.interrupt import RESUME_HINT
 
 EXAMPLES = {
     "phonons": """examples:
-  geodite-sim phonons examples/structures/Si_diamond.cif examples/structures/NaCl_rocksalt.cif --out out/ph
+  geodite-sim phonons examples/properties/Si_diamond.cif examples/properties/NaCl_rocksalt.cif --out out/ph
   geodite-sim phonons structures/ --out out/ph --supercell 2 2 2 --temperature 300 --no-plots
   geodite-sim phonons structures/ --out out/ph          # again: skips materials already done
 """,
     "eos": """examples:
-  geodite-sim eos examples/structures/Si_diamond.cif --out out/eos
+  geodite-sim eos examples/properties/Si_diamond.cif --out out/eos
   geodite-sim eos structures/ --out out/eos --volume-range 0.1 --points 11 --eos vinet
 """,
     "elastic": """examples:
-  geodite-sim elastic examples/structures/Si_diamond.cif --out out/elastic
+  geodite-sim elastic examples/properties/MgO_rocksalt.cif --out out/elastic
   geodite-sim elastic structures/ --out out/elastic --strain 0.005 --no-relax-ions   # clamped-ion only
 """,
     "diatomics": """examples:
