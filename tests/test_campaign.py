@@ -302,7 +302,7 @@ def test_killed_campaign_subprocess_resumes_to_identical_data(tmp_path):
 
 def test_spec_md_preset(tmp_path):
     """``[md] preset = "sse_nvt"`` fills the paper's integrator settings; conflicts and NPT presets are refused."""
-    from workflows.sse_campaign import SpecError, load_spec
+    from geodite_sim.workflows.sse_campaign import SpecError, load_spec
 
     def spec(**md):
         d = tiny_spec(tmp_path)
