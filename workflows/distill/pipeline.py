@@ -246,6 +246,10 @@ def run_distill(spec_or_path, workdir: str | Path | None = None, deadline: float
             if job.data_done() < len(job.shards):
                 return DistillResult(job.workdir, "data", False, job.data_done(), len(job.shards))
         stage = "train"
+        if "train" in stages and job.data_done() < len(job.shards):
+            log(f"train: the data stage is not finished ({job.data_done()} of {len(job.shards)} shards labelled): "
+                f"training on the shards present; re-running with more shards continues from the checkpoint on "
+                f"the larger set (bit-for-bit resumption holds for a fixed set of shards)")
         if "train" in stages:
             from geodite_sim.workflows.distill.train import run_training
 
