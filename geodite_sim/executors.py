@@ -1,7 +1,8 @@
 """Where batched jobs run: one local process (default) or a Ray cluster, one long-lived actor per device.
 
 Both executors have the same two methods, with the arguments of :func:`geodite_sim.relax_many` and
-:func:`geodite_sim.run_md`::
+:func:`geodite_sim.run_md` (as keywords, or as one :class:`~geodite_sim.settings.RelaxSettings` /
+:class:`~geodite_sim.settings.MDSettings`: every setting reaches the run, the executor derives nothing by hand)::
 
     ex = RayExecutor(address="auto", workers=4, num_gpus_per_worker=1)
     for res in ex.relax_many(structures, model, fmax=0.02, stream=True):   # input order
@@ -37,8 +38,14 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-#: relax_many / run_md keywords the executor handles itself (never forwarded to a worker).
-_DRIVER_KEYS = ("stream", "progress", "total", "executor")
+def _settings(cls, settings: Any, kwargs: dict) -> Any:
+    """``settings`` (a RelaxSettings / MDSettings), or one built from relax_many / run_md keywords."""
+    kwargs.pop("executor", None)
+    if settings is None:
+        return cls.from_kwargs(**kwargs)
+    if kwargs:
+        raise TypeError(f"give the settings either as a {cls.__name__} or as keywords, not both ({sorted(kwargs)})")
+    return settings
 
 
 class LocalExecutor:
@@ -46,19 +53,27 @@ class LocalExecutor:
 
     name = "local"
 
-    def relax_many(self, structures: Any, model: Any = None, **kwargs):
+    def relax_many(self, structures: Any, model: Any = None, settings: Any = None, *, stream: bool = False,
+                   progress: bool = True, total: int | None = None, **kwargs):
         """``geodite_sim.relax_many(structures, model, **kwargs)`` (``stream=True``: completion order)."""
-        from geodite_sim.relax import relax_many
+        from geodite_sim.relax import run_relax
+        from geodite_sim.settings import RelaxSettings
 
-        kwargs.pop("executor", None)
-        return relax_many(structures, model, **kwargs)
+        settings = _settings(RelaxSettings, settings, kwargs)
+        return run_relax(structures, model, settings, stream=stream, progress=progress, total=total)
 
-    def run_md(self, structures: Any, model: Any = None, **kwargs):
+    def run_md(self, structures: Any, model: Any = None, settings: Any = None, *, progress: bool = True,
+               **kwargs):
         """``geodite_sim.run_md(structures, model, **kwargs)``."""
-        from geodite_sim.md import run_md
+        from geodite_sim.io.runs import match_runs
+        from geodite_sim.md import run_md_settings
+        from geodite_sim.settings import MDSettings
 
-        kwargs.pop("executor", None)
-        return run_md(structures, model, **kwargs)
+        kwargs.pop("stream", None)
+        settings = _settings(MDSettings, settings, kwargs)
+        structures, _ = match_runs(structures, {"temperature": settings.temperature, "steps": settings.steps,
+                                                **settings.ensemble_params})
+        return run_md_settings(structures, model, settings, progress=progress)
 
     def shutdown(self) -> None:
         pass
@@ -85,15 +100,15 @@ class _Worker:
             model = model.to(device)
         self.model = model
 
-    def relax(self, structures: list, kwargs: dict) -> list:
-        from geodite_sim.relax import relax_many
+    def relax(self, structures: list, settings: Any) -> list:
+        from geodite_sim.relax import run_relax
 
-        return relax_many(structures, self.model, stream=False, progress=False, **kwargs)
+        return run_relax(structures, self.model, settings, stream=False, progress=False)
 
-    def run_md(self, structures: list, kwargs: dict) -> list:
-        from geodite_sim.md import run_md
+    def run_md(self, structures: list, settings: Any) -> list:
+        from geodite_sim.md import run_md_settings
 
-        return run_md(structures, self.model, progress=False, **kwargs)
+        return run_md_settings(structures, self.model, settings, progress=False)
 
     def pid(self) -> int:
         return os.getpid()
@@ -233,13 +248,13 @@ class RayExecutor:
                 return
             yield _Shard(sid, sid * self.shard_size, 0, items)
 
-    def map_shards(self, method: str, structures: Iterable, model: Any, kwargs: dict, fix: Any, fail: Any,
+    def map_shards(self, method: str, structures: Iterable, model: Any, settings: Any, fix: Any, fail: Any,
                    per_shard: Any = None) -> Iterator[Any]:
         """Run ``_Worker.<method>`` over the shards of ``structures``; yield results in input order.
 
         ``fix(result, position)`` re-labels a shard-local result with its input position;
         ``fail(position, obj, message)`` makes the per-structure error result of an input that kills actors;
-        ``per_shard(kwargs, start, n)`` adapts the keyword arguments to one shard.
+        ``per_shard(settings, start, n)`` adapts the settings to one shard.
         """
         import ray
         from ray.exceptions import RayActorError
@@ -256,7 +271,7 @@ class RayExecutor:
         max_pending = len(self.actors) * (self.inflight_per_worker + 2)
 
         def submit(shard: _Shard, actor) -> None:
-            kw = per_shard(kwargs, shard.start + shard.offset, len(shard.items)) if per_shard else kwargs
+            kw = per_shard(settings, shard.start + shard.offset, len(shard.items)) if per_shard else settings
             ref = getattr(actor, method).remote(shard.items, kw)
             inflight[ref] = (shard, actor)
             load[id(actor)] += 1
@@ -331,19 +346,31 @@ class RayExecutor:
         return [(pos, fail(pos, shard.items[0], msg))]
 
     # ------------------------------------------------------------------ jobs
-    def relax_many(self, structures: Any, model: Any = None, *, stream: bool = False, progress: bool = True,
-                   total: int | None = None, **kwargs):
+    def relax_many(self, structures: Any, model: Any = None, settings: Any = None, *, stream: bool = False,
+                   progress: bool = True, total: int | None = None, **kwargs):
         """:func:`geodite_sim.relax_many` on the cluster: a list in input order, or (``stream=True``) an
-        iterator in input order. Every input yields one ``RelaxResult`` with ``.index`` = input position."""
+        iterator in input order. Every input yields one ``RelaxResult`` with ``.index`` = input position.
+
+        Every setting reaches the actors except ``observers``: they run here, on the driver (``on_result`` for each
+        result in input order, ``on_close`` at the end; the actors' checks are not seen). A per-input
+        ``relax_cell`` sequence is sliced per shard."""
         from geodite_sim.relax import RelaxResult
+        from geodite_sim.settings import RelaxSettings
 
         if model is None:
             from geodite_sim.model import load_model
 
             model = load_model()
-        kwargs.pop("executor", None)
+        settings = _settings(RelaxSettings, settings, kwargs)
+        observers = tuple(settings.observers)
+        remote = dataclasses.replace(settings, observers=())
         if total is None and hasattr(structures, "__len__") and not isinstance(structures, (str, os.PathLike)):
             total = len(structures)
+        rc = remote.relax_cell
+        per_shard = None
+        if not callable(rc) and not isinstance(rc, (bool, int)) and type(rc).__name__ != "bool_":
+            def per_shard(st, start: int, n: int):
+                return dataclasses.replace(st, relax_cell=[bool(rc[i]) for i in range(start, start + n)])
 
         def fix(res, pos):
             return _relabel(res, pos)
@@ -359,37 +386,46 @@ class RayExecutor:
                               n_steps=0, converged=False, error=f"{label}: {msg}", index=pos, label=label)
             return _model_error(res)
 
-        gen = self._with_progress(self.map_shards("relax", structures, model, kwargs, fix, fail), total, progress,
-                                  "relax", ("converged", "not_converged", "failed"), lambda r: r.status)
+        gen = self.map_shards("relax", structures, model, remote, fix, fail, per_shard)
+        gen = _observed(self._with_progress(gen, total, progress, "relax", ("converged", "not_converged", "failed"),
+                                            lambda r: r.status), observers)
         if stream:
             return gen
         return list(gen)
 
-    def run_md(self, structures: Any, model: Any = None, *, trajectory: str | os.PathLike | None = None,
-               checkpoint: str | os.PathLike | None = None, progress: bool = True, **kwargs) -> list:
+    def run_md(self, structures: Any, model: Any = None, settings: Any = None, *, progress: bool = True,
+               **kwargs) -> list:
         """:func:`geodite_sim.run_md` on the cluster: one ``MDResult`` per input, in input order.
 
         Each shard is one ``run_md`` call on an actor with its own trajectory (and checkpoint) file,
         ``<stem>.shard<first>-<last><suffix>`` next to ``trajectory``; ``MDResult.trajectory`` names the file
         and group of each run. Initial momenta not given with the inputs are drawn here, on the driver, with
         the input's global position (``maxwell_boltzmann(atoms, T, seed, index)``, as run_md does), so NVE and
-        NHC runs are bit-identical to one ``run_md`` call. Per-structure ``temperature``/``steps`` sequences
-        are sliced per shard. Langevin noise is seeded by (seed, shard-local index) until the runner accepts
-        an index offset (a known difference from the single-process run).
+        NHC runs are bit-identical to one ``run_md`` call. Per-structure ``temperature``/``steps`` (and per-system
+        ensemble parameters such as ``pressure``) sequences are sliced per shard. Every other setting reaches the
+        actors except ``observers``, which run here (``on_result`` per result, ``on_close``). Langevin noise is
+        seeded by (seed, shard-local index) until the runner accepts an index offset (a known difference from the
+        single-process run).
         """
+        from geodite_sim.io.runs import match_runs
         from geodite_sim.md import MDResult
+        from geodite_sim.settings import MDSettings
 
         if model is None:
             from geodite_sim.model import load_model
 
             model = load_model()
-        kwargs.pop("executor", None)
         kwargs.pop("stream", None)
         kwargs.pop("total", None)
-        seed = int(kwargs.get("seed", 0))
-        temperature = kwargs.get("temperature")
-        traj = None if trajectory is None else Path(trajectory)
-        ckpt = None if checkpoint is None else Path(checkpoint)
+        settings = _settings(MDSettings, settings, kwargs)
+        structures, _ = match_runs(structures, {"temperature": settings.temperature, "steps": settings.steps,
+                                                **settings.ensemble_params})
+        observers = tuple(settings.observers)
+        remote = dataclasses.replace(settings, observers=())
+        seed = int(settings.seed)
+        temperature = settings.temperature
+        traj = None if settings.trajectory is None else Path(settings.trajectory)
+        ckpt = None if settings.checkpoint is None else Path(settings.checkpoint)
 
         def with_momenta(items: Iterable) -> Iterator:
             from geodite_sim.dynamics.velocities import maxwell_boltzmann
@@ -407,20 +443,24 @@ class RayExecutor:
                     atoms.set_momenta(maxwell_boltzmann(atoms, float(t or 0.0), seed, index), apply_constraint=False)
                 yield atoms
 
-        def per_shard(kw: dict, start: int, n: int) -> dict:
-            kw = dict(kw)
-            for key in ("temperature", "steps"):
-                v = kw.get(key)
-                if v is not None and not isinstance(v, (int, float)):
-                    kw[key] = [v[i] for i in range(start, start + n)]
+        def sliced(v: Any, start: int, n: int) -> Any:
+            if v is None or isinstance(v, (int, float, str)) or not hasattr(v, "__getitem__"):
+                return v
+            return [v[i] for i in range(start, start + n)]
+
+        def per_shard(st: Any, start: int, n: int) -> Any:
+            changes: dict[str, Any] = {"temperature": sliced(st.temperature, start, n),
+                                       "steps": sliced(st.steps, start, n),
+                                       "ensemble_params": {k: sliced(v, start, n)
+                                                           for k, v in st.ensemble_params.items()}}
             tag = f".shard{start:06d}-{start + n - 1:06d}"
             if traj is not None:
-                kw["trajectory"] = str(traj.with_name(traj.stem + tag + traj.suffix))
+                changes["trajectory"] = str(traj.with_name(traj.stem + tag + traj.suffix))
             if ckpt is not None:
-                kw["checkpoint"] = str(ckpt.with_name(ckpt.name + tag))
-            elif kw.get("checkpoint_every") is not None and traj is not None:
-                kw["checkpoint"] = kw["trajectory"] + ".ckpt"
-            return kw
+                changes["checkpoint"] = str(ckpt.with_name(ckpt.name + tag))
+            elif st.checkpoint_every is not None and traj is not None:
+                changes["checkpoint"] = changes["trajectory"] + ".ckpt"
+            return dataclasses.replace(st, **changes)
 
         def fix(res, pos):
             return _relabel(res, pos)
@@ -429,9 +469,9 @@ class RayExecutor:
             label = str(obj) if isinstance(obj, (str, os.PathLike)) else f"{pos}:{type(obj).__name__}"
             return _model_error(MDResult(index=pos, final=None, n_steps=0, error=f"{label}: {msg}", label=label))
 
-        gen = self.map_shards("run_md", with_momenta(structures), model, kwargs, fix, fail, per_shard)
-        return list(self._with_progress(gen, None, progress, "md", ("done", "failed"),
-                                        lambda r: "failed" if r.error else "done"))
+        gen = self.map_shards("run_md", with_momenta(structures), model, remote, fix, fail, per_shard)
+        return list(_observed(self._with_progress(gen, None, progress, "md", ("done", "failed"),
+                                                  lambda r: "failed" if r.error else "done"), observers))
 
     @staticmethod
     def _with_progress(gen: Iterator, total: int | None, enabled: bool, desc: str, outcomes: tuple,
@@ -445,6 +485,20 @@ class RayExecutor:
                 yield res
         finally:
             bar.close()
+
+
+def _observed(gen: Iterator, observers: tuple) -> Iterator:
+    """``gen``'s results, each handed to the observers' ``on_result`` (then ``on_close`` at the end)."""
+    try:
+        for res in gen:
+            for obs in observers:
+                if hasattr(obs, "on_result"):
+                    obs.on_result(res)
+            yield res
+    finally:
+        for obs in observers:
+            if hasattr(obs, "on_close"):
+                obs.on_close()
 
 
 def _model_error(res: Any) -> Any:

@@ -45,6 +45,7 @@ from geodite_sim.runner import (
     get_integrator,
 )
 from geodite_sim.runner.engine import AdmissionError, _unpad
+from geodite_sim.settings import MDSettings
 from geodite_sim.status import Status
 from geodite_sim.threads import thread_limit
 
@@ -54,10 +55,10 @@ ADMISSION_MIN_DISTANCE_FACTOR = 0.5
 #: The MD entries of the runner registry (nve, nvt_nhc, nvt_langevin, nvt_bussi, npt_mtk_iso, npt_mtk).
 ENSEMBLES = tuple(name for name, entry in REGISTRY.items() if entry.kind == "md")
 log = logging.getLogger(__name__)
-#: Settings that must match between a checkpointed run and its restart.
-RESTART_KEYS = ("ensemble", "timestep_fs", "tdamp_fs", "chain_length", "tloop", "friction_per_fs", "fix_com", "seed",
-                "frame_every", "max_atoms", "dtype", "checkpoint_every", "model_fingerprint")
-#: (The skin is not one: trajectories do not depend on it, docs/runner.md.)
+#: Settings that must match between a checkpointed run and its restart: the :class:`MDSettings` fields marked
+#: ``restart`` (``ensemble_params`` stands for the registry entry's resolved parameters, e.g. NPT's pressure,
+#: pdamp_fs and barostat chain), the dtype and the model. (The skin is not one: trajectories do not depend on it.)
+RESTART_KEYS = (*MDSettings.restart_keys(), "dtype", "model_fingerprint")
 
 
 #: Default atom budget per device type (CPU: cache-sized batches are fastest, see docs/md.md). CUDA uses
@@ -235,25 +236,29 @@ def run_md(
             ``IsotropicMTKNPT``, ``npt_mtk`` = ``MTKNPT``): ``pressure`` (GPa, one value or one per input; default 0),
             ``pdamp`` (fs, default 1000 × timestep, ASE's suggestion), ``barostat_chain_length`` (3), ``ploop`` (1).
     """
+    settings = MDSettings(
+        ensemble=ensemble, temperature=temperature, timestep=timestep, steps=steps, trajectory=trajectory,
+        frame_every=frame_every, tdamp=tdamp, chain_length=chain_length, tloop=tloop, friction=friction,
+        fix_com=fix_com, seed=seed, max_atoms=max_atoms, skin=skin, monitors=monitors, checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every, restart=restart, save_momenta=save_momenta,
+        memory_budget_bytes=memory_budget_bytes, accelerate=accelerate, config=config, observers=tuple(observers),
+        allow_unsupported_elements=allow_unsupported_elements, threads=threads, ensemble_params=dict(ensemble_params))
+    structures, _ = match_runs(structures, {"temperature": temperature, "steps": steps, **ensemble_params})
+    if executor is not None:
+        return executor.run_md(structures, model, settings, progress=progress)
+    return run_md_settings(structures, model, settings, progress=progress)
+
+
+def run_md_settings(structures, model, settings: MDSettings, *, progress: bool = True) -> list[MDResult]:
+    """:func:`run_md` in this process with its settings as one :class:`~geodite_sim.settings.MDSettings` (what the
+    executors run)."""
     if model is None:
         from geodite_sim.model import load_model
 
         model = load_model()
     model = as_engine_model(model)  # a torch-sim ModelInterface runs behind TorchSimAdapter
-    structures, _ = match_runs(structures, {"temperature": temperature, "steps": steps, **ensemble_params})
-    if executor is not None:
-        return executor.run_md(structures, model, ensemble=ensemble, temperature=temperature, timestep=timestep,
-                               steps=steps, trajectory=trajectory, frame_every=frame_every, tdamp=tdamp,
-                               chain_length=chain_length, tloop=tloop, friction=friction, fix_com=fix_com, seed=seed,
-                               max_atoms=max_atoms, skin=skin, monitors=monitors, checkpoint=checkpoint,
-                               checkpoint_every=checkpoint_every, restart=restart, progress=progress,
-                               save_momenta=save_momenta, memory_budget_bytes=memory_budget_bytes,
-                               accelerate=accelerate, **ensemble_params)
-    job = _MDJob(structures, model, ensemble, temperature, timestep, steps, trajectory, frame_every, tdamp,
-                 chain_length, tloop, friction, fix_com, seed, max_atoms, skin, monitors, checkpoint,
-                 checkpoint_every, restart, progress, save_momenta, memory_budget_bytes, accelerate, config,
-                 list(observers), allow_unsupported_elements, ensemble_params)
-    with thread_limit(threads):
+    job = _MDJob(structures, model, settings, progress)
+    with thread_limit(settings.threads):
         return job.run()
 
 
@@ -261,10 +266,18 @@ class _MDJob:
     """One run_md call: settings, the runner's hooks (per-structure settings, frames, monitors, checkpoints,
     results) and the loop around the runner."""
 
-    def __init__(self, structures, model, ensemble, temperature, timestep, steps, trajectory, frame_every, tdamp,
-                 chain_length, tloop, friction, fix_com, seed, max_atoms, skin, monitors, checkpoint,
-                 checkpoint_every, restart, progress, save_momenta, memory_budget_bytes, accelerate, config,
-                 observers, allow_unsupported_elements, ensemble_params):
+    def __init__(self, structures, model, settings: MDSettings, progress: bool = True):
+        st = settings
+        ensemble, temperature, timestep, steps, trajectory = st.ensemble, st.temperature, st.timestep, st.steps, \
+            st.trajectory
+        frame_every, tdamp, chain_length, tloop, friction = st.frame_every, st.tdamp, st.chain_length, st.tloop, \
+            st.friction
+        fix_com, seed, max_atoms, skin, monitors, checkpoint = st.fix_com, st.seed, st.max_atoms, st.skin, \
+            st.monitors, st.checkpoint
+        checkpoint_every, restart, save_momenta, accelerate, config = st.checkpoint_every, st.restart, \
+            st.save_momenta, st.accelerate, st.config
+        ensemble_params = dict(st.ensemble_params)
+        self.md_settings = st
         self.integrator = get_integrator(ensemble)
         if self.integrator.kind != "md":
             raise ValueError(f"{ensemble!r} is an optimiser, not an MD ensemble; use relax_many")
@@ -301,11 +314,11 @@ class _MDJob:
         self.restart = restart
         self.progress_enabled = progress
         self.save_momenta = save_momenta
-        self.allow_unsupported = allow_unsupported_elements
-        self.observers = observers
+        self.allow_unsupported = st.allow_unsupported_elements
+        self.observers = list(st.observers)
         if max_atoms is None and restart and self.checkpoint is not None and os.path.exists(self.checkpoint):
             max_atoms = int(load_checkpoint(self.checkpoint)["settings"]["max_atoms"])  # the run's own capacity
-        max_atoms = _default_max_atoms(model, structures, max_atoms, memory_budget_bytes)
+        max_atoms = _default_max_atoms(model, structures, max_atoms, st.memory_budget_bytes)
         self.capacity = Capacity(max_atoms=int(max_atoms))
         # Checks: every step on the CPU (a host read costs nothing there, and a check rebuilds a system's edges
         # before it outruns its skin, so no step is wasted); on accelerators every ``check_every`` steps (at most
@@ -349,6 +362,8 @@ class _MDJob:
             checkpoint_every=self.checkpoint_every, model_name=model_name(model),
             model_fingerprint=model_fingerprint(model), **{k: _plain(v) for k, v in ensemble_params.items()},
         )
+        self.restart_keys = tuple(k for key in RESTART_KEYS
+                                  for k in (sorted(ensemble_params) if key == "ensemble_params" else [key]))
         self.results: dict[int, MDResult] = {}
         self.result_data: dict[int, dict] = {}
         self.writer = None
@@ -633,13 +648,17 @@ class _MDJob:
         pending = runner._pending
         return pending.index if pending is not None else self.items.next_index
 
-    def save_checkpoint(self, runner: Runner) -> None:
+    def save_checkpoint(self, runner: Runner, reload: bool = False) -> None:
+        """Write the checkpoint; ``reload``: then rebuild the runner from it, as a restart does (so the run goes on
+        exactly as a run restarted from this checkpoint would)."""
         if self.writer is not None:
             self.writer.flush()
         active = [s for s, it in enumerate(runner.items) if it is not None]
         state = _unpad(runner.state, active) if active else None
+        saved = state_to_dict(state)
         payload = {
-            "settings": self.settings, "iteration": runner.iteration, "state": state_to_dict(state),
+            "settings": self.settings, "iteration": runner.iteration, "state": saved,
+            "freed": runner._freed, "last_monitor": self._last_monitor,
             "active": [runner.items[s].index for s in active], "labels": [runner.items[s].label for s in active],
             "next_index": self._next_index(runner), "results": list(self.result_data.values()),
             "frames": [[k, v] for k, v in (self.writer.written().items() if self.writer else [])],
@@ -647,6 +666,8 @@ class _MDJob:
             "t_limit": [[k, float(v)] for k, v in self.t_limit.items()],
         }
         save_checkpoint(self.checkpoint, payload)
+        if reload and active:
+            runner.restore([runner.items[s] for s in active], state_from_dict(saved, self.device), runner._freed)
 
     def _restore(self, runner: Runner, ckpt: dict, stream) -> None:
         next_index = int(ckpt["next_index"])
@@ -672,8 +693,9 @@ class _MDJob:
         self.t_limit.update({int(k): float(v) for k, v in ckpt.get("t_limit", [])})
         self.items = _CountedItems(stream, next_index)
         runner.iteration = int(ckpt["iteration"])
+        self._last_monitor = int(ckpt.get("last_monitor", -1))
         if ckpt["state"] is not None:
-            runner.restore(active, state_from_dict(ckpt["state"], self.device))
+            runner.restore(active, state_from_dict(ckpt["state"], self.device), int(ckpt.get("freed", 0)))
         if self.checkpoint_every:
             self.next_checkpoint = (runner.iteration // self.checkpoint_every + 1) * self.checkpoint_every
 
@@ -683,7 +705,7 @@ class _MDJob:
         ckpt = None
         if self.restart and self.checkpoint is not None and os.path.exists(self.checkpoint):
             ckpt = load_checkpoint(self.checkpoint)
-            check_compatible(ckpt["settings"], self.settings, RESTART_KEYS)
+            check_compatible(ckpt["settings"], self.settings, self.restart_keys)
         elements = supported_elements(self.model) or range(1, MAX_SUPPORTED_Z + 1)
         stream = iter_inputs(self.structures, supported_elements=elements,
                              allow_unsupported_elements=self.allow_unsupported, model_name=model_name(self.model),
@@ -738,9 +760,11 @@ class _MDJob:
                 runner.check()
                 if self.checkpoint is not None and self.checkpoint_every is not None \
                         and runner.iteration >= self.next_checkpoint:
-                    self.save_checkpoint(runner)
+                    self.save_checkpoint(runner, reload=True)
                     while self.next_checkpoint <= runner.iteration:
                         self.next_checkpoint += self.checkpoint_every
+                    if not stop.requested:
+                        continue  # a restart checks first: so does this run, from the same rebuilt runner
                 if stop.requested:
                     self._interrupt(runner)
                 if runner.state is None:
@@ -763,26 +787,18 @@ class _MDJob:
 
 
 def md_job(structures, model=None, ensemble: str = "nvt_nhc", temperature=None, timestep: float = 1.5,
-           steps=1000, trajectory=None, **kwargs) -> _MDJob:
+           steps=1000, trajectory=None, progress: bool = False, **kwargs) -> _MDJob:
     """The job ``run_md`` would run with these arguments (for tests and benchmarks: ``job.prepare()`` gives its
     runner; ``runner.check()`` admits, ``runner.advance(n)`` steps)."""
     if model is None:
         from geodite_sim.model import load_model
 
         model = load_model()
-    defaults = dict(frame_every=10, tdamp=None, chain_length=None, tloop=1, friction=0.01, fix_com=False, seed=0,
-                    max_atoms=None, skin=None, monitors=True, checkpoint=None, checkpoint_every=None, restart=False,
-                    progress=False, save_momenta=False, memory_budget_bytes=None, accelerate="auto", config=None,
-                    observers=[], allow_unsupported_elements=False)
-    extra = {k: kwargs.pop(k) for k in list(kwargs) if k not in defaults}
-    structures, _ = match_runs(structures, {"temperature": temperature, "steps": steps, **extra})
-    defaults.update(kwargs)
-    d = defaults
-    return _MDJob(structures, model, ensemble, temperature, timestep, steps, trajectory, d["frame_every"], d["tdamp"],
-                  d["chain_length"], d["tloop"], d["friction"], d["fix_com"], d["seed"], d["max_atoms"], d["skin"],
-                  d["monitors"], d["checkpoint"], d["checkpoint_every"], d["restart"], d["progress"],
-                  d["save_momenta"], d["memory_budget_bytes"], d["accelerate"], d["config"], list(d["observers"]),
-                  d["allow_unsupported_elements"], extra)
+    settings = MDSettings.from_kwargs(ensemble=ensemble, temperature=temperature, timestep=timestep, steps=steps,
+                                      trajectory=trajectory, **kwargs)
+    structures, _ = match_runs(structures, {"temperature": temperature, "steps": steps,
+                                            **settings.ensemble_params})
+    return _MDJob(structures, model, settings, progress)
 
 
 def _plain(v):

@@ -16,9 +16,13 @@ A checkpoint (``torch.save`` of plain containers and CPU tensors, loaded with
 - ``frames``: frames of every system already in the trajectory file (the file is
   truncated back to these counts on restart).
 
-The neighbour list is not stored: the engine rebuilds it from scratch right after every
-checkpoint in the uninterrupted run too, so both runs use identical edge lists (same
-order, hence the same floating-point sums).
+The neighbour list is not stored: right after writing a checkpoint the uninterrupted run
+rebuilds its runner from it exactly as a restart does (``Runner.restore``: the padded layout,
+the edge lists at the configured skin, the Verlet policy's margins and grown skins all from
+scratch; ``freed``, the atoms retired since the last admission, and the monitors' last check
+come from the checkpoint), then checks before stepping, as a restart does. So both runs use
+identical batches and edge lists (same order, hence the same floating-point sums, in float32
+too).
 
 Writes go to a temporary file in the same folder, are fsynced, then ``os.replace``d over
 the previous checkpoint, so a run killed at any moment leaves either the old or the new

@@ -46,6 +46,7 @@ from geodite_sim.neighbors import neighbor_list
 from geodite_sim.progress import Progress
 from geodite_sim.runner import Capacity, FailureChecks, Runner, StepConfig, get_integrator
 from geodite_sim.runner.engine import AdmissionError
+from geodite_sim.settings import RelaxSettings
 from geodite_sim.status import Status
 from geodite_sim.threads import check_threads, thread_limit
 
@@ -384,7 +385,8 @@ def relax_many(
         config: engine settings (:class:`~geodite_sim.runner.StepConfig`: neighbour backend, skin,
             acceleration); ``check_interval`` overrides its field.
         observers: objects with optional ``on_check(event)`` / ``on_result(result)`` / ``on_close()`` hooks.
-        executor: run elsewhere (e.g. :class:`geodite_sim.executors.RayExecutor`); None runs in this process.
+        executor: run elsewhere (e.g. :class:`geodite_sim.executors.RayExecutor`; it receives every setting as one
+            :class:`~geodite_sim.settings.RelaxSettings`); None runs in this process.
         allow_unsupported_elements: run structures with elements outside the model's supported set
             (recorded as a warning on the result) instead of rejecting them.
         fix_symmetry: keep each structure's space group (ASE's ``FixSymmetry`` semantics, found once with spglib
@@ -404,42 +406,55 @@ def relax_many(
     Returns:
         One :class:`RelaxResult` per input (list in input order, or a generator with ``stream=True``).
     """
+    settings = RelaxSettings(
+        fmax=fmax, max_steps=max_steps, relax_cell=relax_cell, max_atoms=max_atoms, max_systems=max_systems,
+        memory_budget_bytes=memory_budget_bytes, check_interval=check_interval, optimizer=optimizer, fire=fire,
+        lbfgs=lbfgs, bfgs=bfgs, cell_factor=cell_factor, min_distance_factor=min_distance_factor,
+        max_volume_ratio=max_volume_ratio, config=config, observers=tuple(observers),
+        allow_unsupported_elements=allow_unsupported_elements, fix_symmetry=fix_symmetry, symprec=symprec,
+        threads=threads)
+    if executor is not None:
+        return executor.relax_many(structures, model, settings, stream=stream, progress=progress, total=total)
+    return run_relax(structures, model, settings, stream=stream, progress=progress, total=total)
+
+
+def run_relax(structures: Any, model, settings: RelaxSettings, *, stream: bool = False, progress: bool = True,
+              total: int | None = None) -> list[RelaxResult] | Iterator[RelaxResult]:
+    """:func:`relax_many` in this process with its settings as one :class:`~geodite_sim.settings.RelaxSettings`
+    (what the executors run)."""
     if model is None:
         from geodite_sim.model import load_model
 
         model = load_model()
     model = as_engine_model(model)  # a torch-sim ModelInterface runs behind TorchSimAdapter
-    if executor is not None:
-        return executor.relax_many(structures, model, fmax=fmax, max_steps=max_steps, relax_cell=relax_cell,
-                                   stream=stream, max_atoms=max_atoms, max_systems=max_systems,
-                                   check_interval=check_interval, optimizer=optimizer, fire=fire, lbfgs=lbfgs,
-                                   bfgs=bfgs, cell_factor=cell_factor,
-                                   min_distance_factor=min_distance_factor, max_volume_ratio=max_volume_ratio,
-                                   progress=progress, total=total, config=config,
-                                   allow_unsupported_elements=allow_unsupported_elements)
+    s = settings
+    fmax, max_steps, relax_cell, observers = s.fmax, s.max_steps, s.relax_cell, tuple(s.observers)
+    max_atoms, max_systems, min_distance_factor = s.max_atoms, s.max_systems, s.min_distance_factor
     if not fmax > 0:
         raise ValueError(f"fmax must be positive, got {fmax}")
     if int(max_steps) < 0:
         raise ValueError(f"max_steps must be >= 0, got {max_steps}")
-    params = optimizer_settings(optimizer, fire=fire, lbfgs=lbfgs, bfgs=bfgs)
-    config = config or StepConfig()
+    optimizer = s.optimizer
+    params = optimizer_settings(optimizer, fire=s.fire, lbfgs=s.lbfgs, bfgs=s.bfgs)
+    config = s.config or StepConfig()
+    check_interval = s.check_interval
     if check_interval is None:
         check_interval = config.check_interval if config.check_interval != 1 else (
             10 if torch.device(model.device).type == "cuda" else 1)
     config = replace(config, check_interval=max(1, int(check_interval)))
-    checks = FailureChecks(min_distance_factor=min_distance_factor, max_volume_ratio=max_volume_ratio)
+    checks = FailureChecks(min_distance_factor=min_distance_factor, max_volume_ratio=s.max_volume_ratio)
     any_cell = relax_cell is not False and not (isinstance(relax_cell, (bool, np.bool_)) and not relax_cell)
     integrator = get_integrator(optimizer + ("_frechet" if any_cell else ""))
-    settings = {"fmax": float(fmax), "max_steps": int(max_steps), **params, "cell_factor": cell_factor}
+    step_settings = {"fmax": float(fmax), "max_steps": int(max_steps), **params, "cell_factor": s.cell_factor}
     refusal = params["bfgs"].refusal if optimizer == "bfgs" else None
-    job = _RelaxJob(relax_cell, max_steps, fix_symmetry, symprec, model.dtype, model.device, refusal=refusal)
+    job = _RelaxJob(relax_cell, max_steps, s.fix_symmetry, s.symprec, model.dtype, model.device, refusal=refusal)
     if total is None and hasattr(structures, "__len__") and not isinstance(structures, (str, Atoms)):
         try:
             total = len(structures)
         except TypeError:
             total = None
 
-    threads = check_threads(threads)
+    threads = check_threads(s.threads)
 
     def generate() -> Iterator[RelaxResult]:
         with thread_limit(threads):
@@ -449,7 +464,7 @@ def relax_many(
         bar = Progress(total=total, desc="relax", unit="structure", enabled=progress,
                        outcomes=("converged", "not_converged", "failed"))
         items = iter_inputs(structures, supported_elements=supported_elements(model) or range(1, MAX_SUPPORTED_Z + 1),
-                            allow_unsupported_elements=allow_unsupported_elements,
+                            allow_unsupported_elements=s.allow_unsupported_elements,
                             min_distance_factor=min_distance_factor, model_name=model_name(model))
         probe, known_atoms = None, None
         if max_atoms is None:  # the first structures of the stream are the capacity probe
@@ -459,8 +474,8 @@ def relax_many(
                 known_atoms = sum(len(a) for a in probe or [])
             items = itertools.chain(head, items)
         capacity = estimate_capacity(model, model.device, max_atoms=max_atoms, max_systems=max_systems,
-                                     probe=probe, total_atoms=known_atoms, memory_budget_bytes=memory_budget_bytes)
-        runner = Runner(model, integrator, settings, job, Capacity(capacity.max_atoms, capacity.max_systems),
+                                     probe=probe, total_atoms=known_atoms, memory_budget_bytes=s.memory_budget_bytes)
+        runner = Runner(model, integrator, step_settings, job, Capacity(capacity.max_atoms, capacity.max_systems),
                         config, checks, observers, admission_checks=FailureChecks())  # contacts: iter_inputs
         for obs in observers:
             if hasattr(obs, "on_start"):
@@ -481,5 +496,5 @@ def relax_many(
     return results
 
 
-__all__ = ["BFGSParams", "Capacity", "FailureChecks", "FireParams", "LBFGSParams", "RelaxResult", "estimate_capacity",
-           "optimizer_settings", "relax_many"]
+__all__ = ["BFGSParams", "Capacity", "FailureChecks", "FireParams", "LBFGSParams", "RelaxResult", "RelaxSettings",
+           "estimate_capacity", "optimizer_settings", "relax_many", "run_relax"]

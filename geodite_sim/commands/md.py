@@ -164,8 +164,9 @@ def run_command(args) -> int:
 
     from geodite_sim.commands import exit_code
     from geodite_sim.io.runs import match_runs
-    from geodite_sim.md import run_md
+    from geodite_sim.md import run_md_settings
     from geodite_sim.model import load_model
+    from geodite_sim.settings import MDSettings
 
     temperature = args.temperature
     if temperature is not None and len(temperature) == 1:
@@ -179,13 +180,13 @@ def run_command(args) -> int:
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     model = load_model(args.model, device=resolve_device(args.device), dtype=dtype)
     try:
-        results = run_md(
-            structures, model, ensemble=args.ensemble, temperature=temperature,
-            timestep=args.timestep, steps=args.steps, trajectory=args.trajectory, frame_every=args.frame_every,
-            tdamp=args.tdamp, chain_length=args.chain_length, friction=args.friction, seed=args.seed,
-            max_atoms=args.max_atoms, monitors=not args.no_monitors, checkpoint=args.checkpoint,
-            checkpoint_every=args.checkpoint_every, restart=args.restart, progress=not args.no_progress, **extra,
-        )
+        settings = MDSettings(
+            ensemble=args.ensemble, temperature=temperature, timestep=args.timestep, steps=args.steps,
+            trajectory=args.trajectory, frame_every=args.frame_every, tdamp=args.tdamp, chain_length=args.chain_length,
+            friction=args.friction, seed=args.seed, max_atoms=args.max_atoms, monitors=not args.no_monitors,
+            checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every, restart=args.restart,
+            ensemble_params=extra)
+        results = run_md_settings(structures, model, settings, progress=not args.no_progress)
     except ValueError as exc:  # settings that do not fit the inputs (e.g. too few temperatures)
         parser.error(str(exc))
     statuses = []

@@ -290,9 +290,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = gs.load_model(args.model, device=device, dtype=getattr(torch, args.dtype))
-    settings = {"fmax": args.fmax, "max_steps": args.max_steps, "relax_cell": not args.no_cell, "dtype": args.dtype}
-    if args.optimizer != "fire":  # FIRE keeps the settings of stores written before --optimizer existed (they resume)
-        settings["optimizer"] = args.optimizer
+    from geodite_sim.settings import RelaxSettings
+
+    relax_settings = RelaxSettings(fmax=args.fmax, max_steps=args.max_steps, optimizer=args.optimizer,
+                                   relax_cell=not args.no_cell, max_atoms=args.max_atoms)
+    # the store's fingerprint: the settings results depend on (non-default ones only beyond fmax, steps, cell, so
+    # stores written before --optimizer existed resume) and the dtype
+    settings = {**relax_settings.record(), "dtype": args.dtype}
     try:
         store = open_store(args.out, settings, model)
     except StoreError as exc:
@@ -324,10 +328,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     n_new = 0
     try:
-        for result in executor.relax_many(stream(), model, fmax=args.fmax, max_steps=args.max_steps,
-                                          optimizer=args.optimizer, relax_cell=not args.no_cell,
-                                          max_atoms=args.max_atoms, stream=True,
-                                          progress=not args.no_progress, total=total):
+        for result in executor.relax_many(stream(), model, relax_settings, stream=True, progress=not args.no_progress,
+                                          total=total):
             key, path, frame, ordinal = pending.pop(result.index)
             record, atoms = make_record(result, key, path, frame, ordinal)
             store.put(record, "relax", atoms)

@@ -497,8 +497,16 @@ class Runner:
             self._exhausted = True
             return None
 
-    def restore(self, items: list[InputItem], state) -> None:
-        """Resume ``items`` from their checkpointed compact ``state`` (one system per item, in order)."""
+    def restore(self, items: list[InputItem], state, freed: int = 0) -> None:
+        """Resume ``items`` from their checkpointed compact ``state`` (one system per item, in order).
+
+        Everything else that feeds the arithmetic is rebuilt from scratch: the padded layout, the edge lists at the
+        configured skin, and the Verlet policy's host state (margins, grown skins, build steps, vacant atoms);
+        ``freed`` (atoms retired since the last admission) is the checkpoint's. The run that writes a checkpoint
+        calls this too, so a restarted run continues bit for bit."""
+        self.state, self.slots, self.edges, self._inner, self.items = None, None, None, None, []
+        self._built_at, self._margin, self._outer_bound, self._grow_skin = {}, {}, {}, {}
+        self._vacant, self._freed = 0, int(freed)
         state.batch = replace(state.batch, atom_count=int(state.batch.offsets[-1]))
         self._repack([], list(items), [state], [], admitted=False)
 
