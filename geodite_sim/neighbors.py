@@ -15,7 +15,7 @@ real atoms — padding rows after ``offsets[-1]`` are ignored):
 - ``"torch"``: vectorised brute force over atom pairs with per-pair image ranges; the reference.
 
 ``"auto"`` picks triton on CUDA, alchemiops on CPU, torch when neither imports.
-:class:`VerletNeighborList` adds a skin for molecular dynamics.
+The runner keeps lists between steps with a Verlet skin (:mod:`geodite_sim.runner.edges`, docs/runner.md).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from geodite_sim.batch import Batch, atom_indices
+from geodite_sim.batch import Batch
 from geodite_sim.model.geodite import Edges
 
 BACKENDS = ("triton", "alchemiops", "torch")
@@ -348,126 +348,3 @@ def neighbor_list(batch: Batch, cutoff: float, backend: str = "auto") -> Edges:
     if name == "alchemiops":
         return _alchemiops_backend(geo, cutoff)
     return _triton_backend(geo, cutoff)
-
-
-# ---------------------------------------------------------------------------------------------- Verlet skin
-def _merge_by_system(parts: list[Edges], system_index: torch.Tensor, n_systems: int) -> Edges:
-    """Interleave receiver-sorted edge lists whose systems are disjoint into one receiver-sorted list, O(E)."""
-    dev = system_index.device
-    systems = [system_index[p.receiver] for p in parts]
-    counts = [torch.bincount(s, minlength=n_systems) for s in systems]
-    total = torch.stack(counts).sum(0)
-    start = torch.cumsum(total, 0) - total
-    n_edges = int(total.sum())
-    sender = torch.empty(n_edges, dtype=torch.long, device=dev)
-    receiver = torch.empty_like(sender)
-    shifts = torch.empty(n_edges, 3, dtype=torch.long, device=dev)
-    for p, s, c in zip(parts, systems, counts):
-        first = torch.cumsum(c, 0) - c  # where each system starts within this part
-        dest = start[s] + torch.arange(s.numel(), device=dev) - first[s]
-        sender[dest], receiver[dest], shifts[dest] = p.sender, p.receiver, p.shifts
-    return Edges(sender, receiver, shifts)
-
-
-class VerletNeighborList:
-    """Neighbour lists reused across MD steps with a skin.
-
-    Lists are built at ``cutoff + skin`` and kept for a system while none of its atoms has moved more
-    than ``skin / 2`` since that system's build and its cell is unchanged; every call filters the kept
-    list to the true ``cutoff`` with the current positions, so the result never depends on the skin.
-    Systems that need it are rebuilt alone; a batch whose composition (offsets, atomic numbers, pbc)
-    changed is rebuilt whole, as after :meth:`reset`.
-
-    Attributes:
-        n_builds: neighbour-list builds run (each covers one or more systems).
-        n_system_builds: systems built, summed over builds.
-    """
-
-    def __init__(self, cutoff: float, skin: float = 0.5, backend: str = "auto"):
-        if cutoff <= 0 or skin < 0:
-            raise ValueError("cutoff must be positive and skin non-negative")
-        self.cutoff = float(cutoff)
-        self.skin = float(skin)
-        self.backend = backend
-        self.n_builds = 0
-        self.n_system_builds = 0
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget the kept lists (call when the scheduler swaps systems; changes are also detected)."""
-        self._ref_pos: torch.Tensor | None = None
-        self._ref_cell: torch.Tensor | None = None
-        self._ref_pbc: torch.Tensor | None = None
-        self._ref_numbers: torch.Tensor | None = None
-        self._ref_offsets: torch.Tensor | None = None
-        self._edges: Edges | None = None
-
-    def _same_composition(self, batch: Batch) -> bool:
-        if self._edges is None:
-            return False
-        n = batch.n_atoms
-        return (
-            self._ref_offsets.shape == batch.offsets.shape
-            and torch.equal(self._ref_offsets, batch.offsets)
-            and torch.equal(self._ref_numbers, batch.numbers[:n])
-            and torch.equal(self._ref_pbc, batch.pbc)
-            and self._ref_pos.dtype == batch.positions.dtype
-        )
-
-    def _build(self, batch: Batch, systems: torch.Tensor | None) -> None:
-        """Rebuild ``systems`` (all when None) at cutoff + skin and update the references."""
-        n = batch.n_atoms
-        radius = self.cutoff + self.skin
-        self.n_builds += 1
-        if systems is None:
-            self._edges = neighbor_list(batch, radius, self.backend)
-            self.n_system_builds += batch.n_systems
-            self._ref_pos = batch.positions[:n].detach().clone()
-            self._ref_cell = batch.cell.detach().clone()
-            self._ref_pbc = batch.pbc.clone()
-            self._ref_numbers = batch.numbers[:n].clone()
-            self._ref_offsets = batch.offsets.clone()
-            return
-        self.n_system_builds += int(systems.numel())
-        sub = neighbor_list(batch.select(systems), radius, self.backend)
-        atoms = atom_indices(batch.offsets, systems)  # sub-batch atom -> batch atom
-        old = self._edges
-        stale = torch.zeros(batch.n_systems, dtype=torch.bool, device=batch.device)
-        stale[systems] = True
-        keep = ~stale[batch.system_index[old.receiver]]
-        kept = Edges(old.sender[keep], old.receiver[keep], old.shifts[keep])
-        fresh = Edges(atoms[sub.sender], atoms[sub.receiver], sub.shifts)
-        self._edges = _merge_by_system([kept, fresh], batch.system_index, batch.n_systems)
-        self._ref_pos[atoms] = batch.positions[atoms].detach()
-        self._ref_cell[systems] = batch.cell[systems].detach()
-
-    def __call__(self, batch: Batch) -> Edges:
-        """Edges within ``cutoff`` for the current positions of ``batch`` (receiver-sorted, int64)."""
-        n = batch.n_atoms
-        if not self._same_composition(batch):
-            self._build(batch, None)
-        else:
-            pos = batch.positions[:n].detach()
-            moved = torch.linalg.vector_norm(pos - self._ref_pos, dim=1) > 0.5 * self.skin
-            need = torch.zeros(batch.n_systems, dtype=torch.long, device=batch.device)
-            need = need.index_add_(0, batch.system_index[:n], moved.long()) > 0
-            need |= (batch.cell.detach() != self._ref_cell).flatten(1).any(1)
-            stale = torch.nonzero(need).flatten()
-            if stale.numel() == batch.n_systems:
-                self._build(batch, None)
-            elif stale.numel() > 0:
-                self._build(batch, stale)
-        return self._filter(batch)
-
-    def update(self, batch: Batch) -> Edges:
-        """Alias of ``__call__``."""
-        return self(batch)
-
-    def _filter(self, batch: Batch) -> Edges:
-        """Keep the kept edges whose current length is below the true cutoff."""
-        e = self._edges
-        pos = batch.positions.detach()
-        cell = batch.cell.detach()[batch.system_index[e.receiver]]
-        d = pos[e.sender] - pos[e.receiver] + torch.einsum("ei,eij->ej", e.shifts.to(pos.dtype), cell)
-        keep = torch.sqrt((d * d).sum(-1)) < self.cutoff
-        return Edges(e.sender[keep], e.receiver[keep], e.shifts[keep])
