@@ -442,6 +442,10 @@ def run_relax(structures: Any, model, settings: RelaxSettings, *, stream: bool =
         check_interval = config.check_interval if config.check_interval != 1 else (
             10 if torch.device(model.device).type == "cuda" else 1)
     config = replace(config, check_interval=max(1, int(check_interval)))
+    if optimizer != "fire" and config.inner_skin == "auto":
+        # one Verlet list: quasi-Newton step lengths jump (a step of maxstep after small ones), which the two-level
+        # lists' pace-based margins do not foresee; parked steps cost L-BFGS 2-3x its model work (docs/optimizers.md)
+        config = replace(config, inner_skin=None)
     checks = FailureChecks(min_distance_factor=min_distance_factor, max_volume_ratio=s.max_volume_ratio)
     any_cell = relax_cell is not False and not (isinstance(relax_cell, (bool, np.bool_)) and not relax_cell)
     integrator = get_integrator(optimizer + ("_frechet" if any_cell else ""))
