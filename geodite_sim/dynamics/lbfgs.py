@@ -20,9 +20,10 @@ of the number of systems::
     H g = γ g + S R⁻ᵀ[(D + γ YᵀY) w - γ Yᵀg] - γ Y w,   w = R⁻¹ Sᵀg,   γ = 1 / alpha
 
 with S, Y the stored pairs in chronological order, R the upper triangle of SᵀY and D its diagonal.
-The history is a ring of ``memory`` slots per system: s, y per atom [N, M, 3] and per cell [S, M, 3, 3],
-and the small Gram matrices SᵀY and YᵀY [S, M, M] updated by one row and column per step. Unused
-slots hold zeros (their R diagonal is set to 1), so they drop out. The two forms agree with ASE's to
+The history holds ``memory`` slots per system in chronological order, the newest last: s, y per atom
+[N, M, 3] and per cell [S, M, 3, 3], and the small Gram matrices SᵀY and YᵀY [S, M, M]; a new pair shifts
+them by one slot (the oldest drops out once all are used) and adds one row and column. Unused slots hold
+zeros (their R diagonal is set to 1), so they drop out. The two forms agree with ASE's to
 rounding (tests/test_lbfgs.py compares paths to 1e-8 Å).
 """
 
@@ -66,13 +67,14 @@ class LBFGSParams:
 
 @dataclass
 class LBFGSState(OptimizerState):
-    """L-BFGS state (besides :class:`~.optimizer.OptimizerState`'s), M = ``memory`` ring slots per system.
+    """L-BFGS state (besides :class:`~.optimizer.OptimizerState`'s), M = ``memory`` slots per system, oldest
+    first and the newest in slot M - 1 (the first M - count slots unused, zero).
 
     Attributes:
         s_atoms, y_atoms: [N, M, 3] steps and gradient changes of the atoms' generalised coordinates.
         s_cell, y_cell: [S, M, 3, 3] the same for the cell coordinates (zero without the cell).
-        sy, yy: [S, M, M] Gram matrices s_i·y_j and y_i·y_j over the slots (slot order).
-        head: [S] int64, the slot the next pair goes to. count: [S] int64, pairs stored (≤ M).
+        sy, yy: [S, M, M] Gram matrices s_i·y_j and y_i·y_j.
+        count: [S] int64, pairs stored (≤ M).
     """
 
     s_atoms: torch.Tensor = atom_field(default=None)
@@ -81,7 +83,6 @@ class LBFGSState(OptimizerState):
     y_cell: torch.Tensor = system_field(default=None)
     sy: torch.Tensor = system_field(default=None)
     yy: torch.Tensor = system_field(default=None)
-    head: torch.Tensor = system_field(default=None)
     count: torch.Tensor = system_field(default=None)
 
 
@@ -96,8 +97,7 @@ def lbfgs_init(batch: Batch, relax_cell: bool | torch.Tensor = True, params: LBF
     zeros_c = torch.zeros(s, m, 3, 3, dtype=dtype, device=dev)
     zeros_g = torch.zeros(s, m, m, dtype=dtype, device=dev)
     return LBFGSState(batch=batch, s_atoms=zeros_a, y_atoms=zeros_a.clone(), s_cell=zeros_c, y_cell=zeros_c.clone(),
-                      sy=zeros_g, yy=zeros_g.clone(), head=torch.zeros(s, dtype=torch.long, device=dev),
-                      count=torch.zeros(s, dtype=torch.long, device=dev),
+                      sy=zeros_g, yy=zeros_g.clone(), count=torch.zeros(s, dtype=torch.long, device=dev),
                       **optimizer_fields(batch, relax_cell, cell_factor), **fields)
 
 
@@ -112,26 +112,16 @@ def inverse_hessian_times(state: LBFGSState, q_a: torch.Tensor, q_c: torch.Tenso
                           alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """H q for the L-BFGS inverse Hessian of every system (compact form, module docstring): q [N, 3] + [S, 3, 3]."""
     sys_idx = state.batch.system_index
-    s_n, m = state.sy.shape[0], state.sy.shape[1]
+    m = state.sy.shape[1]
     gamma = 1.0 / alpha
-    j = torch.arange(m, device=q_a.device)
-    slot = (state.head[:, None] + j[None, :]) % m  # chronological position j (oldest first) -> ring slot
-    back = (j[None, :] - state.head[:, None]) % m  # ring slot -> chronological position
-    unused = j[None, :] < (m - state.count)[:, None]
-    a = torch.gather(_dots(state.s_atoms, state.s_cell, q_a, q_c, sys_idx), 1, slot)
-    b = torch.gather(_dots(state.y_atoms, state.y_cell, q_a, q_c, sys_idx), 1, slot)
-
-    def ordered(gram):
-        rows = torch.gather(gram, 1, slot[:, :, None].expand(s_n, m, m))
-        return torch.gather(rows, 2, slot[:, None, :].expand(s_n, m, m))
-
-    sy, yy = ordered(state.sy), ordered(state.yy)
-    r = torch.triu(sy) + torch.diag_embed(unused.to(sy.dtype))
-    w = torch.linalg.solve_triangular(r, a[:, :, None], upper=True)
-    rhs = torch.diagonal(sy, dim1=1, dim2=2)[:, :, None] * w + gamma * (yy @ w) - gamma * b[:, :, None]
-    p1 = torch.linalg.solve_triangular(r.transpose(1, 2), rhs, upper=False)
-    p1 = torch.gather(p1[:, :, 0], 1, back)
-    w = torch.gather(w[:, :, 0], 1, back)
+    unused = torch.arange(m, device=q_a.device)[None, :] < (m - state.count)[:, None]
+    a = _dots(state.s_atoms, state.s_cell, q_a, q_c, sys_idx)[:, :, None]  # Sᵀq [S, M, 1]
+    b = _dots(state.y_atoms, state.y_cell, q_a, q_c, sys_idx)[:, :, None]  # Yᵀq
+    r = torch.triu(state.sy) + torch.diag_embed(unused.to(state.sy.dtype))
+    w = torch.linalg.solve_triangular(r, a, upper=True)
+    rhs = torch.diagonal(state.sy, dim1=1, dim2=2)[:, :, None] * w + gamma * (state.yy @ w) - gamma * b
+    p1 = torch.linalg.solve_triangular(r.transpose(1, 2), rhs, upper=False)[:, :, 0]
+    w = w[:, :, 0]
     p1_a, w_a = p1[sys_idx][:, :, None], w[sys_idx][:, :, None]
     p1_c, w_c = p1[:, :, None, None], w[:, :, None, None]
     h_a = gamma * q_a + (state.s_atoms * p1_a).sum(1) - gamma * (state.y_atoms * w_a).sum(1)
@@ -155,9 +145,16 @@ def lbfgs_move(state: LBFGSState, params: LBFGSParams | None = None, cell: bool 
     return displace(state, dr_a, dr_c, cell)
 
 
+def _shifted(history: torch.Tensor, new: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
+    """The history [L, M, ...] with its slots shifted one towards the start and ``new`` [L, ...] in the last slot,
+    where ``moved`` [L]; unchanged elsewhere."""
+    shifted = torch.cat([history[:, 1:], new[:, None]], dim=1)
+    return torch.where(moved.view(-1, *([1] * (history.dim() - 1))), shifted, history)
+
+
 def lbfgs_learn(old: LBFGSState, new: LBFGSState, cell: bool = True) -> LBFGSState:
     """Store the pair (s, y) of the step from ``old`` to ``new`` (``new`` evaluated, its generalised forces cached
-    by :func:`~.optimizer.relax_converged`) in the ring of every system that moved (``old`` not done)."""
+    by :func:`~.optimizer.relax_converged`) as the newest of every system that moved (``old`` not done)."""
     sys_idx = new.batch.system_index
     m = new.sy.shape[1]
     x_old_a, x_old_c = coordinates(old, cell)
@@ -166,21 +163,22 @@ def lbfgs_learn(old: LBFGSState, new: LBFGSState, cell: bool = True) -> LBFGSSta
     s_a, s_c = x_new_a - x_old_a, x_new_c - x_old_c
     y_a, y_c = g_old_a - new.g_atoms, g_old_c - new.g_cell  # gradient change = -(f_new - f_old)
     moved = ~old.done
-    at = (torch.arange(m, device=s_a.device)[None, :] == new.head[:, None]) & moved[:, None]  # [S, M] slot written
-    at_a = at[sys_idx][:, :, None]
-    at_c = at[:, :, None, None]
-    s_atoms = torch.where(at_a, s_a[:, None, :], new.s_atoms)
-    y_atoms = torch.where(at_a, y_a[:, None, :], new.y_atoms)
-    s_cell = torch.where(at_c, s_c[:, None], new.s_cell)
-    y_cell = torch.where(at_c, y_c[:, None], new.y_cell)
-    s_dot_y = _dots(s_atoms, s_cell, y_a, y_c, sys_idx)  # s_l · y_new
-    y_dot_s = _dots(y_atoms, y_cell, s_a, s_c, sys_idx)  # s_new · y_l
+    moved_a = moved[sys_idx]
+    s_atoms, y_atoms = _shifted(new.s_atoms, s_a, moved_a), _shifted(new.y_atoms, y_a, moved_a)
+    s_cell, y_cell = _shifted(new.s_cell, s_c, moved), _shifted(new.y_cell, y_c, moved)
+    s_dot_y = _dots(s_atoms, s_cell, y_a, y_c, sys_idx)  # s_l · y_new (the last column of SᵀY)
+    y_dot_s = _dots(y_atoms, y_cell, s_a, s_c, sys_idx)  # s_new · y_l (its last row)
     y_dot_y = _dots(y_atoms, y_cell, y_a, y_c, sys_idx)  # y_l · y_new
-    row, col = at[:, :, None], at[:, None, :]
-    sy = torch.where(col, s_dot_y[:, :, None], torch.where(row, y_dot_s[:, None, :], new.sy))
-    yy = torch.where(col, y_dot_y[:, :, None], torch.where(row, y_dot_y[:, None, :], new.yy))
-    return replace(new, s_atoms=s_atoms, y_atoms=y_atoms, s_cell=s_cell, y_cell=y_cell, sy=sy, yy=yy,
-                   head=torch.where(moved, (new.head + 1) % m, new.head),
+    last = torch.arange(m, device=s_a.device) == m - 1
+    row, col = last[None, :, None], last[None, None, :]
+
+    def grown(gram, last_row, last_col):
+        shifted = torch.roll(gram, shifts=(-1, -1), dims=(1, 2))  # slot 0 (the oldest) wraps into the new slot
+        g = torch.where(col, last_col[:, :, None], torch.where(row, last_row[:, None, :], shifted))
+        return torch.where(moved[:, None, None], g, gram)
+
+    return replace(new, s_atoms=s_atoms, y_atoms=y_atoms, s_cell=s_cell, y_cell=y_cell,
+                   sy=grown(new.sy, y_dot_s, s_dot_y), yy=grown(new.yy, y_dot_y, y_dot_y),
                    count=torch.where(moved, torch.clamp(new.count + 1, max=m), new.count))
 
 
