@@ -12,6 +12,8 @@ equals ASE or is such a path.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -187,3 +189,39 @@ def test_workflows_take_the_optimizer(morse, tmp_path):
     res = screen([bulk("Cu", "fcc", 3.65)], refs, out=tmp_path / "s", model=morse, optimizer="bfgs", plots=False,
                  progress=False, relax_fn=relax_fn)
     assert seen == ["bfgs"] and res.rows[0]["status"] == "screened"
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from geodite_sim.model.checkpoint import save_checkpoint
+
+    path = tmp_path_factory.mktemp("model") / "tiny.ckpt"
+    save_checkpoint(tiny_geodite(torch.float32), path)
+    return path
+
+
+def test_cli_optimizer_option_resumes_and_refuses_another(tmp_path, tiny_checkpoint, capsys):
+    """``geodite-sim relax --optimizer lbfgs``: the structures relax with L-BFGS (the steps of ``relax_many``), a
+    re-run resumes (nothing new), and a re-run with another optimiser is refused before anything runs."""
+    from ase.io import write
+    from test_relax import _main
+
+    from geodite_sim.model import load_model
+
+    a, b = tmp_path / "a.cif", tmp_path / "b.cif"
+    write(a, bulk("Cu", "fcc", 3.65))
+    write(b, bulk("Al", "fcc", 4.1))
+    out = tmp_path / "out"
+    args = [a, b, "--out", out, "--model", tiny_checkpoint, "--dtype", "float64", "--max-steps", "8", "--no-progress"]
+    rc, text = _main(capsys, *args, "--optimizer", "lbfgs")
+    assert rc == 0, text
+    table = json.loads((out / "results.json").read_text())
+    want = gs.relax_many([str(a), str(b)], load_model(str(tiny_checkpoint), dtype=torch.float64), max_steps=8,
+                         progress=False, optimizer="lbfgs")
+    assert [r["n_steps"] for r in table] == [r.n_steps for r in want]
+    assert [r["n_steps"] for r in table] != [r.n_steps for r in gs.relax_many(
+        [str(a), str(b)], load_model(str(tiny_checkpoint), dtype=torch.float64), max_steps=8, progress=False)]
+    rc, text = _main(capsys, *args, "--optimizer", "lbfgs")
+    assert rc == 0 and "relaxed 0 new structure(s)" in text, text
+    rc, text = _main(capsys, *args)
+    assert rc == 2 and "optimizer" in text, text
