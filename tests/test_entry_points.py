@@ -66,7 +66,7 @@ def test_one_quiet_flag_everywhere():
     from geodite_sim.cli import build_parser
 
     parser = build_parser()
-    with_bars = {"evaluate", "relax", "run", "screen", "phonons", "eos", "elastic", "diatomics"}
+    with_bars = {"evaluate", "relax", "run", "screen", "phonons", "eos", "elastic", "diatomics", "campaign", "demo"}
     for p in _leaves(parser):
         name = p.prog.split()[-1]
         if name in with_bars:

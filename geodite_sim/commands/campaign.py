@@ -38,6 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-report", action="store_true", help="run the MD (and analysis) but write no report")
     p.add_argument("--progress-every", type=float, default=30.0, metavar="S",
                    help="seconds between progress lines (default 30)")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines (nor progress.json updates)")
     p.add_argument("--analysis-device", default=None, help="device for the analysis (default: the spec's)")
     from geodite_sim.executors import add_executor_arguments
 
@@ -83,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
             raise SpecError(str(exc)) from None
         try:
             result = run_campaign(spec, run_md=not args.analyse_only, report=not args.no_report, log=log,
-                                  progress_every_s=args.progress_every, device=args.analysis_device,
+                                  progress_every_s=float("inf") if args.no_progress else args.progress_every,
+                                  device=args.analysis_device,
                                   executor=executor)
         finally:
             executor.shutdown()

@@ -27,6 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="out/demo", help="output directory (default out/demo; re-running resumes)")
     p.add_argument("--model", default=None, help="checkpoint or packaged name (default: packaged default)")
     p.add_argument("--fresh", action="store_true", help="ignore earlier results in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--max-steps", type=int, default=None,
                    help="FIRE steps per structure (default 500; 20 for the random-weight reference model)")
     p.set_defaults(func=run)
@@ -59,4 +60,6 @@ def run(args: argparse.Namespace) -> int:
         argv += ["--model", args.model]
     if max_steps is not None:
         argv += ["--max-steps", str(max_steps)]
+    if args.no_progress:
+        argv.append("--no-progress")
     return main(argv)
