@@ -126,6 +126,34 @@ def test_bounded_read_ahead(executor, model):
     assert [r.index for r in it] == list(range(1, 160))
 
 
+def test_every_setting_reaches_a_ray_run(executor):
+    """relax_many / run_md with non-default settings (symmetry, per-input cell flags, L-BFGS parameters, allowed
+    unsupported elements, observers, config, ...) on Ray equal the direct runs; the observers see every result."""
+    from test_settings import Recorder, _relax_inputs, _relax_kwargs, _same, cu_only_morse
+
+    from geodite_sim.runner import StepConfig
+
+    model = cu_only_morse()
+    executor.shard_size = 2
+    direct = gs.relax_many(_relax_inputs(), model, progress=False, **_relax_kwargs(Recorder()))
+    rec = Recorder()
+    got = gs.relax_many(_relax_inputs(), model, progress=False, executor=executor, **_relax_kwargs(rec))
+    for a, b in zip(direct, got, strict=True):
+        _same(a, b)
+    assert rec.indices == [0, 1, 2] and rec.closed == 1
+    inputs = [_relax_inputs()[0], _relax_inputs()[2]]
+    kw = dict(ensemble="nvt_nhc", temperature=[300.0, 500.0], steps=[4, 6], timestep=1.0, seed=2, monitors=False,
+              allow_unsupported_elements=True, config=StepConfig(skin=0.3), progress=False)
+    direct_md = gs.run_md(inputs, model, **kw)
+    rec = Recorder()
+    got_md = gs.run_md(inputs, model, executor=executor, observers=[rec], **kw)
+    for a, b in zip(direct_md, got_md, strict=True):
+        assert a.error is None and b.error is None and a.n_steps == b.n_steps and a.warnings == b.warnings
+        assert np.array_equal(a.final.positions, b.final.positions)
+        assert np.array_equal(a.final.get_momenta(), b.final.get_momenta())
+    assert direct_md[1].warnings and rec.indices == [0, 1]
+
+
 def test_campaign_on_ray_equals_the_one_process_campaign(executor, tmp_path):
     """An SSE campaign (NHC, Morse) sharded one run per shard: same frames bit for bit, runs located via the store;
     re-running the finished campaign does nothing."""
