@@ -62,10 +62,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     warnings.filterwarnings("ignore")
-    import geodite_sim as gs
     from ase.filters import FrechetCellFilter
     from ase.optimize import FIRE
     from sevenn.calculator import SevenNetCalculator
+
+    import geodite_sim as gs
 
     label, relax = structures(args.structures, args.relax)
     model = gs.load_model("sevennet-0")
