@@ -196,7 +196,10 @@ structures_per_shard = 12
 relax_steps = 3
 sources = {{ elemental = 1.0 }}
 """)
-    assert main(["distill", str(spec), "--stages", "data"]) == 0
+    assert main(["distill", str(spec), "--stages", "data", "--no-progress"]) == 0
+    quiet = capsys.readouterr()
+    assert "stage" in quiet.out and "data: shard" not in quiet.err  # --no-progress: outcome only
+    assert main(["distill", str(spec), "--stages", "data"]) == 0  # resumes: nothing left, says so
     assert "stage" in capsys.readouterr().out
     assert main(["distill", str(spec), "--status"]) == 0
     status = json.loads(capsys.readouterr().out)

@@ -32,6 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="stages to run (default: all, in order)")
     p.add_argument("--until", default=None, metavar="HH:MM", help="stop cleanly (checkpointed) before this local time")
     p.add_argument("--hours", type=float, default=None, help="stop cleanly after this many hours")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no per-shard / per-epoch progress lines (warnings and the outcome are still printed)")
     p.set_defaults(func=run, interrupt_hint="re-run the same command to resume (shards and checkpoints are kept)")
 
 
@@ -52,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         now = time.time()
         limits = [t for t in ((parse_until(args.until, now) if args.until else None),
                               (now + 3600 * args.hours if args.hours else None)) if t is not None]
-        result = run_distill(spec, deadline=min(limits) if limits else None, stages=tuple(args.stages), log=log)
+        result = run_distill(spec, deadline=min(limits) if limits else None, stages=tuple(args.stages), log=log,
+                             progress=(lambda msg: None) if args.no_progress else None)
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -66,9 +66,11 @@ def _eta(done: int, total: int, elapsed: float) -> str:
 class Distillation:
     """One spec's workflow state (the teacher is loaded on first use)."""
 
-    def __init__(self, spec: DistillSpec, log: Callable[[str], None] = print, deadline: float | None = None):
+    def __init__(self, spec: DistillSpec, log: Callable[[str], None] = print, deadline: float | None = None,
+                 progress: Callable[[str], None] | None = None):
         self.spec = spec
-        self.log = log
+        self.log = log  # warnings and outcomes: always shown
+        self.progress = log if progress is None else progress  # per-shard / per-epoch lines with ETA
         self.workdir = spec.workdir
         self.deadline = deadline
         self._teacher = None
@@ -177,7 +179,7 @@ class Distillation:
         t0, done_here = time.time(), 0
         todo = [k for k in range(len(self.shards)) if not (self.workdir / "labels" / shard_name(k)).exists()]
         if todo:
-            self.log(f"data: {len(self.shards) - len(todo)}/{len(self.shards)} shards labelled; "
+            self.progress(f"data: {len(self.shards) - len(todo)}/{len(self.shards)} shards labelled; "
                      f"{len(todo)} to go ({sum(b.n_candidates for k in todo for b in self.shards[k])} structures)")
         for n, k in enumerate(todo):
             if max_shards is not None and n >= max_shards:
@@ -200,7 +202,7 @@ class Distillation:
             m["data_hash"] = data_hash(m)
             _write_json(self.workdir / MANIFEST, m)
             done_here += 1
-            self.log(f"data: shard {k + 1}/{len(self.shards)} labelled ({len(labelled)} structures, "
+            self.progress(f"data: shard {k + 1}/{len(self.shards)} labelled ({len(labelled)} structures, "
                      f"{len(labelled.failures)} failed; generated in {t_gen:.0f} s, labelled in "
                      f"{time.time() - t_shard - t_gen:.0f} s); {time.time() - t0:.0f} s so far, "
                      f"{_eta(done_here, len(todo), time.time() - t0)}")
@@ -233,12 +235,14 @@ def verify_shards(workdir: Path) -> list[str]:
 
 def run_distill(spec_or_path, workdir: str | Path | None = None, deadline: float | None = None,
                 stages: tuple[str, ...] = ("data", "train", "validate"), log: Callable[[str], None] = print,
-                max_shards: int | None = None) -> DistillResult:
-    """Run (or resume) the workflow up to the end of ``stages``, within the spec's wall-clock budget."""
+                max_shards: int | None = None, progress: Callable[[str], None] | None = None) -> DistillResult:
+    """Run (or resume) the workflow up to the end of ``stages``, within the spec's wall-clock budget.
+
+    ``log`` gets warnings and outcomes; ``progress`` (default: ``log``) the per-shard and per-epoch lines."""
     start = time.time()
     spec = spec_or_path if isinstance(spec_or_path, DistillSpec) else load_spec(spec_or_path, workdir)
     limits = [t for t in (deadline, spec.budget.deadline(start)) if t is not None]
-    job = Distillation(spec, log=log, deadline=min(limits) if limits else None)
+    job = Distillation(spec, log=log, deadline=min(limits) if limits else None, progress=progress)
     stage = "data"
     try:
         if "data" in stages:

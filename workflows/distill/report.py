@@ -21,7 +21,7 @@ def _cached(folder: Path, name: str, compute, job) -> dict:
     if path.exists():
         return json.loads(path.read_text())
     job._check_time(f"validate: before {name}")
-    job.log(f"validate: {name} …")
+    job.progress(f"validate: {name} …")
     result = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_json(path, result)

@@ -82,17 +82,17 @@ def _run_stage(job, stage: int, train: list[Sample], val: list[Sample], init: Pa
     folder.mkdir(parents=True, exist_ok=True)
     config = _config(job, stage)
     if (folder / "last.ckpt").exists():
-        trainer = Trainer.resume(folder / "last.ckpt", train, workdir=folder, val_samples=val, log=job.log)
+        trainer = Trainer.resume(folder / "last.ckpt", train, workdir=folder, val_samples=val, log=job.progress)
     elif stage == 1:
         st = job.spec.student
         model_config = GeoditeConfig(hidden_channels=st.hidden_channels, num_layers=st.num_layers,
                                      num_heads=st.num_heads, n_rbf=st.n_rbf, cutoff=st.cutoff, attn_dropout=0.0)
         trainer = Trainer(train, model_config=model_config, config=config, workdir=folder, val_samples=val,
-                          e0=_e0_array(job.manifest()), preset=f"distill:{job.spec.name}", log=job.log)
+                          e0=_e0_array(job.manifest()), preset=f"distill:{job.spec.name}", log=job.progress)
     else:
         trainer = Trainer(train, config=config, workdir=folder, init=init, val_samples=val,
-                          preset=f"distill:{job.spec.name}", log=job.log)
-    job.log(f"train: stage {stage} ({'forces' if stage == 1 else 'energies'} weighted), epoch {trainer.epoch}/"
+                          preset=f"distill:{job.spec.name}", log=job.progress)
+    job.progress(f"train: stage {stage} ({'forces' if stage == 1 else 'energies'} weighted), epoch {trainer.epoch}/"
             f"{config.epochs}")
     trainer.fit(deadline=job.deadline)
     if not trainer.finished:
@@ -115,7 +115,7 @@ def run_training(job) -> Path:
         raise ValueError(f"{job.workdir}: no labelled training structures")
     stride = max(1, len(held) // VAL_PER_EPOCH)
     val = held[::stride][:VAL_PER_EPOCH]
-    job.log(f"train: {len(train)} structures ({sum(s.n_atoms for s in train)} atoms); "
+    job.progress(f"train: {len(train)} structures ({sum(s.n_atoms for s in train)} atoms); "
             f"{len(held)} held out ({len(val)} validated per epoch)")
     stage1 = _run_stage(job, 1, train, val, None)
     stage2 = _run_stage(job, 2, train, val, stage1) if job.spec.train.stage2_epochs > 0 else stage1
