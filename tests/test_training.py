@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -177,7 +178,7 @@ def test_extxyz_and_hdf5_roundtrip(tmp_path):
             np.testing.assert_allclose(g.atoms.positions, s.atoms.positions, atol=1e-8)
 
 
-def test_cli_trains_and_writes_loadable_checkpoint(tmp_path):
+def test_cli_trains_and_writes_loadable_checkpoint(tmp_path, capsys):
     from ase.io import write
 
     from geodite_sim.training.cli import main
@@ -190,7 +191,8 @@ def test_cli_trains_and_writes_loadable_checkpoint(tmp_path):
     write(tmp_path / "d.extxyz", frames, format="extxyz")
     out = tmp_path / "m.ckpt"
     assert main([str(tmp_path / "d.extxyz"), "--config", "tiny", "--epochs", "1", "--out", str(out),
-                 "--log-every", "0"]) == 0
+                 "--log-every", "1", "--no-progress"]) == 0  # --no-progress wins
+    assert re.search(r"^\s+step\s+\d+/\d+ epoch", capsys.readouterr().out, re.M) is None  # no per-step lines
     model = load_model(str(out))
     assert model.config.hidden_channels == get_preset("tiny")[0].hidden_channels
     assert (tmp_path / "m.ckpt.train" / "last.ckpt").exists()

@@ -53,6 +53,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--dtype", choices=["float32", "float64"])
     g.add_argument("--log-every", type=int)
+    g.add_argument("--no-progress", action="store_true", help="no per-step progress lines (the per-epoch table stays)")
     g.add_argument("--checkpoint-every", type=int)
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: OMP_NUM_THREADS or torch's)")
     m = p.add_argument_group("architecture overrides (fresh models only)")
@@ -105,6 +106,8 @@ def run_train(args: argparse.Namespace) -> int:
     train_over = {k: getattr(args, k) for k in (
         "epochs", "batch_size", "lr", "warmup_steps", "ema_decay", "energy_weight", "forces_weight",
         "stress_weight", "val_fraction", "seed", "dtype", "log_every", "checkpoint_every")}
+    if args.no_progress:
+        train_over["log_every"] = 0
     model_over = {k: getattr(args, k) for k in ("hidden_channels", "num_layers", "num_heads", "n_rbf", "cutoff")}
     out = Path(args.out)
     workdir = Path(args.workdir) if args.workdir else out.with_name(out.name + ".train")
