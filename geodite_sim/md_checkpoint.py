@@ -35,14 +35,22 @@ import os
 import tempfile
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from geodite_sim.batch import Batch
 from geodite_sim.dynamics.langevin import LangevinState  # noqa: F401  (registers the state class)
 from geodite_sim.dynamics.nose_hoover import NHCState  # noqa: F401
 from geodite_sim.dynamics.verlet import MDState
+from geodite_sim.io.structures import InputItem
+from geodite_sim.monitors import temperature_limit_factor
 from geodite_sim.state import PER
+
+if TYPE_CHECKING:
+    from geodite_sim.md_job import MDJob
+    from geodite_sim.runner import Runner
 
 FORMAT = "geodite_sim.md_checkpoint/1"
 
@@ -135,3 +143,109 @@ def check_compatible(saved: dict, current: dict, keys: tuple[str, ...]) -> None:
             for k in keys if saved.get(k) != current.get(k)]
     if diff:
         raise ValueError("cannot restart: settings differ from the checkpointed run (" + "; ".join(diff) + ")")
+
+
+class CountedItems:
+    """Iterator over InputItems that remembers the index after the last one handed out (a checkpoint's queue
+    position)."""
+
+    def __init__(self, items, next_index: int = 0):
+        self._items = items
+        self.next_index = next_index
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> InputItem:
+        item = next(self._items)
+        self.next_index = item.index + 1
+        return item
+
+
+class MDCheckpoints:
+    """The checkpoints of one MD job: file, period (engine steps), the next one due; writing and restoring."""
+
+    def __init__(self, path: str | None, every: int | None):
+        self.path, self.every = path, every
+        self.next = every
+
+    @property
+    def enabled(self) -> bool:
+        return self.path is not None and self.every is not None
+
+    def due(self, iteration: int) -> bool:
+        return self.enabled and iteration >= self.next
+
+    def advance(self, iteration: int) -> None:
+        """The next checkpoint after one written at ``iteration``."""
+        while self.next <= iteration:
+            self.next += self.every
+
+    @staticmethod
+    def attrs(job: MDJob) -> dict:
+        """The trajectory file's run attributes."""
+        import ase
+        import h5py
+
+        import geodite_sim
+
+        versions = {"geodite_sim": geodite_sim.__version__, "torch": torch.__version__, "numpy": np.__version__,
+                    "h5py": h5py.__version__, "ase": ase.__version__}
+        return {**job.settings, "model_checksum": job.settings["model_fingerprint"], "versions": versions,
+                "created_by": "geodite_sim.run_md", "time_unit": "fs",
+                "conserved": job.integrator.conserved_label}
+
+    def save(self, job: MDJob, runner: Runner, reload: bool = False) -> None:
+        """Write the checkpoint; ``reload``: then rebuild the runner from it, as a restart does (so the run goes on
+        exactly as a run restarted from this checkpoint would)."""
+        if job.writer is not None:
+            job.writer.flush()
+        active = runner.active_slots()
+        state = runner.compact(active) if active else None
+        saved = state_to_dict(state)
+        pending = runner.pending
+        payload = {
+            "settings": job.settings, "iteration": runner.iteration, "state": saved,
+            "freed": runner.freed, "last_monitor": job.last_monitor,
+            "active": [runner.items[s].index for s in active], "labels": [runner.items[s].label for s in active],
+            "next_index": pending.index if pending is not None else job.items.next_index,
+            "results": list(job.result_data.values()),
+            "frames": [[k, v] for k, v in (job.writer.written().items() if job.writer else [])],
+            "last_frame": [[k, v] for k, v in job.last_frame.items()],
+            "t_limit": [[k, float(v)] for k, v in job.t_limit.items()],
+        }
+        save_checkpoint(self.path, payload)
+        if reload and active:
+            runner.restore([runner.items[s] for s in active], state_from_dict(saved, job.device), runner.freed)
+
+    def restore(self, job: MDJob, runner: Runner, ckpt: dict, stream) -> None:
+        """Continue ``job`` on ``runner`` from the loaded checkpoint ``ckpt`` (``stream``: the inputs from the
+        start; the ones the checkpoint has started are skipped)."""
+        next_index = int(ckpt["next_index"])
+        seen: dict[int, InputItem] = {}
+        for _ in range(next_index):
+            try:
+                item = next(stream)
+            except StopIteration:
+                raise ValueError(f"cannot restart: the checkpoint has started {next_index} inputs, "
+                                 f"but only {len(seen)} were given") from None
+            seen[item.index] = item
+        active = []
+        for index, label in zip(ckpt["active"], ckpt["labels"]):
+            item = seen[index]
+            if item.label != label or item.atoms is None:
+                raise ValueError(f"cannot restart: input {index} is {item.label!r}, the checkpoint has {label!r}")
+            active.append(item)
+            job.t_limit[index] = temperature_limit_factor(job.monitors, len(item.atoms))
+        for data in ckpt["results"]:
+            job.result_data[data["index"]] = data
+            job.results[data["index"]] = job.make_result(seen[data["index"]], data)
+        job.last_frame = {int(k): int(v) for k, v in ckpt.get("last_frame", [])}
+        job.t_limit.update({int(k): float(v) for k, v in ckpt.get("t_limit", [])})
+        job.items = CountedItems(stream, next_index)
+        runner.iteration = int(ckpt["iteration"])
+        job.last_monitor = int(ckpt.get("last_monitor", -1))
+        if ckpt["state"] is not None:
+            runner.restore(active, state_from_dict(ckpt["state"], job.device), int(ckpt.get("freed", 0)))
+        if self.every:
+            self.next = (runner.iteration // self.every + 1) * self.every

@@ -28,10 +28,10 @@ def test_dense_layout_round_trip_with_padding():
     """Cell rows first, then each system's atoms in order; a system smaller than the batch's largest has zeros
     beyond its 3 n + 9 entries, and atoms that do not fit (the runner's padding system) are dropped."""
     from geodite_sim.runner.edges import padding_cell
-    from geodite_sim.runner.engine import _Bare, _pad_state
+    from geodite_sim.runner.slots import Bare, pad_state
 
     b = Batch.from_atoms([bulk("Cu") * (2, 1, 1), bulk("Cu", "fcc", 3.6, cubic=True)], dtype=F64)
-    padded = _pad_state(_Bare(batch=b), b.n_atoms + 7, 2, padding_cell(3.0, F64, "cpu")).batch  # 7 padding atoms
+    padded = pad_state(Bare(batch=b), b.n_atoms + 7, 2, padding_cell(3.0, F64, "cpu")).batch  # 7 padding atoms
     d = dofs(4)
     rng = np.random.default_rng(0)
     v_a = torch.tensor(rng.standard_normal((padded.positions.shape[0], 3)))

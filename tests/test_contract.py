@@ -32,7 +32,7 @@ from geodite_sim.model.contract import (
 )
 from geodite_sim.pair_potential import MorsePotential
 
-MODELS = ["tiny_geodite", "default", "morse", "static_step", "sevennet", "ts_lennard_jones"]
+MODELS = ["tiny_geodite", "default", "morse", "sevennet", "ts_lennard_jones"]
 
 
 @functools.cache
@@ -43,10 +43,6 @@ def _make(name: str):
         return load_model(dtype=torch.float64)
     if name == "morse":
         return MorsePotential(epsilon=0.35, rho0=4.5, r0=2.55, rcut1=1.6, rcut2=2.2)
-    if name == "static_step":
-        from geodite_sim.accelerate import StaticStep
-
-        return StaticStep(tiny_geodite(seed=1), "eager")
     if name == "sevennet":
         pytest.importorskip("sevenn")
         return load_model("sevennet-0")
@@ -98,8 +94,7 @@ def test_contract_attributes(model):
     assert supported_elements(model) is None or all(isinstance(z, int) for z in supported_elements(model))
     assert set(implemented_properties(model)) == {"energy", "forces", "stress"}
     assert isinstance(uses_edges(model), bool)
-    if type(model).__name__ != "StaticStep":  # the padded step declares through its model
-        assert isinstance(model, SimModel)
+    assert isinstance(model, SimModel)
 
 
 def test_check_model_names_what_is_missing():
@@ -258,12 +253,11 @@ def test_fingerprint_stable_and_changes_with_a_weight(model):
 
 
 def test_fingerprint_same_for_same_weights_and_wrappers():
-    from geodite_sim.accelerate import StaticStep
     from geodite_sim.calculators import TorchSimModel
 
     a, b = load_model(), load_model()
     assert model_fingerprint(a) == model_fingerprint(b)
-    assert model_fingerprint(StaticStep(a, "eager")) == model_fingerprint(a) == model_fingerprint(TorchSimModel(a))
+    assert model_fingerprint(a) == model_fingerprint(TorchSimModel(a))
     assert model_fingerprint(load_model(dtype=torch.float64)) != model_fingerprint(a)
     assert model_fingerprint(tiny_geodite(seed=0)) != model_fingerprint(tiny_geodite(seed=1))
     a.neighbor_backend = "ase"  # engine settings and names are not identity

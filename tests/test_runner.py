@@ -18,7 +18,7 @@ from geodite_sim.io.structures import iter_inputs
 from geodite_sim.md import md_job, run_md
 from geodite_sim.pair_potential import MorsePotential
 from geodite_sim.relax import _RelaxJob, relax_many
-from geodite_sim.runner import Capacity, FailureChecks, Runner, StepConfig, get_integrator
+from geodite_sim.runner import Capacity, FailureChecks, Observer, Runner, StepConfig, get_integrator
 from geodite_sim.runner.capture import GraphStep
 from geodite_sim.runner.counting import OpCounter
 from geodite_sim.runner.registry import FireParams
@@ -143,7 +143,7 @@ def test_step_compiles_fullgraph(kind):
     model = tiny_geodite(channels=8, layers=1)
     ref = _runner(kind, 2, model)
     ref.config.fused_kernels = False
-    ref._model_kwargs["fused"] = False
+    ref.model_call.no_fused_kernels()
     ref.check()
     torch._dynamo.config.trace_autograd_ops = True
     compiled = torch.compile(ref.step_fn, fullgraph=True, dynamic=False, backend="aot_eager")
@@ -211,10 +211,10 @@ def test_one_step_too_large_for_the_skin_grows_it():
 def _padded(structures, dtype=torch.float64):
     from geodite_sim.batch import Batch
     from geodite_sim.runner.edges import padding_cell
-    from geodite_sim.runner.engine import _Bare, _pad_state
+    from geodite_sim.runner.slots import Bare, pad_state
 
     b = Batch.from_atoms(structures, dtype=dtype)
-    return _pad_state(_Bare(batch=b), b.n_atoms + 1, b.n_systems, padding_cell(3.0, dtype, "cpu")).batch
+    return pad_state(Bare(batch=b), b.n_atoms + 1, b.n_systems, padding_cell(3.0, dtype, "cpu")).batch
 
 
 def _same_buffer(a, b):
@@ -246,7 +246,7 @@ def test_remap_and_drop_give_the_fresh_edge_list():
         assert torch.equal(getattr(dropped, name), getattr(only, name)), name
 
 
-class _Steps:
+class _Steps(Observer):
     """Observer: engine steps run (sum over checks) and the runner."""
 
     def __init__(self):
@@ -254,13 +254,13 @@ class _Steps:
 
     def on_start(self, runner):
         self.runner = runner
-        original = runner._vacate
+        original = runner.vacate
 
         def vacate(slots, n_atoms):
             self.vacated += len(slots)
             return original(slots, n_atoms)
 
-        runner._vacate = vacate
+        runner.vacate = vacate
 
     def on_check(self, event):
         self.steps += event.steps
@@ -339,14 +339,55 @@ def test_two_level_lists_do_not_change_relaxations():
 
         def on_check(self, event):
             r = self.runner
-            if r.state is not None and r._inner is not None:
-                self.sizes.append((r._inner.n_valid, r.edges.n_valid))
+            if r.state is not None and r.verlet.inner is not None:
+                self.sizes.append((r.verlet.inner.n_valid, r.edges.n_valid))
 
     obs = Sizes()
     two = relax_many(structs, model, fmax=0.01, progress=False, observers=[obs])
     one = relax_many(structs, model, fmax=0.01, progress=False, config=StepConfig(inner_skin=None))
-    assert obs.runner.two_level and obs.sizes and all(i < o for i, o in obs.sizes)
+    assert obs.runner.verlet.two_level and obs.sizes and all(i < o for i, o in obs.sizes)
     for a, b in zip(one, two, strict=True):
         assert a.n_steps == b.n_steps and a.converged
         np.testing.assert_array_equal(a.structure.positions, b.structure.positions)
         np.testing.assert_array_equal(a.structure.cell[:], b.structure.cell[:])
+
+
+def test_observers_need_only_the_hooks_they_use():
+    """Observers are :class:`Observer` subclasses or any object with some of its hooks: the runner calls every hook
+    of the wrapper, which forwards to the object's own and does nothing for the others."""
+    from geodite_sim.runner.hooks import Job, as_observer
+
+    class Partial:
+        def __init__(self):
+            self.results = []
+
+        def on_result(self, result):
+            self.results.append(result)
+
+    plain = Partial()
+    obs = as_observer(plain)
+    assert isinstance(obs, Observer)
+    obs.on_start(None)
+    obs.on_check(None)
+    obs.on_result("r")
+    obs.on_close()
+    assert plain.results == ["r"]
+    typed = Observer()
+    assert as_observer(typed) is typed
+    job = Job()  # the optional job hooks default to "nothing to do"
+    assert job.at_check(None, {}) == {} and job.after_check(None) is False
+    assert int(job.horizon(None, torch.zeros(3, dtype=torch.long), [])[0]) > 10**15
+
+
+def test_runner_modules_stay_small():
+    """One concept per module: the engine core at most 400 lines, every runner module and front-end at most 500."""
+    from pathlib import Path
+
+    import geodite_sim
+
+    root = Path(geodite_sim.__file__).parent
+    sizes = {p.relative_to(root).as_posix(): len(p.read_text().splitlines())
+             for p in [*root.glob("runner/*.py"), *root.glob("md*.py"), root / "relax.py", root / "executors.py",
+                       root / "ray_cluster.py", root / "accelerate.py"]}
+    assert sizes["runner/engine.py"] <= 400, sizes
+    assert max(sizes.values()) <= 500, sizes
