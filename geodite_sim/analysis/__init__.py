@@ -36,6 +36,7 @@ from geodite_sim.analysis.rdf import (
     overlap_score,
     shortest_lattice_vector,
 )
+from geodite_sim.trajectory import system_group
 
 __all__ = [
     "DiffusionFit", "Frames", "MSDResult", "RDFComparison", "RDFResult", "compare_rdfs", "compute_msd",
@@ -102,17 +103,20 @@ def _select(times: np.ndarray, discard_fs: float, stride: int) -> np.ndarray:
     return idx[:: max(1, int(stride))]
 
 
+def _hdf5_system(f, system: int | None, path) -> tuple:
+    """``(group, system, times fs [F])`` of one system of an open engine trajectory."""
+    g, system = system_group(f, system, path)
+    dt = float(f.attrs.get("timestep_fs", 0.0))
+    if dt <= 0:
+        raise ValueError(f"{path}: no timestep_fs attribute")
+    return g, system, g["step"][()].astype(float) * dt
+
+
 def _from_hdf5(path: str, system: int | None, discard_fs: float, stride: int) -> Frames:
     import h5py
 
-    from geodite_sim.trajectory import system_group
-
     with h5py.File(path, "r") as f:
-        g, system = system_group(f, system, path)
-        dt = float(f.attrs.get("timestep_fs", 0.0))
-        if dt <= 0:
-            raise ValueError(f"{path}: no timestep_fs attribute")
-        times = g["step"][()].astype(float) * dt
+        g, system, times = _hdf5_system(f, system, path)
         idx = _select(times, discard_fs, stride)
         lo, hi = int(idx[0]), int(idx[-1]) + 1
         positions = g["positions"][lo:hi][idx - lo]
@@ -151,14 +155,8 @@ def sample_frames(path: str | Path, system: int | None = None, discard_fs: float
     frames from the file (for RDFs of long runs; :func:`load_frames` reads the whole analysed range)."""
     import h5py
 
-    from geodite_sim.trajectory import system_group
-
     with h5py.File(path, "r") as f:
-        g, system = system_group(f, system, path)
-        dt = float(f.attrs.get("timestep_fs", 0.0))
-        if dt <= 0:
-            raise ValueError(f"{path}: no timestep_fs attribute")
-        times = g["step"][()].astype(float) * dt
+        g, system, times = _hdf5_system(f, system, path)
         idx = _select(times, discard_fs, 1)
         idx = np.unique(idx[np.linspace(0, len(idx) - 1, min(len(idx), max(1, int(max_frames)))).round().astype(int)])
         return Frames(g["positions"][idx], g["cell"][idx].astype(float), g["numbers"][()].astype(int),
