@@ -13,8 +13,10 @@ PYTHON312 := $(shell \
 
 .PHONY: venv test test-slow test-all lint demo bench clean-venv
 
+# ruff (style, complexity, argument counts) and a lenient type check ([tool.mypy] in pyproject.toml)
 lint: venv
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 venv: $(STAMP)
 
@@ -30,6 +32,7 @@ $(STAMP): pyproject.toml
 
 test: venv
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest -m "not slow" -q
 
 test-slow: venv

@@ -4,7 +4,7 @@
     python benchmarks/model_step.py --threads 1 2   # one row per thread count
 
 For each thread count, in one process: the float32 GEMM peak (before and after; the higher is
-used), the eager model (``fused_kernels=False``) and the fused model, alternating, best of
+used), the eager model (``fused=False``) and the fused model, alternating, best of
 ``--repeats``; the fraction of the GEMM peak counting the reference's 191.3 MFLOP per atom
 (issue #7's yardstick). Writes benchmarks/results/model_step.{json,md}.
 """
@@ -32,8 +32,7 @@ def measure(threads: int, repeats: int) -> dict:
     edges = neighbor_list(batch, model.cutoff)
 
     def step(fused):
-        model.fused_kernels = "auto" if fused else False
-        return model(batch, edges=edges)
+        return model(batch, edges=edges, fused=fused)
 
     ref, got = step(False), step(True)
     max_df = float((ref["forces"] - got["forces"]).abs().max())

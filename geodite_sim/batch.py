@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from ase import Atoms
 
+from geodite_sim.core.ops import cell_volumes
+from geodite_sim.io.admission import safe_formula
 from geodite_sim.io.structures import to_atoms, validate_atoms
 
 
@@ -88,8 +90,6 @@ class Batch:
             try:
                 validate_atoms(atoms)
             except ValueError as exc:
-                from geodite_sim.io.admission import safe_formula
-
                 raise type(exc)(f"structure {i} ({safe_formula(atoms)}): {exc}") from exc
             atoms_list.append(atoms)
         return cls.from_atoms(atoms_list, dtype=dtype, device=device)
@@ -126,7 +126,7 @@ class Batch:
 
     def volumes(self) -> torch.Tensor:
         """[S] |det(cell)| in Å^3 (0 for systems with a degenerate cell)."""
-        return torch.linalg.det(self.cell).abs()
+        return cell_volumes(self.cell)
 
     # ------------------------------------------------------------------ transforms
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Batch:

@@ -10,6 +10,10 @@ import importlib
 import math
 import sys
 
+from geodite_sim.commands import device_arg, positive_int
+from geodite_sim.interrupt import EXIT_INTERRUPTED, interrupt_message
+from geodite_sim.threads import set_threads
+
 #: Sub-command modules, in the order ``--help`` lists them.
 COMMAND_MODULES = ["evaluate", "relax", "md", "screen", "campaign", "properties", "train", "distill", "models", "bench",
                    "demo"]
@@ -50,8 +54,6 @@ def _subparser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
 
 def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse values that break the shared conventions with a usage message (exit 2)."""
-    from geodite_sim.commands import device_arg
-
     sp = _subparser(parser, args)
     for name, (ok, what) in COMMON_CHECKS.items():
         value = getattr(args, name, None)
@@ -79,8 +81,6 @@ def _finish_parsers(parser: argparse.ArgumentParser) -> None:
             _finish_parsers(child)
     if not subs and parser.prog != "geodite-sim":
         if "--threads" not in parser._option_string_actions:
-            from geodite_sim.commands import positive_int
-
             parser.add_argument("--threads", type=positive_int, default=None, metavar="N", help=THREADS_HELP)
         parser.set_defaults(_leaf_parser=parser)
 
@@ -116,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     check_common_arguments(parser, args)
-    from geodite_sim.threads import set_threads
 
     if getattr(args, "_leaf_parser", None) is not None and args.command != "train":  # train applies its own
         set_threads(getattr(args, "threads", None))
@@ -126,8 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:  # one line, no traceback; results stored so far stay (store, checkpoint, JSON files)
-        from geodite_sim.interrupt import EXIT_INTERRUPTED, interrupt_message
-
         hint = getattr(args, "interrupt_hint", None)
         hint = hint(args) if callable(hint) else hint
         bar = Progress.latest

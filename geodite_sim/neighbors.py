@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 
+from geodite_sim._warp import import_warp_quietly
 from geodite_sim.batch import Batch
-from geodite_sim.model.geodite import Edges
+from geodite_sim.core.graph import Edges
+from geodite_sim.core.ops import cell_volumes
 
 BACKENDS = ("triton", "alchemiops", "torch")
 
@@ -103,7 +106,7 @@ def complete_cell(cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
     periodic = k > 0
     if bool(periodic.any()):
         norms = torch.linalg.vector_norm(out, dim=-1).prod(-1)
-        det = torch.linalg.det(out).abs()
+        det = cell_volumes(out)
         bad = periodic & ~(det > 1e-10 * norms)
         if bool(bad.any()):
             bad_systems = torch.nonzero(bad).flatten().tolist()
@@ -224,8 +227,6 @@ def _alchemiops_backend(geo: WrappedGeometry, cutoff: float, method: str | None 
     mode silently truncates rows beyond the width but still counts them, so the counts are checked
     and the call repeated with a wide enough matrix; the width is remembered (with 20 % headroom).
     """
-    from geodite_sim._warp import import_warp_quietly
-
     import_warp_quietly()
     from nvalchemiops.torch.neighbors import batch_cell_list, batch_naive_neighbor_list
 
@@ -251,8 +252,6 @@ def _alchemiops_backend(geo: WrappedGeometry, cutoff: float, method: str | None 
                 max_neighbors=width, max_atoms_per_system=max_atoms, wrap_positions=False,
             )
         elif method == "batch_cell_list":
-            import warnings
-
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 nm, num, sh = batch_cell_list(
@@ -298,8 +297,6 @@ def backend_available(backend: str, device: torch.device | str) -> bool:
         return True
     if backend == "alchemiops":
         try:
-            from geodite_sim._warp import import_warp_quietly
-
             import_warp_quietly()
             import nvalchemiops.torch.neighbors  # noqa: F401
         except Exception:

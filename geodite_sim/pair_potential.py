@@ -12,6 +12,7 @@ from torch import nn
 
 from geodite_sim.batch import Batch
 from geodite_sim.model.strain import energy_and_derivatives
+from geodite_sim.neighbors import neighbor_list
 
 
 class MorsePotential(nn.Module):
@@ -31,8 +32,6 @@ class MorsePotential(nn.Module):
         self.epsilon, self.rho0, self.r0 = epsilon, rho0, r0
         self.rcut1, self.rcut2 = rcut1 * r0, rcut2 * r0
         self._dtype, self._device = dtype, torch.device(device)
-        #: Deprecated engine setting (pass ``neighbor_backend=`` to :meth:`forward`).
-        self.neighbor_backend = "auto"
 
     def identity_config(self) -> dict:
         """The parameters that define the potential (enters ``model_fingerprint``)."""
@@ -64,14 +63,12 @@ class MorsePotential(nn.Module):
         return torch.where(s >= 1.0, torch.ones_like(s), torch.where(s > 0.0, smooth, torch.zeros_like(s)))
 
     def forward(self, batch: Batch, edges=None, compute_forces=True, compute_stress=True,
-                per_atom_energies=False, create_graph=False, *, neighbor_backend: str | None = None
+                per_atom_energies=False, create_graph=False, *, neighbor_backend: str = "auto"
                 ) -> dict[str, torch.Tensor]:
         """``energy`` [S] eV, ``forces`` [N, 3] eV/Å, ``stress`` [S, 3, 3] eV/Å^3 (ASE sign) from ``edges``
         (default: a neighbour list at ``cutoff`` built with ``neighbor_backend``)."""
         if edges is None:
-            from geodite_sim.neighbors import neighbor_list
-
-            edges = neighbor_list(batch, self.cutoff, backend=neighbor_backend or self.neighbor_backend)
+            edges = neighbor_list(batch, self.cutoff, backend=neighbor_backend)
         n = batch.n_atoms
 
         def atomic(vec: torch.Tensor) -> torch.Tensor:

@@ -73,7 +73,7 @@ class Progress:
     def _postfix(self) -> None:
         fields = {"active": self.active}
         fields.update({k: v for k, v in self.counts.items() if v})
-        self._bar.set_postfix(fields, refresh=False)
+        self._bar.set_postfix(fields, refresh=False)  # type: ignore[union-attr]  # set while running
 
     def close(self) -> None:
         if self.end is None:

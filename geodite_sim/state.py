@@ -100,10 +100,10 @@ def select_systems[S: SimState](state: S, systems: Sequence[int] | torch.Tensor)
             size = f.metadata.get(SIZE)
             if size is not None and idx.numel():
                 d = int(size(int(state.batch.atoms_per_system[idx].max())))
-                changes[f.name] = changes[f.name][(slice(None),) + (slice(0, d),) * (value.dim() - 1)]
+                changes[f.name] = changes[f.name][(slice(None),) + (slice(0, d),) * (value.dim() - 1)]  # type: ignore[index]
         elif _per(f) == "packed":
             changes[f.name] = value.select(idx)
-    return replace(state, **changes)
+    return replace(state, **changes)  # type: ignore[arg-type]
 
 
 def _zero_pad(values: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -140,11 +140,11 @@ def concat_states[S: SimState](states: Sequence[S]) -> S:
             changes[f.name] = kind.concat(values)
             continue
         if any(v is None for v in values):
-            changes[f.name] = None
+            changes[f.name] = None  # type: ignore[assignment]
             continue
         if _per(f) == "atom":
             values = [v[: s.n_atoms] for v, s in zip(values, states)]
         if f.metadata.get(SIZE) is not None:
             values = _zero_pad(values)
-        changes[f.name] = torch.cat(values)
-    return replace(first, **changes)
+        changes[f.name] = torch.cat(values)  # type: ignore[assignment]
+    return replace(first, **changes)  # type: ignore[arg-type]

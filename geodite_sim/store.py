@@ -31,12 +31,12 @@ import os
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 try:  # POSIX advisory lock: one writer per store
     import fcntl
 except ImportError:  # pragma: no cover - Windows
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 HEADER = "store.json"
 FORMAT_VERSION = 1
@@ -79,7 +79,7 @@ def model_fingerprint(model: Any) -> str:
     try:
         from geodite_sim.model.contract import model_fingerprint as contract_fingerprint
     except ImportError:
-        contract_fingerprint = None
+        contract_fingerprint = None  # type: ignore[assignment]
     if contract_fingerprint is not None:
         return str(contract_fingerprint(model))
     h = hashlib.sha256(type(model).__qualname__.encode())
@@ -208,14 +208,16 @@ class ResultStore[R]:
         self.readonly = readonly
         self._records: dict[tuple[str, int], R] = {}
         self._xyz: dict[tuple[str, int], tuple[int, int]] = {}
-        self._fd = self._xyz_fd = self._lock_fd = None
+        self._fd: IO[bytes] | None = None
+        self._xyz_fd: IO[bytes] | None = None
+        self._lock_fd: IO[str] | None = None
         if readonly:
             self.header = self._read_header()
             self._load(repair=False)
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock()
-        settings = _jsonable(dict(settings or {}))
+        settings = dict(_jsonable(dict(settings or {})))
         mfp = model_fingerprint(model) if model is not None else None
         fp = settings_fingerprint({"settings": settings, "model": mfp})
         old = self._read_header()
@@ -264,6 +266,7 @@ class ResultStore[R]:
                               if f.name in data})
 
     def _write_header(self) -> None:
+        assert self.header is not None
         write_atomic(self.header_path, json.dumps(dataclasses.asdict(self.header), indent=1))
         _fsync_dir(self.directory)
 
@@ -329,7 +332,7 @@ class ResultStore[R]:
         """
         if self.readonly:
             raise StoreError(f"{self.directory}: opened read-only")
-        key = (kind, int(record.index))
+        key = (kind, int(record.index))  # type: ignore[attr-defined]  # every record type has an index
         if key in self._records:
             return False
         line = {"kind": kind, **_record_to_json(record)}

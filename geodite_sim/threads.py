@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 
@@ -105,8 +106,6 @@ def thread_limit(threads: int | None) -> Iterator[int]:
 def default_threads() -> int:
     """Threads of the default policy: ``OMP_NUM_THREADS`` when set, else torch's (one per core); read without
     importing torch when it is not loaded yet."""
-    import sys
-
     if "torch" in sys.modules:
         return sys.modules["torch"].get_num_threads()
     try:

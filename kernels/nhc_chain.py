@@ -5,7 +5,7 @@ positions ``eta`` and masses ``Q``, ``M`` of each — is held as one ``[BLOCK, M
 ``j`` is read with a masked row sum and written with ``tl.where``, so the sequential recursion
 (thermostat j updated with the freshly updated j ± 1, for every ``tloop`` sub-step and Suzuki–Yoshida
 weight) runs unrolled in registers with no memory traffic between updates. The formulas and their order are
-those of :func:`geodite_sim.dynamics.nose_hoover.chain_sweeps` (and so of ASE). Compiled on CUDA; on CPU
+those of :func:`geodite_sim.dynamics.nhc_chain.chain_sweeps` (and so of ASE). Compiled on CUDA; on CPU
 tensors under Triton's interpreter (``TRITON_INTERPRET=1`` before ``triton`` is imported), as the tests run it.
 """
 
@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from geodite_sim.core.ops import FOURTH_ORDER_COEFFS
 
 BLOCK = 32
 
@@ -78,8 +80,6 @@ def _nhc_kernel(k2_ptr, n3kT_ptr, kT_ptr, Q_ptr, pe_ptr, eta_ptr, w_ptr, pe_out,
 def triton_nhc_chain(k2: torch.Tensor, n3kT: torch.Tensor, kT: torch.Tensor, Q: torch.Tensor, p_eta: torch.Tensor,
                      eta: torch.Tensor, delta: float, tloop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(p_eta' [S, M], eta' [S, M], momentum scale [S]); inputs as :func:`geodite_sim.dynamics.nhc_chain.nhc_chain`."""
-    from geodite_sim.dynamics.nose_hoover import FOURTH_ORDER_COEFFS
-
     S, M = p_eta.shape
     weights = torch.tensor(FOURTH_ORDER_COEFFS, dtype=k2.dtype, device=k2.device)
     pe_out, eta_out, scale = torch.empty_like(p_eta), torch.empty_like(eta), torch.empty_like(k2)

@@ -145,3 +145,26 @@ def test_kernel_build_waits_for_another_process_and_says_so(fake_builder, tmp_pa
     err = capsys.readouterr().err
     assert "waiting for another process building the CPU kernels" in err
     assert err.index("waiting") < err.index("building CPU kernels")
+
+
+def _option(parser, *path_and_flag):
+    *path, flag = path_and_flag
+    for name in path:
+        sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+        parser = sub.choices[name]
+    return next(a for a in parser._actions if flag in a.option_strings)
+
+
+def test_ensemble_and_optimizer_choices_come_from_the_registry(monkeypatch):
+    """Adding an ensemble or optimiser is its module + one registration: the command line lists it by itself."""
+    from geodite_sim.cli import build_parser
+    from geodite_sim.runner import registry
+
+    parser = build_parser()
+    md_names = tuple(n for n, e in registry.REGISTRY.items() if e.kind == "md")
+    assert tuple(_option(parser, "md", "run", "--ensemble").choices) == md_names
+    for path in (("relax",), ("screen",), ("eos",)):
+        assert tuple(_option(parser, *path, "--optimizer").choices) == registry.OPTIMIZERS
+    new = registry.Integrator("nvt_test_only", "md", *(lambda *a: None,) * 4)
+    monkeypatch.setitem(registry.REGISTRY, new.name, new)
+    assert "nvt_test_only" in _option(build_parser(), "md", "run", "--ensemble").choices

@@ -102,13 +102,10 @@ def test_whole_model_fused_equals_eager_float64(reference_model_fp64, threads):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        model.fused_kernels = False
-        eager = model(batch)
-        model.fused_kernels = "auto"
+        eager = model(batch, fused=False)
         assert model.use_fused()
         fused = model(batch)
     finally:
-        model.fused_kernels = "auto"
         torch.set_num_threads(old)
     for key in ("energy", "forces", "stress"):
         torch.testing.assert_close(fused[key], eager[key], rtol=0, atol=1e-10)

@@ -166,7 +166,6 @@ class FailingModel(torch.nn.Module):
     cutoff = property(lambda self: self.inner.cutoff)
     dtype = property(lambda self: self.inner.dtype)
     device = property(lambda self: self.inner.device)
-    neighbor_backend = property(lambda self: self.inner.neighbor_backend)
 
     def identity_config(self) -> dict:
         """The wrapped model's identity: the injected crash does not make it another model."""

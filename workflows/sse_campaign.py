@@ -22,6 +22,7 @@ report (``report.md``, ``report.html``, ``plots/*.png``) is written next to the 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -29,11 +30,16 @@ import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from html import escape
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from geodite_sim.workflows.sse_transport import TRANSPORT_KEYS
+from geodite_sim.workflows import sse_transport
+from geodite_sim.workflows.sse_transport import TRANSPORT_KEYS, run_transport, transport_settings
+
+from geodite_sim.md_presets import get_preset
+from geodite_sim.store import ResultStore, StoreMismatch
 
 #: Names of the files a campaign writes into its output folder.
 TRAJECTORY = "trajectories.h5"
@@ -212,8 +218,6 @@ def load_spec(path_or_dict: str | Path | dict, output: str | Path | None = None,
     _check_keys(data.get("analysis", {}), _ANALYSIS_KEYS, "[analysis]")
     md_table = dict(data.get("md", {}))
     if "preset" in md_table:  # a named protocol (geodite_sim.md_presets) fills the integrator settings first
-        from geodite_sim.md_presets import get_preset
-
         try:
             preset = get_preset(md_table.pop("preset"))
         except ValueError as exc:
@@ -231,8 +235,6 @@ def load_spec(path_or_dict: str | Path | dict, output: str | Path | None = None,
     md = _fill(MDSettings, md_table, "[md]")
     analysis = _fill(AnalysisSettings, data.get("analysis", {}), "[analysis]")
     try:
-        from geodite_sim.workflows.sse_transport import transport_settings
-
         transport_settings(analysis, None)
     except ValueError as exc:
         raise SpecError(str(exc) if str(exc).startswith("[analysis]") else f"[analysis]: {exc}") from None
@@ -303,8 +305,6 @@ def build_model(spec: CampaignSpec):
         model.name = "morse:" + json.dumps(spec.model_options, sort_keys=True)
         return model
     if ":" in spec.model and not Path(spec.model).exists() and not spec.model.startswith(("/", ".")):
-        import importlib
-
         module, _, attr = spec.model.partition(":")
         factory = getattr(importlib.import_module(module), attr)
         model = factory(**spec.model_options, dtype=dtype, device=spec.device)
@@ -374,8 +374,6 @@ RUNS = "runs.jsonl"
 def open_run_store(spec: CampaignSpec, model=None, readonly: bool = False):
     """The campaign's :class:`~geodite_sim.store.ResultStore` of :class:`RunRecord` (fingerprint: the MD
     settings, the run list with structure hashes, and the model); another campaign's folder is refused."""
-    from geodite_sim.store import ResultStore, StoreMismatch
-
     if readonly:
         return ResultStore.open_readonly(spec.output, RunRecord, records_name=RUNS, structures_name=None)
     try:
@@ -688,8 +686,6 @@ def analyse_run(spec: CampaignSpec, run: Run, device: str | None = None,
         except ValueError as exc:
             out["analysis_error"] = f"diffusion fit: {exc}"
     try:
-        from geodite_sim.workflows.sse_transport import run_transport
-
         out["transport"] = run_transport(a, run.mobile, file, group, run.temperature, device)
     except (ValueError, KeyError) as exc:
         out["transport_error"] = f"transport: {exc}"
@@ -941,7 +937,6 @@ def _tables(headers: list[str], rows: list[list[str]]) -> tuple[str, str]:
     """The same table as Markdown and as HTML."""
     md = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     md += ["| " + " | ".join(r) + " |" for r in rows]
-    from html import escape
 
     html = ["<table>", "<tr>" + "".join(f"<th>{escape(h)}</th>" for h in headers) + "</tr>"]
     html += ["<tr>" + "".join(f"<td>{escape(c)}</td>" for c in r) + "</tr>" for r in rows]
@@ -951,8 +946,6 @@ def _tables(headers: list[str], rows: list[list[str]]) -> tuple[str, str]:
 
 def write_report(spec: CampaignSpec, results: list[dict], summary: dict, states: list[RunState]) -> dict:
     """report.md, report.html and plots/*.png in the campaign's output folder; returns their paths."""
-    from html import escape
-
     out = spec.output
     plots_dir = out / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
@@ -969,7 +962,6 @@ def write_report(spec: CampaignSpec, results: list[dict], summary: dict, states:
         p = plot_rdf(r, plots_dir / f"rdf_{_slug(r['id'])}.png")
         if p:
             plots[f"rdf:{r['id']}"] = p
-    from geodite_sim.workflows import sse_transport
 
     transport = sse_transport.material_transport(results, spec.analysis)
     for material, entry in transport.items():

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+
+from geodite_sim.analysis.arrhenius import ArrheniusFit, fit_arrhenius
 
 #: ``[analysis]`` keys of the transport analysis (beyond discard_fs, msd_fit_*, remove_com, device).
 TRANSPORT_KEYS = {"charges", "extrapolate_to_K", "r2_min", "confidence", "msd_max_frames"}
@@ -43,8 +46,6 @@ def transport_settings(analysis, mobile: str | None):
 
 def run_transport(analysis, mobile: str | None, file: Path, group: str, temperature: float, device: str) -> dict:
     """The transport result of one run (streamed from ``file``, HDF5 group ``group``), as a dict."""
-    from dataclasses import replace
-
     from geodite_sim.analysis.transport import analyse_transport
 
     settings = replace(transport_settings(analysis, mobile), temperature_K=temperature)
@@ -54,7 +55,6 @@ def run_transport(analysis, mobile: str | None, file: Path, group: str, temperat
 def material_transport(results: list[dict], analysis) -> dict[str, dict]:
     """Per material: the Arrhenius fit of the mobile ion's determined D over the finished runs, D and the
     Nernst–Einstein conductivity at ``extrapolate_to_K`` with intervals, and the flags."""
-    from geodite_sim.analysis.arrhenius import fit_arrhenius
     from geodite_sim.analysis.transport import conversion_factor
 
     out: dict[str, dict] = {}
@@ -114,7 +114,6 @@ def plot_arrhenius(material: str, entry: dict, results: list[dict], path: Path, 
     fit = entry.get("fit")
     if not fit or not fit["temperatures_K"]:
         return None
-    from geodite_sim.analysis.arrhenius import ArrheniusFit
 
     f = ArrheniusFit(**fit)
     mobile = entry["mobile"]

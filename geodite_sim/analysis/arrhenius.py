@@ -50,7 +50,7 @@ class ArrheniusFit:
         from scipy import stats
 
         jac = np.array([1.0, -1.0 / (K_B_EV * temperature_K)])
-        ln_d = math.log(self.D0_cm2_per_s) - self.Ea_eV / (K_B_EV * temperature_K)
+        ln_d = math.log(self.D0_cm2_per_s) - self.Ea_eV / (K_B_EV * temperature_K)  # type: ignore[arg-type]
         se = math.sqrt(float(jac @ np.asarray(self.cov) @ jac))
         z = float(stats.norm.ppf(0.5 + self.confidence / 2.0))
         return math.exp(ln_d), (math.exp(ln_d - z * se), math.exp(ln_d + z * se))

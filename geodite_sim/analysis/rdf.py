@@ -226,7 +226,7 @@ def compute_rdf(
             flat = pair_type.expand_as(r)[inside] * n_bins + k
             hist += torch.bincount(flat, weights=weight[inside], minlength=hist.shape[0])
 
-    hist = hist.reshape(len(pair_list), n_bins).cpu().numpy()
+    hist = hist.reshape(len(pair_list), n_bins).cpu().numpy()  # type: ignore[assignment]
     shell = 4.0 / 3.0 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
     counts = {int(z): int((numbers == z).sum()) for z in species}
     g = {}
@@ -287,7 +287,7 @@ def compare_rdfs(reference: RDFResult, model: RDFResult) -> RDFComparison:
     scores = {p: overlap_score(reference.g[p][:n], model.g[p][:n], model.bin_width) for p in reference.g}
     finite = {p: s for p, s in scores.items() if not math.isnan(s)}
     if finite:
-        worst = min(finite, key=finite.get)
+        worst = min(finite, key=lambda p: finite[p])
         score = finite[worst]
     else:
         worst, score = "", float("nan")

@@ -152,7 +152,7 @@ class _Stream:
         else:
             un = unwrap_positions(np.concatenate([self.prev_wrapped, pos]), np.concatenate([self.prev_cell, cell]))
             un = un[1:] - un[:1] + self.prev_unwrapped
-        self.prev_wrapped, self.prev_cell, self.prev_unwrapped = pos[-1:], cell[-1:], un[-1:]
+        self.prev_wrapped, self.prev_cell, self.prev_unwrapped = pos[-1:], cell[-1:], un[-1:]  # type: ignore[assignment]
         un = un - torch.einsum("tni,n->ti", un, self.w)[:, None, :]
         take = np.nonzero((self.n_seen + np.arange(len(pos))) % self.stride == 0)[0]
         take = take[: len(self.out) - self.n_kept]

@@ -8,7 +8,8 @@ This module holds what every sub-command shares:
 - :func:`resolve_device`: the one device default, ``"auto"`` = CUDA when available, else CPU;
 - :data:`EXIT_CODES` / :func:`exit_code`: exit 0 when every input succeeded, 1 when at least one input
   failed (the others still ran and are reported), 2 for a usage error (nothing ran);
-- :func:`print_status_table`: the per-input status table printed at the end of a run.
+- :func:`print_status_table`: the per-input status table printed at the end of a run;
+- :class:`RegistryNames`: the ``--ensemble`` / ``--optimizer`` choices, read from the runner's registry.
 
 Modules here must not import torch, torch-sim, Warp, pymatgen, matplotlib or h5py at import time
 (``geodite-sim --help`` starts in ~0.2 s); import them inside the handler.
@@ -21,11 +22,45 @@ import math
 import sys
 from collections.abc import Iterable, Sequence
 
+from geodite_sim.devices import DeviceError, check_device
+from geodite_sim.devices import resolve_device as resolve
+from geodite_sim.status import Status
+
 #: Exit status of a sub-command (documented in ``geodite-sim --help`` and README).
 EXIT_CODES = {"ok": 0, "some_failed": 1, "usage": 2}
 
 EXIT_HELP = ("exit status: 0 every input succeeded; 1 at least one input failed (the others ran and are "
              "reported, one status line per input); 2 bad arguments (nothing ran)")
+
+
+class RegistryNames(Sequence[str]):
+    """The names registered in :mod:`geodite_sim.runner.registry` of one kind (``"md"``: ensembles, ``"optimizer"``:
+    relaxation methods), as argparse ``choices``: read when first needed (parsing that option, or printing its
+    ``--help``), so that building the parser imports no torch. Give the argument a ``metavar`` (argparse would list
+    the choices while building it otherwise). A new registry entry is a new choice: nothing to edit here."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._names: tuple[str, ...] | None = None
+
+    def _load(self) -> tuple[str, ...]:
+        if self._names is None:
+            from geodite_sim.runner.registry import names  # imports torch: only when a value is checked or listed
+
+            self._names = names(self.kind)
+        return self._names
+
+    def __getitem__(self, index):
+        return self._load()[index]
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._load()
+
+    def __repr__(self) -> str:
+        return f"RegistryNames({self.kind!r})"
 
 
 def positive_int(text: str) -> int:
@@ -79,8 +114,6 @@ def nonnegative_float(text: str) -> float:
 def device_arg(text: str) -> str:
     """argparse type: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; a CUDA device must exist
     (:func:`geodite_sim.devices.check_device`, the Python API's rule too)."""
-    from geodite_sim.devices import DeviceError, check_device
-
     try:
         return check_device(text)
     except DeviceError as exc:
@@ -95,15 +128,11 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
 
 def resolve_device(device: str | None) -> str:
     """The device to run on: ``"auto"``/None -> ``"cuda"`` when torch sees a GPU, else ``"cpu"``."""
-    from geodite_sim.devices import resolve_device as resolve
-
     return resolve(device)
 
 
 def exit_code(statuses: Iterable) -> int:
     """0 when every status is a success (``Status.ok``), else 1. Statuses may be Status or their values."""
-    from geodite_sim.status import Status
-
     for s in statuses:
         try:
             if not Status(s).ok:
@@ -115,8 +144,6 @@ def exit_code(statuses: Iterable) -> int:
 
 def print_status_table(rows: Sequence[tuple[str, str, str]], file=None) -> None:
     """One line per input: label, status, detail (error message or numbers); then a count of failures."""
-    from geodite_sim.status import Status
-
     out = file or sys.stdout
     width = min(48, max([len("input")] + [len(r[0]) for r in rows]))
     print(f"{'input':{width}s}  {'status':19s}  detail", file=out)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from geodite_sim.commands import device_arg, resolve_device
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -20,7 +22,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from geodite_sim.commands import device_arg, resolve_device
     from geodite_sim.speed_protocol import main
 
     rest = list(args.rest)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 EPILOG = """examples:
   geodite-sim distill workflows/distill/specs/sse_li.toml                 # run (or resume) every stage
@@ -38,8 +39,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import time
-
     from geodite_sim.workflows.distill import Distillation, SpecError, load_spec, run_distill
     from geodite_sim.workflows.distill.spec import parse_until
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from geodite_sim.commands import EXIT_HELP, add_device_argument, positive_int, resolve_device
+import geodite_sim as gs
+from geodite_sim.commands import EXIT_HELP, add_device_argument, exit_code, positive_int, resolve_device
 
 EV_PER_A3_TO_GPA = 160.21766208
 
@@ -33,9 +34,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
-
-    import geodite_sim as gs
-    from geodite_sim.commands import exit_code
 
     model = gs.load_model(args.model, device=resolve_device(args.device), dtype=getattr(torch, args.dtype))
     results = gs.evaluate(args.inputs, model, max_atoms=args.max_atoms, progress=not args.no_progress)

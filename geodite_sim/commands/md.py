@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
 from geodite_sim.commands import (
     EXIT_HELP,
+    RegistryNames,
     add_device_argument,
+    exit_code,
     nonnegative_float,
     positive_float,
     positive_int,
     resolve_device,
 )
+from geodite_sim.commands.md_analyse import add_analyse_parser
+from geodite_sim.md_presets import get_preset
+from geodite_sim.settings import MDSettings
+from geodite_sim.status import Status
 
 EXAMPLES = """examples:
   geodite-sim md run CuI.extxyz --temperature 500 700 900 --steps 20000 --timestep 1.5 --trajectory run.h5
@@ -42,8 +49,8 @@ def add_parser(subparsers) -> None:
                         "(a sweep: N values x 1 structure = N runs); required for NVT")
     r.add_argument("--steps", type=positive_int, required=True, help="steps per structure")
     r.add_argument("--timestep", type=positive_float, default=1.5, help="fs (default 1.5)")
-    r.add_argument("--ensemble", choices=("nvt_nhc", "nve", "nvt_langevin", "nvt_bussi", "npt_mtk_iso", "npt_mtk"),
-                   default="nvt_nhc")
+    r.add_argument("--ensemble", choices=RegistryNames("md"), metavar="ENSEMBLE", default="nvt_nhc",
+                   help="a registered MD ensemble (default nvt_nhc): %(choices)s (docs/md.md)")
     r.add_argument("--trajectory", default=None, help="HDF5 output file")
     r.add_argument("--frame-every", type=positive_int, default=10, help="steps between frames (default 10)")
     r.add_argument("--tdamp", type=positive_float, default=None, help="NHC damping time, fs (default 100 x timestep)")
@@ -59,6 +66,9 @@ def add_parser(subparsers) -> None:
     r.add_argument("--friction", type=nonnegative_float, default=0.01,
                    help="Langevin friction, 1/fs (default 0.01)")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--ensemble-param", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="a parameter of the chosen registry entry by its run_md keyword (JSON value, e.g. "
+                        "barostat_chain_length=5 or pressure=[0.1,1.0]); repeat for several")
     r.add_argument("--model", default=None, help="checkpoint file or packaged model name (default: packaged model)")
     add_device_argument(r)
     r.add_argument("--dtype", choices=("float32", "float64"), default="float32")
@@ -80,8 +90,6 @@ def add_parser(subparsers) -> None:
     e.add_argument("--system", type=int, default=None, help="input index of the system (default: all)")
     e.add_argument("-o", "--output", default=None, help="output file (default <trajectory>[.<system>].extxyz)")
     e.set_defaults(func=export_command)
-
-    from geodite_sim.commands.md_analyse import add_analyse_parser
 
     add_analyse_parser(sub)
 
@@ -123,9 +131,18 @@ def _frames(paths: list[str]):
             yield path
 
 
-def _ok(status) -> bool:
-    from geodite_sim.status import Status
+def _key_value(text: str) -> tuple[str, object]:
+    """argparse type of ``--ensemble-param``: ``KEY=VALUE``, the value read as JSON (else kept as text)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
+
+def _ok(status) -> bool:
     try:
         return Status(status).ok
     except ValueError:
@@ -133,11 +150,11 @@ def _ok(status) -> bool:
 
 
 def run_command(args) -> int:
+    from geodite_sim.runner.registry import get_integrator, names  # torch: not while the parsers are built
+
     parser = args.subparser
     extra = {}
     if args.preset is not None:
-        from geodite_sim.md_presets import get_preset
-
         try:
             preset = get_preset(args.preset)
         except ValueError as exc:
@@ -150,23 +167,24 @@ def run_command(args) -> int:
             args.pressure = [kw.pop("pressure")]
         kw.pop("pressure", None)
         extra.update(kw)
+    extra.update(dict(args.ensemble_param))
+    entry = get_integrator(args.ensemble)
     if args.pressure is not None or args.pdamp is not None:
-        if not args.ensemble.startswith("npt"):
-            parser.error(f"--pressure/--pdamp need an NPT ensemble (npt_mtk_iso, npt_mtk), not {args.ensemble}")
+        if not entry.variable_cell:
+            npt = ", ".join(n for n in names("md") if get_integrator(n).variable_cell)
+            parser.error(f"--pressure/--pdamp need an NPT ensemble ({npt}), not {args.ensemble}")
         if args.pressure is not None:
             extra["pressure"] = args.pressure[0] if len(args.pressure) == 1 else args.pressure
         if args.pdamp is not None:
             extra["pdamp"] = args.pdamp
-    if (args.ensemble.startswith("nvt") or args.ensemble.startswith("npt")) and args.temperature is None:
+    if entry.name != "nve" and args.temperature is None:  # every other ensemble has a thermostat (run_md's rule)
         parser.error(f"--temperature is required for --ensemble {args.ensemble} (K; one value, or one per structure)")
 
     import torch
 
-    from geodite_sim.commands import exit_code
     from geodite_sim.io.runs import match_runs
     from geodite_sim.md import run_md_settings
     from geodite_sim.model import load_model
-    from geodite_sim.settings import MDSettings
 
     temperature = args.temperature
     if temperature is not None and len(temperature) == 1:

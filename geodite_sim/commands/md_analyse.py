@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from geodite_sim.commands import add_device_argument, nonnegative_float, positive_float, positive_int
+from geodite_sim.commands import add_device_argument, nonnegative_float, positive_float, positive_int, resolve_device
 
 EXAMPLES = """examples:
   geodite-sim md analyse run.h5 --species Li --discard-fs 5000
@@ -128,7 +128,6 @@ def _print_system(label: str, d: dict) -> None:
 
 def analyse_command(args) -> int:
     from geodite_sim.analysis.transport import TransportSettings
-    from geodite_sim.commands import resolve_device
 
     parser = args._leaf_parser
     try:
@@ -148,7 +147,7 @@ def analyse_command(args) -> int:
             systems = [d["index"] for d in trajectory_systems(path)]
         except Exception as exc:  # noqa: BLE001 - reported per input
             print(f"{path}: failed: {type(exc).__name__}: {exc}")
-            report["systems"].append({"file": path, "error": f"{type(exc).__name__}: {exc}"})
+            report["systems"].append({"file": path, "error": f"{type(exc).__name__}: {exc}"})  # type: ignore[attr-defined]
             n_bad += 1
             continue
         for system in (args.system if args.system is not None else systems):
@@ -159,11 +158,11 @@ def analyse_command(args) -> int:
                 d = _analyse_system(path, system, settings, args, device)
             except (ValueError, KeyError, OSError) as exc:
                 print(f"{label}: failed: {exc}")
-                report["systems"].append({"file": path, "system": system, "error": str(exc)})
+                report["systems"].append({"file": path, "system": system, "error": str(exc)})  # type: ignore[attr-defined]
                 n_bad += 1
                 continue
             _print_system(label, d)
-            report["systems"].append({"file": path, **d})
+            report["systems"].append({"file": path, **d})  # type: ignore[attr-defined]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1, default=str)

@@ -16,7 +16,17 @@ import os
 import sys
 from pathlib import Path
 
-from geodite_sim.commands import EXIT_HELP, add_device_argument, positive_float, positive_int, resolve_device
+import geodite_sim as gs
+from geodite_sim.commands import (
+    EXIT_HELP,
+    RegistryNames,
+    add_device_argument,
+    exit_code,
+    positive_float,
+    positive_int,
+    print_status_table,
+    resolve_device,
+)
 from geodite_sim.interrupt import RESUME_HINT
 
 EXAMPLES = {
@@ -62,8 +72,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--fmax", type=positive_float, default=0.001 if name == "elastic" else 0.01,
                            help="relaxation force threshold, eV/Å (default %(default)s)")
             p.add_argument("--max-steps", type=positive_int, default=500, help="optimiser steps at most (default 500)")
-            p.add_argument("--optimizer", choices=["fire", "lbfgs", "bfgs"], default="fire",
-                           help="relaxation optimiser: ASE's FIRE (default), LBFGS or BFGS (docs/optimizers.md)")
+            p.add_argument("--optimizer", choices=RegistryNames("optimizer"), metavar="OPTIMIZER", default="fire",
+                           help="relaxation optimiser, %(choices)s: ASE's FIRE (default), LBFGS or BFGS "
+                                "(docs/optimizers.md)")
             p.add_argument("--no-relax", action="store_true", help="use the structures as given (no relaxation)")
             p.add_argument("--retry-failed", action="store_true", help="re-run inputs whose stored result failed")
         p.add_argument("--out", required=True, help="output directory (created; reused to resume)")
@@ -124,14 +135,14 @@ def read_inputs(files: list[str]) -> list[tuple[str, str, object]]:
             frames = []
         items = [(f"{stem}@{k}" if k else stem, f"{path}@{k}" if k else path, a) for k, a in enumerate(frames)]
         if not items:
-            items = [(stem, path, path)]
+            items = [(stem, path, path)]  # type: ignore[list-item]
         for name, label, s in items:
             base, n = name, 1
             while name in seen:  # same stem in two directories
                 name, n = f"{base}_{n}", n + 1
             seen.add(name)
             out.append((name, label, s))
-    return out
+    return out  # type: ignore[return-value]
 
 
 def _is_done(path: Path, retry_failed: bool) -> bool:
@@ -148,9 +159,6 @@ def _is_done(path: Path, retry_failed: bool) -> bool:
 # ---------------------------------------------------------------------------------------------- command
 def run(args: argparse.Namespace) -> int:
     import torch
-
-    import geodite_sim as gs
-    from geodite_sim.commands import exit_code
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -190,7 +198,6 @@ def run(args: argparse.Namespace) -> int:
                         **common)
     rows = _summary(out, args.workflow)
     print(f"{args.workflow}: {len(todo)} new input(s)" + (f", skipped {n_skipped} already done" if n_skipped else ""))
-    from geodite_sim.commands import print_status_table
 
     print_status_table([(r.get("label", r["_name"]), r.get("status", "failed"), _detail(args.workflow, r))
                         for r in rows])
@@ -245,7 +252,6 @@ def _detail(workflow: str, r: dict) -> str:
 
 
 def _diatomics(args: argparse.Namespace, model, out: Path, progress: bool) -> int:
-    from geodite_sim.commands import exit_code, print_status_table
     from geodite_sim.workflows.properties.diatomics import (
         DiatomicResult,
         DiatomicsReport,

@@ -34,8 +34,11 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import geodite_sim as gs
+from geodite_sim.commands import RegistryNames, exit_code
 from geodite_sim.interrupt import RESUME_HINT
-from geodite_sim.store import ResultStore, StoreError
+from geodite_sim.settings import RelaxSettings
+from geodite_sim.store import ResultStore, StoreError, write_atomic
 
 EXAMPLES = """examples:
   geodite-sim relax examples/structures/* --out out/demo
@@ -66,8 +69,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory (created; reused to resume)")
     p.add_argument("--fmax", type=float, default=0.05, help="force convergence threshold, eV/Å (default 0.05)")
     p.add_argument("--max-steps", type=int, default=500, help="optimiser steps per structure at most (default 500)")
-    p.add_argument("--optimizer", choices=["fire", "lbfgs", "bfgs"], default="fire",
-                   help="ASE's FIRE (default), LBFGS or BFGS, with the Fréchet cell filter (docs/optimizers.md)")
+    p.add_argument("--optimizer", choices=RegistryNames("optimizer"), metavar="OPTIMIZER", default="fire",
+                   help="%(choices)s: ASE's FIRE (default), LBFGS or BFGS, with the Fréchet cell filter "
+                        "(docs/optimizers.md)")
     p.add_argument("--no-cell", action="store_true", help="keep every cell fixed (default: relax the cell)")
     p.add_argument("--model", default=None, help="checkpoint path or packaged model name (default: packaged default)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
@@ -202,8 +206,6 @@ def write_table(store: ResultStore[RelaxRecord]) -> list[dict]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    from geodite_sim.store import write_atomic
-
     write_atomic(path, text)
 
 
@@ -278,7 +280,6 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    import geodite_sim as gs
     from geodite_sim.executors import make_executor
 
     if not logging.getLogger().handlers:
@@ -290,7 +291,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = gs.load_model(args.model, device=device, dtype=getattr(torch, args.dtype))
-    from geodite_sim.settings import RelaxSettings
 
     relax_settings = RelaxSettings(fmax=args.fmax, max_steps=args.max_steps, optimizer=args.optimizer,
                                    relax_cell=not args.no_cell, max_atoms=args.max_atoms)
@@ -338,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
 
                 sdir = store.directory / "structures"
                 sdir.mkdir(exist_ok=True)
-                write(sdir / f"{ordinal:06d}_{record.formula}.extxyz", atoms, format="extxyz")
+                write(sdir / f"{ordinal:06d}_{record.formula}.extxyz", atoms, format="extxyz")  # type: ignore[arg-type]
             n_new += 1
     finally:
         executor.shutdown()
@@ -355,6 +355,5 @@ def run(args: argparse.Namespace) -> int:
     print(summarize(rows))
     print(f"results: {store.directory / 'results.csv'}, {store.directory / 'results.json'}, "
           f"structures: {store.structures_path}")
-    from geodite_sim.commands import exit_code
 
     return exit_code(r["status"] for r in rows)  # 0: every input fine; 1: some failed (the others ran)

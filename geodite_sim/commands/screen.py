@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import math
 
+import geodite_sim as gs
+from geodite_sim.commands import RegistryNames
 from geodite_sim.interrupt import RESUME_HINT
 
 EPILOG = """examples:
@@ -58,8 +60,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--fmax", type=float, default=0.05, help="force convergence criterion, eV/Å (default 0.05)")
     p.add_argument("--max-steps", type=int, default=500, help="optimiser steps per structure at most (default 500)")
-    p.add_argument("--optimizer", choices=["fire", "lbfgs", "bfgs"], default="fire",
-                   help="ASE's FIRE (default), LBFGS or BFGS, with the Fréchet cell filter (docs/optimizers.md)")
+    p.add_argument("--optimizer", choices=RegistryNames("optimizer"), metavar="OPTIMIZER", default="fire",
+                   help="%(choices)s: ASE's FIRE (default), LBFGS or BFGS, with the Fréchet cell filter "
+                        "(docs/optimizers.md)")
     p.add_argument("--no-relax-cell", dest="relax_cell", action="store_false", help="keep cells fixed")
     p.add_argument("--max-atoms", type=int, default=None, help="atoms per batch (default: engine's choice)")
     p.add_argument("--threshold", type=float, default=0.0,
@@ -94,7 +97,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    import geodite_sim as gs
     from geodite_sim.workflows.stability import SCREENED, ScreenError, screen
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from geodite_sim.training.cli import add_train_parser
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from geodite_sim.training.cli import add_train_parser
-
     add_train_parser(sub)

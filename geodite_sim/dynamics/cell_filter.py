@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from geodite_sim.core.ops import det3
+
 #: Taylor degree and target 1-norm of the scaled matrix in :func:`expm` (truncation error < 1e-17).
 _TAYLOR_DEGREE = 12
 _THETA = 0.25
@@ -54,11 +56,6 @@ def expm(a: torch.Tensor) -> torch.Tensor:
     for k in range(_MAX_SQUARINGS):  # fixed count: no host read of the squaring count (device-resident step)
         e = torch.where((s > k)[:, None, None], e @ e, e)
     return e
-
-
-def det3(m: torch.Tensor) -> torch.Tensor:
-    """det of [S, 3, 3] matrices as (a x b) . c (elementwise ops only: no host sync, capturable)."""
-    return (torch.linalg.cross(m[:, 0], m[:, 1], dim=-1) * m[:, 2]).sum(-1)
 
 
 def inv3(m: torch.Tensor) -> torch.Tensor:

@@ -149,7 +149,7 @@ def _symmetry_tables(rotations, symm_map, n: int) -> tuple[np.ndarray, np.ndarra
     if (np.bincount(orbit, minlength=n)[orbit] != m).any():
         return "FixSymmetry: the pure translations do not act freely on the atoms"
     perm = np.empty((len(reps), n), dtype=np.int64)
-    for p, k in enumerate(reps):
+    for p, k in enumerate(reps):  # type: ignore[assignment]
         perm[p, maps[k]] = np.arange(n)
     return rot[reps], perm, orbit, m
 

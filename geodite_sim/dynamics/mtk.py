@@ -50,6 +50,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 from ase import units
 
+from geodite_sim.core.ops import det3
+from geodite_sim.dynamics.nhc_chain import chain_sweeps_fused
 from geodite_sim.dynamics.verlet import MDState, per_system_sum
 from geodite_sim.state import system_field
 
@@ -154,11 +156,6 @@ def expm_phi(x: torch.Tensor, order: int = 16, theta: float = 0.5,
     return e, phi
 
 
-def det3(h: torch.Tensor) -> torch.Tensor:
-    """[S] determinant of [S, 3, 3] matrices (triple product; no LAPACK, no host read)."""
-    return (h[:, 0] * torch.linalg.cross(h[:, 1], h[:, 2])).sum(-1)
-
-
 def per_system_param(value, like: torch.Tensor, name: str) -> torch.Tensor:
     """A float, a sequence of S floats or an [S] tensor -> [S] tensor like ``like``."""
     t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
@@ -206,8 +203,6 @@ def nhc_chain(k2: torch.Tensor, dof_kT: torch.Tensor, kT: torch.Tensor, Q: torch
     Returns:
         (p_eta [S, M], eta [S, M], scale [S]): the driven momenta are to be multiplied by ``scale``.
     """
-    from geodite_sim.dynamics.nhc_chain import chain_sweeps_fused
-
     # the same recursion as NoseHooverChainNVT's (one operator, geodite_sim::nhc_chain); Q = 0 (empty slots) -> 1
     return chain_sweeps_fused(k2, dof_kT, kT, safe_denominator(Q), p_eta, eta, delta, loops)
 
@@ -466,7 +461,7 @@ def mtk_conserved(state: MTKFullState) -> torch.Tensor:
 
 def conserved(state: MTKState) -> torch.Tensor:
     """[S] conserved energy of either MTK state, eV."""
-    return mtk_iso_conserved(state) if isinstance(state, MTKIsoState) else mtk_conserved(state)
+    return mtk_iso_conserved(state) if isinstance(state, MTKIsoState) else mtk_conserved(state)  # type: ignore[arg-type]
 
 
 __all__: Sequence[str] = (

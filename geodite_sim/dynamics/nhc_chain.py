@@ -10,7 +10,7 @@ for M = 10), each a kernel launch on a GPU. Here it is a custom operator
   registers (tested against the tensor recursion under Triton's interpreter);
 * CPU: the same recursion in C++ (one loop per system, in the fused-kernel extension of
   :mod:`geodite_sim.model.edge_ops`, built once per configuration); without a compiler, in numpy;
-* anything else, or no Triton: :func:`geodite_sim.dynamics.nose_hoover.chain_sweeps` on tensors.
+* anything else, or no Triton: :func:`chain_sweeps` on tensors.
 
 All implementations evaluate ASE's formulas in ASE's order (see ``nose_hoover.py``).
 """
@@ -20,20 +20,55 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from geodite_sim.core.ops import FOURTH_ORDER_COEFFS
+from geodite_sim.model.edge_ops import _load_extension
+
 _OP_NAME = "geodite_sim::nhc_chain"
 
 
-def _reference(k2, n3kT, kT, Q, p_eta, eta, delta: float, tloop: int):
-    from geodite_sim.dynamics.nose_hoover import chain_sweeps
+def chain_sweeps(k2, n3kT, kT, Q: list, p_eta: list, eta, delta: float, tloop: int, exp, stack):
+    """ASE's ``integrate_nhc`` on per-system columns; returns (p_eta columns, eta, momentum scale).
 
+    Works on numpy arrays (CPU) or torch tensors alike: ``k2``, ``n3kT``, ``kT`` are [S], ``Q`` and
+    ``p_eta`` lists of M [S] columns, ``eta`` [S, M]; ``exp``/``stack`` are the array library's.
+    The atoms' momenta are not touched: the returned [S] factor scales them.
+    """
+    M = len(p_eta)
+    pe = list(p_eta)
+    scale = None
+    Qs = stack(Q, 1)
+
+    def update(j: int, d2: float, d4: float) -> None:
+        if j < M - 1:
+            a = exp(-d4 * pe[j + 1] / Q[j + 1])
+            pe[j] = pe[j] * a
+        g = k2 - n3kT if j == 0 else pe[j - 1] ** 2 / Q[j - 1] - kT
+        pe[j] = pe[j] + d2 * g
+        if j < M - 1:
+            pe[j] = pe[j] * a
+
+    for _ in range(tloop):
+        for coeff in FOURTH_ORDER_COEFFS:
+            d = coeff * delta / tloop
+            d2, d4 = d / 2, d / 4
+            for j in range(M - 1, -1, -1):
+                update(j, d2, d4)
+            eta = eta + d * stack(pe, 1) / Qs
+            f = exp(-d * pe[0] / Q[0])
+            scale = f if scale is None else scale * f
+            k2 = k2 * f * f
+            for j in range(M):
+                update(j, d2, d4)
+    return pe, eta, scale
+
+
+def _reference(k2, n3kT, kT, Q, p_eta, eta, delta: float, tloop: int):
     pe, eta, scale = chain_sweeps(k2, n3kT, kT, list(Q.unbind(1)), list(p_eta.unbind(1)), eta, delta, tloop,
                                   torch.exp, lambda cols, dim: torch.stack(cols, dim))
     return torch.stack(pe, 1), eta, scale
 
 
 def _cpu(k2, n3kT, kT, Q, p_eta, eta, delta: float, tloop: int):
-    from geodite_sim.model.edge_ops import _load_extension
-
     ext = _load_extension()
     if ext is not None and hasattr(ext, "nhc_chain"):
         pe, eta_new, scale = ext.nhc_chain(k2, n3kT, kT, Q, p_eta, eta, float(delta), int(tloop))
@@ -42,8 +77,6 @@ def _cpu(k2, n3kT, kT, Q, p_eta, eta, delta: float, tloop: int):
 
 
 def _numpy(k2, n3kT, kT, Q, p_eta, eta, delta: float, tloop: int):
-    from geodite_sim.dynamics.nose_hoover import chain_sweeps
-
     arrays = [np.asarray(t.detach().contiguous()) for t in (k2, n3kT, kT, Q, p_eta, eta)]
     k2_, n3kT_, kT_, Q_, pe_, eta_ = arrays
     pe, eta_new, scale = chain_sweeps(k2_, n3kT_, kT_, list(Q_.T), list(pe_.T), eta_, delta, tloop, np.exp,
@@ -79,4 +112,4 @@ def chain_sweeps_fused(k2, n3kT, kT, Q, p_eta, eta, delta: float, tloop: int):
                      eta.contiguous(), float(delta), int(tloop))
 
 
-__all__ = ["chain_sweeps_fused", "nhc_chain"]
+__all__ = ["chain_sweeps", "chain_sweeps_fused", "nhc_chain"]

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
+from geodite_sim.core.ops import FOURTH_ORDER_COEFFS
+from geodite_sim.dynamics.nhc_chain import chain_sweeps, chain_sweeps_fused
 from geodite_sim.dynamics.verlet import (
     ForceFn,
     MDState,
@@ -46,12 +48,7 @@ from geodite_sim.dynamics.verlet import (
 )
 from geodite_sim.state import system_field
 
-#: Fourth-order Suzuki–Yoshida weights, as in ASE.
-FOURTH_ORDER_COEFFS = (
-    1 / (2 - 2 ** (1 / 3)),
-    -(2 ** (1 / 3)) / (2 - 2 ** (1 / 3)),
-    1 / (2 - 2 ** (1 / 3)),
-)
+__all__ = ["FOURTH_ORDER_COEFFS", "chain_sweeps"]  # re-exported: the chain sweep lives in dynamics.nhc_chain
 
 
 @dataclass
@@ -102,42 +99,6 @@ def nhc_conserved(state: NHCState, ke: torch.Tensor | None = None) -> torch.Tens
     return state.energy + ke + thermostat_energy(state)
 
 
-def chain_sweeps(k2, n3kT, kT, Q: list, p_eta: list, eta, delta: float, tloop: int, exp, stack):
-    """ASE's ``integrate_nhc`` on per-system columns; returns (p_eta columns, eta, momentum scale).
-
-    Works on numpy arrays (CPU) or torch tensors alike: ``k2``, ``n3kT``, ``kT`` are [S], ``Q`` and
-    ``p_eta`` lists of M [S] columns, ``eta`` [S, M]; ``exp``/``stack`` are the array library's.
-    The atoms' momenta are not touched: the returned [S] factor scales them.
-    """
-    M = len(p_eta)
-    pe = list(p_eta)
-    scale = None
-    Qs = stack(Q, 1)
-
-    def update(j: int, d2: float, d4: float) -> None:
-        if j < M - 1:
-            a = exp(-d4 * pe[j + 1] / Q[j + 1])
-            pe[j] = pe[j] * a
-        g = k2 - n3kT if j == 0 else pe[j - 1] ** 2 / Q[j - 1] - kT
-        pe[j] = pe[j] + d2 * g
-        if j < M - 1:
-            pe[j] = pe[j] * a
-
-    for _ in range(tloop):
-        for coeff in FOURTH_ORDER_COEFFS:
-            d = coeff * delta / tloop
-            d2, d4 = d / 2, d / 4
-            for j in range(M - 1, -1, -1):
-                update(j, d2, d4)
-            eta = eta + d * stack(pe, 1) / Qs
-            f = exp(-d * pe[0] / Q[0])
-            scale = f if scale is None else scale * f
-            k2 = k2 * f * f
-            for j in range(M):
-                update(j, d2, d4)
-    return pe, eta, scale
-
-
 def nhc_propagate(state: NHCState, delta: float, tloop: int = 1) -> None:
     """exp(iL_NHC δ) for every system's chain and momenta (δ in ASE time units); rebinds the state's
     fields to new tensors (the input tensors are not modified). Device-side: no host read."""
@@ -147,8 +108,6 @@ def nhc_propagate(state: NHCState, delta: float, tloop: int = 1) -> None:
     p = state.momenta[:n]
     k2 = torch.zeros_like(state.kT).index_add_(0, sys_idx, (p * p / m[:, None]).sum(-1))
     n3kT = degrees_of_freedom(state) * state.kT
-    from geodite_sim.dynamics.nhc_chain import chain_sweeps_fused
-
     pe, eta, scale = chain_sweeps_fused(k2, n3kT, state.kT, state.Q, state.p_eta, state.eta, delta, tloop)
     state.p_eta = pe
     state.eta = eta

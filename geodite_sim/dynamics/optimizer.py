@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from geodite_sim.batch import Batch
+from geodite_sim.core.ops import segment_sum
 from geodite_sim.dynamics.cell_filter import apply_displacement, generalized_forces, inv3
 from geodite_sim.state import SimState, atom_field, packed_field, system_field
 
@@ -91,9 +92,8 @@ def optimizer_fields(batch: Batch, relax_cell: bool | torch.Tensor = True,
     )
 
 
-def per_system_sum(values: torch.Tensor, system_index: torch.Tensor, n_systems: int) -> torch.Tensor:
-    """Sum ``values`` [N, ...] over the atoms of each system -> [S, ...]."""
-    return values.new_zeros((n_systems,) + values.shape[1:]).index_add_(0, system_index, values)
+#: Sum ``values`` [N, ...] over the atoms of each system -> [S, ...] (:func:`geodite_sim.core.ops.segment_sum`).
+per_system_sum = segment_sum
 
 
 def per_system_max(values: torch.Tensor, system_index: torch.Tensor, n_systems: int) -> torch.Tensor:
@@ -130,13 +130,13 @@ def generalized_forces_of(state: OptimizerState, cell: bool = True) -> tuple[tor
     return g_a, g_c, row_norm_max(g_a, g_c, b.system_index)
 
 
-def relax_converged(
-    state: OptimizerState,
+def relax_converged[S: OptimizerState](
+    state: S,
     fmax: float,
     max_steps: int,
     frozen: torch.Tensor | None = None,
     cell: bool = True,
-) -> OptimizerState:
+) -> S:
     """ASE's convergence test at the state's current evaluation (``optimizer.converged()``).
 
     ``state.forces`` (and ``state.stress`` for cell systems) must hold the model's output at the
@@ -163,7 +163,7 @@ def cached_forces(state: OptimizerState, cell: bool = True) -> tuple[torch.Tenso
     return state.g_atoms, state.g_cell
 
 
-def displace(state: OptimizerState, dr_a: torch.Tensor, dr_c: torch.Tensor, cell: bool = True) -> OptimizerState:
+def displace[S: OptimizerState](state: S, dr_a: torch.Tensor, dr_c: torch.Tensor, cell: bool = True) -> S:
     """Move every system that is not done by the generalised step (dr_a [N, 3], dr_c [S, 3, 3]) and count the
     step (ASE's ``set_x(x + dr)``; cell systems through the filter, :func:`~.cell_filter.apply_displacement`).
 

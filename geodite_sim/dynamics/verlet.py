@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from ase import units
 
+from geodite_sim.core.ops import segment_sum
 from geodite_sim.state import SimState, atom_field, packed_field, system_field
 
 #: ``force_fn(batch) -> (energy [S] eV, forces [N, 3] eV/Å)`` evaluated at the batch's positions.
@@ -84,10 +85,8 @@ def constrain_positions(state: MDState, old_positions: torch.Tensor) -> None:
         state.batch = state.batch.with_positions(pos)
 
 
-def per_system_sum(values: torch.Tensor, system_index: torch.Tensor, n_systems: int) -> torch.Tensor:
-    """Sum ``values`` [N, ...] over the atoms of each system -> [S, ...]."""
-    out = values.new_zeros((n_systems,) + values.shape[1:])
-    return out.index_add_(0, system_index, values)
+#: Sum ``values`` [N, ...] over the atoms of each system -> [S, ...] (:func:`geodite_sim.core.ops.segment_sum`).
+per_system_sum = segment_sum
 
 
 def kinetic_energy(state: MDState) -> torch.Tensor:

@@ -30,7 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ase import Atoms
+from ase.data import atomic_numbers, chemical_symbols, covalent_radii
 
+from geodite_sim.io.readers import StructureError, to_atoms
 from geodite_sim.status import Status
 
 #: Atomic numbers with a name (hydrogen .. oganesson).
@@ -63,8 +66,6 @@ class Admission:
 
 def element_name(z: int) -> str:
     """Chemical symbol of atomic number ``z``, or ``"Z=<z>"`` when there is none (never raises)."""
-    from ase.data import chemical_symbols
-
     z = int(z)
     return chemical_symbols[z] if 1 <= z < len(chemical_symbols) else f"Z={z}"
 
@@ -94,8 +95,6 @@ def input_label(obj: Any, atoms: Any = None, index: int | None = None) -> str:
     prefix = "" if index is None else f"{index}:"
     if atoms is not None:
         return f"{prefix}{safe_formula(atoms)}"
-    from ase import Atoms
-
     if isinstance(obj, Atoms):
         return f"{prefix}{safe_formula(obj)}"
     return f"{prefix}{type(obj).__name__}"
@@ -103,10 +102,6 @@ def input_label(obj: Any, atoms: Any = None, index: int | None = None) -> str:
 
 def _read(obj: Any) -> tuple[Any, str | None]:
     """(Atoms, None) or (None, why it could not be read)."""
-    from ase import Atoms
-
-    from geodite_sim.io.structures import StructureError, to_atoms
-
     if isinstance(obj, (str, os.PathLike)):
         path = Path(obj)
         if not path.exists():
@@ -135,8 +130,6 @@ def _read(obj: Any) -> tuple[Any, str | None]:
 
 
 def _as_z_set(elements: Iterable[int | str]) -> set[int]:
-    from ase.data import atomic_numbers
-
     out = set()
     for e in elements:
         out.add(atomic_numbers[e] if isinstance(e, str) else int(e))
@@ -202,8 +195,6 @@ def closest_pair(atoms: Any, factor: float, max_work: int = 100_000) -> tuple[in
     Small structures are enumerated with numpy (pair x image distances up to ``max_work``); larger
     ones use ``ase.neighborlist.neighbor_list`` with per-atom cutoffs.
     """
-    from ase.data import covalent_radii
-
     z = np.asarray(atoms.numbers)
     radii = factor * covalent_radii[z]
     if len(atoms) < 2 and not np.asarray(atoms.pbc).any():
@@ -250,8 +241,6 @@ def admit(
         :class:`Admission`: ``status`` None and ``atoms`` set when admitted; otherwise the
         :class:`Status` and a message ``"<label>: <problem>"``.
     """
-    from ase import Atoms
-
     obj = atoms
     conv, why = _read(obj)
     name = label if label is not None else input_label(obj, conv, index)
@@ -299,7 +288,7 @@ def admit(
             return reject(Status.INVALID_STRUCTURE, f"momenta contain NaN or Inf (atom {int(bad_rows[0])}"
                           + (f" and {bad_rows.size - 1} more)" if bad_rows.size > 1 else ")"))
     pbc = np.asarray(conv.pbc, dtype=bool)
-    problem = _check_cell(cell, pbc)
+    problem = _check_cell(cell, pbc)  # type: ignore[assignment]
     if problem:
         return reject(Status.INVALID_STRUCTURE, problem)
 

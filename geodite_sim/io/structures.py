@@ -10,23 +10,19 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ase import Atoms
 
+from geodite_sim.io.admission import admit
+from geodite_sim.io.readers import Labeled, StructureError, is_pymatgen, to_atoms
 from geodite_sim.status import Status
+
+__all__ = ["MAX_SUPPORTED_Z", "InputItem", "Labeled", "StructureError", "iter_inputs", "like_input", "to_atoms",
+           "validate_atoms"]  # Labeled, StructureError, to_atoms: re-exported from geodite_sim.io.readers
 
 #: Highest atomic number the Geodite embedding supports (it has 100 rows, row 0 is padding).
 MAX_SUPPORTED_Z = 99
-
-
-class StructureError(ValueError):
-    """A structure that cannot be simulated; the message says why, ``status`` classifies it."""
-
-    def __init__(self, message: str, status: Status = Status.INVALID_STRUCTURE):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass
@@ -49,59 +45,6 @@ class InputItem:
     warnings: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class Labeled:
-    """A structure with the name its messages and results carry instead of ``index:formula`` (e.g. the file
-    and frame it was read from: ``Labeled(atoms, "CuI.extxyz@2")``); results come back as ``structure``'s type."""
-
-    structure: Any
-    label: str
-
-
-def _is_pymatgen(obj: Any) -> bool:
-    mod = type(obj).__module__
-    return mod.startswith("pymatgen")
-
-
-def to_atoms(obj: Any) -> Atoms:
-    """Convert an ASE Atoms, pymatgen Structure/Molecule or file path to ASE Atoms (a copy).
-
-    A file path is read with ``ase.io.read`` (last frame); anything ASE can read works.
-    Raises :class:`StructureError` with the reason when the input cannot be converted.
-    """
-    if isinstance(obj, Atoms):
-        return obj.copy()
-    if isinstance(obj, Labeled):
-        return to_atoms(obj.structure)
-    if isinstance(obj, (str, os.PathLike)):
-        from ase.io import read
-
-        path = Path(obj)
-        if not path.exists():
-            raise StructureError(f"file not found: {path}", Status.UNREADABLE)
-        try:
-            atoms = read(str(path))
-        except Exception as exc:  # ASE raises many kinds of errors for bad files
-            detail = f"{type(exc).__name__}: {exc}" if str(exc) else \
-                f"ASE's reader raised {type(exc).__name__} with no message (not a valid file of its format?)"
-            raise StructureError(f"could not read {path}: {detail}", Status.UNREADABLE) from exc
-        if isinstance(atoms, list):  # defensive: read() returns one Atoms for the default index
-            atoms = atoms[-1]
-        return atoms
-    if _is_pymatgen(obj):
-        from pymatgen.io.ase import AseAtomsAdaptor
-
-        try:
-            return AseAtomsAdaptor.get_atoms(obj)
-        except Exception as exc:
-            raise StructureError(f"could not convert pymatgen object: {exc}", Status.UNREADABLE) from exc
-    raise StructureError(
-        f"unsupported input type {type(obj).__name__}: pass ASE Atoms, a pymatgen "
-        "Structure/Molecule or a file path",
-        Status.UNREADABLE,
-    )
-
-
 def validate_atoms(
     atoms: Atoms,
     *,
@@ -116,18 +59,10 @@ def validate_atoms(
     a non-singular cell along the periodic axes, and (when ``min_distance_factor`` is given) no two
     atoms closer than that fraction of their covalent-radius sum.
     """
-    from geodite_sim.io.admission import admit
-
     adm = admit(atoms, supported_elements=supported_elements, min_distance_factor=min_distance_factor,
                 label="", model_name=model_name)
     if not adm.ok:
-        raise StructureError(adm.message or "invalid structure", adm.status)
-
-
-def _label(obj: Any, atoms: Atoms | None, index: int) -> str:
-    from geodite_sim.io.admission import input_label
-
-    return input_label(obj, atoms, index)
+        raise StructureError(adm.message or "invalid structure", adm.status or Status.INVALID_STRUCTURE)
 
 
 def iter_inputs(
@@ -147,9 +82,7 @@ def iter_inputs(
     it never stops the stream. The keyword arguments go to :func:`~geodite_sim.io.admission.admit`
     (pass ``model_elements(model)`` for a model's own elements).
     """
-    from geodite_sim.io.admission import admit
-
-    if isinstance(structures, (Atoms, str, os.PathLike, Labeled)) or _is_pymatgen(structures):
+    if isinstance(structures, (Atoms, str, os.PathLike, Labeled)) or is_pymatgen(structures):
         structures = [structures]
     if not isinstance(structures, Iterable):
         raise TypeError(f"expected a structure or an iterable of structures, got {type(structures).__name__}")
@@ -167,7 +100,7 @@ def iter_inputs(
 
 def like_input(original: Any, atoms: Atoms) -> Any:
     """Return ``atoms`` as the same kind of object the user passed (pymatgen in, pymatgen out)."""
-    if _is_pymatgen(original):
+    if is_pymatgen(original):
         from pymatgen.core import Molecule, Structure
         from pymatgen.io.ase import AseAtomsAdaptor
 

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 _LAZY = {
     **dict.fromkeys(("CheckpointError", "load_checkpoint", "save_checkpoint"), "geodite_sim.model.checkpoint"),
     "GeoditeConfig": "geodite_sim.model.config",
-    **dict.fromkeys(("Edges", "Geodite"), "geodite_sim.model.geodite"),
+    "Edges": "geodite_sim.core.graph",
+    "Geodite": "geodite_sim.model.geodite",
     "load_model": "geodite_sim.model.registry",
     **dict.fromkeys(("SimModel", "check_model", "model_fingerprint", "model_name", "supported_elements",
                      "unsupported_elements", "unsupported_elements_message", "uses_edges"),
@@ -31,6 +32,7 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:
+    from geodite_sim.core.graph import Edges
     from geodite_sim.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
     from geodite_sim.model.config import GeoditeConfig
     from geodite_sim.model.contract import (
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
         unsupported_elements_message,
         uses_edges,
     )
-    from geodite_sim.model.geodite import Edges, Geodite
+    from geodite_sim.model.geodite import Geodite
     from geodite_sim.model.registry import load_model
     from geodite_sim.model.torchsim_adapter import TorchSimAdapter
 

@@ -16,7 +16,7 @@ Every model the engine drives (Geodite, the Morse test potential, the padded/acc
   system is periodic along all three axes).
 
 Engine code reads these through the helpers below (never ``getattr(model, ...)``): wrappers that hold
-the real model as ``.model`` (``StaticStep``, ``TorchSimModel``) are looked through for what they do
+the real model as ``.model`` (``TorchSimModel``) are looked through for what they do
 not declare themselves. See ``docs/model-contract.md``.
 """
 
@@ -37,7 +37,9 @@ PROPERTIES = ("energy", "forces", "stress")
 CONTRACT_ATTRIBUTES = ("cutoff", "dtype", "device", "supported_elements", "implemented_properties",
                        "conservative", "uses_edges")
 
-#: Attributes that never enter a fingerprint: names, file provenance and engine settings.
+#: Attributes that never enter a fingerprint: names, file provenance, and engine settings a caller may still set on
+#: a model object (``neighbor_backend``/``fused_kernels``: the models no longer read them; the step configuration
+#: and ``forward``'s keywords carry them).
 _NOT_IDENTITY = {"name", "source", "checksum", "card", "neighbor_backend", "fused_kernels", "training",
                  "supported_elements", "implemented_properties", "conservative", "uses_edges"}
 
@@ -60,7 +62,7 @@ class SimModel(Protocol):
 
 # ------------------------------------------------------------------------------------------ lookup
 def _inner(model: Any) -> Any | None:
-    """The wrapped model of a wrapper (``StaticStep``, ``TorchSimModel``, ...), or None."""
+    """The wrapped model of a wrapper (``TorchSimModel``, ...), or None."""
     inner = model.__dict__.get("model") if hasattr(model, "__dict__") else None
     if inner is None and isinstance(model, torch.nn.Module):
         inner = model._modules.get("model")
@@ -198,7 +200,7 @@ _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _identity_holder(model: Any) -> Any:
     """The object whose identity the fingerprint hashes: the first one defining ``identity_config``, looking
-    through wrappers (``StaticStep``, ``TorchSimModel``) that hold it as ``.model``; else the innermost."""
+    through wrappers (``TorchSimModel``) that hold it as ``.model``; else the innermost."""
     obj = model
     for _ in range(8):
         if callable(getattr(type(obj), "identity_config", None)):
@@ -255,7 +257,7 @@ def model_fingerprint(model: Any) -> str:
 
     sha256 over the model's class, :func:`identity_config` and the bytes of every tensor of its
     ``state_dict`` (sorted by name, dtype included; device-independent). A weight changed in memory gives
-    a new fingerprint; wrappers (``StaticStep``, ``TorchSimModel``) share their model's. The hash is
+    a new fingerprint; wrappers (``TorchSimModel``) share their model's. The hash is
     cached per model, keyed on the tensors' ``_version`` counters and storage, so repeated calls are cheap.
     """
     inner = _identity_holder(model)

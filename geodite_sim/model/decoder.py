@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from geodite_sim.model.encoder import dense, scatter_sum
+from geodite_sim.core.ops import segment_sum
+from geodite_sim.model.encoder import dense
 from geodite_sim.model.radial import covalent_radii_table
 
 #: e^2 / (4 pi eps0) in eV*Å, as in the reference implementation.
@@ -28,11 +29,13 @@ class Readout(nn.Module):
         out = 0
         for lin, dh in zip(self.linears, delta_h):
             out = out + lin(dh).squeeze(-1)
-        return out
+        return out  # type: ignore[return-value]  # a tensor once num_layers >= 1 (always)
 
 
 class ZBLRepulsion(nn.Module):
     """Ziegler-Biersack-Littmark screened nuclear repulsion with a p = 5 envelope on r / (r_cov,u + r_cov,v)."""
+
+    covalent_radii: torch.Tensor  # buffers, typed for the checker
 
     def __init__(self) -> None:
         super().__init__()
@@ -54,11 +57,13 @@ class ZBLRepulsion(nn.Module):
         v = prefactor / dist * screen
         x = dist / (self.covalent_radii[zu] + self.covalent_radii[zv])
         env = (1.0 - 21.0 * x**5 + 35.0 * x**6 - 15.0 * x**7) * (x < 1.0)
-        return scatter_sum(0.5 * v * env, dst, z.shape[0])
+        return segment_sum(0.5 * v * env, dst, z.shape[0])
 
 
 class EnergyHead(nn.Module):
     """E_i = e0[Z_i] + e_scale (E_res,i + V_ZBL,i) + e_shift, eV."""
+
+    e0: torch.Tensor  # buffer, typed for the checker
 
     def __init__(self, channels: int, num_layers: int):
         super().__init__()

@@ -21,8 +21,13 @@ falls back to eager.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import platform
+import sys
+import sysconfig
+import time
 import warnings
 from pathlib import Path
 
@@ -55,7 +60,6 @@ def _cpu_model() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
 
     return platform.processor() or platform.machine()
 
@@ -81,8 +85,6 @@ def build_inputs() -> list[str]:
     """Everything besides the source text that enters torch's build file (build.ninja): compiler flags and
     compiler, torch and Python versions, the CPU model (``-march=native``) and the include paths of torch and
     Python (a second environment has other paths: its own build, never a silent rebuild of this one)."""
-    import sys
-    import sysconfig
 
     with _quiet_torch_builder():
         from torch.utils.cpp_extension import include_paths
@@ -100,8 +102,6 @@ def build_config() -> tuple[str, Path]:
     The build compiles a copy of the source kept in that directory, so the checkout's path (a second checkout,
     a symlinked venv, a Ray worker) never enters the build: one configuration, one build, reused by all.
     """
-    import hashlib
-
     h = hashlib.sha256(_source().read_bytes())
     for part in build_inputs():
         h.update(part.encode())
@@ -130,7 +130,6 @@ def _build_lock(build_dir: Path):
     except ImportError:  # pragma: no cover - no fcntl (Windows): torch's own lock only
         yield
         return
-    import sys
 
     with open(build_dir / "geodite_build.lock", "a") as f:
         try:
@@ -157,8 +156,6 @@ def _load_extension():
     if os.environ.get("GEODITE_FUSED", "1") == "0":
         _EXT_FAILED = True
         return None
-    import sys
-    import time
 
     try:
         with _quiet_torch_builder():

@@ -8,28 +8,23 @@ forces = -dE/dr and stress = (1/V) dE/d(strain) (ASE sign) for fully periodic sy
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import asdict
 
 import torch
 from torch import nn
 
 from geodite_sim.batch import Batch
+from geodite_sim.core.graph import Edges
+from geodite_sim.core.ops import cell_volumes, segment_sum
 from geodite_sim.model.config import GeoditeConfig
 from geodite_sim.model.decoder import EnergyHead
-from geodite_sim.model.encoder import GeoditeEncoder, scatter_sum
+from geodite_sim.model.edge_ops import fused_available
+from geodite_sim.model.encoder import GeoditeEncoder
 from geodite_sim.model.radial import spherical_harmonics_l12
 from geodite_sim.model.strain import energy_and_derivatives
+from geodite_sim.neighbors import neighbor_list
 
-
-class Edges(NamedTuple):
-    """Directed edges sender -> receiver with integer cell shifts (ASE ``ijS`` with i = receiver).
-
-    The edge vector is ``positions[sender] + shifts @ cell[system] - positions[receiver]``.
-    """
-
-    sender: torch.Tensor  # [E] int64
-    receiver: torch.Tensor  # [E] int64
-    shifts: torch.Tensor  # [E, 3] integer-valued
+__all__ = ["Edges", "Geodite", "check_batch"]  # Edges: re-exported from geodite_sim.core.graph
 
 
 class Geodite(nn.Module):
@@ -44,6 +39,12 @@ class Geodite(nn.Module):
     conservative = True
     uses_edges = True
 
+    #: set by load_checkpoint / load_model (absent on a freshly built model)
+    name: str
+    source: str
+    decoder: EnergyHead
+    encoder: GeoditeEncoder
+
     def __init__(self, config: GeoditeConfig | None = None, supported_elements: frozenset[int] | None = None):
         super().__init__()
         self.config = config or GeoditeConfig()
@@ -53,11 +54,6 @@ class Geodite(nn.Module):
         self.supported_elements = supported_elements
         #: Model card (dict: teacher, energy convention, data hash, metrics) from the checkpoint, or None.
         self.card: dict | None = None
-        #: Deprecated engine settings, kept for backward compatibility: pass ``neighbor_backend=`` and
-        #: ``fused=`` to :meth:`forward` instead (the runner does, from its step configuration).
-        self.neighbor_backend = "auto"
-        #: "auto": fused CPU edge kernels for first-order inference (see ``edge_ops``); False: never.
-        self.fused_kernels: str | bool = "auto"
         self._vacuum_cache: tuple | None = None
 
     @property
@@ -80,8 +76,6 @@ class Geodite(nn.Module):
 
     def identity_config(self) -> dict:
         """The non-tensor settings that define the model's function (enters ``model_fingerprint``)."""
-        from dataclasses import asdict
-
         head = self.decoder
         return {"config": asdict(self.config), "e_scale": float(head.e_scale), "e_shift": float(head.e_shift),
                 "fidelity": str(getattr(head, "fidelity", ""))}
@@ -133,7 +127,7 @@ class Geodite(nn.Module):
         """The parameters as a list, kept between calls (walking the module tree costs ~2 ms per step)."""
         if getattr(self, "_params_cached", None) is None:
             self._params_cached = list(self.parameters())
-        return self._params_cached
+        return self._params_cached  # type: ignore[return-value]
 
     def _apply(self, fn, recurse=True):  # .to()/.double() invalidate the caches
         self._vacuum_cache = None
@@ -148,17 +142,14 @@ class Geodite(nn.Module):
     def use_fused(self, create_graph: bool = False, fused: bool | None = None) -> bool:
         """Whether this evaluation can use the fused CPU edge kernels (first-order autograd only).
 
-        ``fused``: False never uses them; None or True use them where they apply (None also honours the
-        deprecated ``fused_kernels`` attribute).
+        ``fused``: False never uses them; None or True use them where they apply.
         """
-        if fused is False or (fused is None and self.fused_kernels is False):
+        if fused is False:
             return False
         if create_graph or self.device.type != "cpu":
             return False
         if torch.is_grad_enabled() and any(p.requires_grad for p in self._param_list()):
             return False  # training: gradients must flow to the weights, to any order
-        from geodite_sim.model.edge_ops import fused_available
-
         return fused_available(self.device)
 
     def atomic_energies(self, z: torch.Tensor, vec: torch.Tensor, edges: Edges, fused: bool = False,
@@ -176,7 +167,7 @@ class Geodite(nn.Module):
         vac = self.vacuum_features(z) if vacuum is None else vacuum[z]
         # An atom without neighbours has exactly its vacuum features; subtracting the cached
         # copy could leave a rounding residue, so its difference is set to zero exactly.
-        connected = (scatter_sum(torch.ones_like(dist), dst, z.shape[0]) > 0).unsqueeze(-1)  # no host sync
+        connected = (segment_sum(torch.ones_like(dist), dst, z.shape[0]) > 0).unsqueeze(-1)  # no host sync
         delta = [torch.where(connected, h - vac[:, k], 0.0) for k, h in enumerate(hs)]
         e_res = self.decoder.readout(delta)
         v_zbl = self.decoder.repulsion_term(z, dist, src, dst)
@@ -194,7 +185,7 @@ class Geodite(nn.Module):
         check: bool = True,
         *,
         fused: bool | None = None,
-        neighbor_backend: str | None = None,
+        neighbor_backend: str = "auto",
     ) -> dict[str, torch.Tensor]:
         """Evaluate every system of ``batch``.
 
@@ -206,9 +197,9 @@ class Geodite(nn.Module):
         positions and cell, non-singular periodic cells, atomic numbers in range); the
         checks read values on the host, so engines that validated their structures on
         admission pass ``check=False`` to keep a step free of host-device synchronisation.
-        ``fused``: use the fused CPU edge kernels where they apply (None: as the deprecated
-        ``fused_kernels`` attribute says, "auto" by default; False: never). ``neighbor_backend``: the
-        backend of the neighbour list built when ``edges`` is None (None: the deprecated attribute).
+        ``fused``: use the fused CPU edge kernels where they apply (None or True; False: never; the runner passes
+        its step configuration's ``fused_kernels``). ``neighbor_backend``: the backend of the neighbour list built
+        when ``edges`` is None (:func:`geodite_sim.neighbors.neighbor_list`).
         """
         if batch.dtype != self.dtype:
             raise TypeError(f"batch dtype {batch.dtype} differs from model dtype {self.dtype}")
@@ -220,9 +211,7 @@ class Geodite(nn.Module):
                 raise ValueError(f"atomic number {int(z.max())} is outside the model's range "
                                  f"1..{self.config.max_z - 1}")
         if edges is None:
-            from geodite_sim.neighbors import neighbor_list
-
-            edges = neighbor_list(batch, self.cutoff, backend=neighbor_backend or self.neighbor_backend)
+            edges = neighbor_list(batch, self.cutoff, backend=neighbor_backend)
         edges = Edges(*edges)
         fused = self.use_fused(create_graph, fused)
 
@@ -248,7 +237,7 @@ def check_batch(batch: Batch) -> None:
         raise ValueError("cell contains NaN or Inf")
     full = batch.fully_periodic
     if full.any():
-        vol = torch.linalg.det(batch.cell[full]).abs()
+        vol = cell_volumes(batch.cell[full])
         if (vol < 1e-6).any():
             bad = torch.nonzero(full).squeeze(1)[vol < 1e-6].tolist()
             raise ValueError(f"singular cell (zero volume) on periodic system(s) {bad}")

@@ -22,6 +22,9 @@ def covalent_radii_table() -> torch.Tensor:
 class BesselBasis(nn.Module):
     """phi_n(r) = sqrt(2/r_c) sin(n pi r / r_c) / (r + 1e-6), n = 1..n_rbf. Not trainable."""
 
+    freqs: torch.Tensor  # buffers, typed for the checker
+    prefactor: torch.Tensor
+
     def __init__(self, cutoff: float, n_rbf: int):
         super().__init__()
         self.register_buffer("freqs", torch.arange(1, n_rbf + 1, dtype=torch.float32) * math.pi / cutoff)
@@ -49,6 +52,8 @@ class DistanceWeighting(nn.Module):
 
     ``p`` and ``q`` are stored raw (before softplus with beta = 0.5, + 1), as in the checkpoint.
     """
+
+    covalent_radii: torch.Tensor  # buffer, typed for the checker
 
     def __init__(self) -> None:
         super().__init__()

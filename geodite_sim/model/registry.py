@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
+import json
 from importlib import resources
 from pathlib import Path
 
 import torch
 
+from geodite_sim.devices import resolve_device
 from geodite_sim.model.checkpoint import load_checkpoint
 from geodite_sim.model.geodite import Geodite
-from geodite_sim.model.torchsim_adapter import TorchSimAdapter
+from geodite_sim.model.torchsim_adapter import SEVENNET_NAMES, TorchSimAdapter, load_sevennet
+from geodite_sim.pair_potential import MorsePotential
 
 #: Name -> file inside ``geodite_sim/models_data``.
 PACKAGED_MODELS = {
@@ -60,13 +64,9 @@ def load_model(
     """
     if path_or_name is None:
         path_or_name = DEFAULT_MODEL
-    from geodite_sim.devices import resolve_device
-    from geodite_sim.model.torchsim_adapter import SEVENNET_NAMES
 
     device = resolve_device(device)  # "auto": CUDA when available; a missing CUDA device: DeviceError saying so
     if isinstance(path_or_name, str) and path_or_name.lower() in SEVENNET_NAMES:
-        from geodite_sim.model.torchsim_adapter import load_sevennet
-
         return load_sevennet(path_or_name, device=device, dtype=dtype)
     if isinstance(path_or_name, str) and path_or_name in PACKAGED_MODELS:
         path = packaged_model_path(path_or_name)
@@ -92,19 +92,14 @@ def resolve_model(spec: str, options: dict | None = None, dtype: str | torch.dty
     ``"package.module:factory"`` (called with ``options``, ``dtype`` and ``device``; a torch-sim
     ``ModelInterface`` it returns is wrapped in :class:`TorchSimAdapter`).
     """
-    import importlib
-    import json
-
     options = dict(options or {})
     if isinstance(dtype, str):
         if dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
         dtype = torch.float32 if dtype == "float32" else torch.float64
     if spec == "morse":
-        from geodite_sim.pair_potential import MorsePotential
-
         model = MorsePotential(**options, dtype=dtype, device=device)
-        model.name = "morse:" + json.dumps(options, sort_keys=True)
+        model.name = "morse:" + json.dumps(options, sort_keys=True)  # type: ignore[assignment]
         return model
     if ":" in spec and not Path(spec).exists() and not spec.startswith(("/", ".")):
         module, _, attr = spec.partition(":")
@@ -113,9 +108,9 @@ def resolve_model(spec: str, options: dict | None = None, dtype: str | torch.dty
         try:
             from torch_sim.models.interface import ModelInterface
         except ImportError:  # pragma: no cover - torch-sim is a dependency
-            ModelInterface = ()  # noqa: N806
-        if ModelInterface and isinstance(model, ModelInterface) and not isinstance(model, TorchSimAdapter):
-            model = TorchSimAdapter(model, name=spec)
+            ModelInterface = ()  # type: ignore[assignment, misc]  # noqa: N806
+        if ModelInterface and isinstance(model, ModelInterface) and not isinstance(model, TorchSimAdapter):  # type: ignore[truthy-function]
+            model = TorchSimAdapter(model, name=spec)  # type: ignore[assignment]
         if getattr(model, "name", None) is None:
             model.name = spec
         return model

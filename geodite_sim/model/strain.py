@@ -13,17 +13,15 @@ from collections.abc import Callable
 import torch
 
 from geodite_sim.batch import Batch
+from geodite_sim.core import graph
+from geodite_sim.core.ops import cell_volumes, segment_sum
 
-
-def cell_volumes(cell: torch.Tensor) -> torch.Tensor:
-    """|det(cell)| [S] as |(a x b) . c|, Å³: elementwise ops only (no solver, no host sync, capturable)."""
-    return (torch.linalg.cross(cell[:, 0], cell[:, 1], dim=-1) * cell[:, 2]).sum(-1).abs()
+__all__ = ["cell_volumes", "edge_vectors", "energy_and_derivatives"]  # cell_volumes: from geodite_sim.core.ops
 
 
 def edge_vectors(positions: torch.Tensor, cell: torch.Tensor, system_index: torch.Tensor, edges) -> torch.Tensor:
-    """r_sender + shifts @ cell - r_receiver: [E, 3] Å."""
-    shift_vec = torch.einsum("ei,eij->ej", edges.shifts.to(positions.dtype), cell[system_index[edges.receiver]])
-    return positions[edges.sender] + shift_vec - positions[edges.receiver]
+    """r_sender + shifts @ cell - r_receiver: [E, 3] Å (:func:`geodite_sim.core.graph.edge_vectors` of an edge list)."""
+    return graph.edge_vectors(positions, cell, system_index, edges.sender, edges.receiver, edges.shifts)
 
 
 def energy_and_derivatives(
@@ -52,14 +50,14 @@ def energy_and_derivatives(
         pos = positions + torch.einsum("ni,nij->nj", positions, sym[sys_idx])
         cell = batch.cell + torch.bmm(batch.cell, sym)
         e_atom = atomic_energies(edge_vectors(pos, cell, sys_idx, edges))
-        energy = e_atom.new_zeros(batch.n_systems).index_add_(0, sys_idx, e_atom)
+        energy = segment_sum(e_atom, sys_idx, batch.n_systems)
         out = {"energy": energy}
         if per_atom_energies:
             out["energies"] = e_atom
         if need_grad:
             inputs = ([positions] if compute_forces else []) + ([strain] if compute_stress else [])
             grads = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph, allow_unused=True)
-            grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+            grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]  # type: ignore[assignment]
             if compute_forces:
                 out["forces"] = -grads[0]
             if compute_stress:

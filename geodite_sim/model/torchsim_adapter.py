@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from geodite_sim.batch import Batch, atom_indices
+from geodite_sim.model.contract import identity_config
+from geodite_sim.neighbors import neighbor_list
 
 #: Names accepted by :func:`load_sevennet` (and ``load_model``) for SevenNet-0 (11 July 2024).
 SEVENNET_NAMES = {"sevennet-0": "7net-0", "7net-0": "7net-0", "sevennet-0_11jul2024": "7net-0"}
@@ -128,13 +130,13 @@ class TorchSimAdapter(nn.Module):
             for code in patterns:
                 systems = torch.nonzero(codes == code).squeeze(1)
                 sub = batch.select(systems)
-                pieces.append((systems, self._call(sub, sub.pbc[0])))
+                pieces.append((systems, self._call(sub, sub.pbc[0])))  # type: ignore[arg-type]
         ref = pieces[0][1]["energy"]
         energy = ref.new_zeros(s)
         forces = ref.new_zeros(n, 3)
         stress = ref.new_zeros(s, 3, 3)
         energies = ref.new_zeros(n) if per_atom_energies else None
-        for systems, out in pieces:
+        for systems, out in pieces:  # type: ignore[assignment]
             if systems is None:
                 energy, forces = out["energy"].reshape(s), out.get("forces", forces)
                 stress = out.get("stress", stress)
@@ -148,7 +150,7 @@ class TorchSimAdapter(nn.Module):
             if "stress" in out:
                 stress = stress.index_copy(0, systems, out["stress"])
             if per_atom_energies:
-                energies = energies.index_copy(0, atoms, self._energies(out))
+                energies = energies.index_copy(0, atoms, self._energies(out))  # type: ignore[union-attr]
         result = {"energy": energy.detach()}
         if compute_forces:
             result["forces"] = forces.detach()
@@ -156,7 +158,7 @@ class TorchSimAdapter(nn.Module):
             full = batch.fully_periodic
             result["stress"] = torch.where(full[:, None, None], stress.detach(), 0.0)
         if per_atom_energies:
-            result["energies"] = energies.detach()
+            result["energies"] = energies.detach()  # type: ignore[union-attr]
         return result
 
     def _energies(self, out: dict) -> torch.Tensor:
@@ -166,8 +168,6 @@ class TorchSimAdapter(nn.Module):
 
     def identity_config(self) -> dict:
         """Settings of the wrapped model that enter the fingerprint (its weights enter through state_dict)."""
-        from geodite_sim.model.contract import identity_config
-
         return {"wrapped": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
                 "dtype": str(self.dtype), "config": identity_config(self.model)}
 
@@ -184,9 +184,6 @@ def engine_neighbor_list_fn(positions: torch.Tensor, cell: torch.Tensor, pbc: to
     float ``shifts`` [E, 3], as torch-sim's ``torchsim_nl``; unlike nvalchemiops' estimated neighbour capacity it
     never overflows on small dense cells (the engine grows its buffers).
     """
-    from geodite_sim.batch import Batch
-    from geodite_sim.neighbors import neighbor_list
-
     n_systems = cell.shape[0] if cell.dim() == 3 else 1
     cell = cell.reshape(-1, 3, 3).expand(n_systems, 3, 3)
     pbc = pbc.reshape(-1, 3).expand(n_systems, 3).to(torch.bool)
@@ -218,11 +215,11 @@ def load_sevennet(name: str = "7net-0", device: str | torch.device = "cpu",
         raise ImportError("SevenNet needs the optional dependency sevenn: pip install 'geodite-sim[sevenn]'") from exc
     inner = SevenNetModel(SEVENNET_NAMES[key], device=device, dtype=torch.float32,
                           neighbor_list_fn=engine_neighbor_list_fn)
-    type_map = dict(inner.type_map)
+    type_map = dict(inner.type_map)  # type: ignore[arg-type]
     cutoff = float(inner.cutoff)
     ts_model = inner
     if dtype == torch.float64:
-        ts_model = Float64Wrapper(inner)
+        ts_model = Float64Wrapper(inner)  # type: ignore[assignment]
     elif dtype != torch.float32:
         raise ValueError(f"SevenNet runs in float32 (or float64 around it), not {dtype}")
     adapter = TorchSimAdapter(ts_model, name="sevennet-0", supported_elements=type_map.keys(), cutoff=cutoff)

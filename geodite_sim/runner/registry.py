@@ -348,3 +348,9 @@ register(Integrator("nvt_bussi", "md", _bussi_init, _bussi_step, _md_steps, _md_
                     conserved=_lazy("geodite_sim.dynamics.bussi", "bussi_conserved"),
                     conserved_label="bussi (E_pot + E_kin - energy transferred by the thermostat)",
                     description="stochastic velocity rescaling (ase.md.bussi.Bussi)"))
+
+
+def names(kind: str) -> tuple[str, ...]:
+    """The registered names of one kind, in registration order: ``"md"`` (run_md's ensembles), ``"relax"`` (entries,
+    ``_frechet`` included), ``"optimizer"`` (:data:`OPTIMIZERS`); the command line's choices (read-only)."""
+    return OPTIMIZERS if kind == "optimizer" else tuple(n for n, e in REGISTRY.items() if e.kind == kind)

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from geodite_sim.training.configs import PRESETS, get_preset
+
 EXAMPLES = """examples:
   geodite-sim train data/train.extxyz --config small --out model.ckpt
   geodite-sim train train.extxyz --config tiny --epochs 5 --out tiny.ckpt          # smoke run
@@ -30,8 +32,6 @@ EMA weights in the official format, loadable with geodite_sim.load_model(path).
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    from geodite_sim.training.configs import PRESETS
-
     p.add_argument("data", nargs="+", help="labelled structure files (extxyz or HDF5)")
     p.add_argument("--config", default="small", choices=sorted(PRESETS), help="named preset (default: small)")
     p.add_argument("--out", required=True, help="output checkpoint (EMA weights, official format)")
@@ -88,7 +88,6 @@ def run_train(args: argparse.Namespace) -> int:
     """Handler of ``train``: returns the exit status."""
     import torch
 
-    from geodite_sim.training.configs import get_preset
     from geodite_sim.training.data import read_samples
     from geodite_sim.training.trainer import Trainer
 

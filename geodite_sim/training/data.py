@@ -27,7 +27,7 @@ import torch
 from ase import Atoms
 
 from geodite_sim.batch import Batch
-from geodite_sim.model.geodite import Edges
+from geodite_sim.core.graph import Edges
 from geodite_sim.neighbors import neighbor_list
 
 N_ELEMENTS = 119
@@ -146,7 +146,7 @@ def precompute_edges(samples: Sequence[Sample], cutoff: float) -> None:
         if s.edges is None or getattr(s, "_cutoff", None) != cutoff:
             b = Batch.from_atoms([s.atoms], dtype=torch.float64)
             s.edges = Edges(*(t.clone() for t in neighbor_list(b, cutoff)))
-            s._cutoff = cutoff
+            s._cutoff = cutoff  # type: ignore[attr-defined]
 
 
 @dataclass

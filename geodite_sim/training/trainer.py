@@ -19,13 +19,14 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from geodite_sim.model.checkpoint import load_checkpoint, save_checkpoint
+from geodite_sim.model.checkpoint import _read_file, load_checkpoint, save_checkpoint
 from geodite_sim.model.config import GeoditeConfig
 from geodite_sim.model.geodite import Geodite
 from geodite_sim.training.configs import TrainConfig
@@ -447,16 +448,12 @@ class Trainer:
         log: Callable[[str], None] = _print,
     ) -> Trainer:
         """Continue from a checkpoint written by :meth:`save` (same data, same settings)."""
-        from geodite_sim.model.checkpoint import _read_file
-
         ck = _read_file(path)
         if TRAINING_KEY not in ck or "model_state" not in ck[TRAINING_KEY]:
             raise ValueError(f"{path} is not a resumable training checkpoint (use --init to start from its weights)")
         st = ck[TRAINING_KEY]
         config = TrainConfig.from_dict(st["train_config"])
         if epochs is not None:
-            from dataclasses import replace
-
             config = replace(config, epochs=epochs)
         model_config = GeoditeConfig.from_encoder_args(ck["hyper_parameters"]["encoder"]["args"])
         self = cls(samples, config=config, workdir=workdir or Path(path).parent, val_samples=val_samples,

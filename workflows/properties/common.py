@@ -7,6 +7,7 @@ the others finish unchanged.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
@@ -17,6 +18,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 from ase import Atoms
+
+import geodite_sim as gs
 
 #: eV/Å³ -> GPa.
 EV_PER_A3_TO_GPA = 160.21766208
@@ -130,8 +133,6 @@ def relax_stage(materials: list[Material], model, *, fmax: float, max_steps: int
     A failed relaxation marks the material failed; an unconverged one keeps going with
     ``relax_converged=False`` (reported in its result).
     """
-    import geodite_sim as gs
-
     todo = [m for m in materials if m.ok]
     if not todo:
         return
@@ -166,8 +167,6 @@ def ion_relax_stage(cells: list[Atoms], model, *, fmax: float, max_steps: int, p
     taken by the callers from one batched ``evaluate`` of the relaxed cells: ``relax_many`` need not
     compute the stress of a fixed-cell relaxation.)
     """
-    import geodite_sim as gs
-
     if not cells:
         return []
     from geodite_sim.io.structures import Labeled
@@ -197,10 +196,6 @@ def safe_evaluate(cells: list[Atoms], owners: list[int], model, *, compute_stres
     Returns:
         (one result dict or None per cell, {owner: error message} for owners with a failed cell).
     """
-    import inspect
-
-    import geodite_sim as gs
-
     if not cells:
         return [], {}
     accepted = inspect.signature(gs.evaluate).parameters

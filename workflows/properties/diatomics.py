@@ -42,9 +42,12 @@ from geodite_sim.workflows.properties.common import (
     as_arrays,
     jsonable,
     matplotlib_pyplot,
+    safe_evaluate,
     save_figure,
     write_json,
 )
+
+import geodite_sim as gs
 
 #: Metric names, in table order.
 METRICS = (
@@ -228,7 +231,6 @@ def run_diatomics(
     """
     from ase.data import atomic_numbers, chemical_symbols, covalent_radii
 
-    import geodite_sim as gs
     from geodite_sim.progress import Progress
 
     model = model if model is not None else gs.load_model()
@@ -251,7 +253,6 @@ def run_diatomics(
             cells.append(dimer(z, float(r)))
             owners.append(len(results) - 1)
             labels.append(f"{name}2 at r = {r:.3f} Å")
-    from geodite_sim.workflows.properties.common import safe_evaluate
 
     out, errors = safe_evaluate(cells, owners, model, compute_stress=False, max_atoms=max_atoms, labels=labels,
                                 min_distance_factor=None)

@@ -45,6 +45,8 @@ from geodite_sim.workflows.properties.common import (
     safe_evaluate,
 )
 
+import geodite_sim as gs
+
 #: Voigt index -> tensor pair (xx, yy, zz, yz, xz, xy).
 VOIGT = [(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]
 
@@ -205,8 +207,6 @@ def run_elastic(
     Returns:
         One :class:`ElasticResult` per input, in input order.
     """
-    import geodite_sim as gs
-
     model = model if model is not None else gs.load_model()
     mags = np.asarray(strains if strains is not None else [-strain, -strain / 2, strain / 2, strain], dtype=float)
     if mags.ndim != 1 or len(mags) < 2 or len(np.unique(mags)) < 2:

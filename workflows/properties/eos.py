@@ -38,6 +38,8 @@ from geodite_sim.workflows.properties.common import (
     save_figure,
 )
 
+import geodite_sim as gs
+
 
 @dataclass
 class EOSResult(PropertyRecord):
@@ -127,8 +129,6 @@ def run_eos(
     Returns:
         One :class:`EOSResult` per input, in input order.
     """
-    import geodite_sim as gs
-
     model = model if model is not None else gs.load_model()
     eps = np.asarray(strains if strains is not None else volume_points(volume_range, n_points), dtype=float)
     if eps.ndim != 1 or len(eps) < 5:

@@ -41,6 +41,8 @@ from geodite_sim.workflows.properties.common import (
     save_figure,
 )
 
+import geodite_sim as gs
+
 
 @dataclass
 class PhononResult(PropertyRecord):
@@ -179,8 +181,6 @@ def run_phonons(
     Returns:
         One :class:`PhononResult` per input, in input order.
     """
-    import geodite_sim as gs
-
     model = model if model is not None else gs.load_model()
     materials = admit(structures, labels)
     if relax:
