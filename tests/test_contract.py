@@ -192,7 +192,7 @@ def test_translation_invariance(model):
 
 
 def test_uses_edges_declared():
-    assert all(uses_edges(_make(name)) for name in ("tiny_geodite", "default", "morse", "static_step"))
+    assert all(uses_edges(_make(name)) for name in ("tiny_geodite", "default", "morse"))
     assert not any(uses_edges(_make(name)) for name in ("sevennet", "ts_lennard_jones"))
 
 
