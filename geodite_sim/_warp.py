@@ -39,7 +39,7 @@ def import_warp_quietly() -> ModuleType | None:
         return None
     if _done:
         return warp
-    warp.config.quiet = True  # type: ignore[attr-defined]  # Warp < 1.10
+    warp.config.quiet = True  # Warp < 1.10
     if hasattr(warp, "LOG_WARNING"):  # Warp >= 1.10: no start-up banner
         warp.config.log_level = max(int(getattr(warp.config, "log_level", 0)), int(warp.LOG_WARNING))
     if _cuda_driver_present():

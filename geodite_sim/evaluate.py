@@ -45,7 +45,7 @@ def _failure(item: InputItem, status: Status, error: str, compute_stress: bool, 
 
 def _run_group(model, items: list[InputItem], compute_stress: bool, per_atom: bool) -> list[dict[str, Any]]:
     """Evaluate ``items`` in one batch; raises what the model raises."""
-    batch = Batch.from_atoms([it.atoms for it in items], dtype=model.dtype, device=model.device)  # type: ignore[misc]
+    batch = Batch.from_atoms([it.atoms for it in items], dtype=model.dtype, device=model.device)
     out = model(batch, compute_stress=compute_stress, per_atom_energies=per_atom) if per_atom else \
         model(batch, compute_stress=compute_stress)
     energy = out["energy"].detach().double().cpu().numpy()

@@ -103,7 +103,7 @@ def select_systems[S: SimState](state: S, systems: Sequence[int] | torch.Tensor)
                 changes[f.name] = changes[f.name][(slice(None),) + (slice(0, d),) * (value.dim() - 1)]  # type: ignore[index]
         elif _per(f) == "packed":
             changes[f.name] = value.select(idx)
-    return replace(state, **changes)  # type: ignore[arg-type]
+    return replace(state, **changes)
 
 
 def _zero_pad(values: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -146,5 +146,5 @@ def concat_states[S: SimState](states: Sequence[S]) -> S:
             values = [v[: s.n_atoms] for v, s in zip(values, states)]
         if f.metadata.get(SIZE) is not None:
             values = _zero_pad(values)
-        changes[f.name] = torch.cat(values)  # type: ignore[assignment]
-    return replace(first, **changes)  # type: ignore[arg-type]
+        changes[f.name] = torch.cat(values)
+    return replace(first, **changes)

@@ -213,7 +213,7 @@ def compute_rdf(
     hist = torch.zeros(len(pair_list) * n_bins, device=device, dtype=dtype)
     for t0 in range(0, n_frames, frames_per_batch):
         sl = slice(t0, min(n_frames, t0 + frames_per_batch))
-        p = (pos[sl] if torch.is_tensor(pos) else torch.from_numpy(np.array(pos[sl]))).to(device=device, dtype=dtype)
+        p = (pos[sl] if torch.is_tensor(pos) else torch.from_numpy(np.array(pos[sl]))).to(device=device, dtype=dtype)  # type: ignore[union-attr]  # a tensor in both branches
         frac = torch.einsum("fpi,fij->fpj", p[:, ju] - p[:, iu], inv[sl])
         frac = frac - torch.round(frac)
         weight = volume[sl][:, None].expand(-1, n_pairs)
@@ -226,7 +226,7 @@ def compute_rdf(
             flat = pair_type.expand_as(r)[inside] * n_bins + k
             hist += torch.bincount(flat, weights=weight[inside], minlength=hist.shape[0])
 
-    hist = hist.reshape(len(pair_list), n_bins).cpu().numpy()  # type: ignore[assignment]
+    hist = hist.reshape(len(pair_list), n_bins).cpu().numpy()
     shell = 4.0 / 3.0 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
     counts = {int(z): int((numbers == z).sum()) for z in species}
     g = {}

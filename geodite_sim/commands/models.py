@@ -29,11 +29,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for name, info in cards.items():
         card = info["card"] or {}
-        teacher = (card.get("teacher") or {}).get("version", "—")  # type: ignore[union-attr]
+        teacher = (card.get("teacher") or {}).get("version", "—")
         print(f"{name}{' (default)' if info['default'] else ''}: {info['parameters']:,} parameters, "
               f"{info['elements'] or 'all'} elements; teacher: {teacher}")
-        if card.get("energy_convention"):  # type: ignore[union-attr]
-            print(f"    energies: {card['energy_convention']}")  # type: ignore[index]
-        for k, v in (card.get("metrics") or {}).items():  # type: ignore[union-attr]
+        if card.get("energy_convention"):
+            print(f"    energies: {card['energy_convention']}")
+        for k, v in (card.get("metrics") or {}).items():
             print(f"    {k}: {v}")
     return 0

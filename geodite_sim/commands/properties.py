@@ -135,14 +135,14 @@ def read_inputs(files: list[str]) -> list[tuple[str, str, object]]:
             frames = []
         items = [(f"{stem}@{k}" if k else stem, f"{path}@{k}" if k else path, a) for k, a in enumerate(frames)]
         if not items:
-            items = [(stem, path, path)]  # type: ignore[list-item]
+            items = [(stem, path, path)]
         for name, label, s in items:
             base, n = name, 1
             while name in seen:  # same stem in two directories
                 name, n = f"{base}_{n}", n + 1
             seen.add(name)
             out.append((name, label, s))
-    return out  # type: ignore[return-value]
+    return out
 
 
 def _is_done(path: Path, retry_failed: bool) -> bool:

@@ -338,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
 
                 sdir = store.directory / "structures"
                 sdir.mkdir(exist_ok=True)
-                write(sdir / f"{ordinal:06d}_{record.formula}.extxyz", atoms, format="extxyz")  # type: ignore[arg-type]
+                write(sdir / f"{ordinal:06d}_{record.formula}.extxyz", atoms, format="extxyz")
             n_new += 1
     finally:
         executor.shutdown()

@@ -172,7 +172,7 @@ def load_checkpoint(
     meta = ckpt.get(METADATA_KEY)
     model.card = meta.get("card") if isinstance(meta, dict) and isinstance(meta.get("card"), dict) else None
     model.source = str(path)
-    model.checksum = file_checksum(path)  # type: ignore[assignment]
+    model.checksum = file_checksum(path)
     return prepare_for_inference(model, device, dtype)
 
 

@@ -29,7 +29,7 @@ class Readout(nn.Module):
         out = 0
         for lin, dh in zip(self.linears, delta_h):
             out = out + lin(dh).squeeze(-1)
-        return out  # type: ignore[return-value]  # a tensor once num_layers >= 1 (always)
+        return out
 
 
 class ZBLRepulsion(nn.Module):

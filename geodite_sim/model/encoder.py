@@ -143,13 +143,13 @@ class Interaction(nn.Module):
         h, X = self.tensor_layernorm(h, X)
 
         node = F.linear(h, torch.cat([self.W_q.weight, self.W_k.weight,
-                                      self.gamma_s[0].weight, self.gamma_v[0].weight]))  # type: ignore[list-item]
+                                      self.gamma_s[0].weight, self.gamma_v[0].weight]))
         q, k, s_hidden, v_hidden = node.split(c, dim=-1)
         xs = self.gamma_s[1](F.silu(s_hidden))
         v = self.gamma_v[1](F.silu(v_hidden))
         edge_w = [self.W_re.weight, self.W_rs.weight]
         if self.edge_update:
-            edge_w.append(self.gamma_t.layers[0].weight)  # type: ignore[arg-type]
+            edge_w.append(self.gamma_t.layers[0].weight)
         if fused:
             # one product per block: the backward pass sums three products into grad(t) instead of
             # concatenating the blocks' gradients into an [E, 5C] tensor first (inference only)

@@ -127,7 +127,7 @@ class Geodite(nn.Module):
         """The parameters as a list, kept between calls (walking the module tree costs ~2 ms per step)."""
         if getattr(self, "_params_cached", None) is None:
             self._params_cached = list(self.parameters())
-        return self._params_cached  # type: ignore[return-value]
+        return self._params_cached
 
     def _apply(self, fn, recurse=True):  # .to()/.double() invalidate the caches
         self._vacuum_cache = None

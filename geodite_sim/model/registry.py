@@ -99,7 +99,7 @@ def resolve_model(spec: str, options: dict | None = None, dtype: str | torch.dty
         dtype = torch.float32 if dtype == "float32" else torch.float64
     if spec == "morse":
         model = MorsePotential(**options, dtype=dtype, device=device)
-        model.name = "morse:" + json.dumps(options, sort_keys=True)  # type: ignore[assignment]
+        model.name = "morse:" + json.dumps(options, sort_keys=True)
         return model
     if ":" in spec and not Path(spec).exists() and not spec.startswith(("/", ".")):
         module, _, attr = spec.partition(":")
@@ -108,9 +108,9 @@ def resolve_model(spec: str, options: dict | None = None, dtype: str | torch.dty
         try:
             from torch_sim.models.interface import ModelInterface
         except ImportError:  # pragma: no cover - torch-sim is a dependency
-            ModelInterface = ()  # type: ignore[assignment, misc]  # noqa: N806
-        if ModelInterface and isinstance(model, ModelInterface) and not isinstance(model, TorchSimAdapter):  # type: ignore[truthy-function]
-            model = TorchSimAdapter(model, name=spec)  # type: ignore[assignment]
+            ModelInterface = ()  # noqa: N806
+        if ModelInterface and isinstance(model, ModelInterface) and not isinstance(model, TorchSimAdapter):
+            model = TorchSimAdapter(model, name=spec)
         if getattr(model, "name", None) is None:
             model.name = spec
         return model

@@ -57,7 +57,7 @@ def energy_and_derivatives(
         if need_grad:
             inputs = ([positions] if compute_forces else []) + ([strain] if compute_stress else [])
             grads = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph, allow_unused=True)
-            grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]  # type: ignore[assignment]
+            grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
             if compute_forces:
                 out["forces"] = -grads[0]
             if compute_stress:

@@ -130,13 +130,13 @@ class TorchSimAdapter(nn.Module):
             for code in patterns:
                 systems = torch.nonzero(codes == code).squeeze(1)
                 sub = batch.select(systems)
-                pieces.append((systems, self._call(sub, sub.pbc[0])))  # type: ignore[arg-type]
+                pieces.append((systems, self._call(sub, sub.pbc[0])))
         ref = pieces[0][1]["energy"]
         energy = ref.new_zeros(s)
         forces = ref.new_zeros(n, 3)
         stress = ref.new_zeros(s, 3, 3)
         energies = ref.new_zeros(n) if per_atom_energies else None
-        for systems, out in pieces:  # type: ignore[assignment]
+        for systems, out in pieces:
             if systems is None:
                 energy, forces = out["energy"].reshape(s), out.get("forces", forces)
                 stress = out.get("stress", stress)
@@ -150,7 +150,7 @@ class TorchSimAdapter(nn.Module):
             if "stress" in out:
                 stress = stress.index_copy(0, systems, out["stress"])
             if per_atom_energies:
-                energies = energies.index_copy(0, atoms, self._energies(out))  # type: ignore[union-attr]
+                energies = energies.index_copy(0, atoms, self._energies(out))
         result = {"energy": energy.detach()}
         if compute_forces:
             result["forces"] = forces.detach()
@@ -215,11 +215,11 @@ def load_sevennet(name: str = "7net-0", device: str | torch.device = "cpu",
         raise ImportError("SevenNet needs the optional dependency sevenn: pip install 'geodite-sim[sevenn]'") from exc
     inner = SevenNetModel(SEVENNET_NAMES[key], device=device, dtype=torch.float32,
                           neighbor_list_fn=engine_neighbor_list_fn)
-    type_map = dict(inner.type_map)  # type: ignore[arg-type]
+    type_map = dict(inner.type_map)
     cutoff = float(inner.cutoff)
     ts_model = inner
     if dtype == torch.float64:
-        ts_model = Float64Wrapper(inner)  # type: ignore[assignment]
+        ts_model = Float64Wrapper(inner)
     elif dtype != torch.float32:
         raise ValueError(f"SevenNet runs in float32 (or float64 around it), not {dtype}")
     adapter = TorchSimAdapter(ts_model, name="sevennet-0", supported_elements=type_map.keys(), cutoff=cutoff)
