@@ -168,3 +168,22 @@ def test_ensemble_and_optimizer_choices_come_from_the_registry(monkeypatch):
     new = registry.Integrator("nvt_test_only", "md", *(lambda *a: None,) * 4)
     monkeypatch.setitem(registry.REGISTRY, new.name, new)
     assert "nvt_test_only" in _option(build_parser(), "md", "run", "--ensemble").choices
+
+
+def test_md_run_options_read_the_registry(capsys):
+    """--pressure needs an entry with variable_cell (the message lists them from the registry); --ensemble-param
+    reads KEY=VALUE as JSON."""
+    import argparse
+
+    from geodite_sim.cli import main
+    from geodite_sim.commands.md import _key_value
+
+    with pytest.raises(SystemExit) as exc:
+        main(["md", "run", "x.cif", "--steps", "1", "--ensemble", "nve", "--pressure", "1.0"])
+    assert exc.value.code == 2
+    assert "need an NPT ensemble (npt_mtk_iso, npt_mtk), not nve" in capsys.readouterr().err
+    assert _key_value("barostat_chain_length=5") == ("barostat_chain_length", 5)
+    assert _key_value("pressure=[0.1, 1]") == ("pressure", [0.1, 1])
+    assert _key_value("mode=fast") == ("mode", "fast")
+    with pytest.raises(argparse.ArgumentTypeError):
+        _key_value("no-equals-sign")

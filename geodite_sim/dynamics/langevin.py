@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from geodite_sim.dynamics.verlet import ForceFn, MDState, constrain_momenta, constrain_positions, per_system_sum
+from geodite_sim.core.ops import segment_sum
+from geodite_sim.dynamics.verlet import ForceFn, MDState, constrain_momenta, constrain_positions
 from geodite_sim.state import system_field
 
 _M32 = 0xFFFFFFFF
@@ -115,8 +116,8 @@ def langevin_step(state: LangevinState, force_fn: ForceFn, dt: float, fix_com: b
         count = b.atoms_per_system.to(m.dtype)[:, None]
         natoms = count[sys_idx]
         factor = torch.sqrt(natoms / (natoms - 1.0).clamp_min(1.0))  # a lone atom gets no noise
-        rnd_pos = rnd_pos - per_system_sum(rnd_pos, sys_idx, state.n_systems)[sys_idx] / natoms
-        rnd_vel = rnd_vel - per_system_sum(rnd_vel * m, sys_idx, state.n_systems)[sys_idx] / (m * natoms)
+        rnd_pos = rnd_pos - segment_sum(rnd_pos, sys_idx, state.n_systems)[sys_idx] / natoms
+        rnd_vel = rnd_vel - segment_sum(rnd_vel * m, sys_idx, state.n_systems)[sys_idx] / (m * natoms)
         rnd_pos = rnd_pos * factor
         rnd_vel = rnd_vel * factor
 

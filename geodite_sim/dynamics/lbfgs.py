@@ -34,13 +34,13 @@ from dataclasses import dataclass, replace
 import torch
 
 from geodite_sim.batch import Batch
+from geodite_sim.core.ops import segment_sum
 from geodite_sim.dynamics.optimizer import (
     OptimizerState,
     cached_forces,
     coordinates,
     displace,
     optimizer_fields,
-    per_system_sum,
     row_norm_max,
 )
 from geodite_sim.state import atom_field, system_field
@@ -105,7 +105,7 @@ def _dots(hist_a: torch.Tensor, hist_c: torch.Tensor, v_a: torch.Tensor, v_c: to
           system_index: torch.Tensor) -> torch.Tensor:
     """[S, M] dot products of every stored vector (atoms [N, M, 3], cell [S, M, 3, 3]) with one vector per system."""
     per_atom = (hist_a * v_a[:, None, :]).sum(-1)
-    return per_system_sum(per_atom, system_index, hist_c.shape[0]) + (hist_c * v_c[:, None]).sum((-1, -2))
+    return segment_sum(per_atom, system_index, hist_c.shape[0]) + (hist_c * v_c[:, None]).sum((-1, -2))
 
 
 def inverse_hessian_times(state: LBFGSState, q_a: torch.Tensor, q_c: torch.Tensor,

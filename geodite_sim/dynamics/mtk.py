@@ -50,9 +50,9 @@ from dataclasses import dataclass, fields, replace
 import torch
 from ase import units
 
-from geodite_sim.core.ops import det3
+from geodite_sim.core.ops import det3, segment_sum
 from geodite_sim.dynamics.nhc_chain import chain_sweeps_fused
-from geodite_sim.dynamics.verlet import MDState, per_system_sum
+from geodite_sim.dynamics.verlet import MDState
 from geodite_sim.state import system_field
 
 #: ``force_fn(batch) -> (energy [S] eV, forces [N, 3] eV/Å, stress [S, 3, 3] eV/Å³)``.
@@ -183,7 +183,7 @@ class AtomView:
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """[S, ...] sum over each system's real atoms of ``values`` [N, ...]."""
         mask = self.mask.reshape((-1,) + (1,) * (values.ndim - 1))
-        return per_system_sum(torch.where(mask, values, torch.zeros_like(values)), self.sys, self.S)
+        return segment_sum(torch.where(mask, values, torch.zeros_like(values)), self.sys, self.S)
 
     def keep(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         """``new`` on real atoms, ``old`` on padding rows."""

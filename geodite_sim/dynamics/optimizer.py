@@ -92,10 +92,6 @@ def optimizer_fields(batch: Batch, relax_cell: bool | torch.Tensor = True,
     )
 
 
-#: Sum ``values`` [N, ...] over the atoms of each system -> [S, ...] (:func:`geodite_sim.core.ops.segment_sum`).
-per_system_sum = segment_sum
-
-
 def per_system_max(values: torch.Tensor, system_index: torch.Tensor, n_systems: int) -> torch.Tensor:
     """Max of non-negative ``values`` [N] over the atoms of each system -> [S] (0 for no atoms; NaN propagates)."""
     out = values.new_zeros(n_systems)
@@ -110,7 +106,7 @@ def row_norm_max(v_a: torch.Tensor, v_c: torch.Tensor, system_index: torch.Tenso
 
 def system_dot(x_a, y_a, x_c, y_c, system_index: torch.Tensor) -> torch.Tensor:
     """Per-system dot product of two generalised vectors (atoms [N, 3] + cell [S, 3, 3]) -> [S] (``np.vdot``)."""
-    return per_system_sum((x_a * y_a).sum(1), system_index, x_c.shape[0]) + (x_c * y_c).sum((1, 2))
+    return segment_sum((x_a * y_a).sum(1), system_index, x_c.shape[0]) + (x_c * y_c).sum((1, 2))
 
 
 def generalized_forces_of(state: OptimizerState, cell: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -200,4 +196,4 @@ def coordinates(state: OptimizerState, cell: bool = True) -> tuple[torch.Tensor,
 
 
 __all__ = ["OptimizerState", "cached_forces", "coordinates", "displace", "generalized_forces_of", "optimizer_fields",
-           "per_system_max", "per_system_sum", "relax_converged", "row_norm_max", "system_dot"]
+           "per_system_max", "relax_converged", "row_norm_max", "system_dot"]

@@ -85,17 +85,13 @@ def constrain_positions(state: MDState, old_positions: torch.Tensor) -> None:
         state.batch = state.batch.with_positions(pos)
 
 
-#: Sum ``values`` [N, ...] over the atoms of each system -> [S, ...] (:func:`geodite_sim.core.ops.segment_sum`).
-per_system_sum = segment_sum
-
-
 def kinetic_energy(state: MDState) -> torch.Tensor:
     """[S] kinetic energy sum(p^2 / 2m) of each system, eV."""
     n = state.n_atoms
     p = state.momenta[:n]
     m = state.batch.masses[:n]
     per_atom = 0.5 * (p * p).sum(-1) / m
-    return per_system_sum(per_atom, state.batch.system_index[:n], state.n_systems)
+    return segment_sum(per_atom, state.batch.system_index[:n], state.n_systems)
 
 
 def temperature(state: MDState, ke: torch.Tensor | None = None) -> torch.Tensor:
