@@ -198,12 +198,14 @@ def run_command(args) -> int:
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     model = load_model(args.model, device=resolve_device(args.device), dtype=dtype)
     try:
-        settings = MDSettings(
+        # from_kwargs: a preset's or --ensemble-param's keyword that is a settings field (e.g. the preset's tloop)
+        # becomes that field, the others the entry's ensemble_params
+        given = dict(
             ensemble=args.ensemble, temperature=temperature, timestep=args.timestep, steps=args.steps,
             trajectory=args.trajectory, frame_every=args.frame_every, tdamp=args.tdamp, chain_length=args.chain_length,
             friction=args.friction, seed=args.seed, max_atoms=args.max_atoms, monitors=not args.no_monitors,
-            checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every, restart=args.restart,
-            ensemble_params=extra)
+            checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every, restart=args.restart)
+        settings = MDSettings.from_kwargs(**{**given, **extra})
         results = run_md_settings(structures, model, settings, progress=not args.no_progress)
     except ValueError as exc:  # settings that do not fit the inputs (e.g. too few temperatures)
         parser.error(str(exc))
