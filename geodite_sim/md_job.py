@@ -134,21 +134,9 @@ class MDJob(Job):
             max_atoms = int(load_checkpoint(self.checkpoint)["settings"]["max_atoms"])  # the run's own capacity
         max_atoms = default_max_atoms(model, structures, max_atoms, st.memory_budget_bytes)
         self.capacity = Capacity(max_atoms=int(max_atoms))
-        # Checks: every step on the CPU (a host read costs nothing there, and a check rebuilds a system's edges
-        # before it outruns its skin, so no step is wasted); on accelerators every ``check_every`` steps (at most
-        # ``frame_every``). The monitors run every ``check_every`` steps either way.
         self.monitor_every = max(1, int(monitors.check_every))
-        if self.device.type == "cpu":
-            interval = 1
-        else:
-            interval = max(1, min(self.monitor_every, self.frame_every if self.trajectory else 10**9))
-        base = config or StepConfig()
-        if skin is None:  # on the CPU the two-level lists (on for skin >= 0.3 there) keep the step's list tight
-            skin = 0.5
-        if float(skin) == 0.0:  # "rebuild the list every step" (e.g. the speed protocol): a check every step rebuilds
-            base = replace(base, rebuild_every_check=True)  # every system; the small skin covers the step itself
-            interval, skin = 1, 0.1
-        self.config = replace(base, skin=float(skin), accelerate=accelerate, check_interval=interval)
+        self.config = self._engine_config(config, skin, accelerate)
+        skin = self.config.skin
         defaults = dict(self.integrator.defaults)
         if chain_length is None:
             chain_length = int(defaults.get("chain_length", 10))
@@ -187,6 +175,24 @@ class MDJob(Job):
         self.items: CountedItems | None = None
         self._bar: MDProgress | None = None
         self._stop = None
+
+    def _engine_config(self, config: StepConfig | None, skin: float | None, accelerate: str) -> StepConfig:
+        """The runner's settings: checks every step on the CPU (a host read costs nothing there, and a check
+        rebuilds a system's edges before it outruns its skin, so no step is wasted), on accelerators every
+        ``check_every`` steps (at most ``frame_every``); the monitors run every ``check_every`` steps either way.
+        ``skin`` None: 0.5 Å (on the CPU the two-level lists keep the step's list tight); 0: "rebuild the list
+        every step" (e.g. the speed protocol): a check every step rebuilds every system, a 0.1 Å skin covers the
+        step itself."""
+        if self.device.type == "cpu":
+            interval = 1
+        else:
+            interval = max(1, min(self.monitor_every, self.frame_every if self.trajectory else 10**9))
+        base = config or StepConfig()
+        skin = 0.5 if skin is None else float(skin)
+        if skin == 0.0:
+            base = replace(base, rebuild_every_check=True)
+            interval, skin = 1, 0.1
+        return replace(base, skin=skin, accelerate=accelerate, check_interval=interval)
 
     def per_system(self, items: list[InputItem]) -> dict:
         """Per-structure MD settings of newly admitted systems (ValueError names the bad one)."""
