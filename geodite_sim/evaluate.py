@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 def _chunks(atoms_list: list, max_atoms: int) -> Iterable[list[int]]:
     """Group structure indices so each group holds at most ``max_atoms`` atoms (one structure minimum)."""
-    group, total = [], 0  # type: ignore[var-annotated]
+    group: list[int] = []
+    total = 0
     for i, a in enumerate(atoms_list):
         if group and total + len(a) > max_atoms:
             yield group

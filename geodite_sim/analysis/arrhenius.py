@@ -45,12 +45,12 @@ class ArrheniusFit:
 
     def D_at(self, temperature_K: float) -> tuple[float, tuple[float, float]] | None:
         """D (cm²/s) at ``temperature_K`` and its interval, or None without a fit."""
-        if self.Ea_eV is None:
+        if self.Ea_eV is None or self.D0_cm2_per_s is None:
             return None
         from scipy import stats
 
         jac = np.array([1.0, -1.0 / (K_B_EV * temperature_K)])
-        ln_d = math.log(self.D0_cm2_per_s) - self.Ea_eV / (K_B_EV * temperature_K)  # type: ignore[arg-type]
+        ln_d = math.log(self.D0_cm2_per_s) - self.Ea_eV / (K_B_EV * temperature_K)
         se = math.sqrt(float(jac @ np.asarray(self.cov) @ jac))
         z = float(stats.norm.ppf(0.5 + self.confidence / 2.0))
         return math.exp(ln_d), (math.exp(ln_d - z * se), math.exp(ln_d + z * se))

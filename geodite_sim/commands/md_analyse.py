@@ -141,13 +141,14 @@ def analyse_command(args) -> int:
     device = resolve_device(args.device)
     from geodite_sim.trajectory import trajectory_systems
 
-    report, n_bad = {"settings": {k: v for k, v in vars(settings).items()}, "systems": []}, 0
+    systems_out: list[dict] = []
+    report, n_bad = {"settings": {k: v for k, v in vars(settings).items()}, "systems": systems_out}, 0
     for path in args.trajectories:
         try:
             systems = [d["index"] for d in trajectory_systems(path)]
         except Exception as exc:  # noqa: BLE001 - reported per input
             print(f"{path}: failed: {type(exc).__name__}: {exc}")
-            report["systems"].append({"file": path, "error": f"{type(exc).__name__}: {exc}"})  # type: ignore[attr-defined]
+            systems_out.append({"file": path, "error": f"{type(exc).__name__}: {exc}"})
             n_bad += 1
             continue
         for system in (args.system if args.system is not None else systems):
@@ -158,11 +159,11 @@ def analyse_command(args) -> int:
                 d = _analyse_system(path, system, settings, args, device)
             except (ValueError, KeyError, OSError) as exc:
                 print(f"{label}: failed: {exc}")
-                report["systems"].append({"file": path, "system": system, "error": str(exc)})  # type: ignore[attr-defined]
+                systems_out.append({"file": path, "system": system, "error": str(exc)})
                 n_bad += 1
                 continue
             _print_system(label, d)
-            report["systems"].append({"file": path, **d})  # type: ignore[attr-defined]
+            systems_out.append({"file": path, **d})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1, default=str)
