@@ -138,6 +138,28 @@ def test_split_is_by_composition_and_deterministic(tmp_path):
     assert all(len([c for c in comp if c.isupper()]) >= 2 for comp in held)  # elements are always trained on
 
 
+def test_domain_split_holds_out_whole_teacher_runs(tmp_path):
+    """Domain mode: per seed one teacher MD run held out with all its frames, static bases by hash; every
+    composition of the domain is also trained on (a vacancy composition is not held out as a whole)."""
+    from geodite_sim.workflows.distill.shards import read_shard
+
+    spec = make_spec("domain", tmp_path / "w", seeds=[str(EXAMPLES / "CuZn_B2.cif"), str(EXAMPLES / "Cu_fcc.cif")])
+    spec["data"].update(structures=60, structures_per_shard=60, md_fraction=0.5)
+    run_distill(load_spec(spec), stages=("data",), log=_quiet)
+    d = read_shard(tmp_path / "w" / "labels" / "shard-00000.h5")
+    runs: dict[str, set[bool]] = {}
+    for tag, h in zip(d.tags, d.heldout):
+        if tag.startswith("seed_md:"):
+            runs.setdefault(tag.rsplit(":", 1)[0], set()).add(bool(h))
+    assert all(len(v) == 1 for v in runs.values())  # never split inside a run
+    held_runs = sorted(k for k, v in runs.items() if True in v)
+    assert [r.split(":")[1] for r in held_runs] == ["0", "1"]  # one per seed
+    assert len(runs) > len(held_runs)
+    trained = {c for c, h in zip(d.compositions, d.heldout) if not h}
+    assert set(d.compositions) == trained
+    assert 0 < sum(d.heldout) < 0.6 * len(d.heldout)
+
+
 def test_unsupported_element_refused_at_spec_time(tmp_path):
     spec = make_spec("universal", tmp_path / "w")
     spec["teacher"] = {"model": "geodite-mini"}

@@ -136,6 +136,25 @@ def test_checkpoint_roundtrip_load_model(tmp_path):
     assert any(not torch.equal(p, q) for p, q in zip(raw.parameters(), ema.parameters()))
 
 
+def test_fixed_e0_starts_from_the_mean_cohesive_energy(tmp_path):
+    """With E0 fixed (a teacher's isolated atoms) the per-atom residual is a cohesive energy of several eV/atom:
+    the decoder's e_shift starts at its mean, so the untrained model is as far off as the data's spread, not the
+    cohesive energy; least-squares E0 keeps e_shift 0."""
+    samples = small_cells(6)
+    model_cfg, cfg = tiny(epochs=1, batch_size=3, dtype="float64", val_fraction=0.0)
+    e0 = np.zeros(119)
+    e0[[13, 29]] = [3.5, 3.3]  # "isolated atoms" above the EMT energies: residuals ~ -3.4 eV/atom
+    comp = composition_matrix(samples)
+    resid = (np.array([s.energy for s in samples]) - comp @ e0) / comp.sum(1)
+    tr = Trainer(samples, model_cfg, cfg, workdir=tmp_path / "fixed", val_samples=[], e0=e0, log=quiet)
+    assert tr.model.decoder.e_shift == pytest.approx(resid.mean(), rel=1e-12)
+    assert np.array_equal(tr.model.decoder.e0.detach().double().numpy()[[13, 29]], e0[[13, 29]])
+    before = tr.evaluate(samples)["energy_mae"]
+    assert before < np.abs(resid - resid.mean()).max() + 0.5  # eV/atom: within the spread, not |mean| away
+    free = Trainer(samples, model_cfg, cfg, workdir=tmp_path / "free", val_samples=[], log=quiet)
+    assert free.model.decoder.e_shift == 0.0
+
+
 def test_e0_least_squares_recovers_offsets():
     rng = np.random.default_rng(3)
     true = {3: -1.9, 8: -4.9, 17: -1.8, 26: -8.3}

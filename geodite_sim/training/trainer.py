@@ -210,13 +210,17 @@ class Trainer:
             e0 = head.e0.detach().double().cpu().numpy()
             self.norm = dataset_statistics(self.train_samples, e0)
         else:
+            fixed_e0 = e0 is not None
             e0 = fit_e0(self.train_samples) if e0 is None else np.asarray(e0, dtype=np.float64).reshape(-1)
             self.norm = dataset_statistics(self.train_samples, e0)
             with torch.no_grad():
                 head.e0.copy_(torch.as_tensor(e0, dtype=head.e0.dtype))
             scale = self.norm["force_std"] if self.config.scale == "force_rms" else self.norm["energy_rms"]
             head.e_scale = float(scale)
-            head.e_shift = 0.0
+            # Fixed E0 (a teacher's isolated atoms): the residual per atom is the cohesive energy, eV/atom
+            # (-2.6 ... -5 for solids), not ~0 as with least-squares E0; start the network from its mean (e_shift,
+            # official decoder field) so a forces-weighted first stage does not leave energies eV/atom away.
+            head.e_shift = float(self.norm["energy_mean"]) if fixed_e0 else 0.0
         self._set_constants()
 
         # ---- optimisation state

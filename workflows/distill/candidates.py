@@ -21,6 +21,7 @@ from geodite_sim.workflows.distill.generate import (
     Split,
     base_structure,
     make_shard_data,
+    md_run_tag,
     mobile_ion,
     scaled,
     strain_rattle,
@@ -150,7 +151,7 @@ def _md_frames(bases: list[Base], starts: list[Atoms], spec: DistillSpec, teache
                  friction=0.02, seed=seed, progress=False)
     out, failures = [], []
     for i, (b, r) in enumerate(zip(bases, res)):
-        tag = "seed_md:" + ":".join(str(k) for k in b.key[:3])
+        tag = md_run_tag(b)
         if r.error is not None:
             failures.append({"tag": tag, "error": f"teacher MD stopped: {r.error}"})
         frames = read_trajectory(path, system=i) if r.n_steps > 0 else []

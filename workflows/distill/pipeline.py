@@ -174,7 +174,7 @@ class Distillation:
         m = self._start_manifest()
         seeds = self.relaxed_seeds()
         kept = [a for a in seeds if a is not None]
-        split = Split(self.spec, kept if self.spec.domain.seeds else None)
+        split = Split(self.spec, kept if self.spec.domain.seeds else None, self.bases)
         # bases of failed seeds are dropped (their index points at None)
         t0, done_here = time.time(), 0
         todo = [k for k in range(len(self.shards)) if not (self.workdir / "labels" / shard_name(k)).exists()]
