@@ -132,7 +132,7 @@ def estimate_capacity(
 
     ``memory_fraction`` is the share of a memory budget a step may use (1 - safety margin).
     """
-    device = torch.device(device if device is not None else model.device)
+    dev: torch.device = torch.device(device if device is not None else model.device)
     from ase.build import bulk
 
     if probe is None:
@@ -146,7 +146,7 @@ def estimate_capacity(
         if memory_budget_bytes is not None:
             from geodite_sim.memory import memory_capacity
 
-            cap = memory_capacity(model, memory_budget_bytes, probe, margin=margin, device=device)
+            cap = memory_capacity(model, memory_budget_bytes, probe, margin=margin, device=dev)
             if cap < n:
                 log.info("estimate_capacity: memory budget %.3g B caps max_atoms %d -> %d",
                          memory_budget_bytes, n, cap)
@@ -157,17 +157,17 @@ def estimate_capacity(
         return capped(int(max_atoms))
     if total_atoms is not None and total_atoms <= SMALL_WORKLOAD_ATOMS:
         return capped(SMALL_WORKLOAD_ATOMS)
-    if device.type != "cuda":
+    if dev.type != "cuda":
         if not tune:
             return capped(_cpu_heuristic(model))
-        key = (id(model), model.dtype, str(device))
+        key = (id(model), model.dtype, str(dev))
         if key not in _CPU_CAPACITY_CACHE:
-            _CPU_CAPACITY_CACHE[key] = _tune_cpu(model, probe, device, tune_budget_s)
+            _CPU_CAPACITY_CACHE[key] = _tune_cpu(model, probe, dev, tune_budget_s)
         return capped(_CPU_CAPACITY_CACHE[key])
     from geodite_sim.memory import device_free_bytes, memory_capacity
 
     torch.cuda.empty_cache()
-    n = memory_capacity(model, device_free_bytes(device), probe, margin=margin, device=device)
+    n = memory_capacity(model, device_free_bytes(dev), probe, margin=margin, device=dev)
     log.info("estimate_capacity (cuda): max_atoms=%d from the memory model", n)
     return capped(n)
 

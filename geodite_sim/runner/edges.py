@@ -187,9 +187,9 @@ def make_buffer(batch: Batch, real_systems: torch.Tensor, cutoff: float, skin: t
     pad_atom = batch.positions.shape[0] - 1
     if not isinstance(skin, torch.Tensor):
         skin = torch.full((batch.cell.shape[0],), float(skin), dtype=batch.dtype, device=batch.device)
+    none = torch.zeros(0, dtype=torch.long, device=batch.device)
     edges = build_edges(batch, real_systems, cutoff, skin, backend) if real_systems.numel() else Edges(
-        *(torch.zeros(0, dtype=torch.long, device=batch.device) for _ in range(2)),
-        torch.zeros(0, 3, dtype=torch.long, device=batch.device))
+        none, none.clone(), torch.zeros(0, 3, dtype=torch.long, device=batch.device))
     edges = canonical_order(edges, batch.positions.shape[0])
     cap = edge_capacity(edges.sender.shape[0], capacity, static=static)
     sender, receiver, shifts, real = _pad_to(edges, cap, pad_atom, batch.dtype)
@@ -226,7 +226,7 @@ def _assemble(buf: EdgeBuffer, batch: Batch, kept: Edges, systems: torch.Tensor,
     if systems.numel():
         fresh = build_edges(batch, systems, buf.cutoff, skin, backend)
     else:
-        fresh = Edges(*(kept.sender[:0] for _ in range(2)), kept.shifts[:0])
+        fresh = Edges(kept.sender[:0], kept.sender[:0], kept.shifts[:0])
     edges = _merge(kept, fresh, batch.positions.shape[0], batch.dtype)
     cap = edge_capacity(edges.sender.shape[0], buf.capacity, static=static)
     sender, receiver, shifts, real = _pad_to(edges, cap, pad_atom, batch.dtype)

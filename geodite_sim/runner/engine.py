@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,7 +91,7 @@ class Runner:
         self.admission = Admission(job, integrator, settings, capacity, self.config.refill_fraction,
                                    self.model_call, self.failures, self.evaluate_compact)
         self.stepper = Stepper(self.step_fn, self.config, self.device, self.model_call)
-        self.state = None  # padded integrator state
+        self.state: Any = None  # padded integrator state (a registry entry's state dataclass)
         self.slots: SlotStatus | None = None
         self.items: list[InputItem | None] = []  # per slot (host)
         self.iteration = 0
@@ -143,7 +144,7 @@ class Runner:
         return unpad(self.state, slots)
 
     def _atoms_in_use(self) -> int:
-        return sum(len(it.atoms) for it in self.items if it is not None)
+        return sum(len(it.atoms) for it in self.items if it is not None and it.atoms is not None)
 
     # ------------------------------------------------------------------ model call
     def evaluate(self, batch: Batch, edges: Edges | None) -> Evaluation:
@@ -196,9 +197,10 @@ class Runner:
         interval = max(1, int(self.config.check_interval))
         if self.state is None or interval == 1:
             return interval
-        k = len(self.items)
-        left = (self.slots.horizon[:k] - self.entry.steps_taken(self.state)[:k])
-        left = torch.where(self.slots.occupied[:k] & (left > 0), left, torch.full_like(left, interval))
+        k, slots = len(self.items), self.slots
+        assert slots is not None
+        left = (slots.horizon[:k] - self.entry.steps_taken(self.state)[:k])
+        left = torch.where(slots.occupied[:k] & (left > 0), left, torch.full_like(left, interval))
         return max(1, min(interval, int(left.min())))
 
     def advance(self, n_steps: int) -> None:
@@ -218,6 +220,7 @@ class Runner:
         k = len(self.items)
         s = self.slots
         st = self.state
+        assert s is not None and st is not None
         packed = torch.stack([s.code[:k], s.fail_step[:k], self.entry.finished(st)[:k].long(),
                               s.parked[:k].long(), self.entry.steps_taken(st)[:k]]).cpu().numpy()
         values = s.fail_value[:k].cpu().numpy()
@@ -226,7 +229,8 @@ class Runner:
 
     def _to_retire(self, host: dict) -> tuple[dict[int, tuple[Status | None, str | None]], list[int]]:
         """Slots to retire (with status and message; None: finished normally) and slots parked, from ``host``."""
-        retire, parked = {}, []
+        retire: dict[int, tuple[Status | None, str | None]] = {}
+        parked: list[int] = []
         extra = self.job.at_check(self, host)
         for slot, item in enumerate(self.items):
             if item is None:
@@ -250,14 +254,16 @@ class Runner:
         retire: dict = {}
         parked: list[int] = []
         inner_parked: set[int] = set()  # input indices (two-level lists)
-        grow: dict[int, float | None] = {}
-        if self.state is not None and self.items:
+        grow: dict[int, float] = {}
+        if self.state is not None and self.slots is not None and self.items:
             host = self.read_status()
             retire, parked = self._to_retire(host)
             parked, inner_parked, grow = self.verlet.plan(host, self.items, parked, retire, self.state,
                                                           self.slots.occupied)
             for slot, (status, message) in retire.items():
-                results.append(self.job.result(self.items[slot], unpad(self.state, [slot]), status, message))
+                item = self.items[slot]
+                assert item is not None
+                results.append(self.job.result(item, unpad(self.state, [slot]), status, message))
         n_sys, n_atoms = self.n_active, self._atoms_in_use()
         keep = [s for s, it in enumerate(self.items) if it is not None and s not in retire]
         retired_atoms = sum(len(self.items[s].atoms) for s in retire)
@@ -278,7 +284,7 @@ class Runner:
                 self.vacate(sorted(retire), retired_atoms)
             if parked:
                 self._rebuild(parked)
-        if self.verlet.two_level and self.state is not None:
+        if self.verlet.two_level and self.state is not None and self.slots is not None:
             self.verlet.refresh_inner(self.state, self.items, inner_parked)
             self.slots = replace(self.slots, parked=torch.zeros_like(self.slots.parked))
         event = CheckEvent(self.iteration, self._since_check, n_sys, n_atoms, results)
@@ -292,6 +298,7 @@ class Runner:
 
     def vacate(self, slots: list[int], n_atoms: int) -> None:
         """Retired ``slots`` leave without a re-pack: not occupied any more, edges dropped, atoms kept (vacant)."""
+        assert self.slots is not None
         idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
         occupied = self.slots.occupied.clone()
         occupied[idx] = False
@@ -302,6 +309,7 @@ class Runner:
     def _rebuild(self, parked: list[int]) -> None:
         """Rebuild the edges of parked systems in place (no re-pack) and let them run again."""
         self.verlet.rebuild(parked, self.state, self.items)
+        assert self.slots is not None
         mask = self.slots.parked.clone()
         mask[torch.as_tensor(parked, dtype=torch.long, device=self.device)] = False
         self.slots = replace(self.slots, parked=mask)

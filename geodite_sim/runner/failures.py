@@ -72,8 +72,8 @@ class Failures:
         edges = neighbor_list(state.batch, self.cutoff, self.backend if uses_edges else "torch") \
             if checks.min_distance_factor is not None else None
         if edges is None:
-            edges = Edges(*(torch.zeros(0, dtype=torch.long, device=self.device) for _ in range(2)),
-                          torch.zeros(0, 3, dtype=self.dtype, device=self.device))
+            none = torch.zeros(0, dtype=torch.long, device=self.device)
+            edges = Edges(none, none.clone(), torch.zeros(0, 3, dtype=self.dtype, device=self.device))
         edges = Edges(edges.sender, edges.receiver, edges.shifts.to(self.dtype))
         return self.on_device(state, edges, cell_volumes(state.batch.cell), contacts=True, checks=checks)
 
@@ -87,7 +87,7 @@ class Failures:
             return (f"volume {'blow-up' if value > 1 else 'collapse'}: V/V0 = {value:.3g} outside "
                     f"[1/{r:g}, {r:g}] at step {step}")
         if status is Status.ATOMS_TOO_CLOSE:
-            factor = self.checks.min_distance_factor or self.admission.min_distance_factor
+            factor = self.checks.min_distance_factor or self.admission.min_distance_factor or 0.0
             detail = self._contact_detail(one, factor) if one is not None else ""
             return (f"atoms too close at step {step}: " + (detail or f"distance {value:.3g} × covalent-radius sum "
                     f"< {factor:g}"))

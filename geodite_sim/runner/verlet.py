@@ -67,7 +67,13 @@ class VerletPolicy:
     @property
     def start_margin(self) -> float:
         value = self.config.inner_skin
-        return 0.1 if value == "auto" else float(value)
+        return 0.1 if value == "auto" or value is None else float(value)
+
+    @property
+    def outer(self) -> EdgeBuffer:
+        """The outer edge buffer (there is one whenever the batch holds systems)."""
+        assert self.edges is not None, "no edge list: the batch holds no systems"
+        return self.edges
 
     @property
     def step_edges(self) -> EdgeBuffer | None:
@@ -97,26 +103,31 @@ class VerletPolicy:
             parked += [s for s, it in enumerate(items) if it is not None and s not in retire and s not in parked]
         elif not self.two_level:  # (two-level lists: the outer list's rebuilds are decided at the refresh)
             parked += [s for s in self._half_used(state, occupied, len(items)) if s not in retire and s not in parked]
-        for slot in list(grow):
-            if grow[slot] is None:  # cannot keep up even with the largest skin
+        grown: dict[int, float] = {}
+        for slot, skin in grow.items():
+            if skin is None:  # cannot keep up even with the largest skin
                 parked.remove(slot)
                 retire[slot] = blown_up(self.max_skin, int(host["steps"][slot]))
-                del grow[slot]
-        return parked, inner_parked, grow
+            else:
+                grown[slot] = skin
+        return parked, inner_parked, grown
 
     def _half_used(self, state, occupied: torch.Tensor, k: int) -> list[int]:
         """Occupied slots that have used more than half of their skin since their build: rebuilt at this check
         (before they would park in the next block of steps)."""
         b = state.batch
-        bound = self.edges.stale_bound(b.positions, b.cell, b.pbc, b.system_index)
-        half = (bound[:k] > 0.5 * self.edges.skin[:k]) & occupied[:k]
+        outer = self.outer
+        bound = outer.stale_bound(b.positions, b.cell, b.pbc, b.system_index)
+        half = (bound[:k] > 0.5 * outer.skin[:k]) & occupied[:k]
         return [int(s) for s in torch.nonzero(half).flatten().tolist()]
 
     def _outrun(self, host: dict, items: list, parked: list[int]) -> dict[int, float | None]:
         """Parked systems that made no step since their last build (one step moves them beyond their skin):
         slot -> a doubled skin, or None when it would exceed :attr:`max_skin`."""
-        out = {}
-        skins = self.edges.skin.cpu().numpy() if parked else None
+        out: dict[int, float | None] = {}
+        if not parked:
+            return out
+        skins = self.outer.skin.cpu().numpy()
         for slot in parked:
             if self.built_at.get(items[slot].index) == int(host["steps"][slot]):
                 new = max(2.0 * float(skins[slot]), 0.05)
@@ -132,20 +143,21 @@ class VerletPolicy:
 
     def rebuild(self, slots: list[int], state, items: list) -> None:
         """Rebuild the edges of ``slots`` in place (no re-pack), with their grown skins."""
+        edges = self.outer
         if self.grow_skin:
-            skin = self.edges.skin.clone()
+            skin = edges.skin.clone()
             for slot, value in self.grow_skin.items():
                 skin[slot] = value
-            self.edges = replace(self.edges, skin=skin)
+            edges = replace(edges, skin=skin)
             self.grow_skin = {}
         slots_t = torch.as_tensor(slots, dtype=torch.long, device=self.device)
-        self.edges = rebuild(self.edges, state.batch, slots_t, self.config.neighbor_backend, self.static)
+        self.edges = rebuild(edges, state.batch, slots_t, self.config.neighbor_backend, self.static)
         self._record_builds(slots, state, items)
 
     def drop(self, slots: list[int], state) -> None:
         """Retired ``slots`` leave without a re-pack: their edges are dropped."""
         idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
-        self.edges = drop(self.edges, state.batch, idx, self.static)
+        self.edges = drop(self.outer, state.batch, idx, self.static)
 
     def repacked(self, old_state, keep: list[int], state, rebuild_slots: list[int], items: list) -> None:
         """The edges after a re-pack: survivors (``keep``, now slots ``0 ..``) keep theirs, re-mapped without a
@@ -178,9 +190,10 @@ class VerletPolicy:
         inner list the next steps use (``parked``: input indices whose last step was undone)."""
         b = state.batch
         k = len(items)
-        bound = self.edges.stale_bound(b.positions, b.cell, b.pbc, b.system_index)
+        outer = self.outer
+        bound = outer.stale_bound(b.positions, b.cell, b.pbc, b.system_index)
         steps = self.steps_taken(state)[:k].to(bound.dtype)
-        host = torch.stack([bound[:k], self.edges.skin[:k].to(bound.dtype), steps]).cpu().numpy()
+        host = torch.stack([bound[:k], outer.skin[:k].to(bound.dtype), steps]).cpu().numpy()
         lo, factor = INNER_MIN_MARGIN, INNER_PACE_FACTOR
         margin = [0.0] * (b.cell.shape[0])
         prev, self.outer_bound = self.outer_bound, {}
@@ -216,7 +229,7 @@ class VerletPolicy:
                 index = items[slot].index
                 self.outer_bound[index] = (0.0, self.outer_bound[index][1])
         margin_t = torch.as_tensor(margin, dtype=self.dtype, device=self.device)
-        self.inner = inner(self.edges, b, margin_t, self.inner.capacity if self.inner is not None else None,
+        self.inner = inner(self.outer, b, margin_t, self.inner.capacity if self.inner is not None else None,
                            static=self.static)
 
 
