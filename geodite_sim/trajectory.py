@@ -198,8 +198,8 @@ def _decode(v):
 
 
 def trajectory_systems(path: str | Path) -> list[dict]:
-    """One dict per system group: index, frames, ``last_step`` (step of its last stored frame, 0 without one) and
-    the group's attributes, sorted by index."""
+    """One dict per system group: index, frames, ``last_step`` (step of its last stored frame, 0 without one),
+    ``formula`` and the group's attributes, sorted by index."""
     import h5py
 
     out = []
@@ -209,6 +209,10 @@ def trajectory_systems(path: str | Path) -> list[dict]:
             d["index"] = int(name)
             d["frames"] = int(g["step"].shape[0])
             d["last_step"] = int(g["step"][-1]) if d["frames"] else 0
+            if "numbers" in g:
+                from ase.symbols import Symbols
+
+                d["formula"] = Symbols(g["numbers"][()]).get_chemical_formula()
             out.append(d)
     return sorted(out, key=lambda d: d["index"])
 

@@ -234,7 +234,8 @@ def info_command(args) -> int:
             steps = max(steps, d["last_step"])
             if status == "running":
                 status = "running (or killed)"
-        print(f"{d['index']}\t{d.get('label', '')}\t{d['frames']} frames\t{steps} steps"
+        name = " ".join(x for x in (d.get("label", ""), f"({d['formula']})" if d.get("formula") else "") if x)
+        print(f"{d['index']}\t{name}\t{d['frames']} frames\t{steps} steps"
               f"\t{d.get('temperature_K', 0):.1f} K\t{status}\t{d.get('error', '')}")
     return 0
 
