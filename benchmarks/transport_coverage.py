@@ -1,9 +1,9 @@
 """Interval coverage of the tracer D and Arrhenius Ea on synthetic Brownian ions (issue 26), and the same
 for pymatgen-analysis-diffusion's own ``diffusivity_std_dev`` on the same MSDs and window.
 
-50 seeds × 4 temperatures of tests/transport_synth.py (32 Brownian Li + 32 vibrating I, triclinic cell,
+50 seeds × 4 temperatures of tests/analysis/transport_synth.py (32 Brownian Li + 32 vibrating I, triclinic cell,
 2,000 frames 10 fs apart, D = 50 exp(-0.2 eV / kT) Å²/ps). The slow test
-``tests/test_transport.py::test_interval_coverage_50_seeds`` asserts the same coverage (≥ 90 %).
+``tests/analysis/test_transport.py::test_interval_coverage_50_seeds`` asserts the same coverage (≥ 90 %).
 
     OMP_NUM_THREADS=1 python benchmarks/transport_coverage.py
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "analysis"))
 from transport_synth import CELL, EA_EV, brownian, d_true  # noqa: E402
 
 TEMPS = (600.0, 800.0, 1000.0, 1200.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 from ase import Atoms
-from ase.build import bulk, molecule
+from ase.build import bulk, fcc111, molecule
+from ase.constraints import FixAtoms, FixSymmetry
+from ase.spacegroup import crystal
 from threadpoolctl import threadpool_limits
 
 from geodite_sim.model import Geodite, GeoditeConfig, load_model
@@ -17,6 +20,8 @@ from geodite_sim.model.checkpoint import prepare_for_inference
 from geodite_sim.pair_potential import MorsePotential
 
 DATA = Path(__file__).parent / "data"
+REPO = Path(__file__).resolve().parents[1]
+SSE = REPO / "workflows" / "sse"
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +94,67 @@ def mixed_structures(seed: int = 0) -> list[Atoms]:
     for a in structs:
         a.rattle(0.03, seed=int(rng.integers(1 << 30)))
     return structs
+
+
+# ------------------------------------------------------------------- shared by tests in several folders
+# Cu-like Morse parameters (FIRE+constraints comparisons, the SSE campaign's cheap model).
+MORSE = dict(epsilon=0.35, rho0=4.5, r0=2.55, rcut1=1.6, rcut2=2.2)
+
+
+def relax_set() -> list[tuple[str, Atoms, bool]]:
+    """(name, Atoms with constraints, relax_cell) for the FIRE comparison (Cu-like Morse)."""
+    rng = np.random.default_rng(9)
+    out = []
+    fcc = bulk("Cu", "fcc", 3.75, cubic=True)
+    fcc.set_cell(fcc.cell[:] @ np.diag([1.0, 1.0, 1.04]), scale_atoms=True)  # tetragonal, I4/mmm
+    hcp = bulk("Cu", "hcp", 2.6, c=4.6)
+    bct = Atoms("Cu2", scaled_positions=[(0, 0, 0), (0.5, 0.5, 0.5)], cell=np.diag([2.9, 2.9, 3.3]), pbc=True)
+    rut = crystal(["Cu", "Cu"], basis=[(0, 0, 0), (0.28, 0.28, 0)], spacegroup=136,
+                  cellpar=[4.3, 4.3, 2.7, 90, 90, 90])
+    pnma = crystal(["Cu"], basis=[(0.12, 0.25, 0.08)], spacegroup=62, cellpar=[4.6, 2.6, 4.4, 90, 90, 90])
+    for name, a in [("fcc_tetragonal", fcc), ("hcp", hcp), ("bct", bct), ("rutile_Cu", rut), ("pnma_Cu", pnma)]:
+        a = a.copy()
+        a.set_constraint(FixSymmetry(a))
+        out.append((name + "_sym", a, True))
+    sup = bulk("Cu", "fcc", 3.66, cubic=True) * (2, 1, 1)
+    sup.rattle(0.05, seed=int(rng.integers(1 << 30)))
+    sup.set_constraint(FixAtoms([0, 3]))
+    out.append(("fcc_fixatoms_cell", sup, True))
+    slab = fcc111("Cu", (2, 2, 3), a=3.66, vacuum=5.0)
+    slab.rattle(0.05, seed=3)
+    slab.set_constraint(FixAtoms(mask=slab.positions[:, 2] < slab.positions[:, 2].min() + 0.1))
+    out.append(("slab_fixatoms", slab, False))
+    free = bulk("Cu", "fcc", 3.7, cubic=True)
+    free.rattle(0.05, seed=4)
+    out.append(("free", free, True))
+    return out
+
+
+def builder():
+    """The SSE example's structure builder (workflows/sse/build_structures.py) as a module."""
+    spec = importlib.util.spec_from_file_location("sse_build_structures", SSE / "build_structures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def quiet(_msg: str) -> None:
+    pass
+
+
+def tiny_spec(tmp_path: Path, steps: int = 60, **md) -> dict:
+    """Three Morse runs on 8- and 10-atom cells; max_atoms = 18 makes the third run wait for a free slot."""
+    from ase.io import write
+
+    b = builder()
+    write(tmp_path / "CuI_8.extxyz", b.build("CuI", (1, 1, 1)))
+    write(tmp_path / "Bi2O3_10.extxyz", b.build("Bi2O3", (1, 1, 1)))
+    return {
+        "campaign": {"name": "tiny", "model": "morse", "model_options": MORSE, "dtype": "float64", "seed": 3},
+        "md": {"steps": steps, "checkpoint_every": 20, "max_atoms": 18, **md},
+        "analysis": {"discard_fs": 15.0},
+        "material": [
+            {"name": "CuI", "structure": "CuI_8.extxyz", "temperatures": [500, 900], "mobile": "Cu"},
+            {"name": "Bi2O3", "structure": "Bi2O3_10.extxyz", "temperatures": [600], "mobile": "O"},
+        ],
+    }

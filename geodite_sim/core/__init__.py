@@ -1,7 +1,7 @@
 """The leaf layer: types and small tensor operations that several packages share.
 
 Modules here import only torch (and the standard library), never another ``geodite_sim`` module, so that every
-other package can import them at module level without an import cycle (``tests/test_import_graph.py``):
+other package can import them at module level without an import cycle (``tests/project/test_import_graph.py``):
 
 - :mod:`geodite_sim.core.graph`: :class:`~geodite_sim.core.graph.Edges` (the edge list every model and neighbour
   list exchanges), :func:`~geodite_sim.core.graph.edge_vectors` and

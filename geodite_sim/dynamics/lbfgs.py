@@ -24,7 +24,7 @@ The history holds ``memory`` slots per system in chronological order, the newest
 [N, M, 3] and per cell [S, M, 3, 3], and the small Gram matrices SᵀY and YᵀY [S, M, M]; a new pair shifts
 them by one slot (the oldest drops out once all are used) and adds one row and column. Unused slots hold
 zeros (their R diagonal is set to 1), so they drop out. The two forms agree with ASE's to
-rounding (tests/test_lbfgs.py compares paths to 1e-8 Å).
+rounding (tests/dynamics/test_lbfgs.py compares paths to 1e-8 Å).
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ _EXT_FAILED = False
 
 #: Compiler flags of the fused kernels. -ffast-math lets GCC call glibc's vectorised exp (libmvec) in the
 #: silu loops; the kernels do no NaN/Inf tests, and float64 results still match eager to ~1e-15 relative
-#: (tests/test_edge_ops.py).
+#: (tests/model/test_edge_ops.py).
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
 LDFLAGS = ["-fopenmp"]
 #: Seconds after which loading an existing build must have rebuilt it (a load of a built library takes < 1 s).

@@ -4,7 +4,7 @@
 per-system pbc [S, 3]) into a ``torch_sim.SimState`` (cell columns = lattice vectors, ONE pbc vector
 for the whole state: a batch mixing pbc patterns is split into one state per pattern), calls the
 model's ``forward`` and returns the contract's dict. torch-sim's stress already carries ASE's sign
-(stress = (1/V) dE/dstrain; checked against finite strains in ``tests/test_contract.py``); it is zeroed
+(stress = (1/V) dE/dstrain; checked against finite strains in ``tests/model/test_contract.py``); it is zeroed
 for systems that are not periodic along all three axes, as the contract says.
 
 The wrapped model builds its own neighbour list: ``uses_edges = False``, so the runner passes the

@@ -10,7 +10,7 @@ active, and separately those that, on CUDA, make the host wait for the device:
 * ``aten._linalg_eigh`` (``torch.linalg.eigh``: it checks LAPACK's / cuSOLVER's error flag on the host; BFGS's step);
 
 and, at the Python level, ``Tensor.numpy()``, ``Tensor.tolist()`` and ``Tensor.cpu()`` (patched while the
-counter is active). Used by tests/test_runner.py and benchmarks/gpu_check.py: the difference between a long
+counter is active). Used by tests/runner/test_runner.py and benchmarks/gpu_check.py: the difference between a long
 and a short run, divided by the difference in steps, is the per-step count with set-up cancelled.
 """
 

@@ -29,7 +29,7 @@ admission), :mod:`.verlet` (the edge-list policy) over :mod:`.edges` (the edge-l
 A system's trajectory is a function of its own inputs only: its edges are always its exact
 neighbour list at the cutoff in canonical order, parking only delays it, and step counters,
 thermostat chains and noise are per system — so results do not depend on batch-mates, refills,
-the check interval or restarts (tests/test_runner.py).
+the check interval or restarts (tests/runner/test_runner.py).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ check, host side:
   steps use.
 
 A system's edges are always its exact neighbour list at the cutoff in canonical order, so none of these
-choices changes a trajectory (tests/test_runner.py).
+choices changes a trajectory (tests/runner/test_runner.py).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
 LANGUAGES = {"python", "bash", "sh", "shell"}
 NOT_RUN = re.compile(r"^\s*#\s*not run by the docs test:\s*(.*)$")

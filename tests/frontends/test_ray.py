@@ -158,8 +158,8 @@ def test_campaign_on_ray_equals_the_one_process_campaign(executor, tmp_path):
     """An SSE campaign (NHC, Morse) sharded one run per shard: same frames bit for bit, runs located via the store;
     re-running the finished campaign does nothing."""
     import h5py
+    from conftest import quiet, tiny_spec
     from geodite_sim.workflows.sse_campaign import load_spec, run_campaign, run_locations
-    from test_campaign import quiet, tiny_spec
 
     spec = tiny_spec(tmp_path, steps=40)
     a = run_campaign(load_spec(spec, base=tmp_path, output=tmp_path / "a"), log=quiet, report=False)

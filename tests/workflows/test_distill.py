@@ -15,7 +15,7 @@ from ase.io import write
 from geodite_sim.workflows.distill import SpecError, load_spec, run_distill, verify_shards
 from geodite_sim.workflows.distill.generate import plan, shards_of
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "structures"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "structures"
 
 
 def make_spec(mode: str, workdir: Path, seeds: list[str] | None = None) -> dict:

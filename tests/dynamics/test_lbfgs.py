@@ -1,6 +1,6 @@
 """Batched L-BFGS (:mod:`geodite_sim.dynamics.lbfgs`) against ASE's ``LBFGS``, float64: the compact form of the
 inverse Hessian against ASE's two-loop recursion (``LBFGSMethod``) on random histories that wrap the ring, and
-step-by-step traces with non-default parameters. ``relax_many`` comparisons: tests/test_quasi_newton.py."""
+step-by-step traces with non-default parameters. ``relax_many`` comparisons: tests/frontends/test_quasi_newton.py."""
 
 from __future__ import annotations
 

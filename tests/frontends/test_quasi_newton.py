@@ -21,8 +21,7 @@ from ase.build import bulk
 from ase.constraints import FixAtoms, FixCartesian
 from ase.filters import FrechetCellFilter
 from ase.optimize import BFGS, LBFGS
-from conftest import tiny_geodite
-from test_constraints import MORSE, relax_set
+from conftest import MORSE, relax_set, tiny_geodite
 from test_relax import copper_like
 
 import geodite_sim as gs

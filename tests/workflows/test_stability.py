@@ -29,7 +29,7 @@ from pymatgen.io.ase import AseAtomsAdaptor
 from geodite_sim.executors import LocalExecutor
 from geodite_sim.store import read_records
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -443,7 +443,7 @@ def test_plain_pdentries_as_references(tiny):
 
 def test_stable_call_uses_the_stated_tolerance(tmp_path, tiny):
     """A candidate on the hull up to float32 round-off is stable; 10x the tolerance above it is not (an explicit
-    tolerance; the default, tied to fmax, is tested in tests/test_known_phases.py)."""
+    tolerance; the default, tied to fmax, is tested in tests/workflows/test_known_phases.py)."""
     refs = [entry("Li", -2.0, "Li"), entry("O", -4.0, "O"), entry("Li2O", -3.5, "Li2O")]
     offsets = {"on": 3e-6, "ulp": 1e-7, "above": 1e-4}  # eV/atom above the Li2O reference
     structs = {k: bulk("Li2O", "fluorite", 4.6 + 0.01 * i) for i, k in enumerate(offsets)}

@@ -19,7 +19,7 @@ def test_kernel_under_interpreter():
     if INTERPRETED:
         pytest.skip("the interpreter is active in this process: test_kernel_equals_reference runs here")
     pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider",
            "-k", "equals_reference"]
     res = subprocess.run(cmd, cwd=root, env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True,

@@ -22,6 +22,7 @@ from ase.filters import FrechetCellFilter
 from ase.optimize import FIRE
 from ase.spacegroup import crystal
 from ase.stress import full_3x3_to_voigt_6_stress, voigt_6_to_full_3x3_stress
+from conftest import MORSE, relax_set
 
 from geodite_sim.batch import Batch
 from geodite_sim.dynamics.constraints import (
@@ -279,37 +280,7 @@ def test_select_and_concat_repack_like_the_batch():
 
 
 # ---------------------------------------------------------------------------------------------- FIRE + filter
-MORSE = dict(epsilon=0.35, rho0=4.5, r0=2.55, rcut1=1.6, rcut2=2.2)
 FMAX, MAX_STEPS = 0.01, 400
-
-
-def relax_set() -> list[tuple[str, Atoms, bool]]:
-    """(name, Atoms with constraints, relax_cell) for the FIRE comparison (Cu-like Morse)."""
-    rng = np.random.default_rng(9)
-    out = []
-    fcc = bulk("Cu", "fcc", 3.75, cubic=True)
-    fcc.set_cell(fcc.cell[:] @ np.diag([1.0, 1.0, 1.04]), scale_atoms=True)  # tetragonal, I4/mmm
-    hcp = bulk("Cu", "hcp", 2.6, c=4.6)
-    bct = Atoms("Cu2", scaled_positions=[(0, 0, 0), (0.5, 0.5, 0.5)], cell=np.diag([2.9, 2.9, 3.3]), pbc=True)
-    rut = crystal(["Cu", "Cu"], basis=[(0, 0, 0), (0.28, 0.28, 0)], spacegroup=136,
-                  cellpar=[4.3, 4.3, 2.7, 90, 90, 90])
-    pnma = crystal(["Cu"], basis=[(0.12, 0.25, 0.08)], spacegroup=62, cellpar=[4.6, 2.6, 4.4, 90, 90, 90])
-    for name, a in [("fcc_tetragonal", fcc), ("hcp", hcp), ("bct", bct), ("rutile_Cu", rut), ("pnma_Cu", pnma)]:
-        a = a.copy()
-        a.set_constraint(FixSymmetry(a))
-        out.append((name + "_sym", a, True))
-    sup = bulk("Cu", "fcc", 3.66, cubic=True) * (2, 1, 1)
-    sup.rattle(0.05, seed=int(rng.integers(1 << 30)))
-    sup.set_constraint(FixAtoms([0, 3]))
-    out.append(("fcc_fixatoms_cell", sup, True))
-    slab = fcc111("Cu", (2, 2, 3), a=3.66, vacuum=5.0)
-    slab.rattle(0.05, seed=3)
-    slab.set_constraint(FixAtoms(mask=slab.positions[:, 2] < slab.positions[:, 2].min() + 0.1))
-    out.append(("slab_fixatoms", slab, False))
-    free = bulk("Cu", "fcc", 3.7, cubic=True)
-    free.rattle(0.05, seed=4)
-    out.append(("free", free, True))
-    return out
 
 
 def ase_relax(atoms: Atoms, cell: bool) -> tuple[Atoms, int]:

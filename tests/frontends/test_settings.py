@@ -1,6 +1,6 @@
 """One settings object per front-end (RelaxSettings, MDSettings): every public parameter of relax_many / run_md
 reaches a local-executor run and what the Ray executor sends its actors; an NPT restart with other barostat
-settings is refused. (The Ray runs themselves: tests/test_ray.py.)"""
+settings is refused. (The Ray runs themselves: tests/frontends/test_ray.py.)"""
 
 from __future__ import annotations
 

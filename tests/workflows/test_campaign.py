@@ -4,7 +4,6 @@ and resuming an interrupted campaign to the same HDF5 data as an uninterrupted o
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import signal
@@ -17,40 +16,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import MORSE, builder, quiet, tiny_spec
 from geodite_sim.workflows.sse_campaign import SpecError, load_spec, run_campaign, run_states
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SSE = REPO / "workflows" / "sse"
-MORSE = {"epsilon": 0.35, "rho0": 4.5, "r0": 2.55, "rcut1": 1.6, "rcut2": 2.2}
-
-
-def builder():
-    spec = importlib.util.spec_from_file_location("sse_build_structures", SSE / "build_structures.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def quiet(_msg: str) -> None:
-    pass
-
-
-def tiny_spec(tmp_path: Path, steps: int = 60, **md) -> dict:
-    """Three Morse runs on 8- and 10-atom cells; max_atoms = 18 makes the third run wait for a free slot."""
-    from ase.io import write
-
-    b = builder()
-    write(tmp_path / "CuI_8.extxyz", b.build("CuI", (1, 1, 1)))
-    write(tmp_path / "Bi2O3_10.extxyz", b.build("Bi2O3", (1, 1, 1)))
-    return {
-        "campaign": {"name": "tiny", "model": "morse", "model_options": MORSE, "dtype": "float64", "seed": 3},
-        "md": {"steps": steps, "checkpoint_every": 20, "max_atoms": 18, **md},
-        "analysis": {"discard_fs": 15.0},
-        "material": [
-            {"name": "CuI", "structure": "CuI_8.extxyz", "temperatures": [500, 900], "mobile": "Cu"},
-            {"name": "Bi2O3", "structure": "Bi2O3_10.extxyz", "temperatures": [600], "mobile": "O"},
-        ],
-    }
 
 
 def h5_content(path: Path) -> dict:

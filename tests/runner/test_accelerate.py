@@ -46,7 +46,7 @@ def test_bucket_arithmetic():
 def test_run_md_accelerate(model64):
     """run_md's accelerate modes on the CPU: 'auto' and 'eager' run the runner's static-shape step (refills from
     the queue and re-packing as systems finish) and agree bit for bit; 'cuda_graph' on the CPU is refused. (The
-    whole-step capture and torch.compile of the step are tested in tests/test_runner.py.)"""
+    whole-step capture and torch.compile of the step are tested in tests/runner/test_runner.py.)"""
     structs = varied_structures()[:8]
     kw = dict(ensemble="nve", temperature=300.0, timestep=1.0, steps=[3, 5, 4, 6, 3, 5, 6, 4], max_atoms=10,
               progress=False, monitors=False)

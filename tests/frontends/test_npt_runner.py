@@ -1,5 +1,5 @@
 """The NPT and Bussi entries of the runner registry through ``run_md``: exact against ASE, batched with refills,
-restartable bit for bit (the integrator maths itself: tests/test_npt.py, tests/test_bussi.py)."""
+restartable bit for bit (the integrator maths itself: tests/dynamics/test_npt.py, tests/dynamics/test_bussi.py)."""
 
 from __future__ import annotations
 

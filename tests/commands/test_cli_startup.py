@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "torch_sim", "warp", "nvalchemiops", "pymatgen", "matplotlib", "h5py", "sevenn", "ray", "phonopy")
 
 

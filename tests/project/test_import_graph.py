@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = {"geodite_sim": ROOT / "geodite_sim", "geodite_sim.kernels": ROOT / "kernels",
             "geodite_sim.workflows": ROOT / "workflows"}
 #: The leaf layer and the packages whose cycles it removed (model <-> neighbors, io.admission <-> io.structures,

@@ -1,6 +1,6 @@
 """Batched BFGS (:mod:`geodite_sim.dynamics.bfgs`) against ASE's ``BFGS``, float64: the dense layout and its
 re-packing, step-by-step traces with non-default parameters, and the size limit (a per-structure error).
-``relax_many`` comparisons: tests/test_quasi_newton.py."""
+``relax_many`` comparisons: tests/frontends/test_quasi_newton.py."""
 
 from __future__ import annotations
 

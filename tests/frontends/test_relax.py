@@ -24,7 +24,7 @@ from geodite_sim.pair_potential import MorsePotential
 from geodite_sim.progress import Progress
 from geodite_sim.relax import estimate_capacity
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -18,7 +18,7 @@ from ase.build import bulk
 from ase.io import write
 from test_md import h5_arrays
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _inputs(path: Path) -> Path:

@@ -125,7 +125,7 @@ def test_training_and_second_order_use_eager(reference_model_fp64):
 def test_kernels_do_not_depend_on_batch_composition():
     """With 2 threads, a graph's node sums are bit-for-bit the same alone and after another graph in
     the same batch (scatters run in edge order): a resumed relaxation, which runs in other batches,
-    then reproduces the uninterrupted one (tests/test_stability.py::test_cli_resume_after_sigkill)."""
+    then reproduces the uninterrupted one (tests/workflows/test_stability.py::test_cli_resume_after_sigkill)."""
     n, e, c, src, dst, Y, leaf = _random_graph(7, n=30, e=900, c=32)
     m, f, c2, src2, dst2, Y2, leaf2 = _random_graph(8, n=20, e=700, c=32)
     X, od, ot = (t.float().detach() for t in (leaf(n, 8, c), leaf(e, c), leaf(e, c)))

@@ -1,5 +1,5 @@
 """Synthetic trajectories with a known tracer D (Brownian mobile ions in a vibrating heavy framework, triclinic
-cell); used by tests/test_transport.py and benchmarks/transport_coverage.py."""
+cell); used by tests/analysis/test_transport.py and benchmarks/transport_coverage.py."""
 
 from __future__ import annotations
 

@@ -152,7 +152,7 @@ def test_triton_tests_under_interpreter():
     if INTERPRETED:
         pytest.skip("Triton's interpreter is active in this process: the Triton tests run here")
     pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-x", "-p", "no:cacheprovider",
            "-k", "triton and not under_interpreter"]
     env = dict(os.environ, TRITON_INTERPRET="1")
