@@ -14,6 +14,7 @@ from geodite_sim.io.structures import InputItem, StructureError, iter_inputs
 from geodite_sim.model import load_model
 from geodite_sim.model.torchsim_adapter import as_engine_model
 from geodite_sim.progress import Progress
+from geodite_sim.runner.capacity import PROBE_STRUCTURES, estimate_capacity
 from geodite_sim.status import Status
 from geodite_sim.threads import check_threads, thread_limit
 
@@ -74,7 +75,7 @@ def _run_group(model, items: list[InputItem], compute_stress: bool, per_atom: bo
 def evaluate(
     structures: Any,
     model: Any = None,
-    max_atoms: int = 4096,
+    max_atoms: int | None = None,
     compute_stress: bool = True,
     per_atom_energies: bool = False,
     *,
@@ -90,7 +91,8 @@ def evaluate(
         structures: ASE Atoms, pymatgen Structures/Molecules or file paths (or one of them), or any
             iterable of them.
         model: a loaded Geodite or any model with the same call (default: ``load_model()``).
-        max_atoms: atoms per internal batch (a larger structure runs alone).
+        max_atoms: atoms per internal batch (a larger structure runs alone). Default: the engine's one capacity
+            policy (:func:`geodite_sim.runner.capacity.estimate_capacity`, probed with the first structures).
         on_error: ``"record"`` (default): a bad input (see :func:`geodite_sim.io.admission.admit`) or a
             system the model raises on / returns non-finite numbers for gets its own failed result
             and the others are evaluated unchanged; ``"raise"``: raise :class:`StructureError`
@@ -130,10 +132,13 @@ def evaluate(
         if it.atoms is None:
             results[it.index] = _failure(it, it.status or Status.INVALID_STRUCTURE, it.error or "", compute_stress,
                                          per_atom_energies)
+    if max_atoms is None and good:
+        max_atoms = estimate_capacity(model, probe=[it.atoms for it in good[:PROBE_STRUCTURES]],
+                                      total_atoms=sum(len(it.atoms) for it in good)).max_atoms
     with thread_limit(threads), Progress(total=len(items), desc="evaluate", unit="structure", enabled=progress,
                                          outcomes=("done", "failed")) as bar:
         bar.finish("failed", len(items) - len(good))
-        for group in _chunks([it.atoms for it in good], max_atoms):
+        for group in _chunks([it.atoms for it in good], max_atoms or 1):
             members = [good[i] for i in group]
             try:
                 outs = _run_group(model, members, compute_stress, per_atom_energies)

@@ -24,7 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="checkpoint path or packaged model name (default: packaged default)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     add_device_argument(p)
-    p.add_argument("--max-atoms", type=positive_int, default=4096, help="atoms per batch (default 4096)")
+    p.add_argument("--max-atoms", type=positive_int, default=None,
+                       help="atoms per batch (default: the engine's capacity policy for the model and device)")
     p.add_argument("--json", default=None, help="write results to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run, interrupt_hint="evaluate keeps nothing of an interrupted run (--json is written at "

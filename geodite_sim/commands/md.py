@@ -72,7 +72,8 @@ def add_parser(subparsers) -> None:
     r.add_argument("--model", default=None, help="checkpoint file or packaged model name (default: packaged model)")
     add_device_argument(r)
     r.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    r.add_argument("--max-atoms", type=positive_int, default=4096, help="atoms per packed batch")
+    r.add_argument("--max-atoms", type=positive_int, default=None,
+                   help="atoms per packed batch (default: the engine's capacity policy for the model and device)")
     r.add_argument("--checkpoint", default=None, help="checkpoint file (default <trajectory>.ckpt)")
     r.add_argument("--checkpoint-every", type=positive_int, default=None, help="steps between checkpoints")
     r.add_argument("--restart", action="store_true", help="continue from the checkpoint if it exists")
@@ -177,7 +178,7 @@ def run_command(args) -> int:
             extra["pressure"] = args.pressure[0] if len(args.pressure) == 1 else args.pressure
         if args.pdamp is not None:
             extra["pdamp"] = args.pdamp
-    if entry.name != "nve" and args.temperature is None:  # every other ensemble has a thermostat (run_md's rule)
+    if entry.needs_temperature and args.temperature is None:  # a thermostat (run_md's rule, from the registry)
         parser.error(f"--temperature is required for --ensemble {args.ensemble} (K; one value, or one per structure)")
 
     import torch

@@ -82,7 +82,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--dtype", choices=["float32", "float64"], default="float64",
                        help="model precision (default float64: finite differences need it)")
         add_device_argument(p)
-        p.add_argument("--max-atoms", type=positive_int, default=4096, help="atoms per batch (default 4096)")
+        p.add_argument("--max-atoms", type=positive_int, default=None,
+                       help="atoms per batch (default: the engine's capacity policy for the model and device)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         if name == "phonons":
             p.add_argument("--supercell", nargs="+", default=["auto"],

@@ -7,7 +7,6 @@ the others finish unchanged.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import re
@@ -185,26 +184,24 @@ def ion_relax_stage(cells: list[Atoms], model, *, fmax: float, max_steps: int, p
 
 
 def safe_evaluate(cells: list[Atoms], owners: list[int], model, *, compute_stress: bool = True,
-                  max_atoms: int = 4096, labels: Sequence[str] | None = None,
+                  max_atoms: int | None = None, labels: Sequence[str] | None = None,
                   **options: Any) -> tuple[list[dict | None], dict[int, str]]:
     """``evaluate`` all cells in one call; a cell that fails marks its owner failed, the others are kept.
 
     Args:
         cells: the structures. owners: for each cell, the id of the material it belongs to.
         labels: names of the cells in messages (e.g. ``"Au2 at r = 0.010 Å"``; default: their place in ``cells``).
-        options: further ``evaluate`` keywords (passed only where this version of ``evaluate`` takes them).
+        options: further ``evaluate`` keywords.
     Returns:
         (one result dict or None per cell, {owner: error message} for owners with a failed cell).
     """
     if not cells:
         return [], {}
-    accepted = inspect.signature(gs.evaluate).parameters
-    kw = {k: v for k, v in options.items() if k in accepted}
 
     from geodite_sim.io.structures import Labeled
 
     def run(subset: list) -> list[dict]:
-        return list(gs.evaluate(subset, model, max_atoms=max_atoms, compute_stress=compute_stress, **kw))
+        return list(gs.evaluate(subset, model, max_atoms=max_atoms, compute_stress=compute_stress, **options))
 
     if labels is not None:
         cells = [Labeled(c, name) for c, name in zip(cells, labels, strict=True)]

@@ -214,7 +214,7 @@ def run_diatomics(
     out_dir: str | Path | None = None,
     plots: bool = True,
     skip: Sequence[str] = (),
-    max_atoms: int = 4096,
+    max_atoms: int | None = None,
     progress: bool = False,
 ) -> DiatomicsReport:
     """The diatomics suite: every element's ``n`` dimers in one batched evaluation, then the metrics.

@@ -191,7 +191,7 @@ def run_elastic(
     out_dir: str | Path | None = None,
     names: Sequence[str] | None = None,
     labels: Sequence[str] | None = None,
-    max_atoms: int = 4096,
+    max_atoms: int | None = None,
     progress: bool = False,
 ) -> list[ElasticResult]:
     """Elastic tensors of every structure; all strained cells of all materials in one batch per stage.

@@ -112,7 +112,7 @@ def run_eos(
     names: Sequence[str] | None = None,
     labels: Sequence[str] | None = None,
     plots: bool = True,
-    max_atoms: int = 4096,
+    max_atoms: int | None = None,
     progress: bool = False,
 ) -> list[EOSResult]:
     """Fit an equation of state for every structure; all strained copies run in one batch.

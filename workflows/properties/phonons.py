@@ -159,7 +159,7 @@ def run_phonons(
     labels: Sequence[str] | None = None,
     plots: bool = True,
     band_points: int = 51,
-    max_atoms: int = 4096,
+    max_atoms: int | None = None,
     progress: bool = False,
 ) -> list[PhononResult]:
     """Harmonic phonons of every structure, all displaced supercells evaluated in one batched call.

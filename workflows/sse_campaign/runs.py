@@ -319,13 +319,12 @@ def run_md_stage(spec: CampaignSpec, log: Callable[[str], None] = print, progres
             atoms = read(run.structure)
             atoms.info = {"campaign_run": run.id}
             structures.append(atoms)
-        total_atoms = sum(len(a) for a in structures)
         session = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "resumed": spec.checkpoint.exists(),
                    "executor": executor.describe() if executor is not None else "local (one process)"}
         kwargs = dict(ensemble=spec.md.ensemble, temperature=[r.temperature for r in spec.runs],
                       timestep=spec.md.timestep_fs, steps=spec.md.steps, trajectory=str(spec.trajectory),
                       frame_every=spec.md.frame_every, tdamp=spec.tdamp_fs, chain_length=spec.md.chain_length,
-                      seed=spec.seed, max_atoms=spec.md.max_atoms or total_atoms, skin=spec.md.skin,
+                      seed=spec.seed, max_atoms=spec.md.max_atoms or None, skin=spec.md.skin,
                       monitors=spec.md.monitors, checkpoint=str(spec.checkpoint),
                       checkpoint_every=spec.md.checkpoint_every, restart=True, progress=False)
         try:

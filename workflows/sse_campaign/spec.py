@@ -42,7 +42,7 @@ class MDSettings:
     tdamp_fs: float | None = None  # None: 100 × timestep
     frame_every: int = 10
     checkpoint_every: int = 1000
-    max_atoms: int = 0  # 0: every run in one batch
+    max_atoms: int = 0  # 0: the engine's capacity policy (estimate_capacity; on a GPU typically every run at once)
     skin: float = 0.5
     monitors: bool = True
 
@@ -208,8 +208,13 @@ def load_spec(path_or_dict: str | Path | dict, output: str | Path | None = None,
         transport_settings(analysis, None)
     except ValueError as exc:
         raise SpecError(str(exc) if str(exc).startswith("[analysis]") else f"[analysis]: {exc}") from None
-    if md.ensemble != "nvt_nhc" and md.ensemble not in ("nvt_langevin", "nve"):
+    from geodite_sim.runner.registry import REGISTRY  # torch: only once a spec is read
+
+    entry = REGISTRY.get(md.ensemble)
+    if entry is None or entry.kind != "md":
         raise SpecError(f"[md].ensemble: unknown ensemble {md.ensemble!r}")
+    if entry.variable_cell:
+        raise SpecError(f"[md].ensemble: {md.ensemble!r} changes the cell (NPT); campaigns run at a fixed cell")
     if md.steps < 1 or md.frame_every < 1 or md.checkpoint_every < 1:
         raise SpecError("[md]: steps, frame_every and checkpoint_every must be >= 1")
     name = str(camp.get("name", source.stem if source else "campaign"))
