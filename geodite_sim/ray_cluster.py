@@ -204,10 +204,11 @@ class ShardCluster:
                     if retry:
                         shard = retry.popleft()
                     elif not exhausted and len(parts) < max_pending:
-                        shard = next(shards, None)
-                        if shard is None:
+                        fresh = next(shards, None)
+                        if fresh is None:
                             exhausted = True
                             break
+                        shard = fresh
                         parts[shard.sid] = [None] * len(shard.items)
                         left[shard.sid] = len(shard.items)
                     else:

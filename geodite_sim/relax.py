@@ -26,7 +26,7 @@ import itertools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
@@ -117,15 +117,17 @@ class _RelaxJob(Job):
 
         constraints = []
         for it in items:
-            too_large = self.refusal(len(it.atoms)) if self.refusal is not None else None
+            atoms = it.atoms
+            assert atoms is not None, "admitted items carry their structure"
+            too_large = self.refusal(len(atoms)) if self.refusal is not None else None
             if too_large:
                 raise AdmissionError(Status.INVALID_SETTINGS, too_large)
-            c = constraints_from_atoms(it.atoms, fix_symmetry=self.fix_symmetry, symprec=self.symprec)
+            c = constraints_from_atoms(atoms, fix_symmetry=self.fix_symmetry, symprec=self.symprec)
             if isinstance(c, str):
                 raise AdmissionError(Status.INVALID_STRUCTURE, c)
             if c.has_symmetry and c.positions is not None:  # FixSymmetry relaxes the refined structure (ASE)
-                it.atoms.set_cell(c.cell, scale_atoms=False, apply_constraint=False)
-                it.atoms.positions = c.positions
+                atoms.set_cell(c.cell, scale_atoms=False, apply_constraint=False)
+                atoms.positions = c.positions
             constraints.append(c)
         return {"relax_cell": torch.tensor([self._relax_flag(it) for it in items], dtype=torch.bool),
                 "constraints": BatchConstraints.from_list(constraints, self.dtype, self.device)}
@@ -136,6 +138,7 @@ class _RelaxJob(Job):
     def result(self, item: InputItem, one, status: Status | None, message: str | None) -> RelaxResult:
         """The result of a retired one-system state (``status`` None: finished normally)."""
         b = one.batch
+        assert item.atoms is not None, "admitted items carry their structure"
         atoms = item.atoms.copy()
         atoms.calc = None
         atoms.positions = b.positions.detach().cpu().double().numpy()
@@ -149,6 +152,7 @@ class _RelaxJob(Job):
         if status is None:
             status = Status.CONVERGED if converged else Status.NOT_CONVERGED
         if forces is not None and status.ok:
+            assert stress is not None, "relaxation entries evaluate the stress (needs_stress)"
             atoms.calc = SinglePointCalculator(atoms, energy=energy, free_energy=energy, forces=forces,
                                                stress=stress_to_voigt(stress))
         error = None if status.ok else f"{item.label}: {message}"
@@ -269,6 +273,21 @@ def relax_many(
     if executor is not None:
         return executor.relax_many(structures, model, settings, stream=stream, progress=progress, total=total)
     return run_relax(structures, model, settings, stream=stream, progress=progress, total=total)
+
+
+@overload
+def run_relax(structures: Any, model, settings: RelaxSettings, *, stream: Literal[False] = ..., progress: bool = ...,
+              total: int | None = ...) -> list[RelaxResult]: ...
+
+
+@overload
+def run_relax(structures: Any, model, settings: RelaxSettings, *, stream: Literal[True], progress: bool = ...,
+              total: int | None = ...) -> Iterator[RelaxResult]: ...
+
+
+@overload
+def run_relax(structures: Any, model, settings: RelaxSettings, *, stream: bool = ..., progress: bool = ...,
+              total: int | None = ...) -> list[RelaxResult] | Iterator[RelaxResult]: ...
 
 
 def run_relax(structures: Any, model, settings: RelaxSettings, *, stream: bool = False, progress: bool = True,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict
 
 import torch
 from ase import units
@@ -104,8 +104,10 @@ def _constrained(c, batch: Batch, ev: Evaluation) -> Evaluation:
 def _fire_state(batch: Batch, per_system: dict, settings: dict) -> RelaxState:
     from geodite_sim.model.strain import cell_volumes
 
-    return fire_init(batch, per_system["relax_cell"], settings["fire"], settings.get("cell_factor"),
-                     state_cls=RelaxState, volume0=cell_volumes(batch.cell), constraints=per_system.get("constraints"))
+    state = fire_init(batch, per_system["relax_cell"], settings["fire"], settings.get("cell_factor"),
+                      state_cls=RelaxState, volume0=cell_volumes(batch.cell), constraints=per_system.get("constraints"))
+    assert isinstance(state, RelaxState)  # fire_init builds its ``state_cls``
+    return state
 
 
 def _lbfgs_state(batch: Batch, per_system: dict, settings: dict):
@@ -327,12 +329,21 @@ def _lazy(module: str, name: str):
     return f
 
 
+class _NPTOptions(TypedDict):
+    """The :class:`Integrator` fields the NPT entries share."""
+
+    per_system_params: tuple[str, ...]
+    needs_stress: bool
+    variable_cell: bool
+    defaults: dict[str, float | int]
+
+
 def _register_npt() -> None:
     from geodite_sim.dynamics import mtk
 
-    npt = dict(per_system_params=("pressure",), needs_stress=True, variable_cell=True,
-               defaults={"pressure": 0.0, "pdamp_factor": 1000.0, "barostat_chain_length": 3, "ploop": 1,
-                         "chain_length": 3})
+    npt = _NPTOptions(per_system_params=("pressure",), needs_stress=True, variable_cell=True,
+                      defaults={"pressure": 0.0, "pdamp_factor": 1000.0, "barostat_chain_length": 3, "ploop": 1,
+                                "chain_length": 3})
     register(Integrator("npt_mtk_iso", "md", _mtk_init(mtk.mtk_iso_init), _mtk_step(mtk.mtk_iso_step), _md_steps,
                         _md_finished, conserved=mtk.mtk_iso_conserved,
                         conserved_label="mtk (E_pot + E_kin + chains + barostat + P V; ASE's get_conserved_energy)",
