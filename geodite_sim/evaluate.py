@@ -133,8 +133,9 @@ def evaluate(
             results[it.index] = _failure(it, it.status or Status.INVALID_STRUCTURE, it.error or "", compute_stress,
                                          per_atom_energies)
     if max_atoms is None and good:
-        max_atoms = estimate_capacity(model, probe=[it.atoms for it in good[:PROBE_STRUCTURES]],
-                                      total_atoms=sum(len(it.atoms) for it in good)).max_atoms
+        admitted = [it.atoms for it in good if it.atoms is not None]
+        max_atoms = estimate_capacity(model, probe=admitted[:PROBE_STRUCTURES],
+                                      total_atoms=sum(len(a) for a in admitted)).max_atoms
     with thread_limit(threads), Progress(total=len(items), desc="evaluate", unit="structure", enabled=progress,
                                          outcomes=("done", "failed")) as bar:
         bar.finish("failed", len(items) - len(good))
