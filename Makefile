@@ -7,6 +7,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
+# pytest-xdist workers for `make test` / `make test-slow`: one per core, at most 4 (each worker runs one thread).
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile
+
 PYTHON312 := $(shell \
 	if python3.12 --version >/dev/null 2>&1; then command -v python3.12; \
 	else ls -d "$${PYENV_ROOT:-$$HOME/.pyenv}"/versions/3.12*/bin/python3.12 2>/dev/null | sort -V | tail -n 1; fi)
@@ -33,10 +37,10 @@ $(STAMP): pyproject.toml
 test: venv
 	$(PY) -m ruff check .
 	$(PY) -m mypy
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q $(PYTEST_PARALLEL)
 
 test-slow: venv
-	@$(PY) -m pytest -m "slow" -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no slow tests selected"; exit 0; fi; exit $$rc
+	@$(PY) -m pytest -m "slow" -q $(PYTEST_PARALLEL); rc=$$?; if [ $$rc -eq 5 ]; then echo "no slow tests selected"; exit 0; fi; exit $$rc
 
 test-all: venv
 	$(PY) -m pytest -q

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,16 @@ from geodite_sim.pair_potential import MorsePotential
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parents[1]
 SSE = REPO / "workflows" / "sse"
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs one worker per core, at most 4): one intra-op thread per worker
+    (torch, BLAS and the subprocesses tests start), so N workers on N cores do not oversubscribe them. An
+    explicit ``OMP_NUM_THREADS`` is respected."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+        threadpool_limits(1)
 
 
 @pytest.fixture(scope="module")
