@@ -86,7 +86,7 @@ if TYPE_CHECKING:  # static analysers see the real names
     from geodite_sim.relax import RelaxResult, relax_many
     from geodite_sim.status import Status
 
-__version__ = "0.1.0"
+from geodite_sim.version import __version__
 
 __all__ = [
     "Batch",

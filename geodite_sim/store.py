@@ -29,9 +29,11 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
+
+import numpy as np
 
 try:  # POSIX advisory lock: one writer per store
     import fcntl
@@ -55,6 +57,24 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def json_default(o: Any) -> Any:
+    """JSON for the values results carry: paths as strings, numpy scalars and arrays as numbers and lists."""
+    if isinstance(o, os.PathLike):
+        return os.fspath(o)
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_json(path: str | os.PathLike, data: Any, *, sort_keys: bool = False,
+               default: Callable[[Any], Any] = json_default) -> None:
+    """``data`` as indented JSON, written atomically (:func:`write_atomic`)."""
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=sort_keys, default=default))
+
 
 class StoreError(RuntimeError):
     """The store cannot be used as asked."""

@@ -20,3 +20,11 @@ def test_every_package_is_listed():
             found.add(".".join([name, *rel.parts]))
     assert found - listed == set(), f"package folders missing from pyproject's packages: {sorted(found - listed)}"
     assert listed - found == set(), f"pyproject lists packages with no folder: {sorted(listed - found)}"
+
+
+def test_version_is_stated_once():
+    """``geodite_sim.__version__`` (written into every trajectory file) is pyproject's version."""
+    from geodite_sim.version import __version__
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert __version__ == project["version"]

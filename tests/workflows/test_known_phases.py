@@ -7,7 +7,7 @@ import pytest
 from ase.build import bulk
 from conftest import tiny_geodite
 from geodite_sim.workflows import stability as st
-from geodite_sim.workflows.known_phases import convergence_tolerance
+from geodite_sim.workflows.stability.known_phases import convergence_tolerance
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,17 +10,17 @@ report's headline numbers, or None before validation), ``weights_hash``.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import torch
 from ase.data import chemical_symbols
+from geodite_sim.workflows.distill.train import training_status, weights_hash
 
-from geodite_sim.model.checkpoint import METADATA_KEY
+from geodite_sim.model.checkpoint import METADATA_KEY, load_checkpoint
 
 
 def build_card(job, model, metrics: dict | None) -> dict:
-    from geodite_sim.workflows.distill.train import training_status, weights_hash
-
     m = job.manifest()
     elements = sorted(model.supported_elements or [])
     shards = m.get("shards", {})
@@ -52,3 +52,15 @@ def write_card(job, model, path: Path, metrics: dict | None) -> dict:
     torch.save(ck, tmp)
     tmp.replace(path)
     return card
+
+
+def publish_student(job, weights: Path) -> Path:
+    """``<workdir>/student.ckpt``: the trained ``weights`` with a model card (metrics added by the validation);
+    kept when it exists (the validation may have updated its card)."""
+    student = job.workdir / "student.ckpt"
+    if not student.exists():
+        tmp = student.with_name("student.ckpt.tmp")
+        shutil.copyfile(weights, tmp)
+        write_card(job, load_checkpoint(tmp), tmp, metrics=None)
+        tmp.replace(student)
+    return student

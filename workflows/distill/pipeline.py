@@ -26,14 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from geodite_sim.workflows.distill.generate import Split, plan, shards_of
-from geodite_sim.workflows.distill.shards import read_shard, shard_hash, shard_name, write_shard
-from geodite_sim.workflows.distill.spec import DistillSpec, SpecError, check_teacher_elements, load_spec
+from geodite_sim.workflows.distill.shards import read_shard, shard_hash, shard_name, write_record, write_shard
+from geodite_sim.workflows.distill.spec import (
+    BudgetExhausted,
+    DistillSpec,
+    SpecError,
+    check_teacher_elements,
+    load_spec,
+)
 
 MANIFEST = "manifest.json"
-
-
-class BudgetExhausted(Exception):
-    """The wall-clock budget ran out; everything done so far is on disk."""
 
 
 @dataclass
@@ -48,12 +50,6 @@ class DistillResult:
     student: Path | None = None
     report: Path | None = None
     metrics: dict = field(default_factory=dict)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    from geodite_sim.store import write_atomic
-
-    write_atomic(path, json.dumps(data, indent=1, sort_keys=True, default=str))
 
 
 def _eta(done: int, total: int, elapsed: float) -> str:
@@ -112,7 +108,7 @@ class Distillation:
                  "shards_planned": len(self.shards), "structures_planned": sum(b.n_candidates for b in self.bases),
                  "shards": {}, "seed_failures": []}
             self.workdir.mkdir(parents=True, exist_ok=True)
-            _write_json(self.workdir / MANIFEST, m)
+            write_record(self.workdir / MANIFEST, m)
         return m
 
     def _seed_numbers(self) -> list[int]:
@@ -152,7 +148,7 @@ class Distillation:
             relaxed[i] = read(folder / name)  # the file's (rounded) values, as every later run reads them
         for f in failures:
             self.log(f"seed {f['tag']}: {f['error']} (left out; the other seeds proceed)")
-        _write_json(done, {"files": files, "failures": failures})
+        write_record(done, {"files": files, "failures": failures})
         if not any(a is not None for a in relaxed):
             raise SpecError("no seed structure could be relaxed by the teacher: " +
                             "; ".join(f["error"] for f in failures))
@@ -200,7 +196,7 @@ class Distillation:
                                           "atoms": int(sum(len(a) for a in labelled.atoms)),
                                           "heldout": int(sum(labelled.heldout)), "failed": len(labelled.failures)}
             m["data_hash"] = data_hash(m)
-            _write_json(self.workdir / MANIFEST, m)
+            write_record(self.workdir / MANIFEST, m)
             done_here += 1
             self.progress(f"data: shard {k + 1}/{len(self.shards)} labelled ({len(labelled)} structures, "
                      f"{len(labelled.failures)} failed; generated in {t_gen:.0f} s, labelled in "
@@ -255,9 +251,10 @@ def run_distill(spec_or_path, workdir: str | Path | None = None, deadline: float
                 f"training on the shards present; re-running with more shards continues from the checkpoint on "
                 f"the larger set (bit-for-bit resumption holds for a fixed set of shards)")
         if "train" in stages:
+            from geodite_sim.workflows.distill.card import publish_student
             from geodite_sim.workflows.distill.train import run_training
 
-            run_training(job)
+            publish_student(job, run_training(job))
         stage = "validate"
         if "validate" in stages:
             from geodite_sim.workflows.distill.report import run_validation

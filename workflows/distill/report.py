@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from geodite_sim.workflows.distill import validate as V
+from geodite_sim.workflows.distill.card import write_card
+from geodite_sim.workflows.distill.shards import write_record
+from geodite_sim.workflows.distill.train import load_samples, weights_hash
 
 
 def _cached(folder: Path, name: str, compute, job) -> dict:
-    from geodite_sim.workflows.distill.pipeline import _write_json
-
     path = folder / "checks" / f"{name}.json"
     if path.exists():
         return json.loads(path.read_text())
@@ -24,7 +25,7 @@ def _cached(folder: Path, name: str, compute, job) -> dict:
     job.progress(f"validate: {name} …")
     result = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(path, result)
+    write_record(path, result)
     return result
 
 
@@ -50,10 +51,6 @@ def _parity_png(path: Path, pairs: dict) -> None:
 
 def run_validation(job) -> dict:
     """All checks for the student at ``<workdir>/student.ckpt``; returns the headline metrics."""
-    from geodite_sim.workflows.distill.card import write_card
-    from geodite_sim.workflows.distill.pipeline import _write_json
-    from geodite_sim.workflows.distill.train import load_samples, weights_hash
-
     from geodite_sim.model.checkpoint import load_checkpoint
 
     spec, folder = job.spec, job.workdir / "report"
@@ -68,7 +65,7 @@ def run_validation(job) -> dict:
             f.unlink()
     stamp.parent.mkdir(parents=True, exist_ok=True)
     if not stamp.exists():
-        _write_json(stamp, {"weights_hash": tag})
+        write_record(stamp, {"weights_hash": tag})
     _, held = load_samples(job.workdir)
 
     def heldout():
@@ -107,7 +104,7 @@ def run_validation(job) -> dict:
         checks["long_md"] = _cached(folder, "long_md", lambda: V.long_md(
             student, cells, spec.domain.temperatures[0], spec.validate.long_md_ps, spec.validate.md_timestep), job)
     metrics = headline(checks)
-    _write_json(folder / "report.json", {"weights_hash": tag, "metrics": metrics, "checks": checks,
+    write_record(folder / "report.json", {"weights_hash": tag, "metrics": metrics, "checks": checks,
                                          "manifest": job.manifest().get("data_hash")})
     (folder / "report.md").write_text(markdown(job, checks, metrics))
     write_card(job, student, student_path, metrics)

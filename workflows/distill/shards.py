@@ -25,6 +25,8 @@ import h5py
 import numpy as np
 from ase import Atoms
 
+from geodite_sim.store import write_json
+
 _STR = h5py.string_dtype("utf-8")
 
 
@@ -129,3 +131,8 @@ def shard_hash(path: Path) -> str:
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.h5"
+
+
+def write_record(path: Path, data: dict) -> None:
+    """A JSON record of the workflow (manifest, stage stamps, checks, report): sorted keys, written atomically."""
+    write_json(path, data, sort_keys=True, default=str)

@@ -37,6 +37,10 @@ from typing import Any
 from ase.data import atomic_numbers, chemical_symbols
 
 
+class BudgetExhausted(Exception):
+    """The wall-clock budget ran out; everything done so far is on disk."""
+
+
 class SpecError(ValueError):
     """A distillation spec that cannot be run; the message names the entry and why."""
 

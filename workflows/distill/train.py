@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from geodite_sim.workflows.distill.shards import read_shard
+from geodite_sim.workflows.distill.spec import BudgetExhausted
 
 from geodite_sim.training.data import Sample
 
@@ -70,8 +70,6 @@ def _config(job, stage: int):
 
 
 def _run_stage(job, stage: int, train: list[Sample], val: list[Sample], init: Path | None) -> Path:
-    from geodite_sim.workflows.distill.pipeline import BudgetExhausted
-
     from geodite_sim.model.config import GeoditeConfig
     from geodite_sim.training.trainer import Trainer
 
@@ -105,28 +103,17 @@ def _run_stage(job, stage: int, train: list[Sample], val: list[Sample], init: Pa
 
 
 def run_training(job) -> Path:
-    """Both stages; returns ``student.ckpt`` (stage 2's EMA weights with a model card, metrics added later)."""
-    from geodite_sim.workflows.distill.card import write_card
-
-    from geodite_sim.model.checkpoint import load_checkpoint
-
+    """Both stages; returns the last stage's exported EMA weights (:func:`.card.publish_student` makes them the
+    student)."""
     train, held = load_samples(job.workdir)
     if not train:
         raise ValueError(f"{job.workdir}: no labelled training structures")
     stride = max(1, len(held) // VAL_PER_EPOCH)
     val = held[::stride][:VAL_PER_EPOCH]
     job.progress(f"train: {len(train)} structures ({sum(s.n_atoms for s in train)} atoms); "
-            f"{len(held)} held out ({len(val)} validated per epoch)")
+                 f"{len(held)} held out ({len(val)} validated per epoch)")
     stage1 = _run_stage(job, 1, train, val, None)
-    stage2 = _run_stage(job, 2, train, val, stage1) if job.spec.train.stage2_epochs > 0 else stage1
-    student = job.workdir / "student.ckpt"
-    if not student.exists():
-        tmp = student.with_name("student.ckpt.tmp")
-        shutil.copyfile(stage2, tmp)
-        model = load_checkpoint(tmp)
-        write_card(job, model, tmp, metrics=None)
-        tmp.replace(student)
-    return student
+    return _run_stage(job, 2, train, val, stage1) if job.spec.train.stage2_epochs > 0 else stage1
 
 
 def training_status(job) -> dict:

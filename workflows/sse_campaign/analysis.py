@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from geodite_sim.workflows.sse_campaign.runs import RUNS, _json_default, _write_json, open_run_store
+from geodite_sim.workflows.sse_campaign.runs import RUNS, open_run_store
 from geodite_sim.workflows.sse_campaign.spec import ANALYSIS, CampaignSpec, Run
 from geodite_sim.workflows.sse_transport import run_transport
+
+from geodite_sim.store import json_default, write_json
 
 
 # ---------------------------------------------------------------------------------------------- analysis
@@ -123,7 +125,7 @@ def analyse_campaign(spec: CampaignSpec, log: Callable[[str], None] = print, dev
             ref_file = run.reference.file
             ref_key = [_file_key(ref_file) if ref_file.exists() else None, asdict(run.reference)]
         key = json.dumps({"frames": frames_of.get(run.index), "settings": settings, "timestep": spec.md.timestep_fs,
-                          "ref": ref_key}, default=_json_default, sort_keys=True)
+                          "ref": ref_key}, default=json_default, sort_keys=True)
         hit = cache.get(run.id)
         if hit is not None and hit.get("key") == key:
             results.append(hit["result"])
@@ -138,7 +140,7 @@ def analyse_campaign(spec: CampaignSpec, log: Callable[[str], None] = print, dev
         cache[run.id] = {"key": key, "result": res}
         results.append(res)
     spec.output.mkdir(parents=True, exist_ok=True)
-    _write_json(cache_path, cache)
+    write_json(cache_path, cache)
     return results
 
 

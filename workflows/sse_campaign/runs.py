@@ -7,16 +7,14 @@ import hashlib
 import importlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 from geodite_sim.workflows.sse_campaign.spec import MANIFEST, PROGRESS, CampaignSpec, SpecError
 
-from geodite_sim.store import ResultStore, StoreMismatch
+from geodite_sim.store import ResultStore, StoreMismatch, write_json
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -241,23 +239,7 @@ class _ProgressReporter:
                  f"{s['system_steps_total']:,} system-steps | {s['active_systems']} active | "
                  f"{s['atom_steps_per_s']:.3g} atom-steps/s ({s['ns_per_day_per_system']:.3g} ns/day per system) | "
                  f"ETA {_format_duration(s['eta_s'] if s['eta_s'] is not None else float('inf'))}")
-        _write_json(self.spec.output / PROGRESS, s)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _json_default(o):
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(type(o).__name__)
+        write_json(self.spec.output / PROGRESS, s)
 
 
 # ---------------------------------------------------------------------------------------------- MD
@@ -342,7 +324,7 @@ def run_md_stage(spec: CampaignSpec, log: Callable[[str], None] = print, progres
             session.update(ended=time.strftime("%Y-%m-%d %H:%M:%S"), elapsed_s=snap["elapsed_s"],
                            atom_steps=reporter.atom_steps, us_per_atom_step=snap["us_per_atom_step"])
             manifest["sessions"].append(session)
-            _write_json(spec.output / MANIFEST, manifest)
+            write_json(spec.output / MANIFEST, manifest)
             if reporter.iterations or reporter.complete:
                 reporter.report()
     states = run_states(spec)

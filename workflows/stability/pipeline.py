@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 from ase import Atoms
-from geodite_sim.workflows.known_phases import convergence_tolerance, match_known_phases
+from geodite_sim.workflows.stability.known_phases import convergence_tolerance, match_known_phases
 from geodite_sim.workflows.stability.hull import ReferenceHull
 from geodite_sim.workflows.stability.inputs import (
     REFERENCE_COLUMNS,
@@ -129,7 +129,7 @@ def screen(
         threshold: stable <=> E_above_hull <= threshold + stable_tolerance (eV/atom).
         stable_tolerance: eV/atom added to the threshold so that relaxation noise of a candidate sitting on the
             hull cannot decide its call; None (default) ties it to ``fmax``:
-            :func:`~geodite_sim.workflows.known_phases.convergence_tolerance` (1.25 meV/atom at fmax 0.05).
+            :func:`~geodite_sim.workflows.stability.known_phases.convergence_tolerance` (1.25 meV/atom at fmax 0.05).
             Recorded in ``run.json``. A candidate whose relaxed structure matches a reference structure
             (``StructureMatcher``) is placed on that reference (``matches_reference``; docs/screening.md).
         mp2020: apply MP2020 corrections; None = only when every reference entry carries

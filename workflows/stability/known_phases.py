@@ -19,6 +19,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from geodite_sim.workflows.stability.hull import chemsys_of
+from geodite_sim.workflows.stability.inputs import SCREENED, ScreenError
+
 #: eV/Å²: the softest stiffness of a relaxed crystal that the tolerance covers (see the module docstring).
 SOFT_STIFFNESS = 1.0
 #: eV/atom: the floor of the tolerance (float32 round-off of a per-atom energy of a few eV).
@@ -36,7 +39,6 @@ def match_known_phases(rows: list[dict], relaxed_atoms: Mapping[str, Any], refse
     """Place screened candidates that match a reference structure on that reference (in place); returns how many
     matched. ``rows`` are the screen's result rows (``e_above_hull``, ``stable``), ``relaxed_atoms`` their relaxed
     structures by id."""
-    from geodite_sim.workflows.stability import SCREENED, ScreenError, chemsys_of
     from pymatgen.analysis.structure_matcher import StructureMatcher
     from pymatgen.io.ase import AseAtomsAdaptor
 
