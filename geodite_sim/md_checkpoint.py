@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,10 +42,9 @@ import numpy as np
 import torch
 
 from geodite_sim.batch import Batch
-from geodite_sim.dynamics.langevin import LangevinState  # noqa: F401  (registers the state class)
-from geodite_sim.dynamics.nose_hoover import NHCState  # noqa: F401
 from geodite_sim.dynamics.verlet import MDState
 from geodite_sim.io.structures import InputItem
+from geodite_sim.md_output import slot_item
 from geodite_sim.monitors import temperature_limit_factor
 from geodite_sim.state import PER
 
@@ -55,9 +55,10 @@ if TYPE_CHECKING:
 FORMAT = "geodite_sim.md_checkpoint/1"
 
 
-def _state_types() -> dict[str, type]:
+def _state_types() -> dict[str, type[MDState]]:
     """Every MD state class by name (MDState and its subclasses, including those of newly registered ensembles)."""
-    out, todo = {}, [MDState]
+    out: dict[str, type[MDState]] = {}
+    todo: list[type[MDState]] = [MDState]
     while todo:
         cls = todo.pop()
         out[cls.__name__] = cls
@@ -66,6 +67,25 @@ def _state_types() -> dict[str, type]:
 
 
 STATE_TYPES = _state_types()
+
+
+def _state_type(name: str) -> type[MDState]:
+    """The MD state class called ``name``. Every ensemble's module lives in :mod:`geodite_sim.dynamics`; a restart in
+    a fresh process may need a state class nothing has imported yet (registry entries import their module lazily,
+    e.g. Bussi's), so an unknown name imports that package's modules first."""
+    types = _state_types()
+    if name not in types:
+        import importlib
+        import pkgutil
+
+        import geodite_sim.dynamics as dynamics
+
+        for module in pkgutil.iter_modules(dynamics.__path__):
+            importlib.import_module(f"{dynamics.__name__}.{module.name}")
+        types = _state_types()
+    if name not in types:
+        raise ValueError(f"checkpoint state type {name!r} is not an MD state of geodite_sim.dynamics")
+    return types[name]
 
 
 def state_to_dict(state: MDState | None) -> dict | None:
@@ -103,7 +123,7 @@ def state_from_dict(d: dict | None, device: str | torch.device = "cpu") -> MDSta
     """Inverse of :func:`state_to_dict`, tensors moved to ``device``."""
     if d is None:
         return None
-    cls = _state_types()[d["type"]]
+    cls = _state_type(d["type"])
     batch = Batch(**{k: v.to(device) for k, v in d["batch"].items()})
     batch.atom_count = int(batch.offsets[-1])
     values = {k: (None if v is None else _packed_from_dict(v, device) if isinstance(v, dict) else v.to(device))
@@ -149,11 +169,11 @@ class CountedItems:
     """Iterator over InputItems that remembers the index after the last one handed out (a checkpoint's queue
     position)."""
 
-    def __init__(self, items, next_index: int = 0):
+    def __init__(self, items: Iterator[InputItem], next_index: int = 0):
         self._items = items
         self.next_index = next_index
 
-    def __iter__(self):
+    def __iter__(self) -> CountedItems:
         return self
 
     def __next__(self) -> InputItem:
@@ -174,10 +194,12 @@ class MDCheckpoints:
         return self.path is not None and self.every is not None
 
     def due(self, iteration: int) -> bool:
-        return self.enabled and iteration >= self.next
+        return self.enabled and self.next is not None and iteration >= self.next
 
     def advance(self, iteration: int) -> None:
         """The next checkpoint after one written at ``iteration``."""
+        if self.every is None or self.next is None:
+            return
         while self.next <= iteration:
             self.next += self.every
 
@@ -187,9 +209,9 @@ class MDCheckpoints:
         import ase
         import h5py
 
-        import geodite_sim
+        from geodite_sim.version import __version__
 
-        versions = {"geodite_sim": geodite_sim.__version__, "torch": torch.__version__, "numpy": np.__version__,
+        versions = {"geodite_sim": __version__, "torch": torch.__version__, "numpy": np.__version__,
                     "h5py": h5py.__version__, "ase": ase.__version__}
         return {**job.settings, "model_checksum": job.settings["model_fingerprint"], "versions": versions,
                 "created_by": "geodite_sim.run_md", "time_unit": "fs",
@@ -198,17 +220,26 @@ class MDCheckpoints:
     def save(self, job: MDJob, runner: Runner, reload: bool = False) -> None:
         """Write the checkpoint; ``reload``: then rebuild the runner from it, as a restart does (so the run goes on
         exactly as a run restarted from this checkpoint would)."""
+        if self.path is None:
+            raise ValueError("this MD run has no checkpoint file")
         if job.writer is not None:
             job.writer.flush()
         active = runner.active_slots()
         state = runner.compact(active) if active else None
         saved = state_to_dict(state)
         pending = runner.pending
+        if pending is not None:
+            next_index = pending.index
+        elif job.items is not None:
+            next_index = job.items.next_index
+        else:
+            raise ValueError("the MD run has no input queue to checkpoint")
+        items = [slot_item(runner, s) for s in active]
         payload = {
             "settings": job.settings, "iteration": runner.iteration, "state": saved,
             "freed": runner.freed, "last_monitor": job.last_monitor,
-            "active": [runner.items[s].index for s in active], "labels": [runner.items[s].label for s in active],
-            "next_index": pending.index if pending is not None else job.items.next_index,
+            "active": [it.index for it in items], "labels": [it.label for it in items],
+            "next_index": next_index,
             "results": list(job.result_data.values()),
             "frames": [[k, v] for k, v in (job.writer.written().items() if job.writer else [])],
             "last_frame": [[k, v] for k, v in job.last_frame.items()],
@@ -216,7 +247,7 @@ class MDCheckpoints:
         }
         save_checkpoint(self.path, payload)
         if reload and active:
-            runner.restore([runner.items[s] for s in active], state_from_dict(saved, job.device), runner.freed)
+            runner.restore(items, state_from_dict(saved, job.device), runner.freed)
 
     def restore(self, job: MDJob, runner: Runner, ckpt: dict, stream) -> None:
         """Continue ``job`` on ``runner`` from the loaded checkpoint ``ckpt`` (``stream``: the inputs from the

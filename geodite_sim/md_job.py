@@ -13,6 +13,7 @@ import logging
 import math
 import os
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from ase import units
 
 from geodite_sim.dynamics.velocities import maxwell_boltzmann, system_seed
 from geodite_sim.dynamics.verlet import temperature
-from geodite_sim.interrupt import Interrupted, deferred_interrupt
+from geodite_sim.interrupt import Interrupted, StopRequest, deferred_interrupt
 from geodite_sim.io.structures import MAX_SUPPORTED_Z, InputItem, iter_inputs
 from geodite_sim.md_checkpoint import CountedItems, MDCheckpoints, check_compatible, load_checkpoint
 from geodite_sim.md_output import (
@@ -30,6 +31,7 @@ from geodite_sim.md_output import (
     monitor_failures,
     observables,
     open_writer,
+    slot_item,
     write_frames,
 )
 from geodite_sim.model.contract import model_fingerprint, model_name, supported_elements
@@ -40,6 +42,11 @@ from geodite_sim.runner.hooks import NO_HORIZON
 from geodite_sim.settings import MDSettings
 from geodite_sim.status import Status
 
+if TYPE_CHECKING:
+    from ase import Atoms
+
+    from geodite_sim.trajectory import TrajectoryWriter
+
 log = logging.getLogger(__name__)
 
 #: Admission refuses two atoms closer than this × their covalent-radius sum (whatever the monitors say).
@@ -48,6 +55,10 @@ ADMISSION_MIN_DISTANCE_FACTOR = 0.5
 #: ``restart`` (``ensemble_params`` stands for the registry entry's resolved parameters, e.g. NPT's pressure,
 #: pdamp_fs and barostat chain), the dtype and the model. (The skin is not one: trajectories do not depend on it.)
 RESTART_KEYS = (*MDSettings.restart_keys(), "dtype", "model_fingerprint")
+#: Keys of a registry entry's ``defaults`` that the job resolves into its common run settings (``chain_length``,
+#: NPT's ``pdamp`` as ``pdamp_factor`` × timestep, ``barostat_chain_length``, ``ploop``). Every other key is the
+#: entry's own run_md keyword: accepted, given to its ``init``/``step`` in the run settings and a restart key.
+RESOLVED_DEFAULTS = ("chain_length", "pdamp_factor", "barostat_chain_length", "ploop")
 
 
 def default_max_atoms(model, structures, max_atoms: int | None, memory_budget_bytes: float | None) -> int:
@@ -65,6 +76,13 @@ def _per_structure(value, index: int, name: str):
         return value[index]
     except (IndexError, KeyError, TypeError) as exc:
         raise ValueError(f"{name} has no entry for structure {index}") from exc
+
+
+def _atoms(it: InputItem) -> Atoms:
+    """The structure of an input admission hands to the job (inputs that failed to load never get here)."""
+    if it.atoms is None:
+        raise ValueError(f"{it.label}: no structure ({it.error})")
+    return it.atoms
 
 
 def _plain(v):
@@ -96,7 +114,7 @@ class MDJob(Job):
             raise ValueError(f"{ensemble!r} is an optimiser, not an MD ensemble; use relax_many")
         if not timestep > 0:
             raise ValueError("timestep must be positive (fs)")
-        if ensemble != "nve" and temperature is None:
+        if self.integrator.needs_temperature and temperature is None:
             raise ValueError(f"ensemble {ensemble!r} needs a temperature")
         if frame_every < 1:
             raise ValueError("frame_every must be >= 1")
@@ -137,13 +155,15 @@ class MDJob(Job):
         self.monitor_every = max(1, int(monitors.check_every))
         self.config = self._engine_config(config, skin, accelerate)
         skin = self.config.skin
-        defaults = dict(self.integrator.defaults)
+        defaults: dict[str, Any] = dict(self.integrator.defaults)
         if chain_length is None:
             chain_length = int(defaults.get("chain_length", 10))
         self.per_system_values = {k: ensemble_params.pop(k, defaults.get(k))
                                   for k in self.integrator.per_system_params}
         pdamp = ensemble_params.pop("pdamp", None)
         pdamp_fs = float(pdamp) if pdamp is not None else defaults.get("pdamp_factor", 1000.0) * float(timestep)
+        own = {k: ensemble_params.pop(k, v) for k, v in defaults.items()
+               if k not in RESOLVED_DEFAULTS and k not in self.per_system_values}
         unknown = set(ensemble_params) - {"barostat_chain_length", "ploop"}
         if unknown:
             raise TypeError(f"run_md got unexpected keyword argument(s) {sorted(unknown)} for ensemble {ensemble!r}")
@@ -152,11 +172,12 @@ class MDJob(Job):
                              "friction_per_fs": float(friction), "fix_com": bool(fix_com), "pdamp_fs": pdamp_fs,
                              "barostat_chain_length": int(ensemble_params.get(
                                  "barostat_chain_length", defaults.get("barostat_chain_length", 3))),
-                             "ploop": int(ensemble_params.get("ploop", defaults.get("ploop", 1)))}
+                             "ploop": int(ensemble_params.get("ploop", defaults.get("ploop", 1))), **own}
         ensemble_params = {k: v for k, v in self.run_settings.items()
                            if k in ("pdamp_fs", "barostat_chain_length", "ploop")} if self.integrator.variable_cell \
             else {}
         ensemble_params.update({k: v for k, v in self.per_system_values.items()})
+        ensemble_params.update(own)
         self.settings = dict(
             ensemble=ensemble, timestep_fs=self.timestep_fs, tdamp_fs=self.tdamp_fs, chain_length=int(chain_length),
             tloop=int(tloop), friction_per_fs=float(friction), fix_com=bool(fix_com), seed=self.seed,
@@ -168,13 +189,20 @@ class MDJob(Job):
                                   for k in (sorted(ensemble_params) if key == "ensemble_params" else [key]))
         self.results: dict[int, MDResult] = {}
         self.result_data: dict[int, dict] = {}
-        self.writer = None
+        self.writer: TrajectoryWriter | None = None
         self.last_frame: dict[int, int] = {}  # input index -> step of its last frame
         self.t_limit: dict[int, float] = {}  # input index -> temperature-runaway factor for its size
         self.last_monitor = -1
         self.items: CountedItems | None = None
         self._bar: MDProgress | None = None
-        self._stop = None
+        self._stop: StopRequest | None = None
+
+    @property
+    def bar(self) -> MDProgress:
+        """The progress bar of the run (made by :meth:`prepare`)."""
+        if self._bar is None:
+            raise RuntimeError("the MD job has not been prepared (MDJob.prepare)")
+        return self._bar
 
     def _engine_config(self, config: StepConfig | None, skin: float | None, accelerate: str) -> StepConfig:
         """The runner's settings: checks every step on the CPU (a host read costs nothing there, and a check
@@ -198,39 +226,41 @@ class MDJob(Job):
         """Per-structure MD settings of newly admitted systems (ValueError names the bad one)."""
         momenta, kT, target, seeds, constraints = [], [], [], [], []
         for it in items:
+            atoms = _atoms(it)
             c = self._constraints(it)
             constraints.append(c)
             T = _per_structure(self.temperature, it.index, "temperature")
             n_steps = int(_per_structure(self.steps, it.index, "steps"))
             if n_steps < 0:
                 raise ValueError(f"negative number of steps {n_steps}")
-            if self.ensemble != "nve" and T is None:
+            if self.integrator.needs_temperature and T is None:
                 raise ValueError("no target temperature")
             if T is not None and not (math.isfinite(float(T)) and float(T) >= 0):
                 raise ValueError(f"invalid temperature {T!r} K")
-            if it.atoms.has("momenta"):
-                p = it.atoms.get_momenta()
+            if atoms.has("momenta"):
+                p = atoms.get_momenta()
                 if not np.isfinite(p).all():
                     raise ValueError("non-finite momenta")
                 momenta.append(np.where(c.fixed_pre | c.fixed_post, 0.0, p) if c is not None else p)
             else:
-                momenta.append(maxwell_boltzmann(it.atoms, float(T or 0.0), self.seed, it.index))
-            if self.integrator.variable_cell and not it.atoms.pbc.all():
+                momenta.append(maxwell_boltzmann(atoms, float(T or 0.0), self.seed, it.index))
+            if self.integrator.variable_cell and not atoms.pbc.all():
                 raise AdmissionError(Status.INVALID_STRUCTURE, f"{self.ensemble} needs a fully periodic cell "
-                                     f"(pbc={it.atoms.pbc.tolist()})")
-            if self.ensemble == "nvt_bussi" and not np.any(momenta[-1]):
-                raise AdmissionError(Status.INVALID_SETTINGS, "Bussi needs a non-zero initial kinetic energy "
-                                     "(give a temperature > 0 K or momenta), as ASE's Bussi")
+                                     f"(pbc={atoms.pbc.tolist()})")
+            if self.integrator.rescales_momenta and not np.any(momenta[-1]):  # nothing to rescale (Bussi)
+                raise AdmissionError(Status.INVALID_SETTINGS, f"{self.ensemble} needs a non-zero initial kinetic "
+                                     "energy (give a temperature > 0 K or momenta): its thermostat rescales the "
+                                     "momenta (ASE's Bussi refuses it too)")
             kT.append(units.kB * float(T or 0.0))
             target.append(n_steps)
             seeds.append(system_seed(self.seed, it.index))
             # the runaway limit is relative to the target, or to the starting temperature when that is higher (a
             # start hotter than the target cools down: not a runaway), at most twice the target
-            p, m = momenta[-1], it.atoms.get_masses()
+            p, m = momenta[-1], atoms.get_masses()
             dof = 3 * len(m) - (c.removed_dof if c is not None else 0)
             t0 = float((p * p / m[:, None]).sum() / (max(dof, 1) * units.kB))
             boost = min(2.0, max(1.0, t0 / float(T))) if T else 1.0
-            self.t_limit[it.index] = boost * temperature_limit_factor(self.monitors, len(it.atoms), dof)
+            self.t_limit[it.index] = boost * temperature_limit_factor(self.monitors, len(atoms), dof)
         t = dict(dtype=self.dtype, device=self.device)
         extra = {}
         for key, value in self.per_system_values.items():
@@ -242,7 +272,7 @@ class MDJob(Job):
             from geodite_sim.dynamics.constraints import AtomConstraints, BatchConstraints
 
             extra["constraints"] = BatchConstraints.from_list(
-                [c if c is not None else AtomConstraints.none(len(it.atoms)) for c, it in zip(constraints, items)],
+                [c if c is not None else AtomConstraints.none(len(_atoms(it))) for c, it in zip(constraints, items)],
                 self.dtype, self.device)
         return {**extra, "momenta": torch.as_tensor(np.concatenate(momenta), **t), "kT": torch.as_tensor(kT, **t),
                 "step": torch.zeros(len(items), dtype=torch.long, device=self.device),
@@ -252,16 +282,17 @@ class MDJob(Job):
     def _constraints(self, it: InputItem):
         """The input's FixAtoms/FixCartesian as an AtomConstraints (None: unconstrained); AdmissionError names
         a constraint MD cannot honour."""
-        if not it.atoms.constraints:
+        atoms = _atoms(it)
+        if not atoms.constraints:
             return None
         from geodite_sim.dynamics.constraints import constraints_from_atoms
 
-        names = ", ".join(type(c).__name__ for c in it.atoms.constraints)
+        names = ", ".join(type(c).__name__ for c in atoms.constraints)
         if self.integrator.variable_cell:
             raise AdmissionError(Status.INVALID_STRUCTURE, f"constraints ({names}) are not supported by "
                                  f"{self.ensemble} (ASE's MTK NPT refuses them too); remove them or use an NVT "
                                  "ensemble")
-        c = constraints_from_atoms(it.atoms)
+        c = constraints_from_atoms(atoms)
         if isinstance(c, str):
             raise AdmissionError(Status.INVALID_STRUCTURE, c.replace("relax this structure", "run this structure"))
         if c.has_symmetry:
@@ -281,14 +312,14 @@ class MDJob(Job):
         state = runner.state
         if self.writer is None:
             for s in slots:
-                self.last_frame[runner.items[s].index] = 0
+                self.last_frame[slot_item(runner, s).index] = 0
             return
         kT = state.kT.cpu().numpy()
         target = state.target_steps.cpu().numpy()
         seeds = state.seed.cpu().numpy()
         for s in slots:
-            item = runner.items[s]
-            atoms = item.atoms
+            item = slot_item(runner, s)
+            atoms = _atoms(item)
             self.writer.add_system(item.index, atoms.numbers, atoms.get_masses(), atoms.pbc, {
                 "index": item.index, "label": item.label, "formula": atoms.get_chemical_formula(),
                 "n_atoms": len(atoms), "temperature_K": float(kT[s] / units.kB), "target_steps": int(target[s]),
@@ -314,7 +345,7 @@ class MDJob(Job):
         target = target_h
         framed = []
         for s in occupied:
-            index = runner.items[s].index
+            index = slot_item(runner, s).index
             st = int(steps[s])
             if st == self.last_frame.get(index, -1):
                 continue
@@ -323,8 +354,9 @@ class MDJob(Job):
                 framed.append(s)
         if framed:
             self._frames(runner, framed, obs if obs is not None else observables(self.integrator, state))
-        self._bar.advance(runner, steps, occupied)
-        runner.slots.horizon = self.horizon(runner, runner.slots.horizon, [])
+        self.bar.advance(runner, steps, occupied)
+        if runner.slots is not None:
+            runner.slots.horizon = self.horizon(runner, runner.slots.horizon, [])
         return failures
 
     def result(self, item: InputItem, one, status: Status | None, message: str | None) -> MDResult:
@@ -334,7 +366,8 @@ class MDJob(Job):
         if status.ok:
             error = None
         else:
-            error = message if message.startswith("stopped") else f"stopped at step {n_steps}: {message}"
+            why = message if message is not None else status.value
+            error = why if why.startswith("stopped") else f"stopped at step {n_steps}: {why}"
             error = f"{item.label}: {error}"
         temp = float(temperature(one)[0])
         data = {"index": item.index, "label": item.label, "started": True, "error": error, "status": status.value,
@@ -349,7 +382,7 @@ class MDJob(Job):
         self.result_data[item.index] = data
         res = self.make_result(item, data)
         self.results[item.index] = res
-        self._bar.finish("done" if status.ok else "failed")
+        self.bar.finish("done" if status.ok else "failed")
         return res
 
     def _has_group(self, index: int) -> bool:
@@ -364,7 +397,7 @@ class MDJob(Job):
         res = MDResult(item.index, None, 0, message, None, item.label, status=Status(status),
                        warnings=list(getattr(item, "warnings", None) or []))
         self.results[item.index] = res
-        self._bar.finish("failed")
+        self.bar.finish("failed")
         return res
 
     def _frames(self, runner: Runner, slots: list[int], obs: dict[str, torch.Tensor]) -> None:
@@ -439,6 +472,8 @@ class MDJob(Job):
                 for item in runner.items:
                     if item is not None:
                         self.writer.set_attrs(item.index, status="running", error="")
+        if self.items is None:
+            raise RuntimeError("the MD job has no input queue")
         runner.queue = self.items
         return runner
 
@@ -455,7 +490,7 @@ class MDJob(Job):
                     self._bar.close()
                 if self.writer is not None:
                     self.writer.close()
-        log.info(self._bar.summary())
+        log.info(self.bar.summary())
         return [self.results[i] for i in sorted(self.results)]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sized
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ from geodite_sim.monitors import CONTACT, DRIFT, NAN, TEMPERATURE, Monitors
 from geodite_sim.progress import Progress
 from geodite_sim.runner import Integrator, Runner
 from geodite_sim.status import Status
+
+if TYPE_CHECKING:
+    from geodite_sim.trajectory import TrajectoryWriter
 
 
 @dataclass
@@ -51,12 +54,21 @@ class MDResult:
     warnings: list = field(default_factory=list)
 
 
+def slot_item(runner: Runner, slot: int) -> InputItem:
+    """The input in an occupied slot of ``runner``."""
+    item = runner.items[slot]
+    if item is None:
+        raise RuntimeError(f"slot {slot} is empty")
+    return item
+
 
 def make_result(item: InputItem, data: dict, trajectory: str | None) -> MDResult:
     """The :class:`MDResult` of a system's result record (``data``: what a checkpoint stores of it)."""
     status = Status(data.get("status") or ("done" if not data.get("error") else "non_finite"))
     if not data.get("started", True):
         return MDResult(item.index, None, 0, data["error"], None, item.label, status=status)
+    if item.atoms is None:
+        raise ValueError(f"{item.label}: a started system has no structure")
     atoms = item.atoms.copy()
     atoms.positions = data["positions"].double().numpy()
     if data.get("cell") is not None:  # NPT changes the cell
@@ -64,8 +76,9 @@ def make_result(item: InputItem, data: dict, trajectory: str | None) -> MDResult
     atoms.set_momenta(data["momenta"].double().numpy(), apply_constraint=False)
     atoms.calc = SinglePointCalculator(atoms, energy=float(data["energy"]), forces=data["forces"].double().numpy())
     group = data.get("group")
+    frames = (trajectory, str(group)) if group and trajectory is not None else None
     return MDResult(item.index, like_input(item.original, atoms), int(data["n_steps"]), data["error"],
-                    None if not group else (trajectory, group), item.label, float(data["energy"]),
+                    frames, item.label, float(data["energy"]),
                     float(data["temperature"]), status=status,
                     warnings=list(getattr(item, "warnings", None) or []))
 
@@ -91,20 +104,20 @@ def monitor_failures(monitors: Monitors, variable_cell: bool, runner: Runner, ob
         vec = torch.where((edges.receiver == pad_atom)[:, None], torch.full_like(vec, 1e9), vec)
     limit = torch.ones(state.cell.shape[0], dtype=runner.dtype, device=runner.device)
     for s in occupied:
-        limit[s] = t_limit.get(runner.items[s].index, 4.0)
+        limit[s] = t_limit.get(slot_item(runner, s).index, 4.0)
     values = m.check(state.positions, state.momenta, state.forces, state.energy, state.batch.numbers,
                      state.system_index, state.batch.atoms_per_system, obs["temperature"], state.kT,
                      obs["conserved"], state.conserved0, vec, None if edges is None else edges.receiver,
                      None if edges is None else edges.sender, temperature_factor=limit)
     code = values["code"].cpu().numpy()
-    failures = {}
+    failures: dict[int, tuple[Status, str]] = {}
     if (code[occupied] != 0).any():
         host = {k: v.detach().cpu().numpy() for k, v in values.items()}
         for s in occupied:
             if code[s] != 0:
                 status = monitor_status(int(code[s]))
                 failures[s] = (status, m.describe(int(code[s]), host, s, int(steps[s])))
-    if variable_cell and m.max_volume_ratio is not None:  # NPT: the volume per system
+    if variable_cell and m.max_volume_ratio is not None and runner.slots is not None:  # NPT: the volume per system
         r = m.max_volume_ratio
         ratio = (cell_volumes(state.cell) / runner.slots.volume0).cpu().numpy()
         for s in occupied:
@@ -115,15 +128,15 @@ def monitor_failures(monitors: Monitors, variable_cell: bool, runner: Runner, ob
     return failures
 
 
-def write_frames(writer, last_frame: dict[int, int], save_momenta: bool, runner: Runner, slots: list[int],
-                 obs: dict[str, torch.Tensor]) -> None:
+def write_frames(writer: TrajectoryWriter | None, last_frame: dict[int, int], save_momenta: bool, runner: Runner,
+                 slots: list[int], obs: dict[str, torch.Tensor]) -> None:
     """Buffer a frame of every system slot in ``slots`` (one device-to-host copy)."""
     if not slots:
         return
     state = runner.state
     steps = state.step.cpu().numpy()
     for s in slots:
-        last_frame[runner.items[s].index] = int(steps[s])
+        last_frame[slot_item(runner, s).index] = int(steps[s])
     if writer is None:
         return
     pos = state.positions.detach().cpu().numpy()
@@ -138,7 +151,7 @@ def write_frames(writer, last_frame: dict[int, int], save_momenta: bool, runner:
                  **{k: v[s] for k, v in host.items()}}
         if mom is not None:
             frame["momenta"] = mom[a:b]
-        writer.add_frame(runner.items[s].index, frame)
+        writer.add_frame(slot_item(runner, s).index, frame)
 
 
 def monitor_status(code: int) -> Status:
@@ -154,7 +167,8 @@ def monitor_status(code: int) -> Status:
     return Status.NON_FINITE
 
 
-def open_writer(path, attrs, frames, float_dtype, save_momenta):
+def open_writer(path: str, attrs: dict, frames: dict[int, int] | None, float_dtype: type[np.floating],
+                save_momenta: bool) -> TrajectoryWriter:
     """Open the HDF5 writer (imported lazily so ``import geodite_sim`` does not need h5py)."""
     from geodite_sim.trajectory import TrajectoryWriter
 
@@ -191,10 +205,10 @@ class MDProgress(Progress):
         """Account for the steps taken since the last check (host counters from the status read)."""
         new_steps, atoms = 0, 0
         for s in occupied:
-            item = runner.items[s]
+            item = slot_item(runner, s)
             st = int(steps[s])
             new_steps += st - self._seen.get(item.index, 0)
-            atoms += (st - self._seen.get(item.index, 0)) * len(item.atoms)
+            atoms += (st - self._seen.get(item.index, 0)) * (len(item.atoms) if item.atoms is not None else 0)
             self._seen[item.index] = st
         self.iters = runner.iteration
         self.system_steps += new_steps
@@ -221,7 +235,8 @@ class MDProgress(Progress):
         if self.n_inputs:
             fields["structures"] = f"{self.done}/{self.n_inputs}"
         fields.update({k: v for k, v in self.counts.items() if v})
-        self._bar.set_postfix(fields, refresh=False)
+        if self._bar is not None:
+            self._bar.set_postfix(fields, refresh=False)
 
     def summary(self) -> str:
         r = self.rates()
@@ -233,4 +248,4 @@ class MDProgress(Progress):
 
 
 __all__ = ["MDProgress", "MDResult", "make_result", "monitor_failures", "monitor_status", "observables", "open_writer",
-           "write_frames"]
+           "slot_item", "write_frames"]

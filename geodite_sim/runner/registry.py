@@ -63,6 +63,12 @@ class Integrator:
     defaults: dict = field(default_factory=dict)
     #: whether the cell changes (NPT): the MD monitors then watch the volume.
     variable_cell: bool = False
+    #: whether the ensemble has a thermostat, so run_md and ``md run`` require a target temperature (False: NVE, where
+    #: a temperature only draws the initial Maxwell–Boltzmann momenta).
+    needs_temperature: bool = True
+    #: whether the thermostat acts by rescaling the momenta (Bussi: p <- α p, α from target over current kinetic
+    #: energy): it cannot heat a system from zero kinetic energy, so admission refuses one, as ASE's Bussi does.
+    rescales_momenta: bool = False
 
 
 REGISTRY: dict[str, Integrator] = {}
@@ -276,12 +282,15 @@ def _langevin_step(state, force_fn, settings):
 
 
 register(Integrator("nve", "md", _nve_init, _nve_step, _md_steps, _md_finished, conserved=_nve_conserved,
+                    needs_temperature=False,
                     conserved_label="total_energy (E_pot + E_kin)",
                     description="velocity Verlet (ase.md.verlet.VelocityVerlet)"))
 register(Integrator("nvt_nhc", "md", _nhc_init, _nhc_step, _md_steps, _md_finished, conserved=_nhc_conserved,
+                    needs_temperature=True,
                     conserved_label="nhc (E_pot + E_kin + chain energy; ASE's get_conserved_energy)",
                     description="Nosé–Hoover chain NVT (ase.md.nose_hoover_chain.NoseHooverChainNVT)"))
 register(Integrator("nvt_langevin", "md", _langevin_init, _langevin_step, _md_steps, _md_finished,
+                    needs_temperature=True,
                     conserved=None, description="Langevin NVT (ase.md.langevin.Langevin)"))
 
 __all__ = ["Evaluation", "FireParams", "Integrator", "OPTIMIZERS", "REGISTRY", "RelaxState", "get_integrator",
@@ -345,17 +354,18 @@ def _register_npt() -> None:
                       defaults={"pressure": 0.0, "pdamp_factor": 1000.0, "barostat_chain_length": 3, "ploop": 1,
                                 "chain_length": 3})
     register(Integrator("npt_mtk_iso", "md", _mtk_init(mtk.mtk_iso_init), _mtk_step(mtk.mtk_iso_step), _md_steps,
-                        _md_finished, conserved=mtk.mtk_iso_conserved,
+                        _md_finished, conserved=mtk.mtk_iso_conserved, needs_temperature=True,
                         conserved_label="mtk (E_pot + E_kin + chains + barostat + P V; ASE's get_conserved_energy)",
                         description="isotropic MTK NPT (ase.md.nose_hoover_chain.IsotropicMTKNPT)", **npt))
     register(Integrator("npt_mtk", "md", _mtk_init(mtk.mtk_init), _mtk_step(mtk.mtk_step), _md_steps,
-                        _md_finished, conserved=mtk.mtk_conserved,
+                        _md_finished, conserved=mtk.mtk_conserved, needs_temperature=True,
                         conserved_label="mtk (E_pot + E_kin + chains + barostat + P V; ASE's get_conserved_energy)",
                         description="full-cell MTK NPT (ase.md.nose_hoover_chain.MTKNPT)", **npt))
 
 
 _register_npt()
 register(Integrator("nvt_bussi", "md", _bussi_init, _bussi_step, _md_steps, _md_finished,
+                    needs_temperature=True, rescales_momenta=True,
                     conserved=_lazy("geodite_sim.dynamics.bussi", "bussi_conserved"),
                     conserved_label="bussi (E_pot + E_kin - energy transferred by the thermostat)",
                     description="stochastic velocity rescaling (ase.md.bussi.Bussi)"))

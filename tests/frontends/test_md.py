@@ -392,3 +392,68 @@ def test_inputs_outputs(morse, tmp_path):
     assert type(res[2].final).__name__ == "Structure" and res[2].error is None
     with pytest.raises(ValueError, match="temperature"):
         run_md([a], morse, ensemble="nvt_nhc", steps=1, progress=False)
+
+
+def test_md_job_reads_ensemble_properties_not_names(morse, monkeypatch):
+    """Issue 24: the MD job's ensemble rules come from the registry entry (``needs_temperature``,
+    ``rescales_momenta``, ``variable_cell``, its own keywords in ``defaults``), never from ensemble names: a toy
+    registration is treated by its properties alone, and no registered MD name appears as a string in the job's or
+    the command's code."""
+    import ast
+    import dataclasses
+
+    from geodite_sim import md_job
+    from geodite_sim.commands import md as md_command
+    from geodite_sim.md import md_job as make_md_job
+    from geodite_sim.runner import registry
+    from geodite_sim.status import Status
+
+    nve = registry.get_integrator("nve")
+    toys = {"toy_thermostat": dataclasses.replace(nve, name="toy_thermostat", needs_temperature=True),
+            "toy_rescaler": dataclasses.replace(nve, name="toy_rescaler", needs_temperature=False,
+                                                rescales_momenta=True),
+            "toy_own": dataclasses.replace(nve, name="toy_own", defaults={"toy_gain": 2.0})}
+    for name, entry in toys.items():
+        monkeypatch.setitem(registry.REGISTRY, name, entry)
+    a = cu((1, 1, 1))
+    # needs_temperature: a thermostat without a target is refused up front; NVE's own entry runs without one
+    with pytest.raises(ValueError, match="toy_thermostat.*needs a temperature"):
+        run_md([a], morse, ensemble="toy_thermostat", steps=1, progress=False)
+    assert run_md([a], morse, ensemble="nve", steps=1, progress=False)[0].error is None
+    # rescales_momenta: zero kinetic energy (0 K, no momenta) is refused at admission, by whatever name
+    res = run_md([a], morse, ensemble="toy_rescaler", temperature=0.0, steps=1, progress=False)[0]
+    assert res.status == Status.INVALID_SETTINGS and "non-zero initial kinetic energy" in res.error
+    assert run_md([a], morse, ensemble="toy_rescaler", temperature=300.0, steps=1, progress=False)[0].error is None
+    moving = a.copy()
+    moving.set_momenta(maxwell_boltzmann(a, 300.0, 1, 0))
+    assert run_md([moving], morse, ensemble="toy_rescaler", steps=1, progress=False)[0].error is None  # no target
+    # an entry's own keyword (a key of its defaults) is accepted, reaches init/step and is a restart key
+    job = make_md_job([a], morse, ensemble="toy_own", temperature=300.0, toy_gain=3.0)
+    assert job.run_settings["toy_gain"] == 3.0 and job.settings["toy_gain"] == 3.0 and "toy_gain" in job.restart_keys
+    assert make_md_job([a], morse, ensemble="toy_own", temperature=300.0).run_settings["toy_gain"] == 2.0
+    with pytest.raises(TypeError, match="toy_gain"):
+        make_md_job([a], morse, ensemble="nve", toy_gain=3.0)
+    # every registered ensemble states its properties; none is named in the code that applies them
+    md_names = set(registry.names("md"))
+    assert not registry.get_integrator("nve").needs_temperature
+    assert all(registry.get_integrator(n).needs_temperature for n in md_names - {"nve", "toy_rescaler", "toy_own"})
+    assert {n for n in md_names if registry.get_integrator(n).rescales_momenta} == {"nvt_bussi", "toy_rescaler"}
+    for module in (md_job, md_command):
+        tree = ast.parse(Path(module.__file__).read_text())
+        strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+        named = strings & (md_names - {"nvt_nhc"})  # nvt_nhc: the command line's default --ensemble only
+        assert not named, f"{module.__name__} branches on ensemble names {sorted(named)}"
+
+
+def test_checkpoint_finds_a_state_class_nothing_imported_yet():
+    """A restart in a fresh process finds the state class of an ensemble whose module is imported lazily (Bussi's
+    registry entry imports it only at ``init``): the checkpoint looks in geodite_sim.dynamics, no per-ensemble import
+    list. (Before, a fresh-process restart of an nvt_bussi run failed with KeyError 'BussiState'.)"""
+    code = ("import geodite_sim.md_job, geodite_sim.md_checkpoint as c; "
+            "print(c._state_type('BussiState').__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "geodite_sim.dynamics.bussi"
+    with pytest.raises(ValueError, match="NoSuchState"):
+        from geodite_sim.md_checkpoint import _state_type
+
+        _state_type("NoSuchState")
