@@ -17,6 +17,8 @@ import warnings as _warnings
 from importlib import import_module as _import_module
 from typing import TYPE_CHECKING
 
+from geodite_sim.version import __version__ as __version__
+
 # Import-time noise of dependencies: torch-sim's use of the deprecated torch.jit.script.
 _warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
@@ -86,7 +88,6 @@ if TYPE_CHECKING:  # static analysers see the real names
     from geodite_sim.relax import RelaxResult, relax_many
     from geodite_sim.status import Status
 
-from geodite_sim.version import __version__
 
 __all__ = [
     "Batch",

@@ -14,8 +14,8 @@ from ase import Atoms
 #: Stable <=> E_above_hull <= threshold (eV/atom), as Matbench Discovery ...
 STABILITY_THRESHOLD = 0.0
 #: ... + a tolerance (eV/atom), by default tied to the relaxation's convergence: fmax² / (2 x 1 eV/Å²), at least
-#: 1e-5 (1.25 meV/atom at fmax 0.05; :func:`geodite_sim.workflows.stability.known_phases.convergence_tolerance`), so that
-#: relaxation noise cannot flip a call on the hull. None = that default.
+#: 1e-5 (1.25 meV/atom at fmax 0.05; :func:`geodite_sim.workflows.stability.known_phases.convergence_tolerance`),
+#: so that relaxation noise cannot flip a call on the hull. None = that default.
 STABLE_TOLERANCE = None
 
 #: ``Atoms.info`` / ``Structure.properties`` keys read as a candidate's id, in this order.

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 from ase import Atoms
-from geodite_sim.workflows.stability.known_phases import convergence_tolerance, match_known_phases
 from geodite_sim.workflows.stability.hull import ReferenceHull
 from geodite_sim.workflows.stability.inputs import (
     REFERENCE_COLUMNS,
@@ -27,6 +26,7 @@ from geodite_sim.workflows.stability.inputs import (
     _exc_text,
     supported_elements,
 )
+from geodite_sim.workflows.stability.known_phases import convergence_tolerance, match_known_phases
 from geodite_sim.workflows.stability.metrics import (
     _nan_to_none,
     load_labels,
