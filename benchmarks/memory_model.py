@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 from ase.build import bulk
+from benchmarking import machine_info
 
 from geodite_sim.batch import Batch
-from geodite_sim.benchmarking import machine_info
 from geodite_sim.memory import (
     MemoryModel,
     default_probes,

@@ -16,12 +16,12 @@ import json
 from pathlib import Path
 
 import torch
+from benchmarking import best_time, count_flops, gemm_peak_gflops, machine_info
+from speed_protocol import REFERENCE_MFLOP_PER_ATOM, silicon
 
 from geodite_sim.batch import Batch
-from geodite_sim.benchmarking import best_time, count_flops, gemm_peak_gflops, machine_info
 from geodite_sim.model import load_model
 from geodite_sim.neighbors import neighbor_list
-from geodite_sim.speed_protocol import REFERENCE_MFLOP_PER_ATOM, silicon
 
 
 def measure(threads: int, repeats: int) -> dict:

@@ -1,4 +1,4 @@
-"""``geodite-sim`` command line: relax, md, screen, campaign, train, bench, evaluate.
+"""``geodite-sim`` command line: evaluate, relax, md, screen, campaign, properties, train, distill, models, demo.
 
 Each sub-command lives in ``geodite_sim/commands/<name>.py`` (``add_parser``).
 """
@@ -15,7 +15,7 @@ from geodite_sim.interrupt import EXIT_INTERRUPTED, interrupt_message
 from geodite_sim.threads import set_threads
 
 #: Sub-command modules, in the order ``--help`` lists them.
-COMMAND_MODULES = ["evaluate", "relax", "md", "screen", "campaign", "properties", "train", "distill", "models", "bench",
+COMMAND_MODULES = ["evaluate", "relax", "md", "screen", "campaign", "properties", "train", "distill", "models",
                    "demo"]
 
 EPILOG = """examples:

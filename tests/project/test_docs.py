@@ -2,8 +2,8 @@
 
 How a block is treated (conventions for whoever writes the docs):
 
-- By default it runs as written, from a scratch folder in which the repository's ``examples/`` and ``workflows/`` are
-  visible (so ``examples/structures/Si_diamond.cif`` works; outputs stay in the scratch folder).
+- By default it runs as written, from a scratch folder in which the repository's ``examples/``, ``workflows/`` and
+  benchmark scripts are visible (so ``examples/structures/Si_diamond.cif`` works; outputs stay in the scratch folder).
   The python blocks of one file share one namespace (a module), in order; a bash block runs line by line
   (continuations joined): a ``geodite-sim ...`` line in this process (``geodite_sim.cli.main``, globs expanded as
   bash would), a ``python script.py ...`` line in this process too (``runpy``), any other line with ``bash -c`` and
@@ -161,9 +161,13 @@ def run_bash(block: Block, capsys) -> None:
 
 @pytest.fixture()
 def scratch(tmp_path, monkeypatch):
-    """A scratch folder that sees the repository's examples and workflows (outputs stay in the scratch folder)."""
+    """A scratch folder that sees the repository's examples, workflows and benchmark scripts (outputs, including a
+    benchmark's ``benchmarks/results/``, stay in the scratch folder)."""
     for name in ("examples", "workflows"):
         (tmp_path / name).symlink_to(ROOT / name)
+    (tmp_path / "benchmarks").mkdir()
+    for script in (ROOT / "benchmarks").glob("*.py"):
+        (tmp_path / "benchmarks" / script.name).symlink_to(script)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     return tmp_path

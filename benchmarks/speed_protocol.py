@@ -1,4 +1,4 @@
-"""The paper's speed protocol (Fig. 2A) and FLOP accounting, runnable as ``geodite-sim bench speed``.
+"""The paper's speed protocol (Fig. 2A) and FLOP accounting, run by ``python benchmarks/speed_scaling.py``.
 
 Cubic Si supercells of growing size at constant density; one MD step per
 measurement with the neighbour list rebuilt every step; wall time per step
@@ -26,8 +26,7 @@ import numpy as np
 import torch
 from ase import units
 from ase.build import bulk
-
-from geodite_sim.benchmarking import best_time, count_flops, gemm_peak_gflops, machine_info
+from benchmarking import best_time, count_flops, gemm_peak_gflops, machine_info
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="packaged names or checkpoint paths ('default' = load_model())")
     p.add_argument("--budget", type=float, default=900.0, help="seconds; larger sizes are skipped past it")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default="cpu", help="torch device of the models, e.g. cpu, cuda, cuda:1")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device of the models, e.g. cpu, cuda, cuda:1 (default: CUDA when available)")
     p.add_argument("--accelerate", default="auto", choices=["auto", "off", "eager", "compile", "cuda_graph"],
                    help="run_md's model-step mode (geodite_sim.accelerate; auto = CUDA graphs on CUDA, off on CPU)")
     p.add_argument("--out", default="benchmarks/results/speed_scaling")

@@ -1,17 +1,22 @@
-"""Speed protocol plumbing: FLOP accounting (counter vs hand count), acceptance checks, a tiny run."""
+"""Speed protocol plumbing (benchmarks/speed_protocol.py): FLOP accounting (counter vs hand count), acceptance
+checks, a tiny run."""
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_geodite
 
 from geodite_sim.batch import Batch
-from geodite_sim.benchmarking import count_flops
 from geodite_sim.neighbors import neighbor_list
-from geodite_sim.speed_protocol import _layer_flops_counted, acceptance_checks, layer_flops_by_hand, main, silicon
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # benchmark helpers live there
+from benchmarking import count_flops  # noqa: E402
+from speed_protocol import _layer_flops_counted, acceptance_checks, layer_flops_by_hand, main, silicon  # noqa: E402
 
 
 @pytest.mark.parametrize("channels,layers", [(16, 2), (24, 3)])
