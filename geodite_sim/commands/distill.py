@@ -7,10 +7,12 @@ import json
 import sys
 import time
 
+from geodite_sim.commands import positive_int
+
 EPILOG = """examples:
   geodite-sim distill workflows/distill/specs/sse_li.toml                 # run (or resume) every stage
   geodite-sim distill workflows/distill/specs/sse_li.toml --status        # shards, epochs, metrics so far
-  geodite-sim distill workflows/distill/specs/default_sevennet.toml --until 07:50 --stages data
+  geodite-sim distill workflows/distill/specs/default_sevennet.toml --until 07:50 --stages data --data-workers 2
   geodite-sim distill spec.toml --hours 2 --workdir /scratch/distill      # stop cleanly after 2 hours
 
 Re-running the same command resumes: finished shards are skipped, training continues bit for bit
@@ -33,6 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="stages to run (default: all, in order)")
     p.add_argument("--until", default=None, metavar="HH:MM", help="stop cleanly (checkpointed) before this local time")
     p.add_argument("--hours", type=float, default=None, help="stop cleanly after this many hours")
+    p.add_argument("--data-workers", type=positive_int, default=1, metavar="N",
+                   help="processes that generate and label shards (one thread each; default 1). The shards, their "
+                        "hashes and the split do not depend on N")
     p.add_argument("--no-progress", action="store_true",
                    help="no per-shard / per-epoch progress lines (warnings and the outcome are still printed)")
     p.set_defaults(func=run, interrupt_hint="re-run the same command to resume (shards and checkpoints are kept)")
@@ -54,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
         limits = [t for t in ((parse_until(args.until, now) if args.until else None),
                               (now + 3600 * args.hours if args.hours else None)) if t is not None]
         result = run_distill(spec, deadline=min(limits) if limits else None, stages=tuple(args.stages), log=log,
-                             progress=(lambda msg: None) if args.no_progress else None)
+                             progress=(lambda msg: None) if args.no_progress else None,
+                             data_workers=args.data_workers)
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -235,3 +235,16 @@ sources = {{ elemental = 1.0 }}
     mini = cards["geodite-mini"]
     assert mini["default"] and "corrections included" in mini["card"]["energy_convention"]
     assert cards["geodite-reference-random"]["card"] is None
+
+
+def test_data_workers_give_the_shards_of_one_process(tmp_path, one_thread):
+    """``data_workers=2``: two processes label alternate shards; the shards, their hashes, the split and the data
+    hash equal a one-process run (each shard is fixed by the spec, the seed and its index)."""
+    one = run_distill(load_spec(make_spec("universal", tmp_path / "one")), stages=("data",), log=_quiet)
+    two = run_distill(load_spec(make_spec("universal", tmp_path / "two")), stages=("data",), log=_quiet,
+                      data_workers=2)
+    assert one.shards_done == two.shards_done == one.shards_total >= 3
+    assert shard_hashes(tmp_path / "two") == shard_hashes(tmp_path / "one")
+    m1, m2 = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("one", "two"))
+    assert m1["data_hash"] == m2["data_hash"] and m1["shards"] == m2["shards"]
+    assert verify_shards(tmp_path / "two") == []

@@ -4,7 +4,9 @@
     result = run_distill("workflows/distill/specs/sse_li.toml")
 
 Re-running the same spec resumes: a shard present on disk is skipped, training continues from its last
-checkpoint bit for bit, a finished stage is not redone. A wall-clock budget (``[budget]`` or
+checkpoint bit for bit, a finished stage is not redone. ``data_workers=N`` labels shards in N processes (one
+thread each; process i takes the shards k with k mod N = i): each shard's content is fixed by the spec, the seed
+and its index, so the shards, their hashes and the split are those of one process. A wall-clock budget (``[budget]`` or
 ``deadline=``) stops the run cleanly between shards / training steps, checkpointed, with the stage
 recorded. Files in the work folder::
 
@@ -18,8 +20,11 @@ recorded. Files in the work folder::
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import multiprocessing
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -162,18 +167,42 @@ class Distillation:
     def data_done(self) -> int:
         return sum((self.workdir / "labels" / shard_name(k)).exists() for k in range(len(self.shards)))
 
-    def run_data(self, max_shards: int | None = None) -> None:
-        """Generate and label every planned shard not yet on disk (in order)."""
+    @contextlib.contextmanager
+    def _manifest_lock(self):
+        """An exclusive lock on the manifest (data workers in other processes update it too)."""
+        with open(self.workdir / (MANIFEST + ".lock"), "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _record_shard(self, k: int, labelled, digest: str) -> None:
+        """Add labelled shard ``k`` to the manifest (read, update, write atomically under the lock)."""
+        with self._manifest_lock():
+            m = self.manifest()
+            m["shards"][shard_name(k)] = {"hash": digest, "structures": len(labelled),
+                                          "atoms": int(sum(len(a) for a in labelled.atoms)),
+                                          "heldout": int(sum(labelled.heldout)), "failed": len(labelled.failures)}
+            m["shards"] = dict(sorted(m["shards"].items()))
+            m["data_hash"] = data_hash(m)
+            write_record(self.workdir / MANIFEST, m)
+
+    def run_data(self, max_shards: int | None = None, part: tuple[int, int] = (0, 1)) -> None:
+        """Generate and label every planned shard not yet on disk (in order); ``part=(i, n)``: only the shards
+        k with k mod n = i (one of n data workers)."""
         from geodite_sim.workflows.distill.candidates import generate_shard
         from geodite_sim.workflows.distill.label import label_shard
 
-        m = self._start_manifest()
+        self._start_manifest()
         seeds = self.relaxed_seeds()
         kept = [a for a in seeds if a is not None]
         split = Split(self.spec, kept if self.spec.domain.seeds else None, self.bases)
         # bases of failed seeds are dropped (their index points at None)
         t0, done_here = time.time(), 0
-        todo = [k for k in range(len(self.shards)) if not (self.workdir / "labels" / shard_name(k)).exists()]
+        index, workers = part
+        todo = [k for k in range(len(self.shards))
+                if k % workers == index and not (self.workdir / "labels" / shard_name(k)).exists()]
         if todo:
             self.progress(f"data: {len(self.shards) - len(todo)}/{len(self.shards)} shards labelled; "
                      f"{len(todo)} to go ({sum(b.n_candidates for k in todo for b in self.shards[k])} structures)")
@@ -192,11 +221,7 @@ class Distillation:
             self._check_time(f"data: before labelling shard {k}")
             labelled = label_shard(read_shard(cand_path), self.teacher, self.spec.teacher.batch_atoms)
             digest = write_shard(self.workdir / "labels" / shard_name(k), labelled, labelled=True)
-            m["shards"][shard_name(k)] = {"hash": digest, "structures": len(labelled),
-                                          "atoms": int(sum(len(a) for a in labelled.atoms)),
-                                          "heldout": int(sum(labelled.heldout)), "failed": len(labelled.failures)}
-            m["data_hash"] = data_hash(m)
-            write_record(self.workdir / MANIFEST, m)
+            self._record_shard(k, labelled, digest)
             done_here += 1
             self.progress(f"data: shard {k + 1}/{len(self.shards)} labelled ({len(labelled)} structures, "
                      f"{len(labelled.failures)} failed; generated in {t_gen:.0f} s, labelled in "
@@ -231,10 +256,12 @@ def verify_shards(workdir: Path) -> list[str]:
 
 def run_distill(spec_or_path, workdir: str | Path | None = None, deadline: float | None = None,
                 stages: tuple[str, ...] = ("data", "train", "validate"), log: Callable[[str], None] = print,
-                max_shards: int | None = None, progress: Callable[[str], None] | None = None) -> DistillResult:
+                max_shards: int | None = None, progress: Callable[[str], None] | None = None,
+                data_workers: int = 1) -> DistillResult:
     """Run (or resume) the workflow up to the end of ``stages``, within the spec's wall-clock budget.
 
-    ``log`` gets warnings and outcomes; ``progress`` (default: ``log``) the per-shard and per-epoch lines."""
+    ``log`` gets warnings and outcomes; ``progress`` (default: ``log``) the per-shard and per-epoch lines.
+    ``data_workers``: processes that generate and label shards (each one thread; this one is the first)."""
     start = time.time()
     spec = spec_or_path if isinstance(spec_or_path, DistillSpec) else load_spec(spec_or_path, workdir)
     limits = [t for t in (deadline, spec.budget.deadline(start)) if t is not None]
@@ -242,7 +269,10 @@ def run_distill(spec_or_path, workdir: str | Path | None = None, deadline: float
     stage = "data"
     try:
         if "data" in stages:
-            job.run_data(max_shards=max_shards)
+            if data_workers > 1:
+                _run_data_workers(job, data_workers, quiet=progress is not None)
+            else:
+                job.run_data(max_shards=max_shards)
             if job.data_done() < len(job.shards):
                 return DistillResult(job.workdir, "data", False, job.data_done(), len(job.shards))
         stage = "train"
@@ -267,3 +297,42 @@ def run_distill(spec_or_path, workdir: str | Path | None = None, deadline: float
         return DistillResult(job.workdir, stage, False, job.data_done(), len(job.shards))
     return DistillResult(job.workdir, f"{stages[-1]} finished", True, job.data_done(), len(job.shards),
                          job.workdir / "student.ckpt" if (job.workdir / "student.ckpt").exists() else None)
+
+
+def _data_worker(spec: DistillSpec, deadline: float | None, index: int, workers: int, quiet: bool) -> None:
+    """One data worker process: the shards k with k mod ``workers`` = ``index`` (stops at the deadline)."""
+    import sys
+
+    import torch
+
+    torch.set_num_threads(1)
+
+    def log(msg: str) -> None:
+        print(f"[data worker {index + 1}/{workers}] {msg}", file=sys.stderr, flush=True)
+
+    job = Distillation(spec, log=log, deadline=deadline, progress=(lambda msg: None) if quiet else log)
+    try:
+        job.run_data(part=(index, workers))
+    except BudgetExhausted:
+        pass
+
+
+def _run_data_workers(job: Distillation, workers: int, quiet: bool) -> None:
+    """The data stage in ``workers`` processes: this one prepares the manifest and the teacher-relaxed seeds
+    (so that no worker races on them), starts ``workers - 1`` others, takes its own share, then waits."""
+    job._start_manifest()
+    job.relaxed_seeds()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_data_worker, args=(job.spec, job.deadline, i, workers, quiet), daemon=False)
+             for i in range(1, workers)]
+    for proc in procs:
+        proc.start()
+    try:
+        job.run_data(part=(0, workers))
+    finally:
+        for proc in procs:
+            proc.join()
+    failed = [i + 1 for i, proc in enumerate(procs) if proc.exitcode != 0]
+    if failed:
+        job.log(f"data workers {failed} of {workers} exited with an error; their unfinished shards are done by the "
+                f"next run")
