@@ -38,6 +38,15 @@ def shard_hashes(workdir: Path) -> dict:
     return {k: v["hash"] for k, v in json.loads((workdir / "manifest.json").read_text())["shards"].items()}
 
 
+def _h5_arrays(path: Path) -> dict:
+    import h5py
+
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
 def final_weights(workdir: Path) -> str:
     return json.loads((workdir / "train" / "stage2" / "done.json").read_text())["weights_hash"]
 
@@ -248,3 +257,35 @@ def test_data_workers_give_the_shards_of_one_process(tmp_path, one_thread):
     m1, m2 = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("one", "two"))
     assert m1["data_hash"] == m2["data_hash"] and m1["shards"] == m2["shards"]
     assert verify_shards(tmp_path / "two") == []
+
+
+def test_validation_md_resumes_from_its_checkpoints(tmp_path, monkeypatch, one_thread):
+    """The validation's teacher/student MD is checkpointed: a run stopped after the teacher's MD resumes without
+    redoing it, and the report's MD comparison equals an uninterrupted run's."""
+    import geodite_sim.workflows.distill.validate as validate_mod
+
+    import geodite_sim.md as md_mod
+
+    monkeypatch.setattr(validate_mod, "MD_CHECKPOINT_EVERY", 5)
+    a = run_distill(load_spec(make_spec("domain", tmp_path / "a")), log=_quiet)
+    assert a.finished
+    spec_b = load_spec(make_spec("domain", tmp_path / "b"))
+    run_distill(spec_b, stages=("data", "train"), log=_quiet)
+    real_run_md = md_mod.run_md
+
+    def stopping_run_md(structures, model, **kw):
+        if str(kw.get("checkpoint", "")).endswith("md-student.ckpt"):  # after the teacher's MD finished
+            raise Interrupt()
+        return real_run_md(structures, model, **kw)
+
+    monkeypatch.setattr(md_mod, "run_md", stopping_run_md)
+    with pytest.raises(Interrupt):
+        run_distill(spec_b, log=_quiet)
+    assert (tmp_path / "b" / "report" / "md-teacher.ckpt").exists()
+    teacher_frames = _h5_arrays(tmp_path / "b" / "report" / "md-teacher.h5")
+    monkeypatch.setattr(md_mod, "run_md", real_run_md)
+    run_distill(spec_b, log=_quiet)
+    after = _h5_arrays(tmp_path / "b" / "report" / "md-teacher.h5")  # the finished teacher run is kept as it was
+    assert after.keys() == teacher_frames.keys() and all((after[k] == teacher_frames[k]).all() for k in after)
+    md = [json.loads((tmp_path / d / "report" / "checks" / "md.json").read_text()) for d in ("a", "b")]
+    assert md[0] == md[1]

@@ -61,8 +61,8 @@ def run_validation(job) -> dict:
     tag = weights_hash(student_path)
     stamp = folder / "checks" / "weights.json"
     if stamp.exists() and json.loads(stamp.read_text()).get("weights_hash") != tag:
-        for f in (folder / "checks").glob("*.json"):
-            f.unlink()
+        for f in [*(folder / "checks").glob("*.json"), *folder.glob("*.ckpt"), *folder.glob("md-*.h5")]:
+            f.unlink()  # checks, MD checkpoints and trajectories of other weights
     stamp.parent.mkdir(parents=True, exist_ok=True)
     if not stamp.exists():
         write_record(stamp, {"weights_hash": tag})
@@ -102,7 +102,8 @@ def run_validation(job) -> dict:
 
         cells = [a.repeat(supercell_repeats(a, *spec.data.supercell_atoms)[-1]) for a in seeds]
         checks["long_md"] = _cached(folder, "long_md", lambda: V.long_md(
-            student, cells, spec.domain.temperatures[0], spec.validate.long_md_ps, spec.validate.md_timestep), job)
+            student, cells, spec.domain.temperatures[0], spec.validate.long_md_ps, spec.validate.md_timestep,
+            folder), job)
     metrics = headline(checks)
     write_record(folder / "report.json", {"weights_hash": tag, "metrics": metrics, "checks": checks,
                                          "manifest": job.manifest().get("data_hash")})

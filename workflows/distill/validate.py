@@ -33,6 +33,9 @@ GROUPS = {
 }
 
 
+#: Validation MD writes a checkpoint every this many steps (a stopped session resumes from the last one).
+MD_CHECKPOINT_EVERY = 200
+
 def heldout_errors(student, held: list, batch_atoms: int = 2048) -> dict:
     """MAE of the student vs the teacher's labels on the held-out samples (overall and per group) + raw pairs."""
     from geodite_sim.evaluate import evaluate
@@ -153,9 +156,12 @@ def md_comparison(student, teacher, seeds: list[Atoms], temperature: float, step
     paths = {name: workdir / f"md-{name}.h5" for name in ("teacher", "student")}
     results = {}
     for name, model in (("teacher", teacher), ("student", student)):
-        paths[name].unlink(missing_ok=True)
+        ckpt = workdir / f"md-{name}.ckpt"
+        if not ckpt.exists():  # a trajectory without its checkpoint is from an older run: start afresh
+            paths[name].unlink(missing_ok=True)
         results[name] = run_md(seeds, model, ensemble="nvt_nhc", temperature=temperature, timestep=timestep,
-                               steps=steps, trajectory=str(paths[name]), frame_every=10, seed=1, progress=False)
+                               steps=steps, trajectory=str(paths[name]), frame_every=10, seed=1, progress=False,
+                               checkpoint=str(ckpt), checkpoint_every=MD_CHECKPOINT_EVERY, restart=True)
     discard = 0.2 * steps * timestep
     for i, atoms in enumerate(seeds):
         label = atoms.get_chemical_formula()
@@ -177,16 +183,22 @@ def md_comparison(student, teacher, seeds: list[Atoms], temperature: float, step
     return out
 
 
-def long_md(student, seeds: list[Atoms], temperature: float, picoseconds: float, timestep: float) -> dict:
-    """The student alone: NVT (NHC) for ``picoseconds`` per seed supercell, the stability monitors on."""
+def long_md(student, seeds: list[Atoms], temperature: float, picoseconds: float, timestep: float,
+            workdir: Path) -> dict:
+    """The student alone: NVT (NHC) for ``picoseconds`` per seed supercell, the stability monitors on
+    (checkpointed in ``workdir``: a run stopped by the session resumes bit for bit)."""
     from geodite_sim.md import run_md
 
     steps = int(round(picoseconds * 1000 / timestep))
+    ckpt = workdir / "long-md.ckpt"
+    resumed = ckpt.exists()
     t0 = time.perf_counter()
     res = run_md(seeds, student, ensemble="nvt_nhc", temperature=temperature, timestep=timestep, steps=steps,
-                 monitors=True, seed=2, progress=False)
+                 monitors=True, seed=2, progress=False, checkpoint=str(ckpt), checkpoint_every=MD_CHECKPOINT_EVERY,
+                 restart=True)
     wall = time.perf_counter() - t0
     return {"picoseconds": picoseconds, "steps": steps, "temperature": temperature, "wall_s": wall,
+            "resumed_from_checkpoint": resumed,
             "runs": [{"system": a.get_chemical_formula(), "atoms": len(a), "steps_done": r.n_steps,
                       "stopped": r.error is not None, "reason": r.error, "final_temperature": r.temperature}
                      for a, r in zip(seeds, res)]}
