@@ -129,7 +129,8 @@ def headline(checks: dict) -> dict:
     if "speed" in checks:
         out["speedup_vs_teacher"] = checks["speed"]["speedup"]
     if "md" in checks:
-        out["md_rdf_min_score"] = min(r["rdf_min_score"] for r in checks["md"].values())
+        scores = [r["rdf_min_score"] for r in checks["md"].values() if not np.isnan(r["rdf_min_score"])]
+        out["md_rdf_min_score"] = min(scores) if scores else float("nan")
     if "long_md" in checks:
         runs = checks["long_md"]["runs"]
         out["long_md_stopped"] = f"{sum(r['stopped'] for r in runs)}/{len(runs)}"

@@ -169,9 +169,8 @@ def md_comparison(student, teacher, seeds: list[Atoms], temperature: float, step
                      "student_error": results["student"][i].error, "teacher_error": results["teacher"][i].error}
         fr = {n: load_frames(str(paths[n]), system=i, discard_fs=discard) for n in paths}
         cmp = compare_rdfs(fr["teacher"].rdf(), fr["student"].rdf())
-        row["rdf_scores"] = {k: float(v) for k, v in cmp.pair_scores.items()} if hasattr(cmp, "pair_scores") \
-            else {"all": float(cmp.score)}
-        row["rdf_min_score"] = float(min(row["rdf_scores"].values()))
+        row["rdf_scores"] = {k: float(v) for k, v in cmp.pair_scores.items()}
+        row["rdf_min_score"] = float(cmp.score)  # the minimum over pairs; pairs with no distance in range (NaN) ignored
         try:
             d = {n: diffusion_coefficients(fr[n].msd()) for n in fr}
             row["D_cm2_per_s"] = {el: {"teacher": float(d["teacher"][el].D_cm2_per_s),
