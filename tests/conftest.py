@@ -169,3 +169,25 @@ def tiny_spec(tmp_path: Path, steps: int = 60, **md) -> dict:
             {"name": "Bi2O3", "structure": "Bi2O3_10.extxyz", "temperatures": [600], "mobile": "O"},
         ],
     }
+
+
+def sheared_cu() -> Atoms:
+    """A sheared, strained, rattled 4-atom fcc Cu cell (the optimisers' step-by-step traces against ASE)."""
+    atoms = bulk("Cu", "fcc", 3.7, cubic=True) * (2, 1, 1)
+    atoms.set_cell(atoms.cell[:] @ np.array([[1.0, 0.03, 0.0], [0.03, 0.97, 0.0], [0.0, 0.0, 1.02]]), scale_atoms=True)
+    atoms.rattle(0.08, seed=5)
+    return atoms
+
+
+def evaluate_relax_state(model, state, cell: bool):
+    """An optimiser state with the model's energy, forces and stress at its positions, convergence flags set
+    (fmax 1e-9: nothing converges, so a trace runs every step)."""
+    from dataclasses import replace
+
+    from geodite_sim.dynamics.optimizer import relax_converged
+    from geodite_sim.neighbors import neighbor_list
+
+    b = state.batch
+    out = model(b, edges=neighbor_list(b, model.cutoff, "torch"), compute_forces=True, compute_stress=True)
+    return relax_converged(replace(state, energy=out["energy"], forces=out["forces"], stress=out["stress"]),
+                           fmax=1e-9, max_steps=1000, cell=cell)

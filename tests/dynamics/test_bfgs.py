@@ -12,12 +12,11 @@ import torch
 from ase.build import bulk
 from ase.filters import FrechetCellFilter
 from ase.optimize import BFGS
+from conftest import evaluate_relax_state, sheared_cu
 
 import geodite_sim as gs
 from geodite_sim.batch import Batch
 from geodite_sim.dynamics.bfgs import BFGSParams, bfgs_init, bfgs_learn, bfgs_move, dofs, from_dense, to_dense
-from geodite_sim.dynamics.optimizer import relax_converged
-from geodite_sim.neighbors import neighbor_list
 from geodite_sim.state import concat_states, select_systems
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -67,19 +66,14 @@ def test_trace_with_parameters_matches_ase(cell, morse):
     """20 steps with maxstep 0.1 and alpha 40: positions and cell after every step equal ASE's BFGS (on
     FrechetCellFilter for ``cell``), with the Hessian updated from the second step on."""
     params = BFGSParams(maxstep=0.1, alpha=40.0)
-    atoms = bulk("Cu", "fcc", 3.7, cubic=True) * (2, 1, 1)
-    atoms.set_cell(atoms.cell[:] @ np.array([[1.0, 0.03, 0.0], [0.03, 0.97, 0.0], [0.0, 0.0, 1.02]]), scale_atoms=True)
-    atoms.rattle(0.08, seed=5)
+    atoms = sheared_cu()
     a = atoms.copy()
     a.calc = morse.ase_calculator()
     opt = BFGS(FrechetCellFilter(a) if cell else a, logfile=None, maxstep=0.1, alpha=40.0)
     state = bfgs_init(Batch.from_atoms([atoms], dtype=F64), relax_cell=cell, params=params)
 
     def evaluated(s):
-        b = s.batch
-        out = morse(b, edges=neighbor_list(b, morse.cutoff, "torch"), compute_forces=True, compute_stress=True)
-        return relax_converged(replace(s, energy=out["energy"], forces=out["forces"], stress=out["stress"]),
-                               fmax=1e-9, max_steps=1000, cell=cell)
+        return evaluate_relax_state(morse, s, cell)
 
     state = evaluated(state)
     for _ in range(20):

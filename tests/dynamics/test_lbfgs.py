@@ -12,11 +12,10 @@ import torch
 from ase.build import bulk
 from ase.filters import FrechetCellFilter
 from ase.optimize import LBFGS
+from conftest import evaluate_relax_state, sheared_cu
 
 from geodite_sim.batch import Batch
 from geodite_sim.dynamics.lbfgs import LBFGSParams, inverse_hessian_times, lbfgs_init, lbfgs_learn, lbfgs_move
-from geodite_sim.dynamics.optimizer import relax_converged
-from geodite_sim.neighbors import neighbor_list
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 F64 = torch.float64
@@ -78,19 +77,14 @@ def test_trace_with_parameters_matches_ase(cell, morse):
     """25 steps with memory 3 (the history wraps), maxstep 0.1, damping 0.8, alpha 40: positions and cell after
     every step equal ASE's LBFGS (on FrechetCellFilter for ``cell``)."""
     params = LBFGSParams(maxstep=0.1, memory=3, damping=0.8, alpha=40.0)
-    atoms = bulk("Cu", "fcc", 3.7, cubic=True) * (2, 1, 1)
-    atoms.set_cell(atoms.cell[:] @ np.array([[1.0, 0.03, 0.0], [0.03, 0.97, 0.0], [0.0, 0.0, 1.02]]), scale_atoms=True)
-    atoms.rattle(0.08, seed=5)
+    atoms = sheared_cu()
     a = atoms.copy()
     a.calc = morse.ase_calculator()
     opt = LBFGS(FrechetCellFilter(a) if cell else a, logfile=None, maxstep=0.1, memory=3, damping=0.8, alpha=40.0)
     state = lbfgs_init(Batch.from_atoms([atoms], dtype=F64), relax_cell=cell, params=params)
 
     def evaluated(s):
-        b = s.batch
-        out = morse(b, edges=neighbor_list(b, morse.cutoff, "torch"), compute_forces=True, compute_stress=True)
-        return relax_converged(replace(s, energy=out["energy"], forces=out["forces"], stress=out["stress"]),
-                               fmax=1e-9, max_steps=1000, cell=cell)
+        return evaluate_relax_state(morse, s, cell)
 
     state = evaluated(state)
     for _ in range(25):
