@@ -9,7 +9,10 @@ STAMP := $(VENV)/.installed-stamp
 
 # pytest-xdist workers for `make test` / `make test-slow`: one per core, at most 4 (each worker runs one thread).
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+# the fast target sends whole files to a worker (module fixtures, e.g. test_ray's cluster, start once); the slow
+# target's 24 tests differ 10x in length, so idle workers steal queued tests (worksteal balances them)
 PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile
+PYTEST_PARALLEL_SLOW := -n $(TEST_WORKERS) --dist worksteal
 
 PYTHON312 := $(shell \
 	if python3.12 --version >/dev/null 2>&1; then command -v python3.12; \
@@ -40,7 +43,7 @@ test: venv
 	$(PY) -m pytest -m "not slow" -q $(PYTEST_PARALLEL)
 
 test-slow: venv
-	@$(PY) -m pytest -m "slow" -q $(PYTEST_PARALLEL); rc=$$?; if [ $$rc -eq 5 ]; then echo "no slow tests selected"; exit 0; fi; exit $$rc
+	@$(PY) -m pytest -m "slow" -q $(PYTEST_PARALLEL_SLOW); rc=$$?; if [ $$rc -eq 5 ]; then echo "no slow tests selected"; exit 0; fi; exit $$rc
 
 test-all: venv
 	$(PY) -m pytest -q
