@@ -235,6 +235,7 @@ sources = {{ elemental = 1.0 }}
     assert main(["distill", str(spec), "--status"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["shards_labelled"] == status["shards_planned"] >= 1 and status["structures_labelled"] > 0
+    assert status["validate"] == {"checks_done": [], "md_in_progress": []}  # data only: nothing validated yet
     bad = tmp_path / "bad.toml"
     bad.write_text('[domain]\nelements = ["Qq"]\n')
     assert main(["distill", str(bad), "--status"]) == 2

@@ -237,6 +237,9 @@ class Distillation:
                 "structures_labelled": sum(s["structures"] for s in m.get("shards", {}).values()),
                 "data_hash": m.get("data_hash"), "train": training_status(self),
                 "student": str(self.workdir / "student.ckpt") if (self.workdir / "student.ckpt").exists() else None,
+                "validate": {"checks_done": sorted(f.stem for f in (self.workdir / "report" / "checks").glob("*.json")
+                                                   if f.stem != "weights"),
+                             "md_in_progress": sorted(f.stem for f in (self.workdir / "report").glob("*.ckpt"))},
                 "report": str(self.workdir / "report" / "report.md")
                 if (self.workdir / "report" / "report.md").exists() else None}
 
