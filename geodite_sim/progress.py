@@ -20,6 +20,19 @@ from collections import Counter
 from tqdm.auto import tqdm
 
 
+def eta_text(seconds_left: float | None) -> str:
+    """``"ETA 1h05m"`` for a number of seconds (``"ETA unknown"`` for None)."""
+    if seconds_left is None:
+        return "ETA unknown"
+    s = max(float(seconds_left), 0.0)
+    return f"ETA {int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+
+
+def eta_after(done: int, total: int, elapsed: float) -> str:
+    """The ETA of ``total`` items when ``done`` took ``elapsed`` seconds (unknown before the first)."""
+    return eta_text(elapsed / done * (total - done) if done > 0 else None)
+
+
 class Progress:
     """Done/total, rate and active-system count of a batched run; a no-op bar when ``enabled`` is False.
 

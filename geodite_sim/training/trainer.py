@@ -29,6 +29,7 @@ from torch import nn
 from geodite_sim.model.checkpoint import _read_file, load_checkpoint, save_checkpoint
 from geodite_sim.model.config import GeoditeConfig
 from geodite_sim.model.geodite import Geodite
+from geodite_sim.progress import eta_text
 from geodite_sim.training.configs import TrainConfig
 from geodite_sim.training.data import (
     Sample,
@@ -351,7 +352,7 @@ class Trainer:
                              f"[{self.step_in_epoch}/{len(batches)}] "
                              f"loss {r['loss']:.5f} (E {r['energy']:.4f} F {r['forces']:.4f} S {r['stress']:.4f}) "
                              f"lr {self.scheduler.get_last_lr()[0]:.2e} {dt * 1e6 / max(run['atoms'], 1):.0f} µs/atom "
-                             f"ETA {int(left // 3600)}h{int(left % 3600 // 60):02d}m")
+                             f"{eta_text(left)}")
                 if c.checkpoint_every and self.global_step % c.checkpoint_every == 0:
                     self.save(self.workdir / "last.ckpt")
                 if (until_step is not None and self.global_step >= until_step) or (

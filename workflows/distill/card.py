@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 from ase.data import chemical_symbols
-from geodite_sim.workflows.distill.train import training_status, weights_hash
+from geodite_sim.workflows.distill.shards import weights_hash
+from geodite_sim.workflows.distill.train import STAGES, training_status
 
 from geodite_sim.model.checkpoint import METADATA_KEY, load_checkpoint
 
@@ -24,20 +25,25 @@ def build_card(job, model, metrics: dict | None) -> dict:
     m = job.manifest()
     elements = sorted(model.supported_elements or [])
     shards = m.get("shards", {})
+    refine = m.get("refine", {})
+    last = next(f for stage in reversed(STAGES) if (f := job.workdir / "train" / stage / "student.ckpt").exists())
+    data = {"manifest_hash": m.get("data_hash"), "structures": sum(s["structures"] for s in shards.values()),
+            "heldout_structures": sum(s["heldout"] for s in shards.values()), "shards": len(shards),
+            "seed": job.spec.seed, "mode": job.spec.domain.mode}
+    if refine.get("shards"):
+        data["refine"] = {"manifest_hash": refine.get("data_hash"),
+                          "structures": sum(s["structures"] for s in refine["shards"].values()),
+                          "shards": len(refine["shards"])}
     return {
         "name": job.spec.name,
         "teacher": m["teacher"],
         "energy_convention": m["teacher"]["energy_convention"],
-        "data": {"manifest_hash": m.get("data_hash"), "structures": sum(s["structures"] for s in shards.values()),
-                 "heldout_structures": sum(s["heldout"] for s in shards.values()), "shards": len(shards),
-                 "seed": job.spec.seed, "mode": job.spec.domain.mode},
+        "data": data,
         "supported_elements": [chemical_symbols[z] for z in elements],
         "student": dataclasses.asdict(job.spec.student),
         "training": training_status(job),
         "metrics": metrics,
-        "weights_hash": weights_hash(job.workdir / "train" / "stage2" / "student.ckpt")
-        if (job.workdir / "train" / "stage2" / "student.ckpt").exists()
-        else weights_hash(job.workdir / "train" / "stage1" / "student.ckpt"),
+        "weights_hash": weights_hash(last),
     }
 
 

@@ -268,8 +268,9 @@ def base_structure(base: Base, spec: DistillSpec, relaxed_seeds: list[Atoms]) ->
     rng = base.rng(spec.seed)
     if base.kind in ("elemental", "expanded"):
         return sources.elemental(base.key[0], base.key[1])
-    if base.kind == "prototype":
-        return sources.decorate_prototype(base.key[0], spec.domain.elements, rng)
+    if base.kind == "prototype":  # a refine base's key names the element it must contain: (name, element, ...)
+        include = base.key[1] if len(base.key) > 1 and isinstance(base.key[1], str) else None
+        return sources.decorate_prototype(base.key[0], spec.domain.elements, rng, include=include)
     if base.kind == "pyxtal":
         comp = sources.experimental_compositions()[base.key[0]]
         return sources.pyxtal_crystal(comp, spec.data.max_atoms, rng)

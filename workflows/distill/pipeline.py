@@ -3,7 +3,8 @@
     from geodite_sim.workflows.distill import run_distill
     result = run_distill("workflows/distill/specs/sse_li.toml")
 
-Re-running the same spec resumes: a shard present on disk is skipped, training continues from its last
+With a ``[refine]`` section the train stage runs stage 1, the refine data round (``refine.py``), a
+force-weighted stage on both rounds' data, then stage 2. Re-running the same spec resumes: a shard present on disk is skipped, training continues from its last
 checkpoint bit for bit, a finished stage is not redone. ``data_workers=N`` labels shards in N processes (one
 thread each; process i takes the shards k with k mod N = i): each shard's content is fixed by the spec, the seed
 and its index, so the shards, their hashes and the split are those of one process. A wall-clock budget (``[budget]`` or
@@ -13,7 +14,8 @@ recorded. Files in the work folder::
     manifest.json          spec fingerprint, teacher, E0, shards with content hashes, split, data hash
     candidates/shard-*.h5  generated structures (float64, not needed once labelled)
     labels/shard-*.h5      labelled shards (float32, compressed, immutable)
-    train/stage{1,2}/      trainer checkpoints (last.ckpt) and history
+    refine/                the error-targeted second round ([refine]): focus.json, labels/, candidates/
+    train/stage1, train/refine, train/stage2/   trainer checkpoints (last.ckpt) and history
     student.ckpt           the exported student (EMA weights) with its model card
     report/                report.md, report.json, *.png
 """
@@ -40,6 +42,8 @@ from geodite_sim.workflows.distill.spec import (
     load_spec,
 )
 
+from geodite_sim.progress import eta_after
+
 MANIFEST = "manifest.json"
 
 
@@ -55,13 +59,6 @@ class DistillResult:
     student: Path | None = None
     report: Path | None = None
     metrics: dict = field(default_factory=dict)
-
-
-def _eta(done: int, total: int, elapsed: float) -> str:
-    if done <= 0:
-        return "ETA unknown"
-    left = elapsed / done * (total - done)
-    return f"ETA {int(left // 3600)}h{int(left % 3600 // 60):02d}m"
 
 
 class Distillation:
@@ -177,28 +174,48 @@ class Distillation:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def _record_shard(self, k: int, labelled, digest: str) -> None:
-        """Add labelled shard ``k`` to the manifest (read, update, write atomically under the lock)."""
+    def _record_shard(self, k: int, labelled, digest: str, section: str | None = None) -> None:
+        """Add labelled shard ``k`` to the manifest (read, update, write atomically under the lock); ``section``:
+        the manifest entry of a later data round (``"refine"``) instead of round 0."""
         with self._manifest_lock():
             m = self.manifest()
-            m["shards"][shard_name(k)] = {"hash": digest, "structures": len(labelled),
-                                          "atoms": int(sum(len(a) for a in labelled.atoms)),
-                                          "heldout": int(sum(labelled.heldout)), "failed": len(labelled.failures)}
-            m["shards"] = dict(sorted(m["shards"].items()))
-            m["data_hash"] = data_hash(m)
+            entry = m if section is None else m.setdefault(section, {})
+            shards = entry.setdefault("shards", {})
+            shards[shard_name(k)] = {"hash": digest, "structures": len(labelled),
+                                     "atoms": int(sum(len(a) for a in labelled.atoms)),
+                                     "heldout": int(sum(labelled.heldout)), "failed": len(labelled.failures)}
+            entry["shards"] = dict(sorted(shards.items()))
+            entry["data_hash"] = data_hash(entry)
             write_record(self.workdir / MANIFEST, m)
+
+    def split(self) -> tuple[Split, list]:
+        """The held-out split and the teacher-relaxed seeds (None where a seed failed)."""
+        seeds = self.relaxed_seeds()
+        kept = [a for a in seeds if a is not None]
+        return Split(self.spec, kept if self.spec.domain.seeds else None, self.bases), seeds
+
+    def produce_shard(self, bases: list, split: Split, seeds: list, folder: Path, k: int, md_index: int):
+        """Generate (cached in ``folder/candidates``) and label shard ``k`` into ``folder/labels``; returns
+        (labelled shard, its content hash, seconds spent generating)."""
+        from geodite_sim.workflows.distill.candidates import generate_shard
+        from geodite_sim.workflows.distill.label import label_shard
+
+        cand_path = folder / "candidates" / shard_name(k)
+        t_shard = time.time()
+        if not cand_path.exists():
+            cands = generate_shard(self.spec, self.teacher, bases, split, seeds, self.workdir, md_index)
+            write_shard(cand_path, cands, labelled=False)
+        t_gen = time.time() - t_shard
+        self._check_time(f"data: before labelling shard {k}")
+        labelled = label_shard(read_shard(cand_path), self.teacher, self.spec.teacher.batch_atoms)
+        digest = write_shard(folder / "labels" / shard_name(k), labelled, labelled=True)
+        return labelled, digest, t_gen
 
     def run_data(self, max_shards: int | None = None, part: tuple[int, int] = (0, 1)) -> None:
         """Generate and label every planned shard not yet on disk (in order); ``part=(i, n)``: only the shards
         k with k mod n = i (one of n data workers)."""
-        from geodite_sim.workflows.distill.candidates import generate_shard
-        from geodite_sim.workflows.distill.label import label_shard
-
         self._start_manifest()
-        seeds = self.relaxed_seeds()
-        kept = [a for a in seeds if a is not None]
-        split = Split(self.spec, kept if self.spec.domain.seeds else None, self.bases)
-        # bases of failed seeds are dropped (their index points at None)
+        split, seeds = self.split()
         t0, done_here = time.time(), 0
         index, workers = part
         todo = [k for k in range(len(self.shards))
@@ -210,23 +227,16 @@ class Distillation:
             if max_shards is not None and n >= max_shards:
                 break
             self._check_time(f"data: before shard {k}")
-            cand_path = self.workdir / "candidates" / shard_name(k)
             t_shard = time.time()
-            if not cand_path.exists():
-                bases = [b for b in self.shards[k]
-                         if not (b.kind.startswith("seed_") and seeds[b.key[0]] is None)]
-                cands = generate_shard(self.spec, self.teacher, bases, split, seeds, self.workdir, k)
-                write_shard(cand_path, cands, labelled=False)
-            t_gen = time.time() - t_shard
-            self._check_time(f"data: before labelling shard {k}")
-            labelled = label_shard(read_shard(cand_path), self.teacher, self.spec.teacher.batch_atoms)
-            digest = write_shard(self.workdir / "labels" / shard_name(k), labelled, labelled=True)
+            # bases of failed seeds are dropped (their index points at None)
+            bases = [b for b in self.shards[k] if not (b.kind.startswith("seed_") and seeds[b.key[0]] is None)]
+            labelled, digest, t_gen = self.produce_shard(bases, split, seeds, self.workdir, k, k)
             self._record_shard(k, labelled, digest)
             done_here += 1
             self.progress(f"data: shard {k + 1}/{len(self.shards)} labelled ({len(labelled)} structures, "
                      f"{len(labelled.failures)} failed; generated in {t_gen:.0f} s, labelled in "
                      f"{time.time() - t_shard - t_gen:.0f} s); {time.time() - t0:.0f} s so far, "
-                     f"{_eta(done_here, len(todo), time.time() - t0)}")
+                     f"{eta_after(done_here, len(todo), time.time() - t0)}")
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict:
@@ -236,12 +246,23 @@ class Distillation:
         return {"workdir": str(self.workdir), "shards_labelled": self.data_done(), "shards_planned": len(self.shards),
                 "structures_labelled": sum(s["structures"] for s in m.get("shards", {}).values()),
                 "data_hash": m.get("data_hash"), "train": training_status(self),
+                "refine": self._refine_status(m),
                 "student": str(self.workdir / "student.ckpt") if (self.workdir / "student.ckpt").exists() else None,
                 "validate": {"checks_done": sorted(f.stem for f in (self.workdir / "report" / "checks").glob("*.json")
                                                    if f.stem != "weights"),
                              "md_in_progress": sorted(f.stem for f in (self.workdir / "report").glob("*.ckpt"))},
                 "report": str(self.workdir / "report" / "report.md")
                 if (self.workdir / "report" / "report.md").exists() else None}
+
+
+    def _refine_status(self, m: dict) -> dict | None:
+        if self.spec.refine.structures == 0:
+            return None
+        focus = self.workdir / "refine" / "focus.json"
+        shards = m.get("refine", {}).get("shards", {})
+        return {"focus_meV_per_A": {el: round(1e3 * e, 1) for el, e in json.loads(focus.read_text())["focus"].items()}
+                if focus.exists() else None,
+                "shards_labelled": len(shards), "structures_labelled": sum(s["structures"] for s in shards.values())}
 
 
 def data_hash(manifest: dict) -> str:

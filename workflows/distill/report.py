@@ -13,8 +13,7 @@ import numpy as np
 import torch
 from geodite_sim.workflows.distill import validate as V
 from geodite_sim.workflows.distill.card import write_card
-from geodite_sim.workflows.distill.shards import write_record
-from geodite_sim.workflows.distill.train import load_samples, weights_hash
+from geodite_sim.workflows.distill.shards import load_samples, weights_hash, write_record
 
 
 def _cached(folder: Path, name: str, compute, job) -> dict:

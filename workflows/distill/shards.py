@@ -11,6 +11,8 @@ A shard holds S structures packed as in :mod:`geodite_sim.training.data`::
 Candidate shards (before labelling) keep float64 geometry; labelled shards store float32 geometry
 and forces, gzip-compressed. The content hash (sha256 of every array and string, in a fixed order)
 identifies a shard independently of HDF5's byte layout; a shard file is immutable once written.
+:func:`load_samples` reads a folder's labelled shards as training samples; :func:`weights_hash` identifies a
+checkpoint's weights the same way.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 from ase import Atoms
 
 from geodite_sim.store import write_json
+from geodite_sim.training.data import Sample
 
 _STR = h5py.string_dtype("utf-8")
 
@@ -136,3 +140,29 @@ def shard_name(index: int) -> str:
 def write_record(path: Path, data: dict) -> None:
     """A JSON record of the workflow (manifest, stage stamps, checks, report): sorted keys, written atomically."""
     write_json(path, data, sort_keys=True, default=str)
+
+
+def load_samples(workdir: Path) -> tuple[list[Sample], list[Sample]]:
+    """(training, held-out) samples of every labelled shard, in shard order."""
+    train, held = [], []
+    for path in sorted((workdir / "labels").glob("shard-*.h5")):
+        d = read_shard(path)
+        for i, atoms in enumerate(d.atoms):
+            stress = d.stress[i]
+            s = Sample(atoms=atoms, energy=float(d.energy[i]), forces=d.forces[i],
+                       stress=None if not np.isfinite(stress).all() else stress)
+            atoms.info["tag"] = d.tags[i]
+            (held if d.heldout[i] else train).append(s)
+    return train, held
+
+
+def weights_hash(path: Path) -> str:
+    """sha256 (16 hex) of a checkpoint's weights (state_dict tensors by name), independent of its metadata."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    h = hashlib.sha256()
+    for name in sorted(ck["state_dict"]):
+        t = ck["state_dict"][name]
+        if isinstance(t, torch.Tensor) and not name.startswith("SnapshotDecoder."):
+            h.update(name.encode())
+            h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -104,8 +104,10 @@ def _substitution_table():
     return SubstitutionProbability()
 
 
-def decorate_prototype(name: str, elements: tuple[str, ...], rng: np.random.Generator) -> Atoms | None:
-    """The prototype ``name`` with its species replaced by distinct domain elements (None if impossible)."""
+def decorate_prototype(name: str, elements: tuple[str, ...], rng: np.random.Generator,
+                       include: str | None = None) -> Atoms | None:
+    """The prototype ``name`` with its species replaced by distinct domain elements (None if impossible);
+    ``include``: one of its species (drawn at random) becomes this element, the others are chosen as usual."""
     proto = dict(_prototypes())[name]
     original = [el.symbol for el in proto.composition.elements]
     if len(original) > len(elements):
@@ -113,7 +115,11 @@ def decorate_prototype(name: str, elements: tuple[str, ...], rng: np.random.Gene
     species = _oxidation_species(name)
     table = _substitution_table()
     chosen: dict[str, str] = {}
+    if include is not None:
+        chosen[original[int(rng.integers(len(original)))]] = include
     for el in original:
+        if el in chosen:
+            continue
         free = [e for e in elements if e not in chosen.values()]
         weights = None
         if species is not None:

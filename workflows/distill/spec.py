@@ -17,6 +17,8 @@ A spec is a TOML file (``workflows/distill/specs/*.toml``; docs/distillation.md)
     hidden_channels = 48
     [train]
     stage1_epochs = 30
+    [refine]
+    structures = 400           # error-targeted second round after stage 1 (0: none)
     [budget]
     hours = 2.0                # or until = "HH:MM"
 
@@ -124,6 +126,16 @@ class TrainSpec:
 
 
 @dataclass(frozen=True)
+class RefineSpec:
+    """A second, error-targeted data round after stage 1 (``refine.py``); ``structures = 0``: none."""
+
+    structures: int = 0  # structures labelled in the round (approximate)
+    focus_fraction: float = 0.25  # of the elements: those with the largest stage-1 held-out force error
+    epochs: int = 4  # force-weighted epochs on round 0 + refine data, from the stage-1 student
+    lr: float = 1e-3
+
+
+@dataclass(frozen=True)
 class BudgetSpec:
     """Wall-clock budget: stop cleanly (checkpoint, exit) before ``hours`` from the start or at ``until``."""
 
@@ -165,6 +177,7 @@ class DistillSpec:
     budget: BudgetSpec
     validate: ValidateSpec
     source: Path | None = None
+    refine: RefineSpec = RefineSpec()
 
     def fingerprint(self, stage: str) -> str:
         """Identity of what a stage depends on (a changed spec is refused instead of mixing data)."""
@@ -176,6 +189,8 @@ class DistillSpec:
                                  "data": given(self.data)}
         parts["teacher"].pop("batch_atoms", None)
         parts["teacher"].pop("device", None)
+        if stage == "refine":
+            parts["refine"] = {k: v for k, v in given(self.refine).items() if k in ("structures", "focus_fraction")}
         if stage == "train":
             parts.update(student=given(self.student), train=given(self.train))
             parts["train"].pop("checkpoint_every", None)
@@ -228,6 +243,17 @@ def _elements(names) -> tuple[str, ...]:
     return tuple(sorted(set(out), key=lambda e: atomic_numbers[e]))
 
 
+def _refine(data: dict, domain: DomainSpec) -> RefineSpec:
+    refine = _section(RefineSpec, data, "refine")
+    if refine.structures < 0 or refine.epochs < 0 or not 0.0 < refine.focus_fraction <= 1.0:
+        raise SpecError("[refine] structures and epochs must be >= 0 and focus_fraction in (0, 1]")
+    if refine.structures > 0 and refine.epochs == 0:
+        raise SpecError("[refine] structures > 0 needs epochs > 0 (the refine data is trained on in its own stage)")
+    if refine.structures > 0 and not domain.elements:
+        raise SpecError("[refine] needs [domain] elements: the round adds universal-mode structures of them")
+    return refine
+
+
 def load_spec(path_or_dict: str | Path | dict, workdir: str | Path | None = None) -> DistillSpec:
     """Read and check a spec (TOML file or dict). Relative paths resolve against the spec's folder."""
     if isinstance(path_or_dict, dict):
@@ -241,7 +267,7 @@ def load_spec(path_or_dict: str | Path | dict, workdir: str | Path | None = None
         except tomllib.TOMLDecodeError as exc:
             raise SpecError(f"{path_or_dict}: not valid TOML: {exc}") from None
         base = source.parent
-    sections = {"distill", "teacher", "domain", "data", "student", "train", "budget", "validate"}
+    sections = {"distill", "teacher", "domain", "data", "student", "train", "refine", "budget", "validate"}
     unknown = sorted(set(data) - sections)
     if unknown:
         raise SpecError(f"unknown section(s) {unknown}; known: {sorted(sections)}")
@@ -273,6 +299,7 @@ def load_spec(path_or_dict: str | Path | dict, workdir: str | Path | None = None
         raise SpecError(f"[data] sources: unknown source(s) {unknown_sources}")
     student = _section(StudentSpec, dict(data.get("student", {})), "student")
     train = _section(TrainSpec, dict(data.get("train", {})), "train")
+    refine = _refine(dict(data.get("refine", {})), domain)
     budget = _section(BudgetSpec, dict(data.get("budget", {})), "budget")
     if budget.until is not None:
         parse_until(budget.until, 0.0)
@@ -280,7 +307,7 @@ def load_spec(path_or_dict: str | Path | dict, workdir: str | Path | None = None
     out = Path(workdir) if workdir is not None else (base / str(head.get("workdir", f"{name}.distill")))
     return DistillSpec(name=name, workdir=out.resolve(), seed=int(head.get("seed", 0)), teacher=teacher,
                        domain=domain, data=data_spec, student=student, train=train, budget=budget,
-                       validate=validate, source=source)
+                       validate=validate, source=source, refine=refine)
 
 
 def check_teacher_elements(spec: DistillSpec, supported: frozenset[int] | None) -> None:

@@ -1,8 +1,9 @@
 """Train: the student on the labelled shards, E0 fixed to the teacher's isolated atoms, in two stages.
 
-Stage 1 weights forces (``[train] stage1_weights``), stage 2 continues from stage 1's EMA weights with
-energies weighted at a low learning rate. Each stage is a :class:`geodite_sim.training.Trainer` run in
-``train/stage{1,2}/`` with mid-epoch checkpoints (``last.ckpt``, resumable bit for bit) and the
+Stage 1 weights forces (``[train] stage1_weights``); with ``[refine]``, the refine round's data is made
+from stage 1's errors (``refine.py``) and a force-weighted stage ``refine`` continues from stage 1's EMA weights
+on both rounds' data; stage 2 continues from the last of them with energies weighted at a low learning rate.
+Each stage is a :class:`geodite_sim.training.Trainer` run in ``train/<stage>/`` with mid-epoch checkpoints (``last.ckpt``, resumable bit for bit) and the
 wall-clock guard; a finished stage writes ``done.json`` with the hash of its exported weights.
 Training uses the training compositions only; the held-out ones (a fixed subset of at most
 ``VAL_PER_EPOCH`` structures) give the per-epoch validation line.
@@ -10,44 +11,16 @@ Training uses the training compositions only; the held-out ones (a fixed subset 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
-import torch
-from geodite_sim.workflows.distill.shards import read_shard
+from geodite_sim.workflows.distill.shards import load_samples, weights_hash
 from geodite_sim.workflows.distill.spec import BudgetExhausted
 
 from geodite_sim.training.data import Sample
 
 VAL_PER_EPOCH = 256
-
-
-def load_samples(workdir: Path) -> tuple[list[Sample], list[Sample]]:
-    """(training, held-out) samples of every labelled shard, in shard order."""
-    train, held = [], []
-    for path in sorted((workdir / "labels").glob("shard-*.h5")):
-        d = read_shard(path)
-        for i, atoms in enumerate(d.atoms):
-            stress = d.stress[i]
-            s = Sample(atoms=atoms, energy=float(d.energy[i]), forces=d.forces[i],
-                       stress=None if not np.isfinite(stress).all() else stress)
-            atoms.info["tag"] = d.tags[i]
-            (held if d.heldout[i] else train).append(s)
-    return train, held
-
-
-def weights_hash(path: Path) -> str:
-    """sha256 (16 hex) of a checkpoint's weights (state_dict tensors by name), independent of its metadata."""
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    h = hashlib.sha256()
-    for name in sorted(ck["state_dict"]):
-        t = ck["state_dict"][name]
-        if isinstance(t, torch.Tensor) and not name.startswith("SnapshotDecoder."):
-            h.update(name.encode())
-            h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _e0_array(manifest: dict) -> np.ndarray:
@@ -57,23 +30,29 @@ def _e0_array(manifest: dict) -> np.ndarray:
     return e0
 
 
-def _config(job, stage: int):
+STAGES = ("stage1", "refine", "stage2")
+
+
+def _config(job, stage: str):
     from geodite_sim.training.configs import TrainConfig
 
-    t = job.spec.train
-    epochs, lr, w = ((t.stage1_epochs, t.stage1_lr, t.stage1_weights) if stage == 1
-                     else (t.stage2_epochs, t.stage2_lr, t.stage2_weights))
-    return TrainConfig(epochs=epochs, batch_size=t.batch_size, lr=lr, warmup_steps=100 if stage == 1 else 0,
+    t, r = job.spec.train, job.spec.refine
+    epochs, lr, w = {"stage1": (t.stage1_epochs, t.stage1_lr, t.stage1_weights),
+                     "refine": (r.epochs, r.lr, t.stage1_weights),
+                     "stage2": (t.stage2_epochs, t.stage2_lr, t.stage2_weights)}[stage]
+    return TrainConfig(epochs=epochs, batch_size=t.batch_size, lr=lr, warmup_steps=100 if stage == "stage1" else 0,
                        ema_decay=t.ema_decay, energy_weight=w[0], forces_weight=w[1], stress_weight=w[2],
                        seed=job.spec.seed, dtype=t.dtype, checkpoint_every=t.checkpoint_every,
-                       log_every=max(1, t.checkpoint_every // 2), lr_min_factor=0.05 if stage == 1 else 0.1)
+                       log_every=max(1, t.checkpoint_every // 2), lr_min_factor=0.1 if stage == "stage2" else 0.05)
 
 
-def _run_stage(job, stage: int, train: list[Sample], val: list[Sample], init: Path | None) -> Path:
+def _run_stage(job, stage: str, train: list[Sample], val: list[Sample], init: Path | None) -> Path:
+    """One training stage in ``train/<stage>/`` (resumed from its ``last.ckpt``); returns its exported weights.
+    ``init=None``: a new student of the spec's architecture with E0 = the teacher's isolated atoms."""
     from geodite_sim.model.config import GeoditeConfig
     from geodite_sim.training.trainer import Trainer
 
-    folder = job.workdir / "train" / f"stage{stage}"
+    folder = job.workdir / "train" / stage
     export = folder / "student.ckpt"
     if (folder / "done.json").exists():
         return export
@@ -81,7 +60,7 @@ def _run_stage(job, stage: int, train: list[Sample], val: list[Sample], init: Pa
     config = _config(job, stage)
     if (folder / "last.ckpt").exists():
         trainer = Trainer.resume(folder / "last.ckpt", train, workdir=folder, val_samples=val, log=job.progress)
-    elif stage == 1:
+    elif init is None:
         st = job.spec.student
         model_config = GeoditeConfig(hidden_channels=st.hidden_channels, num_layers=st.num_layers,
                                      num_heads=st.num_heads, n_rbf=st.n_rbf, cutoff=st.cutoff, attn_dropout=0.0)
@@ -90,11 +69,12 @@ def _run_stage(job, stage: int, train: list[Sample], val: list[Sample], init: Pa
     else:
         trainer = Trainer(train, config=config, workdir=folder, init=init, val_samples=val,
                           preset=f"distill:{job.spec.name}", log=job.progress)
-    job.progress(f"train: stage {stage} ({'forces' if stage == 1 else 'energies'} weighted), epoch {trainer.epoch}/"
-            f"{config.epochs}")
+    weighted = "energies" if stage == "stage2" else "forces"
+    job.progress(f"train: {stage} ({weighted} weighted, {len(train)} structures), epoch {trainer.epoch}/"
+                 f"{config.epochs}")
     trainer.fit(deadline=job.deadline)
     if not trainer.finished:
-        raise BudgetExhausted(f"train: stage {stage} at epoch {trainer.epoch}, step {trainer.global_step}")
+        raise BudgetExhausted(f"train: {stage} at epoch {trainer.epoch}, step {trainer.global_step}")
     trainer.export(export)
     (folder / "done.json").write_text(json.dumps({"weights_hash": weights_hash(export), "epochs": trainer.epoch,
                                                   "steps": trainer.global_step, "history": trainer.history},
@@ -103,8 +83,11 @@ def _run_stage(job, stage: int, train: list[Sample], val: list[Sample], init: Pa
 
 
 def run_training(job) -> Path:
-    """Both stages; returns the last stage's exported EMA weights (:func:`.card.publish_student` makes them the
-    student)."""
+    """Stage 1 on round 0's data; with ``[refine]``, the refine round's data then a force-weighted stage on both
+    rounds; then stage 2 on all of it. Returns the last stage's exported EMA weights
+    (:func:`.card.publish_student` makes them the student). Validation each epoch: round 0's held-out set."""
+    from geodite_sim.workflows.distill.refine import FOLDER, run_refine
+
     train, held = load_samples(job.workdir)
     if not train:
         raise ValueError(f"{job.workdir}: no labelled training structures")
@@ -112,26 +95,34 @@ def run_training(job) -> Path:
     val = held[::stride][:VAL_PER_EPOCH]
     job.progress(f"train: {len(train)} structures ({sum(s.n_atoms for s in train)} atoms); "
                  f"{len(held)} held out ({len(val)} validated per epoch)")
-    stage1 = _run_stage(job, 1, train, val, None)
-    return _run_stage(job, 2, train, val, stage1) if job.spec.train.stage2_epochs > 0 else stage1
+    last = _run_stage(job, "stage1", train, val, None)
+    if job.spec.refine.structures > 0:
+        run_refine(job, last)
+        extra, _ = load_samples(job.workdir / FOLDER)
+        train = train + extra
+        last = _run_stage(job, "refine", train, val, last)
+    return _run_stage(job, "stage2", train, val, last) if job.spec.train.stage2_epochs > 0 else last
 
 
 def training_status(job) -> dict:
     """Epochs done per stage (from ``done.json`` / ``history.json``)."""
     out = {}
-    for stage in (1, 2):
-        folder = job.workdir / "train" / f"stage{stage}"
-        target = job.spec.train.stage1_epochs if stage == 1 else job.spec.train.stage2_epochs
+    targets = {"stage1": job.spec.train.stage1_epochs, "refine": job.spec.refine.epochs,
+               "stage2": job.spec.train.stage2_epochs}
+    for stage in STAGES:
+        if stage == "refine" and job.spec.refine.structures == 0:
+            continue
+        folder = job.workdir / "train" / stage
+        target = targets[stage]
         if (folder / "done.json").exists():
             info = json.loads((folder / "done.json").read_text())
-            out[f"stage{stage}"] = {"done": True, "epochs": info["epochs"], "of": target,
-                                    "weights_hash": info["weights_hash"]}
+            out[stage] = {"done": True, "epochs": info["epochs"], "of": target, "weights_hash": info["weights_hash"]}
         elif (folder / "history.json").exists():
             hist = json.loads((folder / "history.json").read_text())
             last = hist[-1] if hist else {}
-            out[f"stage{stage}"] = {"done": False, "epochs": len(hist), "of": target,
-                                    "val_energy_mae_meV": 1e3 * last.get("val_energy_mae", float("nan")),
-                                    "val_forces_mae_meV": 1e3 * last.get("val_forces_mae", float("nan"))}
+            out[stage] = {"done": False, "epochs": len(hist), "of": target,
+                          "val_energy_mae_meV": 1e3 * last.get("val_energy_mae", float("nan")),
+                          "val_forces_mae_meV": 1e3 * last.get("val_forces_mae", float("nan"))}
         else:
-            out[f"stage{stage}"] = {"done": False, "epochs": 0, "of": target}
+            out[stage] = {"done": False, "epochs": 0, "of": target}
     return out

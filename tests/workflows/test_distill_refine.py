@@ -1,0 +1,93 @@
+"""The error-targeted refine round: per-element errors against a known answer, the focus and the plan.
+
+The end-to-end path (stage 1 → refine data → refine stage → stage 2, interrupted and resumed bit for bit) runs in
+``test_distill.py``'s universal mode, whose spec has a ``[refine]`` section.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk
+from geodite_sim.workflows.distill import SpecError, load_spec
+from geodite_sim.workflows.distill.refine import MIN_ATOMS, choose_focus, element_errors, refine_plan
+
+from geodite_sim.evaluate import evaluate
+from geodite_sim.pair_potential import MorsePotential
+from geodite_sim.training.data import Sample
+from tests.conftest import MORSE
+from tests.workflows.test_distill import make_spec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_element_errors_recover_known_per_element_offsets():
+    """Labels = the model's own forces plus a known offset per element on one component: the per-element MAE
+    must be |offset| / 3 (the mean over an atom's three components), whatever the cell mixes."""
+    model = MorsePotential(**MORSE).to(torch.float64)
+    offsets = {29: 0.3, 47: 0.06, 79: 0.012}
+    structures = []
+    for i, (a, b) in enumerate([("Cu", "Ag"), ("Ag", "Au"), ("Cu", "Au"), ("Cu", "Cu")]):
+        atoms = bulk(a, "fcc", a=3.9, cubic=True).repeat((2, 1, 1))
+        atoms.symbols[1::2] = b
+        atoms.rattle(0.05, seed=i)
+        structures.append(atoms)
+    ref = evaluate(structures, model)
+    held = []
+    for atoms, r in zip(structures, ref):
+        forces = np.array(r["forces"])
+        forces[:, 1] += np.array([offsets[z] for z in atoms.numbers])
+        held.append(Sample(atoms=atoms, energy=r["energy"], forces=forces, stress=None))
+    errors = element_errors(model, held)
+    assert set(errors) == {"Cu", "Ag", "Au"}
+    for el, z in (("Cu", 29), ("Ag", 47), ("Au", 79)):
+        assert errors[el]["atoms"] == sum(int((a.numbers == z).sum()) for a in structures)
+        assert errors[el]["forces_mae"] == pytest.approx(offsets[z] / 3, rel=1e-9)
+
+
+def test_focus_takes_the_largest_errors_with_enough_atoms():
+    errors = {"Cu": {"atoms": 40, "forces_mae": 0.05}, "Ag": {"atoms": 40, "forces_mae": 0.20},
+              "Au": {"atoms": MIN_ATOMS - 1, "forces_mae": 9.0},  # too few atoms to act on
+              "Pd": {"atoms": 40, "forces_mae": 0.10}}
+    assert choose_focus(errors, 0.5, ("Cu", "Ag", "Au", "Pd")) == {"Ag": 0.20, "Pd": 0.10}
+    assert choose_focus(errors, 0.01, ("Cu", "Ag", "Au", "Pd")) == {"Ag": 0.20}
+    assert choose_focus(errors, 1.0, ("Cu", "Pd")) == {"Pd": 0.10, "Cu": 0.05}
+
+
+def test_refine_plan_targets_the_focus_in_proportion_and_is_new(tmp_path):
+    from geodite_sim.workflows.distill.generate import base_structure, plan
+
+    raw = make_spec("universal", tmp_path / "w")
+    raw["data"]["max_atoms"] = 12
+    raw["refine"] = {"structures": 300, "epochs": 1}
+    spec = load_spec(raw)
+    focus = {"Ag": 0.3, "Pd": 0.1}
+    bases = refine_plan(spec, focus)
+    assert bases == refine_plan(spec, focus)  # deterministic
+    assert not set(bases) & set(plan(spec))  # none repeats a round-0 base
+    per_el = {"Ag": 0, "Pd": 0}
+    for b in bases:
+        el = b.key[1] if b.kind in ("prototype", "pyxtal") else b.key[0]
+        per_el[el] += b.n_candidates
+        if b.kind == "prototype":
+            atoms = base_structure(b, spec, [])
+            assert atoms is None or el in atoms.get_chemical_symbols()
+    assert sum(per_el.values()) >= 300
+    assert 2.0 < per_el["Ag"] / per_el["Pd"] < 4.5  # ~3:1, the ratio of their errors (rounded per source)
+
+
+@pytest.mark.parametrize("refine", [{"structures": 5, "epochs": 0}, {"focus_fraction": 0.0},
+                                    {"structures": -1}, {"size": 3}])
+def test_bad_refine_sections_are_refused(refine, tmp_path):
+    raw = make_spec("universal", tmp_path / "w")
+    raw["refine"] = refine
+    with pytest.raises(SpecError, match="refine"):
+        load_spec(raw)
+
+
+def test_refine_needs_elements(tmp_path):
+    raw = make_spec("domain", tmp_path / "w")
+    raw["refine"] = {"structures": 10, "epochs": 1}
+    with pytest.raises(SpecError, match="elements"):
+        load_spec(raw)

@@ -1,0 +1,138 @@
+"""Refine: a second, error-targeted data round after training stage 1 (``[refine]`` in the spec).
+
+Rather than growing the data blindly, the stage-1 student (its exported EMA weights) is evaluated on the
+held-out structures and each element gets its own error: the mean |F_student - F_teacher| over the force
+components of *its* atoms (eV/Å) — an attribution a per-structure MAE cannot make for a multi-element cell.
+The ``focus_fraction`` of the elements with the largest error (at least ``MIN_ATOMS`` held-out atoms each)
+receive ``[refine] structures`` new structures, shared in proportion to their error and, per element, over
+the universal sources in the spec's proportions: its elemental and expanded cells, AFLOW prototypes
+decorated so that one species is the element, and pyxtal crystals of experimental compositions holding it
+(dimers are left out: round 0 already scans every pair on a fixed grid).
+
+The round's bases carry the element in their key, so their random streams — and therefore their structures —
+differ from round 0's; the held-out split is round 0's (by composition), so a held-out composition stays
+held out. Everything is fixed by the stage-1 weights and the seed: ``refine/focus.json`` records the
+per-element errors and the weights' hash; shards go to ``refine/labels/`` with their hashes in the
+manifest's ``"refine"`` entry, generated and labelled through the same batched paths as round 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+from ase.data import chemical_symbols
+from geodite_sim.workflows.distill import sources
+from geodite_sim.workflows.distill.generate import PER_BASE, Base, shards_of
+from geodite_sim.workflows.distill.shards import shard_name, write_record
+from geodite_sim.workflows.distill.spec import DistillSpec, SpecError
+
+from geodite_sim.progress import eta_after
+
+#: Elements with fewer held-out atoms than this are not ranked (their error is too noisy to act on).
+MIN_ATOMS = 8
+REFINE_KINDS = ("elemental", "expanded", "prototype", "pyxtal")
+FOLDER = "refine"
+
+
+def element_errors(student, held: list, batch_atoms: int = 2048) -> dict[str, dict]:
+    """Per element of the held-out samples: held-out atoms and the force MAE over their components (eV/Å)."""
+    from geodite_sim.evaluate import evaluate
+
+    out = evaluate([s.atoms for s in held], student, max_atoms=batch_atoms, allow_unsupported_elements=False)
+    total: dict[int, float] = {}
+    count: dict[int, int] = {}
+    for s, r in zip(held, out):
+        if r["error"] is not None:
+            continue
+        err = np.abs(np.asarray(r["forces"]) - s.forces).mean(axis=1)  # (n_atoms,) eV/Å
+        for z in np.unique(s.atoms.numbers):
+            mask = s.atoms.numbers == z
+            total[int(z)] = total.get(int(z), 0.0) + float(err[mask].sum())
+            count[int(z)] = count.get(int(z), 0) + int(mask.sum())
+    return {chemical_symbols[z]: {"atoms": count[z], "forces_mae": total[z] / count[z]} for z in sorted(count)}
+
+
+def choose_focus(errors: dict[str, dict], fraction: float, elements: tuple[str, ...]) -> dict[str, float]:
+    """{element: force MAE} of the ``fraction`` of ``elements`` with the largest error (ties by symbol)."""
+    ranked = sorted((el for el, e in errors.items() if el in elements and e["atoms"] >= MIN_ATOMS),
+                    key=lambda el: (-errors[el]["forces_mae"], el))
+    n = max(1, math.ceil(fraction * len(elements)))
+    return {el: errors[el]["forces_mae"] for el in ranked[:n]}
+
+
+def refine_plan(spec: DistillSpec, focus: dict[str, float]) -> list[Base]:
+    """The round's bases: ``spec.refine.structures`` candidates shared over the focus elements by error."""
+    shares = {k: spec.data.sources.get(k, 0.0) for k in REFINE_KINDS}
+    weight = sum(focus.values()) or 1.0
+    allowed = set(spec.domain.elements)
+    protos = sources.prototype_names(spec.data.max_atoms) if len(allowed) >= 2 else []
+    comps = [i for i, c in enumerate(sources.experimental_compositions()) if set(c) <= allowed and len(c) >= 2]
+    rng = np.random.default_rng([spec.seed, 11])
+    out: list[Base] = []
+    for el in sorted(focus):
+        budget = spec.refine.structures * focus[el] / weight
+        candidates = {"elemental": [(el, lat, "refine") for lat in sources.LATTICES],
+                      "expanded": [(el, lat, "refine") for lat in ("fcc", "bcc", "sc")],
+                      "prototype": [(p, el) for p in protos],
+                      "pyxtal": [(i, el) for i in comps if el in sources.experimental_compositions()[i]]}
+        norm = sum(shares[k] for k in REFINE_KINDS if candidates[k]) or 1.0  # kinds this element can have
+        for kind in REFINE_KINDS:
+            n = math.ceil(budget * shares[kind] / norm / PER_BASE[kind]) if candidates[kind] else 0
+            order = rng.permutation(len(candidates[kind])) if n else []
+            out.extend(Base(kind, candidates[kind][order[i % len(order)]] + ((i // len(order),) if i >= len(order)
+                                                                             else ()))
+                       for i in range(n))
+    order = np.random.default_rng([spec.seed, 12]).permutation(len(out))
+    return [out[i] for i in order]
+
+
+def focus_of(job, stage1_weights: Path) -> dict:
+    """``refine/focus.json``: the stage-1 student's per-element held-out errors and the focus elements (cached)."""
+    from geodite_sim.workflows.distill.shards import load_samples, weights_hash
+
+    from geodite_sim.model.checkpoint import load_checkpoint
+
+    path = job.workdir / FOLDER / "focus.json"
+    tag = weights_hash(stage1_weights)
+    if path.exists():
+        info = json.loads(path.read_text())
+        if info["weights_hash"] != tag:
+            raise SpecError(f"{path} was made from other stage-1 weights ({info['weights_hash']} vs {tag}): "
+                            f"remove {job.workdir / FOLDER} to redo the refine round")
+        return info
+    _, held = load_samples(job.workdir)
+    if not held:
+        raise SpecError("[refine] needs held-out structures (data heldout_fraction > 0) to find where the error is")
+    job.progress(f"refine: stage-1 student on {len(held)} held-out structures, per-element force error …")
+    errors = element_errors(load_checkpoint(stage1_weights), held, job.spec.teacher.batch_atoms)
+    focus = choose_focus(errors, job.spec.refine.focus_fraction, job.spec.domain.elements)
+    info = {"weights_hash": tag, "per_element": errors, "focus": focus,
+            "fingerprint": job.spec.fingerprint("refine")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_record(path, info)
+    job.log("refine: largest stage-1 held-out force errors (meV/Å): " +
+            ", ".join(f"{el} {1e3 * e:.0f}" for el, e in sorted(focus.items(), key=lambda kv: -kv[1])))
+    return info
+
+
+def run_refine(job, stage1_weights: Path) -> int:
+    """Generate and label the refine round's shards not yet on disk; returns the number of shards."""
+    if not job.spec.domain.elements:
+        raise SpecError("[refine] needs [domain] elements (it adds universal-mode structures)")
+    info = focus_of(job, stage1_weights)
+    shards = shards_of(refine_plan(job.spec, info["focus"]), job.spec.data.structures_per_shard)
+    folder = job.workdir / FOLDER
+    split, seeds = job.split()
+    todo = [k for k in range(len(shards)) if not (folder / "labels" / shard_name(k)).exists()]
+    t0 = time.time()
+    for n, k in enumerate(todo):
+        job._check_time(f"refine: before shard {k}")
+        labelled, digest, _ = job.produce_shard(shards[k], split, seeds, folder, k, 100_000 + k)
+        job._record_shard(k, labelled, digest, section=FOLDER)
+        job.progress(f"refine: shard {k + 1}/{len(shards)} labelled ({len(labelled)} structures, "
+                     f"{len(labelled.failures)} failed); {eta_after(n + 1, len(todo), time.time() - t0)}")
+    return len(shards)
