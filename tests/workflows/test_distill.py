@@ -148,6 +148,7 @@ def test_model_card_is_loaded(tmp_path, one_thread):
     assert card["data"]["refine"]["manifest_hash"] == refine["data_hash"] and card["data"]["refine"]["structures"] > 0
     assert [k for k in card["training"]] == ["stage1", "refine", "stage2"]
     assert all(stage["done"] for stage in card["training"].values())
+    assert "## Refine round" in (tmp_path / "w" / "report" / "report.md").read_text()
     focus = json.loads((tmp_path / "w" / "refine" / "focus.json").read_text())
     assert 1 <= len(focus["focus"]) <= 2 and set(focus["focus"]) <= {"Cu", "Ag", "Au", "Pd"}
     assert gs.load_model("geodite-reference-random").card is None

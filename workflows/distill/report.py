@@ -140,6 +140,22 @@ def _f(x, fmt=".3g") -> str:
     return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, fmt)
 
 
+def _refine_lines(job, m: dict) -> list[str]:
+    """The refine round's focus: the elements the stage-1 student got most wrong and the data added for them."""
+    focus_path = job.workdir / "refine" / "focus.json"
+    if not focus_path.exists():
+        return []
+    info = json.loads(focus_path.read_text())
+    shards = m.get("refine", {}).get("shards", {})
+    rows = [f"| {el} | {1e3 * e:.0f} | {info['per_element'][el]['atoms']} |"
+            for el, e in sorted(info["focus"].items(), key=lambda kv: -kv[1])]
+    return ["## Refine round (error-targeted data)", "",
+            f"{sum(s['structures'] for s in shards.values())} structures in {len(shards)} shards for the "
+            f"{len(info['focus'])} elements with the largest stage-1 held-out force error (of "
+            f"{len(info['per_element'])}):", "", "| element | stage-1 force MAE on its atoms (meV/Å) | held-out atoms |",
+            "|---|---|---|", *rows, ""]
+
+
 def markdown(job, checks: dict, metrics: dict) -> str:
     m = job.manifest()
     h = checks["heldout"]
@@ -157,6 +173,7 @@ def markdown(job, checks: dict, metrics: dict) -> str:
         lines.append(f"| {g} | {r['structures']} | {_f(r['energy_mae_meV_per_atom'])} | "
                      f"{_f(r['forces_mae_meV_per_A'])} | {_f(r['stress_mae'])} |")
     lines += ["", "![parity](parity.png)", ""]
+    lines += _refine_lines(job, m)
     if "volumes" in checks:
         v = checks["volumes"]
         lines += ["## Relaxed volume per atom, held-out crystals (fmax 0.01)", "",
