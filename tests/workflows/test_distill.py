@@ -32,7 +32,8 @@ def make_spec(mode: str, workdir: Path, seeds: list[str] | None = None) -> dict:
         "student": {"hidden_channels": 8, "num_layers": 1, "num_heads": 2, "n_rbf": 4, "cutoff": 4.0},
         "train": {"stage1_epochs": 2, "stage2_epochs": 1, "batch_size": 4, "checkpoint_every": 3},
         **({"refine": {"structures": 12, "focus_fraction": 0.5, "epochs": 1}} if mode == "universal" else {}),
-        "validate": {"relax_crystals": 1, "md_steps": 20, "speed_structures": 1, "long_md_ps": 0.02},
+        "validate": {"relax_crystals": 1, "md_steps": 20, "speed_structures": 1, "long_md_ps": 0.02,
+                     "structures": [str(EXAMPLES / "Cu_fcc.cif"), str(EXAMPLES / "NaCl_rocksalt.cif")]},
     }
 
 
@@ -149,6 +150,9 @@ def test_model_card_is_loaded(tmp_path, one_thread):
     assert [k for k in card["training"]] == ["stage1", "refine", "stage2"]
     assert all(stage["done"] for stage in card["training"].values())
     assert "## Refine round" in (tmp_path / "w" / "report" / "report.md").read_text()
+    sanity = json.loads((tmp_path / "w" / "report" / "report.json").read_text())["checks"]["sanity"]
+    assert sanity["structures"] == 1 and sanity["skipped"] == 1  # NaCl: outside the student's elements
+    assert card["metrics"]["user_structures_blown"] == f"{sanity['blown']}/1"
     focus = json.loads((tmp_path / "w" / "refine" / "focus.json").read_text())
     assert 1 <= len(focus["focus"]) <= 2 and set(focus["focus"]) <= {"Cu", "Ag", "Au", "Pd"}
     assert gs.load_model("geodite-reference-random").card is None

@@ -91,3 +91,31 @@ def test_refine_needs_elements(tmp_path):
     raw["refine"] = {"structures": 10, "epochs": 1}
     with pytest.raises(SpecError, match="elements"):
         load_spec(raw)
+
+
+def test_sanity_relaxations_flag_a_blown_volume(tmp_path):
+    """Student = teacher: every ratio is 1; a student whose bond length is 30 % longer blows every cell up;
+    an unreadable file gets its own row."""
+    from geodite_sim.workflows.distill.validate import sanity_relaxations
+
+    from tests.workflows.test_distill import EXAMPLES
+
+    bad = tmp_path / "broken.cif"
+    bad.write_text("not a cif\n")
+    files = [str(EXAMPLES / "Cu_fcc.cif"), str(EXAMPLES / "Ni_fcc.cif"), str(bad)]
+    teacher = MorsePotential(**MORSE).to(torch.float64)
+    same = sanity_relaxations(teacher, teacher, files)
+    assert same["structures"] == 2 and same["skipped"] == 1 and same["blown"] == 0
+    assert all(r["ratio"] == pytest.approx(1.0, abs=1e-6) for r in same["rows"] if "ratio" in r)
+    assert "unreadable" in same["rows"][2]["skipped"]
+    longer = MorsePotential(**{**MORSE, "r0": 1.3 * MORSE["r0"]}).to(torch.float64)
+    blown = sanity_relaxations(longer, teacher, files)
+    assert blown["blown"] == 2 and blown["within_10pct"] == 0
+    assert all(r["ratio"] == pytest.approx(1.3**3, rel=0.05) for r in blown["rows"] if "ratio" in r)
+
+
+def test_validate_structures_must_match_files(tmp_path):
+    raw = make_spec("universal", tmp_path / "w")
+    raw["validate"]["structures"] = [str(tmp_path / "nothing-*.cif")]
+    with pytest.raises(SpecError, match="matches no file"):
+        load_spec(raw)

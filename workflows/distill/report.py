@@ -78,6 +78,11 @@ def run_validation(job) -> dict:
     if crystals:
         checks["volumes"] = _cached(folder, "volumes", lambda: V.relaxed_volume_errors(student, teacher, crystals),
                                     job)
+    if spec.validate.structures:
+        import glob
+
+        files = sorted({f for pattern in spec.validate.structures for f in glob.glob(pattern)})
+        checks["sanity"] = _cached(folder, "sanity", lambda: V.sanity_relaxations(student, teacher, files), job)
     if spec.validate.dcdft:
         checks["dcdft"] = _cached(folder, "dcdft", lambda: V.dcdft_volumes(student, teacher), job)
     elements = V.element_symbols(student)
@@ -120,6 +125,8 @@ def headline(checks: dict) -> dict:
     if "volumes" in checks:
         v = checks["volumes"]
         out["volume_within_3pct"] = f"{v['within_3pct']}/{v['compared']}"
+    if "sanity" in checks:
+        out["user_structures_blown"] = f"{checks['sanity']['blown']}/{checks['sanity']['structures']}"
     if "dcdft" in checks:
         d = checks["dcdft"]
         out["dcdft_median_abs_pct"] = d["student"]["median_abs_pct"]
@@ -179,6 +186,16 @@ def markdown(job, checks: dict, metrics: dict) -> str:
         lines += ["## Relaxed volume per atom, held-out crystals (fmax 0.01)", "",
                   f"{v['within_3pct']} of {v['compared']} within 3 % of the teacher's; median |ΔV/V| "
                   f"{_f(v['median_abs_pct'])} %.", ""]
+    if "sanity" in checks:
+        c = checks["sanity"]
+        lines += ["## User-facing structures relaxed by both (demo, screening example, SSE cells; fmax 0.01)", "",
+                  f"{c['blown']} of {c['structures']} student relaxations blow up or collapse (fail, or V outside "
+                  f"{V.SANE_VOLUME_RATIO[0]}–{V.SANE_VOLUME_RATIO[1]} x the teacher's); {c['within_5pct']} of "
+                  f"{c['compared']} within 5 % of the teacher's volume, {c['within_10pct']} within 10 %; "
+                  f"{c['skipped']} skipped.", "", "| structure | atoms | V student / teacher | note |", "|---|---|---|---|"]
+        lines += [f"| {r['file']} | {r.get('atoms', '—')} | {_f(r.get('ratio'), '.3f')} | "
+                  f"{r.get('skipped') or ('**blown**' if r.get('blown') else '')} |" for r in c["rows"]]
+        lines.append("")
     if "dcdft" in checks:
         d = checks["dcdft"]
         lines += ["## Delta test (dcdft, WIEN2k PBE volumes)", "", "| model | accepted | median abs % | within 5 % |",

@@ -29,10 +29,11 @@ cannot compute is refused at spec time with a message naming it (:class:`SpecErr
 from __future__ import annotations
 
 import datetime as _dt
+import glob
 import hashlib
 import json
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,7 @@ class ValidateSpec:
     md_timestep: float = 1.0
     long_md_ps: float = 20.0  # domain mode: student-only NVT per material with the monitors on (0: skip)
     speed_structures: int = 8
+    structures: tuple[str, ...] = ()  # file globs (relative to the spec): relaxed by both, none may blow up
 
 
 @dataclass(frozen=True)
@@ -243,6 +245,15 @@ def _elements(names) -> tuple[str, ...]:
     return tuple(sorted(set(out), key=lambda e: atomic_numbers[e]))
 
 
+def _validate(data: dict, base: Path) -> ValidateSpec:
+    validate = _section(ValidateSpec, data, "validate")
+    patterns = tuple(str(base / p) if not Path(p).is_absolute() else p for p in validate.structures)
+    for pattern in patterns:
+        if not glob.glob(pattern):
+            raise SpecError(f"[validate] structures: {pattern!r} matches no file")
+    return replace(validate, structures=patterns)
+
+
 def _refine(data: dict, domain: DomainSpec) -> RefineSpec:
     refine = _section(RefineSpec, data, "refine")
     if refine.structures < 0 or refine.epochs < 0 or not 0.0 < refine.focus_fraction <= 1.0:
@@ -303,7 +314,7 @@ def load_spec(path_or_dict: str | Path | dict, workdir: str | Path | None = None
     budget = _section(BudgetSpec, dict(data.get("budget", {})), "budget")
     if budget.until is not None:
         parse_until(budget.until, 0.0)
-    validate = _section(ValidateSpec, dict(data.get("validate", {})), "validate")
+    validate = _validate(dict(data.get("validate", {})), base)
     out = Path(workdir) if workdir is not None else (base / str(head.get("workdir", f"{name}.distill")))
     return DistillSpec(name=name, workdir=out.resolve(), seed=int(head.get("seed", 0)), teacher=teacher,
                        domain=domain, data=data_spec, student=student, train=train, budget=budget,

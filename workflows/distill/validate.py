@@ -2,6 +2,7 @@
 
 - held-out compositions: energy (eV/atom), force (eV/Å), stress (eV/Å^3) MAE, overall and per element group;
 - relaxed volume per atom of held-out crystals (student vs teacher, ``relax_many`` fmax 0.01);
+- ``[validate] structures``: the user-facing structures relaxed by both (none may blow up or collapse);
 - Delta test (``ase.collections.dcdft``, WIEN2k PBE volumes) within the student's elements, teacher beside it;
 - diatomics metrics (student and teacher, the domain's elements);
 - speed per atom-step in the engine (NVE through ``run_md``, student and teacher alternating, same structures);
@@ -99,6 +100,48 @@ def relaxed_volume_errors(student, teacher, crystals: list[Atoms]) -> dict:
     return {"crystals": len(crystals), "compared": int(len(rel)),
             "within_3pct": int((np.abs(rel) <= 0.03).sum()),
             "median_abs_pct": 100 * float(np.median(np.abs(rel))) if len(rel) else None, "rows": rows}
+
+
+#: A student relaxation "blows up or collapses" when its volume leaves this range x the teacher's.
+SANE_VOLUME_RATIO = (0.75, 1.33)
+
+
+def sanity_relaxations(student, teacher, files: list[str]) -> dict:
+    """The structures users meet first (demo, screening example, SSE cells) relaxed by both models (fmax 0.01):
+    V_student / V_teacher per structure; a student relaxation that fails or leaves :data:`SANE_VOLUME_RATIO`
+    blows up or collapses. Unreadable files and unsupported elements get their own row, never a crash."""
+    from ase.io import read
+
+    from geodite_sim.model.contract import supported_elements
+
+    allowed = supported_elements(student)
+    rows: list[dict] = []
+    structures: list[Atoms] = []
+    for path in files:
+        name = Path(path).name
+        try:
+            atoms = read(path)
+        except Exception as exc:  # noqa: BLE001 - reported per file
+            rows.append({"file": name, "skipped": f"unreadable: {exc}"})
+            continue
+        missing = sorted({s for s, z in zip(atoms.get_chemical_symbols(), atoms.numbers)
+                          if allowed is not None and int(z) not in allowed})
+        if missing:
+            rows.append({"file": name, "skipped": f"elements {missing} outside the student's"})
+            continue
+        rows.append({"file": name, "atoms": len(atoms)})
+        structures.append(atoms)
+    vs, vt = _relaxed_volumes(structures, student), _relaxed_volumes(structures, teacher)
+    lo, hi = SANE_VOLUME_RATIO
+    for row, s, t in zip((r for r in rows if "skipped" not in r), vs, vt):
+        row.update(student=s, teacher=t, ratio=s / t if s is not None and t is not None else None)
+        row["blown"] = s is None or (row["ratio"] is not None and not lo <= row["ratio"] <= hi)
+    compared = [r for r in rows if r.get("ratio") is not None]
+    return {"structures": len(structures), "skipped": sum("skipped" in r for r in rows),
+            "blown": sum(bool(r.get("blown")) for r in rows),
+            "within_5pct": sum(abs(r["ratio"] - 1) <= 0.05 for r in compared),
+            "within_10pct": sum(abs(r["ratio"] - 1) <= 0.10 for r in compared), "compared": len(compared),
+            "rows": rows}
 
 
 def dcdft_volumes(student, teacher) -> dict:
