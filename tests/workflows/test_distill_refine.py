@@ -119,3 +119,26 @@ def test_validate_structures_must_match_files(tmp_path):
     raw["validate"]["structures"] = [str(tmp_path / "nothing-*.cif")]
     with pytest.raises(SpecError, match="matches no file"):
         load_spec(raw)
+
+
+def test_refine_round_refuses_other_settings_or_weights(tmp_path):
+    """A finished refine round is only reused by the spec and stage-1 weights that made it."""
+    import json
+
+    from geodite_sim.workflows.distill import Distillation, run_distill
+    from geodite_sim.workflows.distill.refine import focus_of
+
+    raw = make_spec("universal", tmp_path / "w")
+    raw["train"].update(stage1_epochs=1, stage2_epochs=0)
+    run_distill(load_spec(raw), stages=("data", "train"), log=lambda m: None)
+    stage1 = tmp_path / "w" / "train" / "stage1" / "student.ckpt"
+    job = Distillation(load_spec(raw), log=lambda m: None)
+    assert focus_of(job, stage1)["focus"]  # the cached round, reused
+    raw["refine"]["structures"] = 24
+    with pytest.raises(SpecError, match="other \\[refine\\] settings"):
+        focus_of(Distillation(load_spec(raw), log=lambda m: None), stage1)
+    path = tmp_path / "w" / "refine" / "focus.json"
+    info = json.loads(path.read_text())
+    path.write_text(json.dumps({**info, "weights_hash": "0" * 16}))
+    with pytest.raises(SpecError, match="other stage-1 weights"):
+        focus_of(job, stage1)

@@ -103,6 +103,9 @@ def focus_of(job, stage1_weights: Path) -> dict:
         if info["weights_hash"] != tag:
             raise SpecError(f"{path} was made from other stage-1 weights ({info['weights_hash']} vs {tag}): "
                             f"remove {job.workdir / FOLDER} to redo the refine round")
+        if info["fingerprint"] != job.spec.fingerprint("refine"):
+            raise SpecError(f"{job.workdir / FOLDER} holds a refine round of other [refine] settings: restore them, "
+                            f"or remove the folder (and train/refine, train/stage2) to redo the round")
         return info
     _, held = load_samples(job.workdir)
     if not held:
