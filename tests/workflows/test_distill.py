@@ -1,6 +1,6 @@
 """Distillation workflow end to end with a cheap teacher (Morse) and a tiny student, universal and domain mode.
 
-An interrupted run (killed inside the data stage, between stages, inside training and, in universal mode, inside
+An interrupted run (killed inside the data stage, between stages, inside training and inside
 the refine round's data) re-run to the end gives
 the same shard hashes and the same trained weights as an uninterrupted run; the same spec and seed always
 give the same shards and split; bad specs are refused before any work, a bad seed gets its own error.
@@ -31,7 +31,8 @@ def make_spec(mode: str, workdir: Path, seeds: list[str] | None = None) -> dict:
                  "md_frame_every": 10, "supercell_atoms": [4, 16], "heldout_fraction": 0.3},
         "student": {"hidden_channels": 8, "num_layers": 1, "num_heads": 2, "n_rbf": 4, "cutoff": 4.0},
         "train": {"stage1_epochs": 2, "stage2_epochs": 1, "batch_size": 4, "checkpoint_every": 3},
-        **({"refine": {"structures": 12, "focus_fraction": 0.5, "epochs": 1}} if mode == "universal" else {}),
+        "refine": ({"structures": 12, "focus_fraction": 0.5, "epochs": 1} if mode == "universal" else
+                   {"structures": 4, "epochs": 1, "md_steps": 20, "md_frame_every": 10}),
         "validate": {"relax_crystals": 1, "md_steps": 20, "speed_structures": 1, "long_md_ps": 0.02,
                      "structures": [str(EXAMPLES / "Cu_fcc.cif"), str(EXAMPLES / "NaCl_rocksalt.cif")]},
     }
@@ -111,23 +112,23 @@ def test_interrupted_run_equals_uninterrupted(mode, tmp_path, monkeypatch, one_t
     monkeypatch.setattr(Trainer, "train_step", real_step)
     assert (tmp_path / "b" / "train" / "stage1" / "last.ckpt").exists()
     assert not (tmp_path / "b" / "train" / "stage1" / "done.json").exists()
-    if mode == "universal":  # ... finishes stage 1, killed while labelling the refine round's first shard ...
-        def killed(*args, **kw):
-            raise Interrupt()
+    # ... finishes stage 1, killed while labelling the refine round's first shard ...
 
-        monkeypatch.setattr(label_mod, "label_shard", killed)
-        with pytest.raises(Interrupt):
-            run_distill(spec_b, stages=("data", "train"), log=_quiet)
-        monkeypatch.setattr(label_mod, "label_shard", real_label)
-        assert (tmp_path / "b" / "train" / "stage1" / "done.json").exists()
-        assert (tmp_path / "b" / "refine" / "focus.json").exists()
-        assert not list((tmp_path / "b" / "refine").glob("labels/*.h5"))
+    def killed(*args, **kw):
+        raise Interrupt()
+
+    monkeypatch.setattr(label_mod, "label_shard", killed)
+    with pytest.raises(Interrupt):
+        run_distill(spec_b, stages=("data", "train"), log=_quiet)
+    monkeypatch.setattr(label_mod, "label_shard", real_label)
+    assert (tmp_path / "b" / "train" / "stage1" / "done.json").exists()
+    assert (tmp_path / "b" / "refine" / "focus.json").exists()
+    assert not list((tmp_path / "b" / "refine").glob("labels/*.h5"))
     run_distill(spec_b, stages=("data", "train"), log=_quiet)
 
     assert shard_hashes(tmp_path / "b") == shard_hashes(tmp_path / "a")
-    if mode == "universal":
-        refine = [json.loads((tmp_path / w / "manifest.json").read_text())["refine"] for w in "ab"]
-        assert refine[0]["shards"] and refine[0] == refine[1]
+    refine = [json.loads((tmp_path / w / "manifest.json").read_text())["refine"] for w in "ab"]
+    assert refine[0]["shards"] and refine[0] == refine[1]
     assert final_weights(tmp_path / "b") == final_weights(tmp_path / "a")
     split_a = json.loads((tmp_path / "a" / "manifest.json").read_text())["shards"]
     split_b = json.loads((tmp_path / "b" / "manifest.json").read_text())["shards"]

@@ -86,11 +86,23 @@ def test_bad_refine_sections_are_refused(refine, tmp_path):
         load_spec(raw)
 
 
-def test_refine_needs_elements(tmp_path):
+def test_domain_refine_runs_follow_the_seed_errors(tmp_path):
+    """Domain mode: stage-1-student MD runs shared over the seeds by their held-out error (largest remainders),
+    numbered apart from round 0's runs, cycled over the temperatures."""
+    from geodite_sim.workflows.distill.generate import plan
+    from geodite_sim.workflows.distill.refine import REFINE_RUN_OFFSET, domain_refine_plan
+
     raw = make_spec("domain", tmp_path / "w")
-    raw["refine"] = {"structures": 10, "epochs": 1}
-    with pytest.raises(SpecError, match="elements"):
-        load_spec(raw)
+    raw["domain"]["temperatures"] = [600.0, 900.0]
+    raw["refine"] = {"structures": 100, "epochs": 1, "md_steps": 100, "md_frame_every": 10}  # 10 runs of 10 frames
+    spec = load_spec(raw)
+    bases = domain_refine_plan(spec, {0: 0.3, 1: 0.1, 2: 0.1})
+    assert bases == domain_refine_plan(spec, {0: 0.3, 1: 0.1, 2: 0.1})
+    assert len(bases) == 10 and all(b.kind == "seed_md" and b.n_candidates == 10 for b in bases)
+    runs = {i: [b for b in bases if b.key[0] == i] for i in range(3)}
+    assert [len(runs[i]) for i in range(3)] == [6, 2, 2]  # 10 x (0.6, 0.2, 0.2)
+    assert {b.key[1] for b in runs[0]} == {600.0, 900.0}
+    assert all(b.key[3] >= REFINE_RUN_OFFSET for b in bases) and not set(bases) & set(plan(spec))
 
 
 def test_sanity_relaxations_flag_a_blown_volume(tmp_path):
@@ -142,3 +154,26 @@ def test_refine_round_refuses_other_settings_or_weights(tmp_path):
     path.write_text(json.dumps({**info, "weights_hash": "0" * 16}))
     with pytest.raises(SpecError, match="other stage-1 weights"):
         focus_of(job, stage1)
+
+
+def test_a_stage_trained_from_other_weights_is_not_reused(tmp_path):
+    """Adding a [refine] round after stage 2 finished: stage 2 started from stage 1, not from the refine stage,
+    so it is refused (named) rather than silently kept; once removed, it is trained again from the refine stage."""
+    import shutil
+
+    from geodite_sim.workflows.distill import run_distill
+
+    raw = make_spec("universal", tmp_path / "w")
+    raw["train"].update(stage1_epochs=1, stage2_epochs=1)
+    raw.pop("refine")
+    run_distill(load_spec(raw), stages=("data", "train"), log=lambda m: None)
+    raw["refine"] = {"structures": 12, "epochs": 1}
+    with pytest.raises(SpecError, match="stage2 was trained from other weights"):
+        run_distill(load_spec(raw), stages=("data", "train"), log=lambda m: None)
+    shutil.rmtree(tmp_path / "w" / "train" / "stage2")
+    run_distill(load_spec(raw), stages=("data", "train"), log=lambda m: None)
+    import json
+
+    done = json.loads((tmp_path / "w" / "train" / "stage2" / "done.json").read_text())
+    refine = json.loads((tmp_path / "w" / "train" / "refine" / "done.json").read_text())
+    assert done["init_weights_hash"] == refine["weights_hash"]

@@ -62,9 +62,10 @@ def write_card(job, model, path: Path, metrics: dict | None) -> dict:
 
 def publish_student(job, weights: Path) -> Path:
     """``<workdir>/student.ckpt``: the trained ``weights`` with a model card (metrics added by the validation);
-    kept when it exists (the validation may have updated its card)."""
+    kept when it holds these weights (the validation may have updated its card), replaced when they changed
+    (e.g. a refine round was added after a first student)."""
     student = job.workdir / "student.ckpt"
-    if not student.exists():
+    if not student.exists() or weights_hash(student) != weights_hash(weights):
         tmp = student.with_name("student.ckpt.tmp")
         shutil.copyfile(weights, tmp)
         write_card(job, load_checkpoint(tmp), tmp, metrics=None)

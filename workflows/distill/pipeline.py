@@ -194,16 +194,20 @@ class Distillation:
         kept = [a for a in seeds if a is not None]
         return Split(self.spec, kept if self.spec.domain.seeds else None, self.bases), seeds
 
-    def produce_shard(self, bases: list, split: Split, seeds: list, folder: Path, k: int, md_index: int):
+    def produce_shard(self, bases: list, split: Split, seeds: list, folder: Path, k: int, md_index: int,
+                      spec: DistillSpec | None = None, driver=None):
         """Generate (cached in ``folder/candidates``) and label shard ``k`` into ``folder/labels``; returns
-        (labelled shard, its content hash, seconds spent generating)."""
+        (labelled shard, its content hash, seconds spent generating). ``spec``/``driver``: the settings and the
+        model that generate (default: this spec and the teacher; the refine round's MD uses the student);
+        labels always come from the teacher."""
         from geodite_sim.workflows.distill.candidates import generate_shard
         from geodite_sim.workflows.distill.label import label_shard
 
         cand_path = folder / "candidates" / shard_name(k)
         t_shard = time.time()
         if not cand_path.exists():
-            cands = generate_shard(self.spec, self.teacher, bases, split, seeds, self.workdir, md_index)
+            cands = generate_shard(spec or self.spec, driver if driver is not None else self.teacher, bases, split,
+                                   seeds, self.workdir, md_index)
             write_shard(cand_path, cands, labelled=False)
         t_gen = time.time() - t_shard
         self._check_time(f"data: before labelling shard {k}")

@@ -9,6 +9,12 @@ the universal sources in the spec's proportions: its elemental and expanded cell
 decorated so that one species is the element, and pyxtal crystals of experimental compositions holding it
 (dimers are left out: round 0 already scans every pair on a fixed grid).
 
+Domain mode (seed structures): the stage-1 student itself runs NVT on the seeds' supercells at the domain
+temperatures (``md_steps``, a frame every ``md_frame_every``), runs shared over the seeds in proportion to
+each seed's held-out force error; the teacher labels the frames. The student so visits what *it* gets wrong
+(a too high or too low barrier shows as configurations the teacher's MD did not sample), the classic
+active-learning round; frames of a held-out run's conditions (seed, temperature, variant) stay held out.
+
 The round's bases carry the element in their key, so their random streams — and therefore their structures —
 differ from round 0's; the held-out split is round 0's (by composition), so a held-out composition stays
 held out. Everything is fixed by the stage-1 weights and the seed: ``refine/focus.json`` records the
@@ -35,25 +41,50 @@ from geodite_sim.progress import eta_after
 #: Elements with fewer held-out atoms than this are not ranked (their error is too noisy to act on).
 MIN_ATOMS = 8
 REFINE_KINDS = ("elemental", "expanded", "prototype", "pyxtal")
+#: Refine MD runs are numbered from here (their random streams and MD seeds differ from round 0's).
+REFINE_RUN_OFFSET = 10_000
 FOLDER = "refine"
 
 
-def element_errors(student, held: list, batch_atoms: int = 2048) -> dict[str, dict]:
-    """Per element of the held-out samples: held-out atoms and the force MAE over their components (eV/Å)."""
+def atom_force_errors(student, held: list, batch_atoms: int = 2048) -> list[np.ndarray | None]:
+    """Per held-out sample: the mean |F_student - F_teacher| over each atom's components (eV/Å, shape (n,)),
+    None where the student failed."""
     from geodite_sim.evaluate import evaluate
 
     out = evaluate([s.atoms for s in held], student, max_atoms=batch_atoms, allow_unsupported_elements=False)
+    return [None if r["error"] is not None else np.abs(np.asarray(r["forces"]) - s.forces).mean(axis=1)
+            for s, r in zip(held, out)]
+
+
+def element_errors(student, held: list, batch_atoms: int = 2048,
+                   errors: list[np.ndarray | None] | None = None) -> dict[str, dict]:
+    """Per element of the held-out samples: held-out atoms and the force MAE over their components (eV/Å)."""
+    errors = atom_force_errors(student, held, batch_atoms) if errors is None else errors
     total: dict[int, float] = {}
     count: dict[int, int] = {}
-    for s, r in zip(held, out):
-        if r["error"] is not None:
+    for s, err in zip(held, errors):
+        if err is None:
             continue
-        err = np.abs(np.asarray(r["forces"]) - s.forces).mean(axis=1)  # (n_atoms,) eV/Å
         for z in np.unique(s.atoms.numbers):
             mask = s.atoms.numbers == z
             total[int(z)] = total.get(int(z), 0.0) + float(err[mask].sum())
             count[int(z)] = count.get(int(z), 0) + int(mask.sum())
     return {chemical_symbols[z]: {"atoms": count[z], "forces_mae": total[z] / count[z]} for z in sorted(count)}
+
+
+def seed_errors(held: list, errors: list[np.ndarray | None]) -> dict[int, dict]:
+    """Per seed structure (domain mode; from the ``seed_md:`` / ``seed_static:`` tags): held-out atoms and force
+    MAE (eV/Å)."""
+    total: dict[int, float] = {}
+    count: dict[int, int] = {}
+    for s, err in zip(held, errors):
+        tag = s.atoms.info.get("tag", "")
+        if err is None or not tag.startswith(("seed_md:", "seed_static:")):
+            continue
+        i = int(tag.split(":")[1])
+        total[i] = total.get(i, 0.0) + float(err.sum())
+        count[i] = count.get(i, 0) + len(err)
+    return {i: {"atoms": count[i], "forces_mae": total[i] / count[i]} for i in sorted(count)}
 
 
 def choose_focus(errors: dict[str, dict], fraction: float, elements: tuple[str, ...]) -> dict[str, float]:
@@ -90,6 +121,25 @@ def refine_plan(spec: DistillSpec, focus: dict[str, float]) -> list[Base]:
     return [out[i] for i in order]
 
 
+def domain_refine_plan(spec: DistillSpec, seed_focus: dict[int, float]) -> list[Base]:
+    """Domain mode: NVT runs of the stage-1 student on the seeds' supercells (frames labelled by the teacher),
+    ``spec.refine.structures`` frames in all, runs shared over the seeds in proportion to their held-out error
+    and cycled over the domain temperatures and supercell variants (the seed's composition, one vacancy)."""
+    r = spec.refine
+    frames = r.md_steps // r.md_frame_every
+    runs = math.ceil(r.structures / frames)
+    weight = sum(seed_focus.values()) or 1.0
+    quota = {i: runs * e / weight for i, e in seed_focus.items()}
+    share = {i: math.floor(q) for i, q in quota.items()}
+    for i in sorted(quota, key=lambda i: (share[i] - quota[i], i))[: runs - sum(share.values())]:
+        share[i] += 1  # largest remainders
+    temps = spec.domain.temperatures
+    out = [Base("seed_md", (i, float(temps[j % len(temps)]), (j // len(temps)) % 5, REFINE_RUN_OFFSET + j, frames))
+           for i in sorted(share) for j in range(share[i])]
+    order = np.random.default_rng([spec.seed, 13]).permutation(len(out))
+    return [out[k] for k in order]
+
+
 def focus_of(job, stage1_weights: Path) -> dict:
     """``refine/focus.json``: the stage-1 student's per-element held-out errors and the focus elements (cached)."""
     from geodite_sim.workflows.distill.shards import load_samples, weights_hash
@@ -111,30 +161,51 @@ def focus_of(job, stage1_weights: Path) -> dict:
     if not held:
         raise SpecError("[refine] needs held-out structures (data heldout_fraction > 0) to find where the error is")
     job.progress(f"refine: stage-1 student on {len(held)} held-out structures, per-element force error …")
-    errors = element_errors(load_checkpoint(stage1_weights), held, job.spec.teacher.batch_atoms)
-    focus = choose_focus(errors, job.spec.refine.focus_fraction, job.spec.domain.elements)
+    per_atom = atom_force_errors(load_checkpoint(stage1_weights), held, job.spec.teacher.batch_atoms)
+    errors = element_errors(None, held, errors=per_atom)
+    focus = choose_focus(errors, job.spec.refine.focus_fraction, job.spec.domain.elements) \
+        if job.spec.domain.elements else {}
+    per_seed = seed_errors(held, per_atom) if job.spec.domain.seeds else {}
     info = {"weights_hash": tag, "per_element": errors, "focus": focus,
+            "per_seed": {str(i): e for i, e in per_seed.items()},
             "fingerprint": job.spec.fingerprint("refine")}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_record(path, info)
-    job.log("refine: largest stage-1 held-out force errors (meV/Å): " +
-            ", ".join(f"{el} {1e3 * e:.0f}" for el, e in sorted(focus.items(), key=lambda kv: -kv[1])))
+    if focus:
+        job.log("refine: largest stage-1 held-out force errors (meV/Å): " +
+                ", ".join(f"{el} {1e3 * e:.0f}" for el, e in sorted(focus.items(), key=lambda kv: -kv[1])))
+    if per_seed:
+        job.log("refine: stage-1 held-out force error per seed (meV/Å): " +
+                ", ".join(f"seed {i} {1e3 * e['forces_mae']:.0f}" for i, e in per_seed.items()))
     return info
 
 
 def run_refine(job, stage1_weights: Path) -> int:
-    """Generate and label the refine round's shards not yet on disk; returns the number of shards."""
-    if not job.spec.domain.elements:
-        raise SpecError("[refine] needs [domain] elements (it adds universal-mode structures)")
+    """Generate and label the refine round's shards not yet on disk; returns the number of shards. Universal
+    shards first (teacher-relaxed bases of the focus elements), then domain shards (stage-1-student MD)."""
+    from dataclasses import replace
+
+    from geodite_sim.model.checkpoint import load_checkpoint
+
     info = focus_of(job, stage1_weights)
-    shards = shards_of(refine_plan(job.spec, info["focus"]), job.spec.data.structures_per_shard)
+    per_shard = job.spec.data.structures_per_shard
+    universal = shards_of(refine_plan(job.spec, info["focus"]), per_shard) if info["focus"] else []
+    seed_focus = {int(i): e["forces_mae"] for i, e in info.get("per_seed", {}).items()}
+    domain = shards_of(domain_refine_plan(job.spec, seed_focus), per_shard) if seed_focus else []
+    r = job.spec.refine
+    md_spec = replace(job.spec, data=replace(job.spec.data, md_steps=r.md_steps, md_frame_every=r.md_frame_every))
     folder = job.workdir / FOLDER
     split, seeds = job.split()
+    shards = [(b, job.spec, None) for b in universal] + [(b, md_spec, "student") for b in domain]
     todo = [k for k in range(len(shards)) if not (folder / "labels" / shard_name(k)).exists()]
+    student = load_checkpoint(stage1_weights) if any(shards[k][2] for k in todo) else None
     t0 = time.time()
     for n, k in enumerate(todo):
         job._check_time(f"refine: before shard {k}")
-        labelled, digest, _ = job.produce_shard(shards[k], split, seeds, folder, k, 100_000 + k)
+        bases, spec, driver = shards[k]
+        bases = [b for b in bases if not (b.kind.startswith("seed_") and seeds[b.key[0]] is None)]
+        labelled, digest, _ = job.produce_shard(bases, split, seeds, folder, k, REFINE_RUN_OFFSET * 10 + k,
+                                                spec=spec, driver=student if driver else None)
         job._record_shard(k, labelled, digest, section=FOLDER)
         job.progress(f"refine: shard {k + 1}/{len(shards)} labelled ({len(labelled)} structures, "
                      f"{len(labelled.failures)} failed); {eta_after(n + 1, len(todo), time.time() - t0)}")

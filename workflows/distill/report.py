@@ -61,7 +61,8 @@ def run_validation(job) -> dict:
     stamp = folder / "checks" / "weights.json"
     if stamp.exists() and json.loads(stamp.read_text()).get("weights_hash") != tag:
         for f in [*(folder / "checks").glob("*.json"), *folder.glob("*.ckpt"), *folder.glob("md-*.h5")]:
-            f.unlink()  # checks, MD checkpoints and trajectories of other weights
+            if not f.name.startswith("md-teacher."):  # the teacher's MD does not depend on the student
+                f.unlink()  # checks, MD checkpoints and trajectories of other weights
     stamp.parent.mkdir(parents=True, exist_ok=True)
     if not stamp.exists():
         write_record(stamp, {"weights_hash": tag})
@@ -148,19 +149,27 @@ def _f(x, fmt=".3g") -> str:
 
 
 def _refine_lines(job, m: dict) -> list[str]:
-    """The refine round's focus: the elements the stage-1 student got most wrong and the data added for them."""
+    """The refine round: the elements / seeds the stage-1 student got most wrong and the data added for them."""
     focus_path = job.workdir / "refine" / "focus.json"
     if not focus_path.exists():
         return []
     info = json.loads(focus_path.read_text())
     shards = m.get("refine", {}).get("shards", {})
-    rows = [f"| {el} | {1e3 * e:.0f} | {info['per_element'][el]['atoms']} |"
-            for el, e in sorted(info["focus"].items(), key=lambda kv: -kv[1])]
-    return ["## Refine round (error-targeted data)", "",
-            f"{sum(s['structures'] for s in shards.values())} structures in {len(shards)} shards for the "
-            f"{len(info['focus'])} elements with the largest stage-1 held-out force error (of "
-            f"{len(info['per_element'])}):", "", "| element | stage-1 force MAE on its atoms (meV/Å) | held-out atoms |",
-            "|---|---|---|", *rows, ""]
+    lines = ["## Refine round (error-targeted data)", "",
+             f"{sum(s['structures'] for s in shards.values())} structures in {len(shards)} shards.", ""]
+    if info["focus"]:
+        lines += [f"Universal structures for the {len(info['focus'])} elements with the largest stage-1 held-out "
+                  f"force error (of {len(info['per_element'])}):", "",
+                  "| element | stage-1 force MAE on its atoms (meV/Å) | held-out atoms |", "|---|---|---|"]
+        lines += [f"| {el} | {1e3 * e:.0f} | {info['per_element'][el]['atoms']} |"
+                  for el, e in sorted(info["focus"].items(), key=lambda kv: -kv[1])] + [""]
+    if info.get("per_seed"):
+        seeds = [a for a in job.relaxed_seeds()]
+        lines += ["Stage-1 student NVT frames labelled by the teacher, runs shared by each seed's held-out error:", "",
+                  "| seed | stage-1 force MAE (meV/Å) | held-out atoms |", "|---|---|---|"]
+        lines += [f"| {seeds[int(i)].get_chemical_formula() if seeds[int(i)] is not None else i} | "
+                  f"{1e3 * e['forces_mae']:.0f} | {e['atoms']} |" for i, e in info["per_seed"].items()] + [""]
+    return lines
 
 
 def markdown(job, checks: dict, metrics: dict) -> str:

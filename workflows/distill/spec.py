@@ -134,6 +134,8 @@ class RefineSpec:
     focus_fraction: float = 0.25  # of the elements: those with the largest stage-1 held-out force error
     epochs: int = 4  # force-weighted epochs on round 0 + refine data, from the stage-1 student
     lr: float = 1e-3
+    md_steps: int = 1000  # domain mode: each stage-1-student NVT run (frames labelled by the teacher)
+    md_frame_every: int = 50
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,7 @@ class DistillSpec:
         parts["teacher"].pop("batch_atoms", None)
         parts["teacher"].pop("device", None)
         if stage == "refine":
-            parts["refine"] = {k: v for k, v in given(self.refine).items() if k in ("structures", "focus_fraction")}
+            parts["refine"] = {k: v for k, v in given(self.refine).items() if k not in ("epochs", "lr")}
         if stage == "train":
             parts.update(student=given(self.student), train=given(self.train))
             parts["train"].pop("checkpoint_every", None)
@@ -260,8 +262,8 @@ def _refine(data: dict, domain: DomainSpec) -> RefineSpec:
         raise SpecError("[refine] structures and epochs must be >= 0 and focus_fraction in (0, 1]")
     if refine.structures > 0 and refine.epochs == 0:
         raise SpecError("[refine] structures > 0 needs epochs > 0 (the refine data is trained on in its own stage)")
-    if refine.structures > 0 and not domain.elements:
-        raise SpecError("[refine] needs [domain] elements: the round adds universal-mode structures of them")
+    if refine.md_steps < 1 or not 1 <= refine.md_frame_every <= refine.md_steps:
+        raise SpecError("[refine] md_steps must be >= 1 and md_frame_every in 1..md_steps")
     return refine
 
 

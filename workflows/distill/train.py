@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from geodite_sim.workflows.distill.shards import load_samples, weights_hash
-from geodite_sim.workflows.distill.spec import BudgetExhausted
+from geodite_sim.workflows.distill.spec import BudgetExhausted, SpecError
 
 from geodite_sim.training.data import Sample
 
@@ -54,7 +54,12 @@ def _run_stage(job, stage: str, train: list[Sample], val: list[Sample], init: Pa
 
     folder = job.workdir / "train" / stage
     export = folder / "student.ckpt"
+    start = weights_hash(init) if init is not None else None
     if (folder / "done.json").exists():
+        made_from = json.loads((folder / "done.json").read_text()).get("init_weights_hash", start)
+        if made_from != start:
+            raise SpecError(f"{folder} was trained from other weights ({made_from}, now {start}: a stage before it "
+                            f"changed, e.g. a [refine] round was added): remove {folder} to train it again")
         return export
     folder.mkdir(parents=True, exist_ok=True)
     config = _config(job, stage)
@@ -76,7 +81,8 @@ def _run_stage(job, stage: str, train: list[Sample], val: list[Sample], init: Pa
     if not trainer.finished:
         raise BudgetExhausted(f"train: {stage} at epoch {trainer.epoch}, step {trainer.global_step}")
     trainer.export(export)
-    (folder / "done.json").write_text(json.dumps({"weights_hash": weights_hash(export), "epochs": trainer.epoch,
+    (folder / "done.json").write_text(json.dumps({"weights_hash": weights_hash(export), "init_weights_hash": start,
+                                                  "epochs": trainer.epoch,
                                                   "steps": trainer.global_step, "history": trainer.history},
                                                  indent=1))
     return export
