@@ -75,6 +75,14 @@ def run_validation(job) -> dict:
 
     checks = {"heldout": _cached(folder, "heldout", heldout, job)}
     seeds = [a for a in job.relaxed_seeds() if a is not None]
+    # domain mode's MD comparison first: it decides most (the teacher's trajectory survives a new student)
+    if seeds and spec.validate.md_steps > 0:
+        from geodite_sim.workflows.distill.generate import supercell_repeats
+
+        cells = [a.repeat(supercell_repeats(a, *spec.data.supercell_atoms)[-1]) for a in seeds]
+        checks["md"] = _cached(folder, "md", lambda: V.md_comparison(
+            student, teacher, cells, spec.domain.temperatures[0], spec.validate.md_steps,
+            spec.validate.md_timestep, folder), job)
     crystals = V.pick_crystals(held, spec.validate.relax_crystals)
     if crystals:
         checks["volumes"] = _cached(folder, "volumes", lambda: V.relaxed_volume_errors(student, teacher, crystals),
@@ -95,13 +103,6 @@ def run_validation(job) -> dict:
     speed_set = (seeds or crystals or [s.atoms for s in held])[: spec.validate.speed_structures]
     if speed_set:
         checks["speed"] = _cached(folder, "speed", lambda: V.speed(student, teacher, speed_set), job)
-    if seeds and spec.validate.md_steps > 0:
-        from geodite_sim.workflows.distill.generate import supercell_repeats
-
-        cells = [a.repeat(supercell_repeats(a, *spec.data.supercell_atoms)[-1]) for a in seeds]
-        checks["md"] = _cached(folder, "md", lambda: V.md_comparison(
-            student, teacher, cells, spec.domain.temperatures[0], spec.validate.md_steps,
-            spec.validate.md_timestep, folder), job)
     if seeds and spec.validate.long_md_ps > 0:
         from geodite_sim.workflows.distill.generate import supercell_repeats
 
