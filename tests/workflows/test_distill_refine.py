@@ -177,3 +177,30 @@ def test_a_stage_trained_from_other_weights_is_not_reused(tmp_path):
     done = json.loads((tmp_path / "w" / "train" / "stage2" / "done.json").read_text())
     refine = json.loads((tmp_path / "w" / "train" / "refine" / "done.json").read_text())
     assert done["init_weights_hash"] == refine["weights_hash"]
+
+
+def test_absurd_teacher_labels_are_left_out(tmp_path):
+    """A finite but absurd label (energy 1e20 eV, or a 1e4 eV/Å force) is neither trained nor validated on."""
+    import shutil
+
+    import h5py
+    from geodite_sim.workflows.distill import Distillation, run_distill
+    from geodite_sim.workflows.distill.shards import load_samples
+
+    spec = load_spec(make_spec("universal", tmp_path / "w"))
+    run_distill(spec, stages=("data",), log=lambda m: None)
+    job = Distillation(spec, log=lambda m: None)
+    train, held = job.samples()
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "w" / "labels", copy / "labels")
+    first = sorted((copy / "labels").glob("*.h5"))[0]
+    with h5py.File(first, "r+") as f:
+        f["energy"][0] = 1e20
+        f["forces"][0, 0] = 1e4 if f["offsets"][1] > 1 else 0.0
+        f["forces"][f["offsets"][1], 1] = 1e4  # the second structure's first atom
+    excluded: list[str] = []
+    e0 = {int(z): e for z, e in job.manifest()["e0"].items()}
+    t2, h2 = load_samples(copy, spec.train.label_limits, e0, excluded)
+    assert len(excluded) == 2 and len(t2) + len(h2) == len(train) + len(held) - 2
+    t3, h3 = load_samples(copy)  # no limits: everything
+    assert len(t3) + len(h3) == len(train) + len(held)

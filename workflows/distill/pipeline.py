@@ -33,7 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from geodite_sim.workflows.distill.generate import Split, plan, shards_of
-from geodite_sim.workflows.distill.shards import read_shard, shard_hash, shard_name, write_record, write_shard
+from geodite_sim.workflows.distill.shards import (
+    load_samples,
+    read_shard,
+    shard_hash,
+    shard_name,
+    write_record,
+    write_shard,
+)
 from geodite_sim.workflows.distill.spec import (
     BudgetExhausted,
     DistillSpec,
@@ -86,6 +93,17 @@ class Distillation:
             self._teacher = load_teacher(self.spec.teacher)
             check_teacher_elements(self.spec, supported_elements(self._teacher))
         return self._teacher
+
+    def samples(self, folder: Path | None = None, report: bool = False) -> tuple[list, list]:
+        """(training, held-out) samples of ``folder`` (default: round 0's), teacher labels beyond ``[train]``'s
+        limits left out (``report``: say how many)."""
+        excluded: list[str] = []
+        e0 = {int(z): e for z, e in self.manifest().get("e0", {}).items()}
+        out = load_samples(folder or self.workdir, self.spec.train.label_limits, e0, excluded)
+        if report and excluded:
+            self.log(f"{len(excluded)} structures left out: teacher labels beyond [train] max_energy_per_atom / "
+                     f"max_force / max_stress (e.g. {', '.join(excluded[:3])})")
+        return out
 
     def manifest(self) -> dict:
         path = self.workdir / MANIFEST

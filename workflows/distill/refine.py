@@ -142,7 +142,7 @@ def domain_refine_plan(spec: DistillSpec, seed_focus: dict[int, float]) -> list[
 
 def focus_of(job, stage1_weights: Path) -> dict:
     """``refine/focus.json``: the stage-1 student's per-element held-out errors and the focus elements (cached)."""
-    from geodite_sim.workflows.distill.shards import load_samples, weights_hash
+    from geodite_sim.workflows.distill.shards import weights_hash
 
     from geodite_sim.model.checkpoint import load_checkpoint
 
@@ -157,7 +157,7 @@ def focus_of(job, stage1_weights: Path) -> dict:
             raise SpecError(f"{job.workdir / FOLDER} holds a refine round of other [refine] settings: restore them, "
                             f"or remove the folder (and train/refine, train/stage2) to redo the round")
         return info
-    _, held = load_samples(job.workdir)
+    _, held = job.samples()
     if not held:
         raise SpecError("[refine] needs held-out structures (data heldout_fraction > 0) to find where the error is")
     job.progress(f"refine: stage-1 student on {len(held)} held-out structures, per-element force error …")

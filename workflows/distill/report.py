@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from geodite_sim.workflows.distill import validate as V
 from geodite_sim.workflows.distill.card import write_card
-from geodite_sim.workflows.distill.shards import load_samples, weights_hash, write_record
+from geodite_sim.workflows.distill.shards import weights_hash, write_record
 
 
 def _cached(folder: Path, name: str, compute, job) -> dict:
@@ -66,7 +66,7 @@ def run_validation(job) -> dict:
     stamp.parent.mkdir(parents=True, exist_ok=True)
     if not stamp.exists():
         write_record(stamp, {"weights_hash": tag})
-    _, held = load_samples(job.workdir)
+    _, held = job.samples()
 
     def heldout():
         r = V.heldout_errors(student, held, spec.teacher.batch_atoms)

@@ -142,13 +142,28 @@ def write_record(path: Path, data: dict) -> None:
     write_json(path, data, sort_keys=True, default=str)
 
 
-def load_samples(workdir: Path) -> tuple[list[Sample], list[Sample]]:
-    """(training, held-out) samples of every labelled shard, in shard order."""
+def load_samples(workdir: Path, limits: tuple[float, float, float] | None = None, e0: dict[int, float] | None = None,
+                 excluded: list[str] | None = None) -> tuple[list[Sample], list[Sample]]:
+    """(training, held-out) samples of every labelled shard, in shard order.
+
+    ``limits = (energy eV/atom, force eV/Å, stress eV/Å^3)``: a structure whose teacher labels exceed them —
+    |E - sum E0| / N (``e0``: isolated-atom energies by Z), the largest force or stress component — is left
+    out (its tag appended to ``excluded``): a teacher far outside its data can return finite nonsense
+    (SevenNet-0 gives elemental F in compressed bcc cells 1e22 eV/atom), and one such label swamps the loss
+    normalisation."""
     train, held = [], []
     for path in sorted((workdir / "labels").glob("shard-*.h5")):
         d = read_shard(path)
         for i, atoms in enumerate(d.atoms):
             stress = d.stress[i]
+            if limits is not None:
+                e_ref = sum(e0[int(z)] for z in atoms.numbers) if e0 else 0.0
+                s_max = float(np.abs(stress).max()) if np.isfinite(stress).all() else 0.0
+                if (abs(float(d.energy[i]) - e_ref) / len(atoms) > limits[0] or float(np.abs(d.forces[i]).max(
+                        initial=0.0)) > limits[1] or s_max > limits[2]):
+                    if excluded is not None:
+                        excluded.append(d.tags[i])
+                    continue
             s = Sample(atoms=atoms, energy=float(d.energy[i]), forces=d.forces[i],
                        stress=None if not np.isfinite(stress).all() else stress)
             atoms.info["tag"] = d.tags[i]

@@ -124,6 +124,14 @@ class TrainSpec:
     ema_decay: float = 0.995
     checkpoint_every: int = 200  # optimizer steps between mid-epoch checkpoints
     dtype: str = "float32"
+    # teacher labels beyond these are neither trained nor validated on (shards.load_samples)
+    max_energy_per_atom: float = 20.0  # eV/atom above (or below) the isolated atoms
+    max_force: float = 50.0  # eV/Å, largest component
+    max_stress: float = 5.0  # eV/Å^3, largest component (800 GPa)
+
+    @property
+    def label_limits(self) -> tuple[float, float, float]:
+        return self.max_energy_per_atom, self.max_force, self.max_stress
 
 
 @dataclass(frozen=True)

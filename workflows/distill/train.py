@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from geodite_sim.workflows.distill.shards import load_samples, weights_hash
+from geodite_sim.workflows.distill.shards import weights_hash
 from geodite_sim.workflows.distill.spec import BudgetExhausted, SpecError
 
 from geodite_sim.training.data import Sample
@@ -94,7 +94,7 @@ def run_training(job) -> Path:
     (:func:`.card.publish_student` makes them the student). Validation each epoch: round 0's held-out set."""
     from geodite_sim.workflows.distill.refine import FOLDER, run_refine
 
-    train, held = load_samples(job.workdir)
+    train, held = job.samples(report=True)
     if not train:
         raise ValueError(f"{job.workdir}: no labelled training structures")
     stride = max(1, len(held) // VAL_PER_EPOCH)
@@ -104,7 +104,7 @@ def run_training(job) -> Path:
     last = _run_stage(job, "stage1", train, val, None)
     if job.spec.refine.structures > 0:
         run_refine(job, last)
-        extra, _ = load_samples(job.workdir / FOLDER)
+        extra, _ = job.samples(job.workdir / FOLDER, report=True)
         train = train + extra
         last = _run_stage(job, "refine", train, val, last)
     return _run_stage(job, "stage2", train, val, last) if job.spec.train.stage2_epochs > 0 else last
