@@ -165,7 +165,7 @@ def _refine_lines(job, m: dict) -> list[str]:
         lines += [f"| {el} | {1e3 * e:.0f} | {info['per_element'][el]['atoms']} |"
                   for el, e in sorted(info["focus"].items(), key=lambda kv: -kv[1])] + [""]
     if info.get("per_seed"):
-        seeds = [a for a in job.relaxed_seeds()]
+        seeds = job.relaxed_seeds()
         lines += ["Stage-1 student NVT frames labelled by the teacher, runs shared by each seed's held-out error:", "",
                   "| seed | stage-1 force MAE (meV/Å) | held-out atoms |", "|---|---|---|"]
         lines += [f"| {seeds[int(i)].get_chemical_formula() if seeds[int(i)] is not None else i} | "
