@@ -18,10 +18,17 @@ Layout (h5py)::
         attrs: index, label, formula, n_atoms, temperature_K, target_steps, seed, status
                ("running" | "done" | "failed"), error, n_steps
 
-Per-frame datasets are chunked along T and gzip-compressed (with shuffle). Frames are
-buffered per system and written in blocks; the file is flushed after every block, so a
-killed run leaves a readable file. On restart, datasets are truncated back to the frame
-counts recorded in the checkpoint and then appended to.
+Per-frame datasets are chunked along T and stored uncompressed. Frames are buffered per system and
+written in blocks; the file is flushed after every block, so a killed run leaves a readable file. On
+restart, datasets are truncated back to the frame counts recorded in the checkpoint and then appended to.
+
+Why uncompressed: an uncompressed chunk has a fixed size, so HDF5 writes it in place and a partly filled
+chunk that is completed later keeps the same bytes for the frames it already held. A compressed chunk
+changes size when frames are appended, so HDF5 frees it and writes it elsewhere — possibly over the space
+just freed; a SIGKILL between the two leaves the index pointing at half-written bytes ("filter returned
+failure during read") and frames that a checkpoint counted are lost. gzip saved only ~20 % on MD
+positions (float32 noise in the low bits). ``compression="gzip"`` remains available for runs that are
+never interrupted.
 """
 
 from __future__ import annotations
@@ -56,18 +63,21 @@ class TrajectoryWriter:
         float_dtype: dtype of positions/momenta/cell datasets.
         block: frames buffered per system before they are written.
         save_momenta: also store momenta.
+        compression: None (default: kill-safe, see the module docstring) or an h5py filter such as "gzip".
+        compression_opts: the filter's level.
     """
 
     def __init__(self, path: str | Path, attrs: dict, restart_frames: dict[int, int] | None = None,
                  float_dtype=np.float32, block: int = 64, save_momenta: bool = False,
-                 compression: str = "gzip", compression_opts: int = 4):
+                 compression: str | None = None, compression_opts: int = 4):
         import h5py
 
         self.path = str(path)
         self.float_dtype = np.dtype(float_dtype)
         self.block = int(block)
         self.save_momenta = save_momenta
-        self._comp = dict(compression=compression, compression_opts=compression_opts, shuffle=True)
+        self._comp = (dict(compression=compression, compression_opts=compression_opts, shuffle=True)
+                      if compression else {})
         self._buffers: dict[int, list[dict]] = {}
         self._written: dict[int, int] = {}
         if restart_frames is None:
@@ -115,10 +125,10 @@ class TrajectoryWriter:
                 g.create_dataset("momenta", shape=(0, n, 3), maxshape=(None, n, 3), dtype=self.float_dtype,
                                  chunks=(chunk, n, 3), **self._comp)
             g.create_dataset("cell", shape=(0, 3, 3), maxshape=(None, 3, 3), dtype=self.float_dtype,
-                             chunks=(256, 3, 3), **self._comp)
+                             chunks=(64, 3, 3), **self._comp)
             for key in _SCALARS:
-                g.create_dataset(key, shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(1024,), **self._comp)
-            g.create_dataset("step", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(1024,), **self._comp)
+                g.create_dataset(key, shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(256,), **self._comp)
+            g.create_dataset("step", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(256,), **self._comp)
         for k, v in attrs.items():
             g.attrs[k] = _attr(v)
         g.attrs["status"] = "running"

@@ -74,6 +74,12 @@ class Frames:
         """:func:`~geodite_sim.analysis.rdf.compute_rdf` of these frames."""
         return compute_rdf(self.positions, self.cells, self.numbers, **kw)
 
+    def halves(self) -> tuple[Frames, Frames]:
+        """The first and the second half of the frames (an odd middle frame goes to the second)."""
+        h = len(self) // 2
+        return (Frames(self.positions[:h], self.cells[:h], self.numbers, self.masses, self.times_fs[:h], self.label),
+                Frames(self.positions[h:], self.cells[h:], self.numbers, self.masses, self.times_fs[h:], self.label))
+
     def msd(self, **kw) -> MSDResult:
         """:func:`~geodite_sim.analysis.msd.compute_msd` of these frames."""
         return compute_msd(self.positions, self.cells, self.numbers, self.frame_interval_fs,

@@ -159,6 +159,25 @@ def test_overlap_scores_identity_heating_strain():
     assert heated.score == min(heated.pair_scores.values())
 
 
+def test_halves_score_measures_sampling_noise():
+    """Frames.halves: the first vs the second half of one stationary run scores below 1 by sampling noise only,
+    and closer to 1 the more frames there are (the distill report's resolution of its RDF check)."""
+    from geodite_sim.analysis import Frames
+
+    atoms = bulk("NaCl", "rocksalt", 5.64, cubic=True) * (2, 2, 2)
+
+    def halves_score(n_frames):
+        pos, cells, numbers = stack(einstein_frames(atoms, 0.12, n_frames, seed=5))
+        fr = Frames(pos, cells, numbers, np.ones(len(numbers)), np.arange(n_frames) * 10.0)
+        a, b = fr.halves()
+        assert len(a) + len(b) == n_frames and np.array_equal(np.concatenate([a.positions, b.positions]), pos)
+        return compare_rdfs(a.rdf(), b.rdf()).score
+
+    short, long = halves_score(8), halves_score(128)
+    assert short < long < 1.0
+    assert 1 - long < 0.5 * (1 - short)  # noise ~ 1/sqrt(frames): 16x the frames, ~1/4 the distance from 1
+
+
 def test_overlap_score_limits():
     g = np.array([0.0, 1.0, 2.0, 1.0])
     assert overlap_score(g, g) == 1.0
@@ -213,7 +232,7 @@ def test_diffusion_of_random_walk_trajectory_file(tmp_path):
     frac = true @ np.linalg.inv(cell)
     wrapped = (frac - np.floor(frac)) @ cell
     path = tmp_path / "walk.h5"
-    w = TrajectoryWriter(path, {"timestep_fs": 1.5, "frame_every": 10}, block=256, compression_opts=1)
+    w = TrajectoryWriter(path, {"timestep_fs": 1.5, "frame_every": 10}, block=256)
     w.add_system(0, numbers, np.where(numbers == 3, 6.94, 126.9), np.ones(3, bool), {"label": "walk"})
     for t in range(len(wrapped)):
         w.add_frame(0, {"positions": wrapped[t], "cell": cell, "energy": 0.0, "kinetic_energy": 0.0,

@@ -43,8 +43,7 @@ def write_h5(path, wrapped, numbers, masses, dt_fs: float, temperature_K: float 
     """Write frames as a geodite_sim HDF5 trajectory (one system, a frame every step of ``dt_fs``)."""
     from geodite_sim.trajectory import TrajectoryWriter
 
-    w = TrajectoryWriter(path, {"timestep_fs": dt_fs, "frame_every": 1}, block=512, float_dtype=float_dtype,
-                         compression_opts=1)
+    w = TrajectoryWriter(path, {"timestep_fs": dt_fs, "frame_every": 1}, block=512, float_dtype=float_dtype)
     w.add_system(0, numbers, masses, np.ones(3, bool), {"label": "synthetic", "temperature_K": temperature_K})
     for t in range(len(wrapped)):
         w.add_frame(0, {"positions": wrapped[t], "cell": CELL, "energy": 0.0, "kinetic_energy": 0.0,

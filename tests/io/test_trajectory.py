@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
 import h5py
 import numpy as np
 import pytest
@@ -35,7 +41,7 @@ def test_layout_and_roundtrip(morse, tmp_path):
         assert sorted(f["systems"].keys(), key=int) == ["0", "1", "2"]
         g = f["systems/1"]
         assert g["positions"].shape == (6, 8, 3) and g["positions"].dtype == np.float64
-        assert g["positions"].chunks is not None and g["positions"].compression == "gzip"
+        assert g["positions"].chunks is not None and g["positions"].compression is None  # kill-safe
         for key in ("cell", "energy", "kinetic_energy", "temperature", "conserved", "step", "momenta"):
             assert g[key].shape[0] == 6, key
         assert list(g["step"][()]) == [0, 5, 10, 15, 20, 25]
@@ -80,6 +86,54 @@ def test_writer_truncates_on_restart(tmp_path):
     info = trajectory_systems(path)
     assert [(d["index"], d["frames"]) for d in info] == [(0, 3), (1, 5)]
     assert read_trajectory(path, system=0)[-1].info["step"] == 2
+
+
+KILLED_WRITER = """
+    import sys
+    import numpy as np
+    from geodite_sim.trajectory import TrajectoryWriter
+    w = TrajectoryWriter(sys.argv[1], {}, block=5)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        w.add_system(i, np.ones(40, int), np.ones(40), np.ones(3, bool), {})
+    step = 0
+    while True:
+        for i in range(3):
+            w.add_frame(i, dict(positions=rng.normal(size=(40, 3)) + step, cell=np.eye(3) * step, energy=step,
+                                kinetic_energy=step, temperature=step, conserved=step, step=step))
+        step += 1
+        if step % 7 == 0:  # a checkpoint: everything so far is written and flushed
+            w.flush()
+            print(step, flush=True)
+"""
+
+
+def test_sigkill_while_writing_keeps_flushed_frames(tmp_path):
+    """SIGKILL a writer at random moments while it appends: every frame flushed before the kill reads back.
+
+    With gzip chunks (the old default) 9 of 15 such kills left "filter returned failure during read"."""
+    script = tmp_path / "writer.py"
+    script.write_text(textwrap.dedent(KILLED_WRITER))
+    rng = np.random.default_rng()
+    for _trial in range(4):
+        path = tmp_path / "killed.h5"
+        proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # imports done, writing
+        time.sleep(float(rng.uniform(0.2, 1.0)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        flushed = int(([first] + proc.stdout.read().split())[-1])
+        assert flushed >= 7
+        with h5py.File(path, "r") as f:
+            for i in range(3):
+                g = f[f"systems/{i}"]
+                for key in ("positions", "cell", "energy", "kinetic_energy", "temperature", "conserved"):
+                    assert g[key].shape[0] >= flushed
+                    g[key][:flushed]  # readable
+                assert list(g["step"][:flushed]) == list(range(flushed))
+                assert np.allclose(g["energy"][:flushed], np.arange(flushed))
+        assert [d["frames"] >= flushed for d in trajectory_systems(path)] == [True] * 3
 
 
 def test_cli_run_info_export(tmp_path, capsys, monkeypatch):
