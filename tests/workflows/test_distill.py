@@ -78,6 +78,8 @@ def test_interrupted_run_equals_uninterrupted(mode, tmp_path, monkeypatch, one_t
     assert (tmp_path / "a" / "report" / "parity.png").stat().st_size > 1000
     if mode == "domain":
         assert "md" in report["checks"] and report["metrics"]["md_rdf_min_score"] <= 1.0
+        assert 0.0 < report["metrics"]["md_rdf_teacher_halves_min_score"] <= 1.0
+        assert 0.0 < report["metrics"]["md_rdf_student_repeat_min_score"] <= 1.0
 
     # B: killed inside the data stage (while labelling the second shard) ...
     spec_b = load_spec(make_spec(mode, tmp_path / "b"))

@@ -191,19 +191,25 @@ def speed(student, teacher, structures: list[Atoms], steps: int = 20, rounds: in
 
 def md_comparison(student, teacher, seeds: list[Atoms], temperature: float, steps: int, timestep: float,
                   workdir: Path) -> dict:
-    """Student vs teacher NVT (NHC) per seed supercell: RDF overlap per pair, tracer D side by side."""
+    """Student vs teacher NVT (NHC) per seed supercell: RDF overlap per pair, tracer D side by side.
+
+    The check's own resolution is measured beside it: the student run again from other momenta
+    (``student-repeat``, seed 2; the student is cheap) scores what an exact model would against an
+    independent reference of this length and cell size, and the teacher's first half against its second half
+    shows how far its own RDFs still move."""
     from geodite_sim.analysis import compare_rdfs, diffusion_coefficients, load_frames
     from geodite_sim.md import run_md
 
     out = {}
-    paths = {name: workdir / f"md-{name}.h5" for name in ("teacher", "student")}
+    runs = {"teacher": (teacher, 1), "student": (student, 1), "student-repeat": (student, 2)}
+    paths = {name: workdir / f"md-{name}.h5" for name in runs}
     results = {}
-    for name, model in (("teacher", teacher), ("student", student)):
+    for name, (model, seed) in runs.items():
         ckpt = workdir / f"md-{name}.ckpt"
         if not ckpt.exists():  # a trajectory without its checkpoint is from an older run: start afresh
             paths[name].unlink(missing_ok=True)
         results[name] = run_md(seeds, model, ensemble="nvt_nhc", temperature=temperature, timestep=timestep,
-                               steps=steps, trajectory=str(paths[name]), frame_every=10, seed=1, progress=False,
+                               steps=steps, trajectory=str(paths[name]), frame_every=10, seed=seed, progress=False,
                                checkpoint=str(ckpt), checkpoint_every=MD_CHECKPOINT_EVERY, restart=True)
     discard = 0.2 * steps * timestep
     for i, atoms in enumerate(seeds):
@@ -211,9 +217,16 @@ def md_comparison(student, teacher, seeds: list[Atoms], temperature: float, step
         row: dict = {"atoms": len(atoms), "temperature": temperature, "steps": steps,
                      "student_error": results["student"][i].error, "teacher_error": results["teacher"][i].error}
         fr = {n: load_frames(str(paths[n]), system=i, discard_fs=discard) for n in paths}
-        cmp = compare_rdfs(fr["teacher"].rdf(), fr["student"].rdf())
+        rdfs = {n: f.rdf() for n, f in fr.items()}
+        cmp = compare_rdfs(rdfs["teacher"], rdfs["student"])
         row["rdf_scores"] = {k: float(v) for k, v in cmp.pair_scores.items()}
         row["rdf_min_score"] = float(cmp.score)  # the minimum over pairs; pairs with no distance in range (NaN) ignored
+        repeat = compare_rdfs(rdfs["student-repeat"], rdfs["student"])  # resolution: same model, other momenta
+        row["student_repeat_scores"] = {k: float(v) for k, v in repeat.pair_scores.items()}
+        row["student_repeat_min_score"] = float(repeat.score)
+        first, second = fr["teacher"].halves()
+        row["teacher_halves_min_score"] = float(compare_rdfs(first.rdf(), second.rdf()).score)
+        fr.pop("student-repeat")
         try:
             d = {n: diffusion_coefficients(fr[n].msd()) for n in fr}
             row["D_cm2_per_s"] = {el: {"teacher": float(d["teacher"][el].D_cm2_per_s),
