@@ -78,7 +78,7 @@ def test_refine_plan_targets_the_focus_in_proportion_and_is_new(tmp_path):
 
 
 @pytest.mark.parametrize("refine", [{"structures": 5, "epochs": 0}, {"focus_fraction": 0.0},
-                                    {"structures": -1}, {"size": 3}])
+                                    {"structures": -1}, {"size": 3}, {"structures": 5, "epochs": 1, "rounds": 0}])
 def test_bad_refine_sections_are_refused(refine, tmp_path):
     raw = make_spec("universal", tmp_path / "w")
     raw["refine"] = refine
@@ -103,6 +103,9 @@ def test_domain_refine_runs_follow_the_seed_errors(tmp_path):
     assert [len(runs[i]) for i in range(3)] == [6, 2, 2]  # 10 x (0.6, 0.2, 0.2)
     assert {b.key[1] for b in runs[0]} == {600.0, 900.0}
     assert all(b.key[3] >= REFINE_RUN_OFFSET for b in bases) and not set(bases) & set(plan(spec))
+    second = domain_refine_plan(spec, {0: 0.3, 1: 0.1, 2: 0.1}, r=2)  # a later round: runs of its own
+    assert len(second) == 10 and all(b.key[3] >= 2 * REFINE_RUN_OFFSET for b in second)
+    assert not {b.key[3] for b in second} & {b.key[3] for b in bases}
 
 
 def test_sanity_relaxations_flag_a_blown_volume(tmp_path):
@@ -152,7 +155,7 @@ def test_refine_round_refuses_other_settings_or_weights(tmp_path):
     path = tmp_path / "w" / "refine" / "focus.json"
     info = json.loads(path.read_text())
     path.write_text(json.dumps({**info, "weights_hash": "0" * 16}))
-    with pytest.raises(SpecError, match="other stage-1 weights"):
+    with pytest.raises(SpecError, match="other student weights"):
         focus_of(job, stage1)
 
 
@@ -204,3 +207,36 @@ def test_absurd_teacher_labels_are_left_out(tmp_path):
     assert len(excluded) == 2 and len(t2) + len(h2) == len(train) + len(held) - 2
     t3, h3 = load_samples(copy)  # no limits: everything
     assert len(t3) + len(h3) == len(train) + len(held)
+
+
+def test_a_second_round_starts_from_the_first_rounds_student(tmp_path):
+    """``rounds = 2`` added after a finished one-round run: round 1 is reused as it is, round 2 is made from the
+    refine stage's student (its focus records those weights), from bases no earlier round has, and its stage
+    starts from the refine stage's weights."""
+    import json
+
+    from geodite_sim.workflows.distill import Distillation, run_distill
+    from geodite_sim.workflows.distill.refine import refine_plan
+
+    raw = make_spec("universal", tmp_path / "w")
+    raw["train"].update(stage1_epochs=1, stage2_epochs=0)
+    raw["refine"] = {"structures": 12, "epochs": 1}
+    run_distill(load_spec(raw), stages=("data", "train"), log=lambda m: None)
+    w = tmp_path / "w"
+    round1 = (w / "refine" / "focus.json").read_text()
+    raw["refine"]["rounds"] = 2
+    spec = load_spec(raw)
+    run_distill(spec, stages=("data", "train"), log=lambda m: None)
+    assert (w / "refine" / "focus.json").read_text() == round1  # reused, not redone
+    manifest = json.loads((w / "manifest.json").read_text())
+    assert manifest["refine"]["shards"] and manifest["refine-2"]["shards"]
+    refine_done = json.loads((w / "train" / "refine" / "done.json").read_text())
+    focus2 = json.loads((w / "refine-2" / "focus.json").read_text())
+    assert focus2["weights_hash"] == refine_done["weights_hash"]
+    assert json.loads((w / "train" / "refine-2" / "done.json").read_text())["init_weights_hash"] == \
+        refine_done["weights_hash"]
+    focus = focus2["focus"]
+    assert not set(refine_plan(spec, focus, 2)) & set(refine_plan(spec, focus, 1))
+    status = Distillation(spec, log=lambda m: None).status()
+    assert status["refine"]["refine-2"]["shards_labelled"] == len(manifest["refine-2"]["shards"])
+    assert list(status["train"]) == ["stage1", "refine", "refine-2", "stage2"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from ase.data import chemical_symbols
 from geodite_sim.workflows.distill.shards import weights_hash
-from geodite_sim.workflows.distill.train import STAGES, training_status
+from geodite_sim.workflows.distill.train import stages, training_status
 
 from geodite_sim.model.checkpoint import METADATA_KEY, load_checkpoint
 
@@ -25,13 +25,14 @@ def build_card(job, model, metrics: dict | None) -> dict:
     m = job.manifest()
     elements = sorted(model.supported_elements or [])
     shards = m.get("shards", {})
-    refine = m.get("refine", {})
-    last = next(f for stage in reversed(STAGES) if (f := job.workdir / "train" / stage / "student.ckpt").exists())
+    last = next(f for stage in reversed(stages(job.spec))
+                if (f := job.workdir / "train" / stage / "student.ckpt").exists())
     data = {"manifest_hash": m.get("data_hash"), "structures": sum(s["structures"] for s in shards.values()),
             "heldout_structures": sum(s["heldout"] for s in shards.values()), "shards": len(shards),
             "seed": job.spec.seed, "mode": job.spec.domain.mode}
-    if refine.get("shards"):
-        data["refine"] = {"manifest_hash": refine.get("data_hash"),
+    for name in stages(job.spec)[1:-1]:  # the refine rounds
+        if (refine := m.get(name, {})).get("shards"):
+            data[name] = {"manifest_hash": refine.get("data_hash"),
                           "structures": sum(s["structures"] for s in refine["shards"].values()),
                           "shards": len(refine["shards"])}
     return {

@@ -15,7 +15,8 @@ recorded. Files in the work folder::
     candidates/shard-*.h5  generated structures (float64, not needed once labelled)
     labels/shard-*.h5      labelled shards (float32, compressed, immutable)
     refine/                the error-targeted second round ([refine]): focus.json, labels/, candidates/
-    train/stage1, train/refine, train/stage2/   trainer checkpoints (last.ckpt) and history
+    refine-2/ ...          later rounds ([refine] rounds > 1), each from the student before it
+    train/stage1, train/refine[, train/refine-2 ...], train/stage2/   trainer checkpoints (last.ckpt) and history
     student.ckpt           the exported student (EMA weights) with its model card
     report/                report.md, report.json, *.png
 """
@@ -278,13 +279,24 @@ class Distillation:
 
 
     def _refine_status(self, m: dict) -> dict | None:
+        """Round 1's focus and labelled data (``rounds`` > 1: each later round under its name as well)."""
+        from geodite_sim.workflows.distill.refine import round_name
+
         if self.spec.refine.structures == 0:
             return None
-        focus = self.workdir / "refine" / "focus.json"
-        shards = m.get("refine", {}).get("shards", {})
-        return {"focus_meV_per_A": {el: round(1e3 * e, 1) for el, e in json.loads(focus.read_text())["focus"].items()}
-                if focus.exists() else None,
-                "shards_labelled": len(shards), "structures_labelled": sum(s["structures"] for s in shards.values())}
+
+        def one(name: str) -> dict:
+            focus = self.workdir / name / "focus.json"
+            shards = m.get(name, {}).get("shards", {})
+            return {"focus_meV_per_A": {el: round(1e3 * e, 1)
+                                        for el, e in json.loads(focus.read_text())["focus"].items()}
+                    if focus.exists() else None,
+                    "shards_labelled": len(shards), "structures_labelled": sum(s["structures"] for s in shards.values())}
+
+        out = one(round_name(1))
+        for r in range(2, self.spec.refine.rounds + 1):
+            out[round_name(r)] = one(round_name(r))
+        return out
 
 
 def data_hash(manifest: dict) -> str:

@@ -153,25 +153,29 @@ def _f(x, fmt=".3g") -> str:
     return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, fmt)
 
 
-def _refine_lines(job, m: dict) -> list[str]:
-    """The refine round: the elements / seeds the stage-1 student got most wrong and the data added for them."""
-    focus_path = job.workdir / "refine" / "focus.json"
+def _refine_lines(job, m: dict, r: int = 1) -> list[str]:
+    """Refine round ``r``: the elements / seeds the student before it got most wrong and the data added for them."""
+    from geodite_sim.workflows.distill.refine import round_name
+
+    name = round_name(r)
+    focus_path = job.workdir / name / "focus.json"
     if not focus_path.exists():
         return []
     info = json.loads(focus_path.read_text())
-    shards = m.get("refine", {}).get("shards", {})
-    lines = ["## Refine round (error-targeted data)", "",
+    shards = m.get(name, {}).get("shards", {})
+    before = "stage-1" if r == 1 else round_name(r - 1)
+    lines = [f"## Refine round {r} (error-targeted data, `{name}/`)", "",
              f"{sum(s['structures'] for s in shards.values())} structures in {len(shards)} shards.", ""]
     if info["focus"]:
-        lines += [f"Universal structures for the {len(info['focus'])} elements with the largest stage-1 held-out "
+        lines += [f"Universal structures for the {len(info['focus'])} elements with the largest {before} held-out "
                   f"force error (of {len(info['per_element'])}):", "",
-                  "| element | stage-1 force MAE on its atoms (meV/Å) | held-out atoms |", "|---|---|---|"]
+                  f"| element | {before} force MAE on its atoms (meV/Å) | held-out atoms |", "|---|---|---|"]
         lines += [f"| {el} | {1e3 * e:.0f} | {info['per_element'][el]['atoms']} |"
                   for el, e in sorted(info["focus"].items(), key=lambda kv: -kv[1])] + [""]
     if info.get("per_seed"):
         seeds = job.relaxed_seeds()
-        lines += ["Stage-1 student NVT frames labelled by the teacher, runs shared by each seed's held-out error:", "",
-                  "| seed | stage-1 force MAE (meV/Å) | held-out atoms |", "|---|---|---|"]
+        lines += [f"The {before} student's NVT frames labelled by the teacher, runs shared by each seed's held-out "
+                  "error:", "", f"| seed | {before} force MAE (meV/Å) | held-out atoms |", "|---|---|---|"]
         lines += [f"| {seeds[int(i)].get_chemical_formula() if seeds[int(i)] is not None else i} | "
                   f"{1e3 * e['forces_mae']:.0f} | {e['atoms']} |" for i, e in info["per_seed"].items()] + [""]
     return lines
@@ -194,7 +198,8 @@ def markdown(job, checks: dict, metrics: dict) -> str:
         lines.append(f"| {g} | {r['structures']} | {_f(r['energy_mae_meV_per_atom'])} | "
                      f"{_f(r['forces_mae_meV_per_A'])} | {_f(r['stress_mae'])} |")
     lines += ["", "![parity](parity.png)", ""]
-    lines += _refine_lines(job, m)
+    for r in range(1, job.spec.refine.rounds + 1):
+        lines += _refine_lines(job, m, r)
     if "volumes" in checks:
         v = checks["volumes"]
         lines += ["## Relaxed volume per atom, held-out crystals (fmax 0.01)", "",

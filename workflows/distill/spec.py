@@ -19,6 +19,7 @@ A spec is a TOML file (``workflows/distill/specs/*.toml``; docs/distillation.md)
     stage1_epochs = 30
     [refine]
     structures = 400           # error-targeted second round after stage 1 (0: none)
+    rounds = 1                 # repeat it, each round from the latest student (active learning)
     [budget]
     hours = 2.0                # or until = "HH:MM"
 
@@ -144,6 +145,7 @@ class RefineSpec:
     lr: float = 1e-3
     md_steps: int = 1000  # domain mode: each stage-1-student NVT run (frames labelled by the teacher)
     md_frame_every: int = 50
+    rounds: int = 1  # refine rounds, each made from the student of the round before (refine, refine-2, ...)
 
 
 @dataclass(frozen=True)
@@ -202,7 +204,8 @@ class DistillSpec:
         parts["teacher"].pop("batch_atoms", None)
         parts["teacher"].pop("device", None)
         if stage == "refine":
-            parts["refine"] = {k: v for k, v in given(self.refine).items() if k not in ("epochs", "lr")}
+            # a round's data does not depend on how its stage trains, nor on how many rounds follow it
+            parts["refine"] = {k: v for k, v in given(self.refine).items() if k not in ("epochs", "lr", "rounds")}
         if stage == "train":
             parts.update(student=given(self.student), train=given(self.train))
             parts["train"].pop("checkpoint_every", None)
@@ -272,6 +275,8 @@ def _refine(data: dict, domain: DomainSpec) -> RefineSpec:
         raise SpecError("[refine] structures > 0 needs epochs > 0 (the refine data is trained on in its own stage)")
     if refine.md_steps < 1 or not 1 <= refine.md_frame_every <= refine.md_steps:
         raise SpecError("[refine] md_steps must be >= 1 and md_frame_every in 1..md_steps")
+    if not 1 <= refine.rounds <= 9:
+        raise SpecError(f"[refine] rounds must be in 1..9, got {refine.rounds}")
     return refine
 
 

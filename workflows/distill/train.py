@@ -2,7 +2,9 @@
 
 Stage 1 weights forces (``[train] stage1_weights``); with ``[refine]``, the refine round's data is made
 from stage 1's errors (``refine.py``) and a force-weighted stage ``refine`` continues from stage 1's EMA weights
-on both rounds' data; stage 2 continues from the last of them with energies weighted at a low learning rate.
+on both rounds' data (with ``rounds = n``: rounds ``refine-2`` … ``refine-n`` likewise, each from the stage
+before it, each trained on all data so far); stage 2 continues from the last of them with energies weighted at
+a low learning rate.
 Each stage is a :class:`geodite_sim.training.Trainer` run in ``train/<stage>/`` with mid-epoch checkpoints (``last.ckpt``, resumable bit for bit) and the
 wall-clock guard; a finished stage writes ``done.json`` with the hash of its exported weights.
 Training uses the training compositions only; the held-out ones (a fixed subset of at most
@@ -30,16 +32,23 @@ def _e0_array(manifest: dict) -> np.ndarray:
     return e0
 
 
-STAGES = ("stage1", "refine", "stage2")
+def stages(spec) -> list[str]:
+    """The training stages of a spec, in order: stage1, the refine rounds' stages (if any), stage2."""
+    from geodite_sim.workflows.distill.refine import round_name
+
+    rounds = spec.refine.rounds if spec.refine.structures > 0 else 0
+    return ["stage1", *(round_name(r) for r in range(1, rounds + 1)), "stage2"]
 
 
 def _config(job, stage: str):
     from geodite_sim.training.configs import TrainConfig
 
     t, r = job.spec.train, job.spec.refine
-    epochs, lr, w = {"stage1": (t.stage1_epochs, t.stage1_lr, t.stage1_weights),
-                     "refine": (r.epochs, r.lr, t.stage1_weights),
-                     "stage2": (t.stage2_epochs, t.stage2_lr, t.stage2_weights)}[stage]
+    if stage.startswith("refine"):
+        epochs, lr, w = r.epochs, r.lr, t.stage1_weights
+    else:
+        epochs, lr, w = {"stage1": (t.stage1_epochs, t.stage1_lr, t.stage1_weights),
+                         "stage2": (t.stage2_epochs, t.stage2_lr, t.stage2_weights)}[stage]
     return TrainConfig(epochs=epochs, batch_size=t.batch_size, lr=lr, warmup_steps=100 if stage == "stage1" else 0,
                        ema_decay=t.ema_decay, energy_weight=w[0], forces_weight=w[1], stress_weight=w[2],
                        seed=job.spec.seed, dtype=t.dtype, checkpoint_every=t.checkpoint_every,
@@ -89,10 +98,10 @@ def _run_stage(job, stage: str, train: list[Sample], val: list[Sample], init: Pa
 
 
 def run_training(job) -> Path:
-    """Stage 1 on round 0's data; with ``[refine]``, the refine round's data then a force-weighted stage on both
-    rounds; then stage 2 on all of it. Returns the last stage's exported EMA weights
+    """Stage 1 on round 0's data; with ``[refine]``, each refine round's data then a force-weighted stage on all
+    data so far; then stage 2 on all of it. Returns the last stage's exported EMA weights
     (:func:`.card.publish_student` makes them the student). Validation each epoch: round 0's held-out set."""
-    from geodite_sim.workflows.distill.refine import FOLDER, run_refine
+    from geodite_sim.workflows.distill.refine import round_name, run_refine
 
     train, held = job.samples(report=True)
     if not train:
@@ -102,24 +111,21 @@ def run_training(job) -> Path:
     job.progress(f"train: {len(train)} structures ({sum(s.n_atoms for s in train)} atoms); "
                  f"{len(held)} held out ({len(val)} validated per epoch)")
     last = _run_stage(job, "stage1", train, val, None)
-    if job.spec.refine.structures > 0:
-        run_refine(job, last)
-        extra, _ = job.samples(job.workdir / FOLDER, report=True)
+    for r in range(1, job.spec.refine.rounds + 1) if job.spec.refine.structures > 0 else ():
+        run_refine(job, last, r)
+        extra, _ = job.samples(job.workdir / round_name(r), report=True)
         train = train + extra
-        last = _run_stage(job, "refine", train, val, last)
+        last = _run_stage(job, round_name(r), train, val, last)
     return _run_stage(job, "stage2", train, val, last) if job.spec.train.stage2_epochs > 0 else last
 
 
 def training_status(job) -> dict:
     """Epochs done per stage (from ``done.json`` / ``history.json``)."""
     out = {}
-    targets = {"stage1": job.spec.train.stage1_epochs, "refine": job.spec.refine.epochs,
-               "stage2": job.spec.train.stage2_epochs}
-    for stage in STAGES:
-        if stage == "refine" and job.spec.refine.structures == 0:
-            continue
+    for stage in stages(job.spec):
         folder = job.workdir / "train" / stage
-        target = targets[stage]
+        target = {"stage1": job.spec.train.stage1_epochs,
+                  "stage2": job.spec.train.stage2_epochs}.get(stage, job.spec.refine.epochs)
         if (folder / "done.json").exists():
             info = json.loads((folder / "done.json").read_text())
             out[stage] = {"done": True, "epochs": info["epochs"], "of": target, "weights_hash": info["weights_hash"]}
