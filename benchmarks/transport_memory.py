@@ -32,7 +32,8 @@ def write(path: Path, n_frames: int, seed: int = 0, block: int = 4096) -> None:
 
     rng = np.random.default_rng(seed)
     numbers = np.array([3] * N_LI + [53] * N_I)
-    w = TrajectoryWriter(path, {"timestep_fs": 1.0, "frame_every": 10}, block=block)
+    w = TrajectoryWriter(path, {"timestep_fs": 1.0, "frame_every": 10}, block=block, compression="gzip",
+                         compression_opts=1)  # the measured files were gzip (the writer's default then)
     w.add_system(0, numbers, np.where(numbers == 3, 6.94, 126.9), np.ones(3, bool), {"temperature_K": 800.0})
     g = w.file["systems/0"]
     li = rng.uniform(0, 1, (N_LI, 3)) @ CELL

@@ -240,3 +240,27 @@ def test_a_second_round_starts_from_the_first_rounds_student(tmp_path):
     status = Distillation(spec, log=lambda m: None).status()
     assert status["refine"]["refine-2"]["shards_labelled"] == len(manifest["refine-2"]["shards"])
     assert list(status["train"]) == ["stage1", "refine", "refine-2", "stage2"]
+
+
+def test_teacher_volumes_are_cached_per_structure_and_model(tmp_path, monkeypatch):
+    """The teacher's relaxed volumes are kept by structure: a later validation relaxes only new structures, and
+    a cache of another model is not used."""
+    from geodite_sim.workflows.distill.validate import relaxed_volumes
+
+    import geodite_sim.relax as relax_mod
+
+    teacher = MorsePotential(**MORSE).to(torch.float64)
+    cells = [bulk("Cu", "fcc", a=3.7 + 0.05 * i) for i in range(3)]
+    cache = tmp_path / "teacher-volumes.json"
+    first = relaxed_volumes(cells[:2], teacher, cache)
+    assert first == relaxed_volumes(cells[:2], teacher)  # the same numbers as without a cache
+    calls = []
+    real = relax_mod.relax_many
+    monkeypatch.setattr(relax_mod, "relax_many", lambda structures, *a, **k: calls.append(len(structures)) or
+                        real(structures, *a, **k))
+    again = relaxed_volumes(cells, teacher, cache)
+    assert again[:2] == first and calls == [1]  # only the new structure was relaxed
+    assert relaxed_volumes(cells, teacher, cache) == again and calls == [1]
+    other = MorsePotential(**{**MORSE, "r0": 1.1 * MORSE["r0"]}).to(torch.float64)
+    assert relaxed_volumes(cells, other, cache)[0] == pytest.approx(1.1**3 * first[0], rel=0.02)
+    assert calls == [1, 3]  # another model's cache is not used

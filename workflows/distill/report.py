@@ -74,6 +74,7 @@ def run_validation(job) -> dict:
         return r
 
     checks = {"heldout": _cached(folder, "heldout", heldout, job)}
+    teacher_volumes = folder / "teacher-volumes.json"  # the teacher's relaxations survive a new student
     seeds = [a for a in job.relaxed_seeds() if a is not None]
     # domain mode's MD comparison first: it decides most (the teacher's trajectory survives a new student)
     if seeds and spec.validate.md_steps > 0:
@@ -85,15 +86,16 @@ def run_validation(job) -> dict:
             spec.validate.md_timestep, folder), job)
     crystals = V.pick_crystals(held, spec.validate.relax_crystals)
     if crystals:
-        checks["volumes"] = _cached(folder, "volumes", lambda: V.relaxed_volume_errors(student, teacher, crystals),
-                                    job)
+        checks["volumes"] = _cached(folder, "volumes", lambda: V.relaxed_volume_errors(
+            student, teacher, crystals, teacher_volumes), job)
     if spec.validate.structures:
         import glob
 
         files = sorted({f for pattern in spec.validate.structures for f in glob.glob(pattern)})
-        checks["sanity"] = _cached(folder, "sanity", lambda: V.sanity_relaxations(student, teacher, files), job)
+        checks["sanity"] = _cached(folder, "sanity", lambda: V.sanity_relaxations(student, teacher, files,
+                                                                                  teacher_volumes), job)
     if spec.validate.dcdft:
-        checks["dcdft"] = _cached(folder, "dcdft", lambda: V.dcdft_volumes(student, teacher), job)
+        checks["dcdft"] = _cached(folder, "dcdft", lambda: V.dcdft_volumes(student, teacher, teacher_volumes), job)
     elements = V.element_symbols(student)
     dia_elements = [e for e in elements if e in spec.domain.elements or any(
         e in a.get_chemical_symbols() for a in seeds)][:24]

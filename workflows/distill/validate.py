@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -80,16 +82,48 @@ def heldout_errors(student, held: list, batch_atoms: int = 2048) -> dict:
     }
 
 
-def _relaxed_volumes(structures: list[Atoms], model) -> list[float | None]:
+def structure_key(atoms: Atoms) -> str:
+    """sha256 (16 hex) of a structure's numbers, positions, cell and pbc (float64 bytes)."""
+    h = hashlib.sha256()
+    for a in (np.asarray(atoms.numbers, np.int64), np.asarray(atoms.positions, np.float64),
+              np.asarray(atoms.cell[:], np.float64), np.asarray(atoms.pbc, bool)):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def relaxed_volumes(structures: list[Atoms], model, cache: Path | None = None) -> list[float | None]:
+    """Relaxed V/atom (Å³; FIRE + cell, fmax 0.01, ≤ 500 steps, one batched call), None where it failed.
+
+    ``cache``: a JSON file of earlier results of this model (by :func:`structure_key`); only the structures
+    missing from it are relaxed. The teacher's relaxations do not depend on the student, so a new student
+    reuses them — on the default model's validation set that is hours of SevenNet-0 time. A cache made by
+    another model (``model_fingerprint``) is started afresh."""
+    from geodite_sim.model.contract import model_fingerprint
     from geodite_sim.relax import relax_many
 
-    res = relax_many(structures, model, fmax=0.01, max_steps=500, relax_cell=True, progress=False)
-    return [r.structure.get_volume() / len(r.structure) if r.error is None else None for r in res]
+    keys = [structure_key(a) for a in structures]
+    tag = model_fingerprint(model)
+    known: dict[str, float | None] = {}
+    if cache is not None and cache.exists():
+        stored = json.loads(cache.read_text())
+        known = stored["volumes"] if stored.get("model") == tag else {}
+    todo = [i for i, k in enumerate(keys) if k not in known]
+    if todo:
+        res = relax_many([structures[i] for i in todo], model, fmax=0.01, max_steps=500, relax_cell=True,
+                         progress=False)
+        for i, r in zip(todo, res):
+            known[keys[i]] = r.structure.get_volume() / len(r.structure) if r.error is None else None
+        if cache is not None:
+            from geodite_sim.workflows.distill.shards import write_record
+
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            write_record(cache, {"model": tag, "volumes": known})
+    return [known[k] for k in keys]
 
 
-def relaxed_volume_errors(student, teacher, crystals: list[Atoms]) -> dict:
+def relaxed_volume_errors(student, teacher, crystals: list[Atoms], teacher_cache: Path | None = None) -> dict:
     """Relaxed V/atom of the student vs the teacher's, per crystal, and the share within 3 %."""
-    vs, vt = _relaxed_volumes(crystals, student), _relaxed_volumes(crystals, teacher)
+    vs, vt = relaxed_volumes(crystals, student), relaxed_volumes(crystals, teacher, teacher_cache)
     rows = []
     for a, s, t in zip(crystals, vs, vt):
         if s is None or t is None:
@@ -106,7 +140,7 @@ def relaxed_volume_errors(student, teacher, crystals: list[Atoms]) -> dict:
 SANE_VOLUME_RATIO = (0.75, 1.33)
 
 
-def sanity_relaxations(student, teacher, files: list[str]) -> dict:
+def sanity_relaxations(student, teacher, files: list[str], teacher_cache: Path | None = None) -> dict:
     """The structures users meet first (demo, screening example, SSE cells) relaxed by both models (fmax 0.01):
     V_student / V_teacher per structure; a student relaxation that fails or leaves :data:`SANE_VOLUME_RATIO`
     blows up or collapses. Unreadable files and unsupported elements get their own row, never a crash."""
@@ -131,7 +165,7 @@ def sanity_relaxations(student, teacher, files: list[str]) -> dict:
             continue
         rows.append({"file": name, "atoms": len(atoms)})
         structures.append(atoms)
-    vs, vt = _relaxed_volumes(structures, student), _relaxed_volumes(structures, teacher)
+    vs, vt = relaxed_volumes(structures, student), relaxed_volumes(structures, teacher, teacher_cache)
     lo, hi = SANE_VOLUME_RATIO
     for row, s, t in zip((r for r in rows if "skipped" not in r), vs, vt):
         row.update(student=s, teacher=t, ratio=s / t if s is not None and t is not None else None)
@@ -144,7 +178,7 @@ def sanity_relaxations(student, teacher, files: list[str]) -> dict:
             "rows": rows}
 
 
-def dcdft_volumes(student, teacher) -> dict:
+def dcdft_volumes(student, teacher, teacher_cache: Path | None = None) -> dict:
     """Delta-test crystals whose elements the student supports: relaxed V/atom vs WIEN2k, student and teacher."""
     from ase.collections import dcdft
 
@@ -154,7 +188,7 @@ def dcdft_volumes(student, teacher) -> dict:
     names = [n for n in dcdft.names if allowed is None or atomic_numbers[n] in allowed]
     crystals = [dcdft[n] for n in names]
     ref = np.array([dcdft.data[n]["wien2k_volume"] for n in names])
-    vs, vt = _relaxed_volumes(crystals, student), _relaxed_volumes(crystals, teacher)
+    vs, vt = relaxed_volumes(crystals, student), relaxed_volumes(crystals, teacher, teacher_cache)
 
     def summary(v):
         ok = [i for i, x in enumerate(v) if x is not None]
