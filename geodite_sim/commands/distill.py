@@ -14,6 +14,7 @@ EPILOG = """examples:
   geodite-sim distill workflows/distill/specs/sse_li.toml --status        # shards, epochs, metrics so far
   geodite-sim distill workflows/distill/specs/default_sevennet.toml --until 07:50 --stages data --data-workers 2
   geodite-sim distill spec.toml --hours 2 --workdir /scratch/distill      # stop cleanly after 2 hours
+  geodite-sim distill spec.toml --stages teacher-checks                   # beside training: the teacher's relaxations
 
 Re-running the same command resumes: finished shards are skipped, training continues bit for bit
 from its last checkpoint, finished stages are not redone. See docs/distillation.md for the spec.
@@ -31,8 +32,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("spec", help="distillation spec (TOML)")
     p.add_argument("--workdir", default=None, help="work folder (default: the spec's [distill] workdir)")
     p.add_argument("--status", action="store_true", help="print what is done and exit")
-    p.add_argument("--stages", nargs="+", choices=("data", "train", "validate"), default=("data", "train", "validate"),
-                   help="stages to run (default: all, in order)")
+    p.add_argument("--stages", nargs="+", choices=("data", "teacher-checks", "train", "validate"),
+                   default=("data", "train", "validate"),
+                   help="stages to run (default: data, train, validate, in order); teacher-checks: the teacher's "
+                        "relaxations of the validation, which need no student (run it in a second process while "
+                        "the student trains; the validation then reuses them)")
     p.add_argument("--until", default=None, metavar="HH:MM", help="stop cleanly (checkpointed) before this local time")
     p.add_argument("--hours", type=float, default=None, help="stop cleanly after this many hours")
     p.add_argument("--data-workers", type=positive_int, default=1, metavar="N",

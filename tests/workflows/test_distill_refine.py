@@ -264,3 +264,29 @@ def test_teacher_volumes_are_cached_per_structure_and_model(tmp_path, monkeypatc
     other = MorsePotential(**{**MORSE, "r0": 1.1 * MORSE["r0"]}).to(torch.float64)
     assert relaxed_volumes(cells, other, cache)[0] == pytest.approx(1.1**3 * first[0], rel=0.02)
     assert calls == [1, 3]  # another model's cache is not used
+
+
+def test_teacher_checks_stage_runs_beside_training_and_is_reused(tmp_path):
+    """``--stages teacher-checks`` needs no student: it relaxes the held-out crystals, the [validate] structures
+    and the dcdft crystals of the domain with the teacher; the validation later relaxes none of them again."""
+    import json
+
+    from geodite_sim.workflows.distill import run_distill
+
+    raw = make_spec("universal", tmp_path / "w")
+    raw["validate"]["dcdft"] = True
+    raw["train"].update(stage1_epochs=1, stage2_epochs=0)
+    raw.pop("refine")
+    spec = load_spec(raw)
+    run_distill(spec, stages=("data",), log=lambda m: None)
+    result = run_distill(spec, stages=("teacher-checks",), log=lambda m: None)
+    assert result.finished and not (tmp_path / "w" / "train").exists()
+    cache = tmp_path / "w" / "report" / "teacher-volumes.json"
+    volumes = json.loads(cache.read_text())["volumes"]
+    assert len(volumes) == 1 + 2 + 4  # one held-out crystal, two files, dcdft Cu Ag Au Pd
+    stamp = cache.stat().st_mtime_ns
+    run_distill(spec, stages=("train", "validate"), log=lambda m: None)
+    assert cache.stat().st_mtime_ns == stamp  # nothing the teacher had to relax again
+    checks = json.loads((tmp_path / "w" / "report" / "report.json").read_text())["checks"]
+    assert {r["teacher"] for r in checks["dcdft"]["rows"]} <= set(volumes.values())
+    assert checks["sanity"]["rows"][0]["teacher"] in volumes.values()

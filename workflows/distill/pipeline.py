@@ -318,6 +318,8 @@ def run_distill(spec_or_path, workdir: str | Path | None = None, deadline: float
                 data_workers: int = 1) -> DistillResult:
     """Run (or resume) the workflow up to the end of ``stages``, within the spec's wall-clock budget.
 
+    ``stages`` may also name ``"teacher-checks"``: the teacher's relaxations of the validation, which need no
+    student — run ``("teacher-checks",)`` in a second process while the student trains.
     ``log`` gets warnings and outcomes; ``progress`` (default: ``log``) the per-shard and per-epoch lines.
     ``data_workers``: processes that generate and label shards (each one thread; this one is the first)."""
     start = time.time()
@@ -333,6 +335,11 @@ def run_distill(spec_or_path, workdir: str | Path | None = None, deadline: float
                 job.run_data(max_shards=max_shards)
             if job.data_done() < len(job.shards):
                 return DistillResult(job.workdir, "data", False, job.data_done(), len(job.shards))
+        if "teacher-checks" in stages:  # the teacher's side of the validation: no student needed
+            from geodite_sim.workflows.distill.report import run_teacher_checks
+
+            stage = "teacher-checks"
+            job.log(f"teacher-checks: {run_teacher_checks(job)['structures']} structures relaxed by the teacher")
         stage = "train"
         if "train" in stages and job.data_done() < len(job.shards):
             log(f"train: the data stage is not finished ({job.data_done()} of {len(job.shards)} shards labelled): "

@@ -7,6 +7,7 @@ wall-clock guard resumes with the checks it has not done.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ import torch
 from geodite_sim.workflows.distill import validate as V
 from geodite_sim.workflows.distill.card import write_card
 from geodite_sim.workflows.distill.shards import weights_hash, write_record
+
+from geodite_sim.progress import eta_after
 
 
 def _cached(folder: Path, name: str, compute, job) -> dict:
@@ -89,9 +92,7 @@ def run_validation(job) -> dict:
         checks["volumes"] = _cached(folder, "volumes", lambda: V.relaxed_volume_errors(
             student, teacher, crystals, teacher_volumes), job)
     if spec.validate.structures:
-        import glob
-
-        files = sorted({f for pattern in spec.validate.structures for f in glob.glob(pattern)})
+        files = validation_files(spec)
         checks["sanity"] = _cached(folder, "sanity", lambda: V.sanity_relaxations(student, teacher, files,
                                                                                   teacher_volumes), job)
     if spec.validate.dcdft:
@@ -119,6 +120,43 @@ def run_validation(job) -> dict:
     write_card(job, student, student_path, metrics)
     job.log(f"validate: report in {folder / 'report.md'}")
     return metrics
+
+
+def validation_files(spec) -> list[str]:
+    """The ``[validate] structures`` files (globs expanded, sorted, each once)."""
+    import glob
+
+    return sorted({f for pattern in spec.validate.structures for f in glob.glob(pattern)})
+
+
+def run_teacher_checks(job, chunk: int = 16) -> dict:
+    """The teacher's side of the validation, which needs no student (stage ``teacher-checks``; run it beside
+    training): relaxed volumes of the held-out crystals, the ``[validate] structures`` and (``dcdft = true``)
+    the Delta-test crystals of the domain's elements, into ``report/teacher-volumes.json``. In chunks of
+    ``chunk`` structures, the cache saved after each, the wall-clock guard checked between them."""
+    from ase.collections import dcdft
+    from ase.io import read
+
+    spec = job.spec
+    _, held = job.samples()
+    structures = list(V.pick_crystals(held, spec.validate.relax_crystals))
+    for path in validation_files(spec):
+        try:
+            structures.append(read(path))
+        except Exception:  # noqa: BLE001 - the validation reports unreadable files itself
+            continue
+    if spec.validate.dcdft:
+        structures += [dcdft[n] for n in dcdft.names if n in spec.domain.elements]
+    cache = job.workdir / "report" / "teacher-volumes.json"
+    t0, n_done = time.time(), 0
+    for i in range(0, len(structures), chunk):
+        job._check_time(f"teacher-checks: {i} of {len(structures)} structures relaxed")
+        part = structures[i:i + chunk]
+        V.relaxed_volumes(part, job.teacher, cache)
+        n_done += len(part)
+        job.progress(f"teacher-checks: {n_done}/{len(structures)} structures relaxed by the teacher; "
+                     f"{eta_after(n_done, len(structures), time.time() - t0)}")
+    return {"structures": len(structures), "cache": str(cache)}
 
 
 def headline(checks: dict) -> dict:
