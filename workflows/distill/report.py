@@ -193,6 +193,14 @@ def _f(x, fmt=".3g") -> str:
     return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, fmt)
 
 
+def _d(entry: dict, who: str) -> str:
+    """A tracer D (cm²/s) with its interval, or "n.d." (not determined: the run resolves no diffusion)."""
+    d, ci = entry.get(who), entry.get(f"{who}_ci")
+    if d is None:
+        return "n.d."
+    return f"{d:.2g} [{ci[0]:.2g}, {ci[1]:.2g}]" if ci else f"{d:.2g}"
+
+
 def _refine_lines(job, m: dict, r: int = 1) -> list[str]:
     """Refine round ``r``: the elements / seeds the student before it got most wrong and the data added for them."""
     from geodite_sim.workflows.distill.refine import round_name
@@ -281,11 +289,11 @@ def markdown(job, checks: dict, metrics: dict) -> str:
                   "is the teacher's first half against its second. A student score near them is at the noise "
                   "floor, not a model error.", "",
                   "| system | T (K) | steps | min RDF score | student repeat | teacher halves | pair scores | "
-                  "D student / teacher (cm²/s) |",
+                  "D student / teacher (cm²/s, 95 % interval; n.d.: no diffusion resolved) |",
                   "|---|---|---|---|---|---|---|---|"]
         for name, r in checks["md"].items():
             pairs = ", ".join(f"{k} {v:.3f}" for k, v in r["rdf_scores"].items())
-            ds = "; ".join(f"{el} {_f(v['student'])} / {_f(v['teacher'])}" for el, v in r["D_cm2_per_s"].items())
+            ds = "; ".join(f"{el} {_d(v, 'student')} / {_d(v, 'teacher')}" for el, v in r["D_cm2_per_s"].items())
             ds = ds or r.get("D_note", "—")
             lines.append(f"| {name} | {r['temperature']:.0f} | {r['steps']} | {r['rdf_min_score']:.3f} | "
                          f"{_f(r.get('student_repeat_min_score'))} | {_f(r.get('teacher_halves_min_score'))} | "

@@ -7,7 +7,8 @@
 - diatomics metrics (student and teacher, the domain's elements);
 - speed per atom-step in the engine (NVE through ``run_md``, student and teacher alternating, same structures);
 - domain mode: student vs teacher NVT per seed at the first domain temperature — RDF overlap per element
-  pair (teacher trajectory as reference) and tracer diffusion coefficients side by side.
+  pair (teacher trajectory as reference) and tracer diffusion coefficients side by side (with 95 % intervals;
+  "not determined" where the run resolves no diffusion).
 """
 
 from __future__ import annotations
@@ -231,7 +232,8 @@ def md_comparison(student, teacher, seeds: list[Atoms], temperature: float, step
     (``student-repeat``, seed 2; the student is cheap) scores what an exact model would against an
     independent reference of this length and cell size, and the teacher's first half against its second half
     shows how far its own RDFs still move."""
-    from geodite_sim.analysis import compare_rdfs, diffusion_coefficients, load_frames
+    from geodite_sim.analysis import compare_rdfs, load_frames
+    from geodite_sim.analysis.transport import TransportSettings, analyse_transport
     from geodite_sim.md import run_md
 
     out = {}
@@ -261,10 +263,14 @@ def md_comparison(student, teacher, seeds: list[Atoms], temperature: float, step
         first, second = fr["teacher"].halves()
         row["teacher_halves_min_score"] = float(compare_rdfs(first.rdf(), second.rdf()).score)
         fr.pop("student-repeat")
-        try:
-            d = {n: diffusion_coefficients(fr[n].msd()) for n in fr}
-            row["D_cm2_per_s"] = {el: {"teacher": float(d["teacher"][el].D_cm2_per_s),
-                                       "student": float(d["student"][el].D_cm2_per_s)} for el in d["teacher"]}
+        try:  # tracer D with its 95 % interval; None where not determined (no diffusion resolved)
+            settings = TransportSettings(discard_fs=discard)
+            d = {n: analyse_transport(str(paths[n]), system=i, settings=settings).tracer
+                 for n in ("teacher", "student")}
+            row["D_cm2_per_s"] = {el: {**{n: d[n][el].D_cm2_per_s for n in d},
+                                       **{f"{n}_ci": d[n][el].ci_cm2_per_s and list(d[n][el].ci_cm2_per_s)
+                                          for n in d},
+                                       **{f"{n}_note": d[n][el].reason for n in d}} for el in d["teacher"]}
         except ValueError as exc:  # too short a run for an MSD fit: said in the report, not a crash
             row["D_cm2_per_s"] = {}
             row["D_note"] = f"not determined: {exc}"
