@@ -273,7 +273,7 @@ def md_comparison(student, teacher, seeds: list[Atoms], temperature: float, step
                                        **{f"{n}_note": d[n][el].reason for n in d}} for el in d["teacher"]}
         except ValueError as exc:  # too short a run for an MSD fit: said in the report, not a crash
             row["D_cm2_per_s"] = {}
-            row["D_note"] = f"not determined: {exc}"
+            row["D_note"] = f"not determined: {exc}".replace(f"{workdir}/", "")  # the same wherever the run is
         out[f"{i}:{label}"] = row
     return out
 
