@@ -157,12 +157,14 @@ def load_checkpoint(path: str | Path) -> dict:
     return payload
 
 
-def check_compatible(saved: dict, current: dict, keys: tuple[str, ...]) -> None:
-    """Raise ValueError naming every setting in ``keys`` that differs between ``saved`` and ``current``."""
+def check_compatible(saved: dict, current: dict, keys: tuple[str, ...], hint: str = "") -> None:
+    """Raise ValueError naming every setting in ``keys`` that differs between ``saved`` and ``current``
+    (``hint``: what to do instead, appended to the message)."""
     diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
             for k in keys if saved.get(k) != current.get(k)]
     if diff:
-        raise ValueError("cannot restart: settings differ from the checkpointed run (" + "; ".join(diff) + ")")
+        raise ValueError("cannot restart: settings differ from the checkpointed run (" + "; ".join(diff) + ")"
+                         + (f"; {hint}" if hint else ""))
 
 
 class CountedItems:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from geodite_sim.batch import Batch, atom_indices
+from geodite_sim.core.graph import edge_vectors
 from geodite_sim.model.geodite import Edges
 from geodite_sim.neighbors import complete_cell, neighbor_list
 
@@ -54,13 +55,6 @@ def canonical_order(edges: Edges, n_atoms: int) -> Edges:
 def padding_cell(cutoff: float, dtype: torch.dtype, device) -> torch.Tensor:
     """[3, 3] cell of the padding system: cubic, side ``cutoff + 1`` Å (non-periodic)."""
     return torch.eye(3, dtype=dtype, device=device) * (float(cutoff) + 1.0)
-
-
-def edge_vectors(positions: torch.Tensor, cell: torch.Tensor, system_index: torch.Tensor, sender: torch.Tensor,
-                 receiver: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """[E, 3] r_sender + shifts @ cell[system of receiver] - r_receiver, Å (``shifts`` [E, 3] in float)."""
-    shift_vec = torch.einsum("ei,eij->ej", shifts, cell[system_index[receiver]])
-    return positions[sender] + shift_vec - positions[receiver]
 
 
 @dataclass

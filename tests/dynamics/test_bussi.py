@@ -192,7 +192,7 @@ def test_crystal_temperature_and_conserved_drift():
 
 @pytest.mark.slow
 def test_crystal_canonical_long():
-    t_ratio, v_ratio, drift, n = _crystal(10000, 8)
+    t_ratio, v_ratio, drift, n = _crystal(6000, 8)
     assert abs(t_ratio.mean() - 1) < 4 * t_ratio.std(ddof=1) / np.sqrt(n) + 2e-3
     assert abs(v_ratio.mean() - 1) < 4 * v_ratio.std(ddof=1) / np.sqrt(n) + 2e-2
     assert np.abs(drift).max() < 1e-3

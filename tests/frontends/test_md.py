@@ -241,6 +241,31 @@ def test_restart_rejects_changed_settings(tmp_path, morse):
                restart=True, progress=False)
 
 
+def test_restart_refuses_other_steps_or_temperatures_but_resumes_older_checkpoints(tmp_path, morse):
+    """A finished run restarted with more steps (or other temperatures) is refused with what to do instead (it
+    used to return the old results as if they had run longer); the same call resumes to the same results; a
+    checkpoint written before these targets were recorded still resumes."""
+    from geodite_sim.md_checkpoint import load_checkpoint, save_checkpoint
+
+    structs, _, _ = restart_inputs()
+    path = tmp_path / "run.h5"
+    kw = dict(trajectory=path, checkpoint_every=5, progress=False)
+    first = run_md(structs[:2], morse, temperature=[300, 500], steps=[10, 15], **kw)
+    with pytest.raises(ValueError, match=r"steps: checkpoint \[10.0, 15.0\] vs now 30.0.*final structures"):
+        run_md(structs[:2], morse, temperature=[300, 500], steps=30, restart=True, **kw)
+    with pytest.raises(ValueError, match="temperature_K"):
+        run_md(structs[:2], morse, temperature=600, steps=[10, 15], restart=True, **kw)
+    again = run_md(structs[:2], morse, temperature=[300, 500], steps=[10, 15], restart=True, **kw)
+    assert [r.n_steps for r in again] == [10, 15]
+    np.testing.assert_array_equal(again[1].final.positions, first[1].final.positions)
+    ckpt = load_checkpoint(str(path) + ".ckpt")
+    for key in ("steps", "temperature_K"):
+        ckpt["settings"].pop(key)
+    save_checkpoint(str(path) + ".ckpt", ckpt)
+    old = run_md(structs[:2], morse, temperature=[300, 500], steps=[10, 15], restart=True, **kw)
+    assert [r.n_steps for r in old] == [10, 15]
+
+
 KILL_SCRIPT = """
 import sys
 from ase.build import bulk

@@ -85,10 +85,10 @@ def test_mixed_batch_with_refills_matches_ase_and_is_batch_invariant(name, morse
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["lbfgs", "bfgs"])
 def test_larger_batches_match_ase_where_ase_is_reproducible(name, morse):
-    """48 inputs at fmax 0.01 in one refilled batch: each equals ASE's optimiser, or ASE's own path is
+    """36 inputs at fmax 0.01 in one refilled batch: each equals ASE's optimiser, or ASE's own path is
     rounding-chaotic there (a 1e-14 Å nudge of one coordinate changes its step count or moves its result by more
-    than 1e-10 Å); at least 40 equal ASE."""
-    inputs, cells = copper_like(48, seed=SEED), relax_cell_flags(48)
+    than 1e-10 Å); at least 30 equal ASE. (ASE's own relaxations are ~80 % of this test's time.)"""
+    inputs, cells = copper_like(36, seed=SEED), relax_cell_flags(36)
     res = gs.relax_many(inputs, morse, fmax=0.01, max_steps=300, relax_cell=cells, progress=False, optimizer=name,
                         max_atoms=32)
     calc = morse.ase_calculator()
@@ -101,7 +101,8 @@ def test_larger_batches_match_ase_where_ase_is_reproducible(name, morse):
         except AssertionError:
             nudged, steps_n, _ = ase_relax(name, atoms, calc, cell, fmax=0.01, steps=300, nudge=1e-14)
             assert steps_n != steps or np.abs(nudged.positions - ref.positions).max() > 1e-10, k
-    assert exact >= 40, exact
+    print(f"{name}: {exact} of {len(inputs)} equal ASE's optimiser")
+    assert exact >= 30, exact
 
 
 @pytest.mark.parametrize("name", ["lbfgs", "bfgs"])
