@@ -92,12 +92,15 @@ def test_nhc_canonical_light(morse, tmp_path):
 
 
 @pytest.mark.slow
-def test_nhc_canonical(morse, tmp_path):
+def test_nhc_canonical(tmp_path):
     """64 crystals, 12 ps with the protocol's tdamp = 100 dt: mean temperature within 2%, KE variance
-    within 10%, conserved quantity bounded."""
+    within 10%, conserved quantity bounded. The Morse crystal here keeps the first two neighbour shells only
+    (cutoff 4.1 Å): the check needs an anharmonic crystal, not long-range forces, and this one costs ~1.8x less
+    (measured: <T> 598.6 K, variance ratio 0.98 ± 0.024, vs 605.1 K and 1.03 ± 0.023 with the 5.6 Å cutoff)."""
     path = tmp_path / "nhc.h5"
     target = 600.0
-    res = run_md(small_crystals(64, target), morse, ensemble="nvt_nhc", temperature=target, timestep=2.0,
+    model = MorsePotential(**{**MORSE, "rcut1": 1.2, "rcut2": 1.6})
+    res = run_md(small_crystals(64, target), model, ensemble="nvt_nhc", temperature=target, timestep=2.0,
                  steps=6000, trajectory=path, frame_every=4, progress=False)
     assert all(r.error is None for r in res)
     mean, rel_var, expected = canonical_check(path, 64, target, 8, skip=0.2)
