@@ -167,6 +167,35 @@ def check_compatible(saved: dict, current: dict, keys: tuple[str, ...], hint: st
                          + (f"; {hint}" if hint else ""))
 
 
+#: Per-input targets a restart must also match, where the checkpoint records them (since 2026-12-08).
+RUN_TARGET_KEYS = ("steps", "temperature_K")
+
+
+def run_targets(steps, temperature) -> dict:
+    """The checkpoint's record of the per-input targets (one value or one per input, as plain floats; other
+    containers, e.g. a mapping by input index, by their text)."""
+
+    def plain(v):
+        if v is None:
+            return None
+        try:
+            return np.asarray(v, dtype=float).tolist()
+        except (TypeError, ValueError):
+            return repr(v)
+
+    return {"steps": plain(steps), "temperature_K": plain(temperature)}
+
+
+def check_restart(saved: dict, current: dict, keys: tuple[str, ...]) -> None:
+    """Refuse a restart whose settings ``keys`` differ from the checkpointed run's, or that asks for other step
+    counts or temperatures (it would otherwise return a finished run's results as if they had run longer;
+    checkpoints older than that record are not checked for them)."""
+    check_compatible(saved, current, keys)
+    check_compatible(saved, current, tuple(k for k in RUN_TARGET_KEYS if k in saved),
+                     hint="a finished run is not extended: start a new run from its final structures "
+                          "(MDResult.final, with momenta) or remove the checkpoint to start afresh")
+
+
 class CountedItems:
     """Iterator over InputItems that remembers the index after the last one handed out (a checkpoint's queue
     position)."""

@@ -23,7 +23,13 @@ from geodite_sim.dynamics.velocities import maxwell_boltzmann, system_seed
 from geodite_sim.dynamics.verlet import temperature
 from geodite_sim.interrupt import Interrupted, StopRequest, deferred_interrupt
 from geodite_sim.io.structures import MAX_SUPPORTED_Z, InputItem, iter_inputs
-from geodite_sim.md_checkpoint import CountedItems, MDCheckpoints, check_compatible, load_checkpoint
+from geodite_sim.md_checkpoint import (
+    CountedItems,
+    MDCheckpoints,
+    check_restart,
+    load_checkpoint,
+    run_targets,
+)
 from geodite_sim.md_output import (
     MDProgress,
     MDResult,
@@ -55,8 +61,6 @@ ADMISSION_MIN_DISTANCE_FACTOR = 0.5
 #: ``restart`` (``ensemble_params`` stands for the registry entry's resolved parameters, e.g. NPT's pressure,
 #: pdamp_fs and barostat chain), the dtype and the model. (The skin is not one: trajectories do not depend on it.)
 RESTART_KEYS = (*MDSettings.restart_keys(), "dtype", "model_fingerprint")
-#: Per-input targets a restart must also match (checked where the checkpoint records them).
-RUN_LENGTH_KEYS = ("steps", "temperature_K")
 #: Keys of a registry entry's ``defaults`` that the job resolves into its common run settings (``chain_length``,
 #: NPT's ``pdamp`` as ``pdamp_factor`` × timestep, ``barostat_chain_length``, ``ploop``). Every other key is the
 #: entry's own run_md keyword: accepted, given to its ``init``/``step`` in the run settings and a restart key.
@@ -89,22 +93,7 @@ def _atoms(it: InputItem) -> Atoms:
 
 def _plain(v):
     """A JSON-able copy of a setting (lists for arrays/tensors)."""
-    if isinstance(v, torch.Tensor):
-        return v.tolist()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    return v
-
-
-def _targets(v):
-    """A per-input target (steps, K) as plain floats for the checkpoint's record: one value or a list; other
-    containers (e.g. a mapping by input index) by their text."""
-    if v is None:
-        return None
-    try:
-        return np.asarray(v, dtype=float).tolist()
-    except (TypeError, ValueError):
-        return repr(v)
+    return v.tolist() if isinstance(v, (torch.Tensor, np.ndarray)) else v
 
 
 class MDJob(Job):
@@ -196,7 +185,7 @@ class MDJob(Job):
             tloop=int(tloop), friction_per_fs=float(friction), fix_com=bool(fix_com), seed=self.seed,
             frame_every=self.frame_every, skin=float(skin), max_atoms=int(max_atoms), dtype=str(self.dtype),
             checkpoint_every=self.checkpoint_every, model_name=model_name(model),
-            steps=_targets(steps), temperature_K=_targets(temperature),
+            **run_targets(steps, temperature),
             model_fingerprint=model_fingerprint(model), **{k: _plain(v) for k, v in ensemble_params.items()},
         )
         self.restart_keys = tuple(k for key in RESTART_KEYS
@@ -460,13 +449,7 @@ class MDJob(Job):
         ckpt = None
         if self.restart and self.checkpoint is not None and os.path.exists(self.checkpoint):
             ckpt = load_checkpoint(self.checkpoint)
-            check_compatible(ckpt["settings"], self.settings, self.restart_keys)
-            # recorded since 2026-12-08 (older checkpoints resume without this check): a restart that asks for
-            # other step counts or temperatures would otherwise return the old run's results as if they were new
-            check_compatible(ckpt["settings"], self.settings,
-                             tuple(k for k in RUN_LENGTH_KEYS if k in ckpt["settings"]),
-                             hint="a finished run is not extended: start a new run from its final structures "
-                                  "(MDResult.final, with momenta) or remove the checkpoint to start afresh")
+            check_restart(ckpt["settings"], self.settings, self.restart_keys)
         elements = supported_elements(self.model) or range(1, MAX_SUPPORTED_Z + 1)
         stream = iter_inputs(self.structures, supported_elements=elements,
                              allow_unsupported_elements=self.allow_unsupported, model_name=model_name(self.model),
