@@ -205,12 +205,13 @@ def test_driver_sigkill_and_rerun_give_the_same_table(cluster, executor, tmp_pat
             "--no-progress", "--ray", cluster, "--workers", "2", "--shard-size", "1"]
     proc = _cli(args)
     records = out / "results.jsonl"
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # generous: a loaded machine starts Ray's actors slowly (120 s was once too short)
     while time.time() < deadline and proc.poll() is None:
         if records.exists() and records.read_text().count("\n") >= 3:
             break
         time.sleep(0.1)
     assert proc.poll() is None, proc.communicate()[0]
+    assert records.exists(), "no result within the deadline"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     n_first = records.read_text().count("\n")
