@@ -15,6 +15,7 @@ EPILOG = """examples:
   geodite-sim distill workflows/distill/specs/default_sevennet.toml --until 07:50 --stages data --data-workers 2
   geodite-sim distill spec.toml --hours 2 --workdir /scratch/distill      # stop cleanly after 2 hours
   geodite-sim distill spec.toml --stages teacher-checks                   # beside training: the teacher's relaxations
+  geodite-sim distill spec.toml --stages interim-checks                   # the student being trained: volumes so far
 
 Re-running the same command resumes: finished shards are skipped, training continues bit for bit
 from its last checkpoint, finished stages are not redone. See docs/distillation.md for the spec.
@@ -32,11 +33,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("spec", help="distillation spec (TOML)")
     p.add_argument("--workdir", default=None, help="work folder (default: the spec's [distill] workdir)")
     p.add_argument("--status", action="store_true", help="print what is done and exit")
-    p.add_argument("--stages", nargs="+", choices=("data", "teacher-checks", "train", "validate"),
+    p.add_argument("--stages", nargs="+", choices=("data", "teacher-checks", "interim-checks", "train", "validate"),
                    default=("data", "train", "validate"),
                    help="stages to run (default: data, train, validate, in order); teacher-checks: the teacher's "
                         "relaxations of the validation, which need no student (run it in a second process while "
-                        "the student trains; the validation then reuses them)")
+                        "the student trains; the validation then reuses them); interim-checks: the student being "
+                        "trained (latest checkpoint, EMA weights) relaxes the held-out and dcdft crystals, compared "
+                        "with the teacher's cached volumes (a row of report/interim.json per run)")
     p.add_argument("--until", default=None, metavar="HH:MM", help="stop cleanly (checkpointed) before this local time")
     p.add_argument("--hours", type=float, default=None, help="stop cleanly after this many hours")
     p.add_argument("--data-workers", type=positive_int, default=1, metavar="N",

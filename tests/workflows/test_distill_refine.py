@@ -290,3 +290,44 @@ def test_teacher_checks_stage_runs_beside_training_and_is_reused(tmp_path):
     checks = json.loads((tmp_path / "w" / "report" / "report.json").read_text())["checks"]
     assert {r["teacher"] for r in checks["dcdft"]["rows"]} <= set(volumes.values())
     assert checks["sanity"]["rows"][0]["teacher"] in volumes.values()
+
+
+def test_interim_checks_measure_the_student_in_training_against_the_cached_teacher(tmp_path):
+    """``--stages interim-checks``: the latest training checkpoint's EMA weights relax the held-out and dcdft
+    crystals, compared with the teacher's cached volumes (the teacher relaxes nothing); each call appends a row;
+    without the teacher's cache it says to run teacher-checks first."""
+    import json
+
+    from geodite_sim.workflows.distill import run_distill
+    from geodite_sim.workflows.distill import validate as V
+    from geodite_sim.workflows.distill.pipeline import Distillation
+
+    from geodite_sim.model import load_model
+
+    raw = make_spec("universal", tmp_path / "w")
+    raw["validate"]["dcdft"] = True
+    raw["train"].update(stage1_epochs=1, stage2_epochs=0)
+    raw.pop("refine")
+    spec = load_spec(raw)
+    run_distill(spec, stages=("data", "train"), log=lambda m: None)
+    with pytest.raises(SpecError, match="run --stages teacher-checks first"):
+        run_distill(spec, stages=("interim-checks",), log=lambda m: None)
+    run_distill(spec, stages=("teacher-checks",), log=lambda m: None)
+    cache = tmp_path / "w" / "report" / "teacher-volumes.json"
+    stamp = cache.stat().st_mtime_ns
+    lines: list[str] = []
+    run_distill(spec, stages=("interim-checks",), log=lines.append)
+    run_distill(spec, stages=("interim-checks",), log=lambda m: None)
+    assert cache.stat().st_mtime_ns == stamp  # the teacher relaxed nothing
+    rows = json.loads((tmp_path / "w" / "report" / "interim.json").read_text())
+    assert len(rows) == 2 and rows[0]["stage"] == rows[1]["stage"] and rows[0]["weights"] == "ema"
+    last = tmp_path / "w" / "train" / rows[0]["stage"] / "last.ckpt"
+    assert rows[0]["volumes"]["crystals"] == 1 and rows[0]["dcdft"]["elements"] == 4  # Cu Ag Au Pd
+    assert any("interim-checks" in line and "dcdft vs WIEN2k" in line for line in lines)
+    # the same numbers as the EMA student's own relaxation against the cached teacher volume
+    job = Distillation(spec, log=lambda m: None)
+    crystal = V.pick_crystals(job.samples()[1], spec.validate.relax_crystals)[0]
+    (v_student,) = V.relaxed_volumes([crystal], load_model(str(last), use_ema=True))
+    v_teacher = json.loads(cache.read_text())["volumes"][V.structure_key(crystal)]
+    assert rows[0]["volumes"]["compared"] == 1
+    assert rows[0]["volumes"]["median_abs_pct"] == pytest.approx(100 * abs(v_student / v_teacher - 1), rel=1e-9)

@@ -319,7 +319,9 @@ def run_distill(spec_or_path, workdir: str | Path | None = None, deadline: float
     """Run (or resume) the workflow up to the end of ``stages``, within the spec's wall-clock budget.
 
     ``stages`` may also name ``"teacher-checks"``: the teacher's relaxations of the validation, which need no
-    student — run ``("teacher-checks",)`` in a second process while the student trains.
+    student — run ``("teacher-checks",)`` in a second process while the student trains — and
+    ``"interim-checks"``: the relaxed volumes of the student being trained (its latest checkpoint's EMA weights)
+    against the teacher's cached ones, a row of ``report/interim.json`` per call.
     ``log`` gets warnings and outcomes; ``progress`` (default: ``log``) the per-shard and per-epoch lines.
     ``data_workers``: processes that generate and label shards (each one thread; this one is the first)."""
     start = time.time()
@@ -340,6 +342,11 @@ def run_distill(spec_or_path, workdir: str | Path | None = None, deadline: float
 
             stage = "teacher-checks"
             job.log(f"teacher-checks: {run_teacher_checks(job)['structures']} structures relaxed by the teacher")
+        if "interim-checks" in stages:  # the student being trained, against the teacher's cached volumes
+            from geodite_sim.workflows.distill.report import interim_summary, run_interim_checks
+
+            stage = "interim-checks"
+            job.log(interim_summary(run_interim_checks(job)))
         stage = "train"
         if "train" in stages and job.data_done() < len(job.shards):
             log(f"train: the data stage is not finished ({job.data_done()} of {len(job.shards)} shards labelled): "

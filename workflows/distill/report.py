@@ -159,6 +159,70 @@ def run_teacher_checks(job, chunk: int = 16) -> dict:
     return {"structures": len(structures), "cache": str(cache)}
 
 
+def run_interim_checks(job) -> dict:
+    """Physics checks of the student *while it trains* (stage ``interim-checks``, beside training): the EMA weights
+    of the latest training checkpoint relax the held-out crystals and (``dcdft = true``) the Delta-test crystals;
+    their volumes are compared with the teacher's from ``teacher-checks`` (the teacher runs nothing here) and with
+    WIEN2k. Each call appends a row to ``report/interim.json``; returns it."""
+    from ase.collections import dcdft
+    from geodite_sim.workflows.distill.spec import SpecError
+    from geodite_sim.workflows.distill.train import latest_checkpoint
+
+    from geodite_sim.model import load_model
+    from geodite_sim.model.contract import model_fingerprint
+
+    spec = job.spec
+    stage, ckpt = latest_checkpoint(job)
+    _, held = job.samples()
+    crystals = V.pick_crystals(held, spec.validate.relax_crystals)
+    dc = [dcdft[n] for n in dcdft.names if n in spec.domain.elements] if spec.validate.dcdft else []
+    cache = job.workdir / "report" / "teacher-volumes.json"
+    record = json.loads(cache.read_text()) if cache.exists() else {}
+    stored = record.get("volumes", {}) if record.get("model") == model_fingerprint(job.teacher) else {}
+    missing = sum(V.structure_key(a) not in stored for a in [*crystals, *dc])
+    if missing:
+        raise SpecError(f"interim-checks compares with the teacher's cached volumes, but {missing} of "
+                        f"{len(crystals) + len(dc)} are not in {cache}: run --stages teacher-checks first")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    training = state["geodite_training"]
+    student = load_model(str(ckpt), use_ema=True)
+    t0 = time.time()
+    row = {"stage": stage, "epochs": round(training["global_step"] / max(1, job_steps_per_epoch(training)), 2),
+           "global_step": training["global_step"], "weights": "ema",
+           "volumes": V.relaxed_volume_errors(student, job.teacher, crystals, cache) if crystals else None}
+    if dc:
+        d = V.dcdft_volumes(student, job.teacher, cache)
+        row["dcdft"] = {"student": d["student"], "teacher": d["teacher"], "elements": d["elements"]}
+    if row["volumes"] is not None:
+        row["volumes"].pop("rows")
+    row["wall_s"] = time.time() - t0
+    path = job.workdir / "report" / "interim.json"
+    rows = json.loads(path.read_text()) if path.exists() else []
+    write_record(path, [*rows, row])
+    return row
+
+
+def interim_summary(row: dict) -> str:
+    """One line of an interim-checks row."""
+    parts = [f"interim-checks: {row['stage']} after {row['epochs']} epochs (EMA weights)"]
+    v = row.get("volumes")
+    if v:
+        parts.append(f"held-out crystals within 3 % of the teacher {v['within_3pct']}/{v['compared']} (median "
+                     f"{v['median_abs_pct']:.2f} %)")
+    d = row.get("dcdft")
+    if d:
+        s, t = d["student"], d["teacher"]
+        parts.append(f"dcdft vs WIEN2k: {s['accepted']} accepted, median {s['median_abs_pct']:.2f} %, "
+                     f"{s['within_5pct']} within 5 % (teacher {t['accepted']}, {t['median_abs_pct']:.2f} %, "
+                     f"{t['within_5pct']})")
+    return "; ".join(parts)
+
+
+def job_steps_per_epoch(training: dict) -> int:
+    """Steps per epoch of a training checkpoint's stage (its total steps over its epochs)."""
+    return int(training["total_steps"]) // max(1, int(training["train_config"]["epochs"]))
+
+
 def headline(checks: dict) -> dict:
     h = checks["heldout"]
     out = {"heldout_structures": h["structures"], "heldout_elements": h["elements"],

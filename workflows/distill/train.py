@@ -40,6 +40,17 @@ def stages(spec) -> list[str]:
     return ["stage1", *(round_name(r) for r in range(1, rounds + 1)), "stage2"]
 
 
+def latest_checkpoint(job) -> tuple[str, Path]:
+    """(stage, ``train/<stage>/last.ckpt``) of the latest stage that has a training checkpoint."""
+    from geodite_sim.workflows.distill.spec import SpecError
+
+    found = [(s, job.workdir / "train" / s / "last.ckpt") for s in stages(job.spec)]
+    found = [(s, p) for s, p in found if p.exists()]
+    if not found:
+        raise SpecError(f"no training checkpoint under {job.workdir / 'train'}: start the train stage first")
+    return found[-1]
+
+
 def _config(job, stage: str):
     from geodite_sim.training.configs import TrainConfig
 
