@@ -13,6 +13,7 @@ from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from geodite_sim.batch import Batch
+from geodite_sim.evaluate import evaluate
 from geodite_sim.model import load_model
 from geodite_sim.training import Sample, Trainer, fit_e0, get_preset, read_samples, sample_from_atoms, write_hdf5
 from geodite_sim.training.data import composition_matrix
@@ -136,23 +137,40 @@ def test_checkpoint_roundtrip_load_model(tmp_path):
     assert any(not torch.equal(p, q) for p, q in zip(raw.parameters(), ema.parameters()))
 
 
-def test_fixed_e0_starts_from_the_mean_cohesive_energy(tmp_path):
-    """With E0 fixed (a teacher's isolated atoms) the per-atom residual is a cohesive energy of several eV/atom:
-    the decoder's e_shift starts at its mean, so the untrained model is as far off as the data's spread, not the
-    cohesive energy; least-squares E0 keeps e_shift 0."""
+def test_fixed_e0_keeps_the_dissociation_limit_at_the_isolated_atoms(tmp_path):
+    """With E0 fixed (a teacher's isolated atoms) the decoder's e_shift stays 0, before and after training: an
+    isolated atom's energy is exactly its E0 and two atoms beyond the cutoff are 2 E0 — the dissociation limit that
+    fixing E0 is for. (A shift by the mean cohesive energy, as once tried, applies to isolated atoms too: every
+    isolated atom and far dimer then sat that many eV/atom below E0, which no training can undo.)"""
+    from ase import Atoms
+
     samples = small_cells(6)
     model_cfg, cfg = tiny(epochs=1, batch_size=3, dtype="float64", val_fraction=0.0)
     e0 = np.zeros(119)
     e0[[13, 29]] = [3.5, 3.3]  # "isolated atoms" above the EMT energies: residuals ~ -3.4 eV/atom
-    comp = composition_matrix(samples)
-    resid = (np.array([s.energy for s in samples]) - comp @ e0) / comp.sum(1)
     tr = Trainer(samples, model_cfg, cfg, workdir=tmp_path / "fixed", val_samples=[], e0=e0, log=quiet)
-    assert tr.model.decoder.e_shift == pytest.approx(resid.mean(), rel=1e-12)
+    assert tr.model.decoder.e_shift == 0.0
     assert np.array_equal(tr.model.decoder.e0.detach().double().numpy()[[13, 29]], e0[[13, 29]])
-    before = tr.evaluate(samples)["energy_mae"]
-    assert before < np.abs(resid - resid.mean()).max() + 0.5  # eV/atom: within the spread, not |mean| away
+    tr.fit()
+    tr.export(tmp_path / "student.ckpt")
+    model = load_model(str(tmp_path / "student.ckpt"), dtype=torch.float64)
+    far = 1.5 * model.config.cutoff
+    cases = [(Atoms("Al", cell=np.eye(3) * 20.0), e0[13]), (Atoms("Cu", cell=np.eye(3) * 20.0), e0[29]),
+             (Atoms("AlCu", positions=[[0, 0, 0], [0, 0, far]], cell=np.eye(3) * 30.0), e0[13] + e0[29])]
+    for atoms, expected in cases:
+        assert evaluate([atoms], model)[0]["energy"] == pytest.approx(expected, abs=1e-5), atoms
     free = Trainer(samples, model_cfg, cfg, workdir=tmp_path / "free", val_samples=[], log=quiet)
     assert free.model.decoder.e_shift == 0.0
+    # a checkpoint of the old rule (e_shift = the mean cohesive energy) resumes with e_shift 0, saying so; any
+    # other shift (e.g. a fine-tuned Geodite-MP's own) is kept
+    for shift, kept in ((tr.norm["energy_mean"], 0.0), (-0.25, -0.25)):
+        tr.model.decoder.e_shift = shift
+        tr.save(tmp_path / "old.ckpt")
+        lines: list[str] = []
+        again = Trainer.resume(tmp_path / "old.ckpt", samples, workdir=tmp_path / "again", val_samples=[],
+                               log=lines.append)
+        assert again.model.decoder.e_shift == kept
+        assert any("set to 0" in line for line in lines) == (kept == 0.0)
 
 
 def test_e0_least_squares_recovers_offsets():
