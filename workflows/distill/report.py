@@ -187,7 +187,7 @@ def run_interim_checks(job) -> dict:
     training = state["geodite_training"]
     student = load_model(str(ckpt), use_ema=True)
     t0 = time.time()
-    row = {"stage": stage, "epochs": round(training["global_step"] / max(1, job_steps_per_epoch(training)), 2),
+    row = {"stage": stage, "epochs": round(training["global_step"] / max(1, _steps_per_epoch(training)), 2),
            "global_step": training["global_step"], "weights": "ema",
            "volumes": V.relaxed_volume_errors(student, job.teacher, crystals, cache) if crystals else None}
     if dc:
@@ -218,7 +218,7 @@ def interim_summary(row: dict) -> str:
     return "; ".join(parts)
 
 
-def job_steps_per_epoch(training: dict) -> int:
+def _steps_per_epoch(training: dict) -> int:
     """Steps per epoch of a training checkpoint's stage (its total steps over its epochs)."""
     return int(training["total_steps"]) // max(1, int(training["train_config"]["epochs"]))
 
